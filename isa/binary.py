@@ -1,0 +1,465 @@
+"""The `.cimb` binary container: write a `Program` to disk and read it back, validated.
+
+Layout (all integers little-endian):
+
+* Header, 64 bytes: magic `CIMB`, format version major/minor (u16 each), flags (u32, 0), section
+  count (u32), hardware fingerprint (16 ASCII hex chars), crc32 of the section table (u32),
+  zero padding, and at byte 60 the crc32 of header bytes 0-59.
+* Section table, 32 bytes per section: 4-byte ASCII tag, offset (u64), size (u64), crc32 of the
+  section's bytes (u32), zero padding.
+* Sections, in this order, each at an offset aligned to 64 bytes except DRAM (4096, so it can be
+  memory-mapped): `META` JSON of `Program.meta`, `HWCF` JSON of `Program.hw`, `SYMS` JSON list of
+  symbols, `DBOP` JSON list of debug ops, `DBIX` one u32 debug-op index per instruction, `CODE`
+  the 64-byte instructions, `DRAM` the DRAM image. JSON is UTF-8, with sorted keys and compact
+  separators, so the same Program always gives a byte-identical file.
+
+The DRAM image may be many gigabytes: the writer streams it segment by segment and the reader
+maps it lazily (its checksum is only checked on request). A failed write leaves nothing behind.
+A reader accepts any minor version of its major version and ignores sections it does not know.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import secrets
+import struct
+import zlib
+from collections.abc import Callable, Iterator
+from typing import BinaryIO, NamedTuple, TypeVar
+
+import numpy as np
+
+from isa.diag import CimcError
+from isa.encoding import EncodingError, code_words, decode_one
+from isa.fields import DTYPES, FieldError, Kind
+from isa.program import FORMAT_VERSION, DebugInfo, DramImage, Program, Symbol
+from isa.spec import BY_OPCODE, INSTR_BYTES, INSTR_WORDS, SIG_BITS, SIG_SHIFT
+
+MAGIC = b"CIMB"
+_HEADER = struct.Struct("<4sHHII16sI24xI")  # ..., table crc, padding, header crc (bytes 0-59)
+_ENTRY = struct.Struct("<4sQQI8x")
+HEADER_SIZE, ENTRY_SIZE = _HEADER.size, _ENTRY.size
+TAGS: tuple[str, ...] = ("META", "HWCF", "SYMS", "DBOP", "DBIX", "CODE", "DRAM")
+SECTION_ALIGN, DRAM_ALIGN = 64, 4096
+_CHUNK = 1 << 24  # bytes per read/write when streaming the DRAM image
+_T = TypeVar("_T")
+_SYMBOL_KEYS = frozenset(("name", "kind", "dtype", "mtype", "shape", "addr", "stride"))
+
+
+class Section(NamedTuple):
+    """One entry of the section table: where a section lives in the file and its checksum."""
+
+    tag: str
+    offset: int
+    size: int
+    crc32: int
+
+
+# ---- shared validation -----------------------------------------------------------------------
+
+def check_fingerprint(value: object) -> str:
+    """Return `value` if it is a hardware fingerprint (16 hex chars); raise ValueError otherwise."""
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-fA-F]{16}", value):
+        raise ValueError(f"hardware fingerprint must be 16 hex characters, got {value!r}")
+    return value
+
+
+def symbol_from_json(obj: object) -> Symbol:
+    """Validate the JSON form of a symbol (as written by `Symbol.to_json`) and build it."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected an object, got {type(obj).__name__}")
+    if missing := sorted(_SYMBOL_KEYS - obj.keys()):
+        raise ValueError(f"missing key(s) {', '.join(missing)}")
+    if extra := sorted(obj.keys() - _SYMBOL_KEYS):
+        raise ValueError(f"unknown key(s) {', '.join(extra)}")
+    for key in ("name", "dtype"):
+        if not isinstance(obj[key], str):
+            raise ValueError(f"{key} must be a string")
+    if obj["kind"] not in ("input", "output"):
+        raise ValueError(f"kind must be 'input' or 'output', got {obj['kind']!r}")
+    if obj["mtype"] not in DTYPES:
+        raise ValueError(f"mtype must be one of {', '.join(DTYPES)}, got {obj['mtype']!r}")
+    shape = obj["shape"]
+    if not isinstance(shape, list) or not all(
+            isinstance(d, str) or (_is_uint(d)) for d in shape):
+        raise ValueError(f"shape must be a list of sizes or names, got {shape!r}")
+    for key in ("addr", "stride"):
+        if not _is_uint(obj[key]):
+            raise ValueError(f"{key} must be a non-negative integer, got {obj[key]!r}")
+    return Symbol.from_json(obj)
+
+
+def _is_uint(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def validate_code(code: bytes) -> None:
+    """Check that every instruction of a code section decodes (as `decode_one` would accept it).
+
+    Vectorised: reserved bits are checked per opcode with numpy and each field's distinct raw
+    values once, so large programs are checked in a fraction of a second.
+    Raises `EncodingError` naming the first bad instruction's index.
+    """
+    w = code_words(code)
+    opcode = w[:, 0] & np.uint64(0xFF)
+    known = np.isin(opcode, np.fromiter(BY_OPCODE, dtype=np.uint64))
+    bad = ~known | ((w[:, 1] & np.uint64(1)) != 0)
+    for op in np.unique(opcode[known]):
+        spec = BY_OPCODE[int(op)]
+        rows = np.flatnonzero(opcode == op)
+        sub = w[rows]
+        used = [(1 << (SIG_SHIFT + SIG_BITS)) - 1, (1 << 64) - 1] + [0] * (INSTR_WORDS - 2)
+        row_bad = np.zeros(len(rows), dtype=bool)
+        for fd in spec.fields:
+            mask = (1 << fd.kind.bits) - 1
+            used[fd.word] |= mask << fd.shift
+            raw = (sub[:, fd.word] >> np.uint64(fd.shift)) & np.uint64(mask)
+            values, inverse = np.unique(raw, return_inverse=True)
+            ok = np.array([_raw_ok(fd.kind, int(v)) for v in values], dtype=bool)
+            row_bad |= ~ok[inverse.reshape(-1)]
+        for k, u in enumerate(used):
+            row_bad |= (sub[:, k] & np.uint64(~u & ((1 << 64) - 1))) != 0
+        bad[rows] |= row_bad
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        decode_one(w[i], i)  # raises the precise error
+        raise AssertionError(f"instruction {i}: validate_code and decode_one disagree")
+
+
+def _raw_ok(kind: Kind, raw: int) -> bool:
+    try:
+        kind.check(kind.unpack(raw))
+    except FieldError:
+        return False
+    return True
+
+
+def _dumps(obj: object) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode("utf-8")
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+#: A JSON decoder that rejects NaN and Infinity, which the writer never emits.
+STRICT_JSON = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+# ---- DRAM image streaming --------------------------------------------------------------------
+
+def image_chunks(image: DramImage) -> Iterator[memoryview]:
+    """Yield the whole DRAM image in order as byte views, zero-filling gaps between segments.
+
+    Each segment is produced once; raises ValueError if segments overlap, run past
+    `image.size`, or yield a byte count different from their `size`.
+    """
+    if image.mapped is not None:
+        mapped = image.mapped
+        if mapped.dtype != np.uint8 or mapped.shape != (image.size,):
+            raise ValueError(f"mapped DRAM image is {mapped.dtype}{mapped.shape}, "
+                             f"expected uint8 ({image.size},)")
+        for pos in range(0, image.size, _CHUNK):
+            yield memoryview(mapped[pos:pos + _CHUNK])
+        return
+    pos = 0
+    for seg in image.segments:
+        if seg.offset < pos:
+            raise ValueError(f"DRAM segment at {seg.offset:#x} overlaps the previous one")
+        yield from _zeros(seg.offset - pos)
+        done = 0
+        for chunk in seg.chunks():
+            view = _bytes_view(chunk)
+            done += view.nbytes
+            if done > seg.size:
+                break
+            yield view
+        if done != seg.size:
+            raise ValueError(f"DRAM segment at {seg.offset:#x}: produced {'more than ' * (done > seg.size)}"
+                             f"{done} bytes, expected {seg.size}")
+        pos = seg.offset + seg.size
+    if pos > image.size:
+        raise ValueError(f"DRAM segments end at {pos:#x}, past the image size {image.size:#x}")
+    yield from _zeros(image.size - pos)
+
+
+def _bytes_view(chunk: bytes | memoryview | np.ndarray) -> memoryview:
+    if isinstance(chunk, np.ndarray):
+        chunk = np.ascontiguousarray(chunk).reshape(-1).view(np.uint8)
+    return memoryview(chunk).cast("B")
+
+
+def _zeros(n: int) -> Iterator[memoryview]:
+    block = memoryview(bytes(min(n, _CHUNK)))
+    while n > 0:
+        yield block[:min(n, _CHUNK)]
+        n -= _CHUNK
+
+
+def crc32_file(path: str | os.PathLike, offset: int, size: int) -> int:
+    """crc32 of `size` bytes of a file from `offset`, read in chunks (never all in memory)."""
+    crc, buf = 0, bytearray(min(size, _CHUNK))
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while size > 0:
+            view = memoryview(buf)[:min(size, _CHUNK)]
+            n = f.readinto(view)
+            if not n:
+                raise CimcError(f"{os.fspath(path)}: unexpected end of file at byte {f.tell()}")
+            crc = zlib.crc32(view[:n], crc)
+            size -= n
+    return crc
+
+
+# ---- writing ---------------------------------------------------------------------------------
+
+def _small_sections(program: Program) -> list[tuple[str, bytes]]:
+    """Encode and validate everything but the DRAM image (ValueError on an invalid Program)."""
+    check_fingerprint(program.hw_fingerprint)
+    for name in ("meta", "hw"):
+        if not isinstance(getattr(program, name), dict):
+            raise ValueError(f"Program.{name} must be a dict")
+    syms = [s.to_json() for s in program.symbols]
+    for i, s in enumerate(syms):
+        try:
+            symbol_from_json(s)
+        except ValueError as e:
+            raise ValueError(f"symbol {i}: {e}") from None
+    ops = program.debug.ops
+    if not isinstance(ops, list) or not all(isinstance(o, dict) for o in ops):
+        raise ValueError("DebugInfo.ops must be a list of dicts")
+    try:
+        validate_code(program.code)
+    except EncodingError as e:
+        raise ValueError(f"invalid code: {e}") from None
+    idx = np.asarray(program.debug.instr_op)
+    if idx.ndim != 1 or len(idx) != program.n_instrs or (len(idx) and idx.dtype.kind not in "iu"):
+        raise ValueError(f"DebugInfo.instr_op must be {program.n_instrs} integers, "
+                         f"got {idx.dtype}{idx.shape}")
+    if len(idx) and (idx.min() < 0 or idx.max() >= len(ops)):
+        raise ValueError(f"DebugInfo.instr_op has indices outside [0, {len(ops)})")
+    return [("META", _dumps(program.meta)), ("HWCF", _dumps(program.hw)), ("SYMS", _dumps(syms)),
+            ("DBOP", _dumps(ops)), ("DBIX", idx.astype("<u4").tobytes()), ("CODE", bytes(program.code))]
+
+
+def _align(n: int, a: int) -> int:
+    return -(-n // a) * a
+
+
+def write_binary(path: str | os.PathLike, program: Program) -> None:
+    """Write `program` to `path` as a `.cimb` file, atomically.
+
+    The DRAM image is streamed from its segments (or from `dram.mapped` for a loaded binary),
+    never held whole in memory. The file is built under a temporary name in the same directory
+    and renamed over `path` only when complete; on any failure the temporary file is removed and
+    an existing `path` is left untouched. An invalid Program raises ValueError (a compiler bug);
+    an I/O failure raises CimcError.
+    """
+    path = os.fspath(path)
+    small = _small_sections(program)
+    directory, base = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{base}.{secrets.token_hex(6)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    except OSError as e:
+        raise CimcError(f"cannot write {path}: {e.strerror or e}") from e
+    try:
+        with os.fdopen(fd, "wb") as f:
+            _write(f, program, small)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        if isinstance(exc, OSError):
+            raise CimcError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        raise
+
+
+def _write(f: BinaryIO, program: Program, small: list[tuple[str, bytes]]) -> None:
+    table_end = HEADER_SIZE + ENTRY_SIZE * len(TAGS)
+    f.write(bytes(table_end))  # header and table are filled in once every crc is known
+    entries = []
+    for tag, data in small:
+        offset = _align(f.tell(), SECTION_ALIGN)
+        f.write(bytes(offset - f.tell()))
+        f.write(data)
+        entries.append(Section(tag, offset, len(data), zlib.crc32(data)))
+    offset = _align(f.tell(), DRAM_ALIGN)
+    f.write(bytes(offset - f.tell()))
+    crc = size = 0
+    for view in image_chunks(program.dram):
+        f.write(view)
+        crc = zlib.crc32(view, crc)
+        size += view.nbytes
+    entries.append(Section("DRAM", offset, size, crc))
+    table = b"".join(_ENTRY.pack(e.tag.encode("ascii"), e.offset, e.size, e.crc32) for e in entries)
+    header = _HEADER.pack(MAGIC, *FORMAT_VERSION, 0, len(entries), program.hw_fingerprint.encode("ascii"),
+                          zlib.crc32(table), 0)
+    f.seek(0)
+    f.write(header[:-4] + struct.pack("<I", zlib.crc32(header[:-4])) + table)
+
+
+# ---- reading ---------------------------------------------------------------------------------
+
+def _read_header(f: BinaryIO, name: str, file_size: int) -> tuple[str, dict[str, Section]]:
+    """Validate header and section table; return the fingerprint and the sections by tag."""
+    head = f.read(HEADER_SIZE)
+    if head[:4] != MAGIC:
+        raise CimcError(f"{name}: not a cimc binary (bad magic)")
+    _need(name, "header", HEADER_SIZE, file_size)
+    _, major, minor, flags, count, fingerprint, table_crc, header_crc = _HEADER.unpack(head)
+    if major != FORMAT_VERSION[0]:
+        raise CimcError(f"{name}: binary format {major}.{minor} is not supported by this cimc "
+                        f"(reads {FORMAT_VERSION[0]}.x); recompile the model")
+    if zlib.crc32(head[:-4]) != header_crc:
+        raise CimcError(f"{name}: header is corrupt (checksum mismatch)")
+    if flags:
+        raise CimcError(f"{name}: unsupported header flags {flags:#x}")
+    try:
+        fp = check_fingerprint(fingerprint.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        raise CimcError(f"{name}: header has an invalid hardware fingerprint {fingerprint!r}") from None
+    table_end = HEADER_SIZE + ENTRY_SIZE * count
+    _need(name, "section table", table_end, file_size)
+    table = f.read(table_end - HEADER_SIZE)
+    if zlib.crc32(table) != table_crc:
+        raise CimcError(f"{name}: section table is corrupt (checksum mismatch)")
+    sections: dict[str, Section] = {}
+    for k in range(count):
+        raw_tag, offset, size, crc = _ENTRY.unpack_from(table, k * ENTRY_SIZE)
+        tag = raw_tag.decode("ascii", "replace")
+        if tag in sections:
+            raise CimcError(f"{name}: section table lists {tag} twice")
+        if offset < table_end:
+            raise CimcError(f"{name}: section {tag} starts inside the section table")
+        _need(name, f"section {tag}", offset + size, file_size)
+        sections[tag] = Section(tag, offset, size, crc)
+    if missing := [t for t in TAGS if t not in sections]:
+        raise CimcError(f"{name}: missing section(s) {', '.join(missing)}")
+    ordered = sorted(sections.values(), key=lambda s: s.offset)
+    for a, b in itertools.pairwise(ordered):
+        if b.offset < a.offset + a.size:
+            raise CimcError(f"{name}: sections {a.tag} and {b.tag} overlap")
+    return fp, sections
+
+
+def _need(name: str, what: str, end: int, file_size: int) -> None:
+    if end > file_size:
+        raise CimcError(f"{name}: truncated: {what} needs bytes up to {end} but the file has {file_size}")
+
+
+def read_sections(path: str | os.PathLike) -> dict[str, Section]:
+    """The validated section table of a `.cimb` file, by tag (header and table checks only)."""
+    name = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            return _read_header(f, name, os.fstat(f.fileno()).st_size)[1]
+    except OSError as e:
+        raise CimcError(f"{name}: cannot read: {e.strerror or e}") from e
+
+
+def read_binary(path: str | os.PathLike, *, verify_dram: bool = False) -> Program:
+    """Read and validate a `.cimb` file; the DRAM image is memory-mapped, not read.
+
+    Every section but DRAM is checksummed, parsed and shape-checked, and every instruction
+    decoded; the DRAM checksum is checked only with `verify_dram` (it reads the whole image).
+    Any problem raises CimcError naming the file.
+    """
+    name = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            fingerprint, sections = _read_header(f, name, os.fstat(f.fileno()).st_size)
+            data = {}
+            for tag in TAGS[:-1]:
+                sec = sections[tag]
+                f.seek(sec.offset)
+                data[tag] = f.read(sec.size)
+                if zlib.crc32(data[tag]) != sec.crc32:
+                    raise CimcError(f"{name}: section {tag} is corrupt (checksum mismatch)")
+        dram = sections["DRAM"]
+        if verify_dram and crc32_file(path, dram.offset, dram.size) != dram.crc32:
+            raise CimcError(f"{name}: section DRAM is corrupt (checksum mismatch)")
+        mapped = (np.memmap(path, mode="r", dtype=np.uint8, offset=dram.offset, shape=(dram.size,))
+                  if dram.size else np.zeros(0, dtype=np.uint8))
+    except OSError as e:
+        raise CimcError(f"{name}: cannot read: {e.strerror or e}") from e
+    meta = _section(name, "META", _parse_object, data["META"])
+    hw = _section(name, "HWCF", _parse_object, data["HWCF"])
+    symbols = _section(name, "SYMS", _parse_symbols, data["SYMS"])
+    code = _section(name, "CODE", _parse_code, data["CODE"])
+    return Program(code=code, dram=DramImage(size=dram.size, mapped=mapped), symbols=symbols,
+                   debug=_parse_debug(name, data), hw=hw, hw_fingerprint=fingerprint, meta=meta)
+
+
+def _section(name: str, tag: str, parse: Callable[[bytes], _T], raw: bytes) -> _T:
+    """Run `parse(raw)`, turning its ValueError (JSON or shape) into a CimcError for the file."""
+    try:
+        return parse(raw)
+    except (ValueError, EncodingError) as e:
+        raise CimcError(f"{name}: section {tag}: {e}") from None
+
+
+def _parse_object(raw: bytes) -> dict:
+    obj = _parse_json(raw)
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _parse_json(raw: bytes) -> object:
+    try:
+        return STRICT_JSON.decode(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"invalid UTF-8: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"invalid JSON: {e}") from None
+
+
+def _parse_symbols(raw: bytes) -> list[Symbol]:
+    items = _parse_json(raw)
+    if not isinstance(items, list):
+        raise ValueError(f"expected a JSON list, got {type(items).__name__}")
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(symbol_from_json(item))
+        except ValueError as e:
+            raise ValueError(f"symbol {i}: {e}") from None
+    return out
+
+
+def _parse_code(raw: bytes) -> bytes:
+    validate_code(raw)
+    return raw
+
+
+def _parse_ops(raw: bytes) -> list[dict]:
+    ops = _parse_json(raw)
+    if not isinstance(ops, list):
+        raise ValueError(f"expected a JSON list, got {type(ops).__name__}")
+    for i, op in enumerate(ops):
+        if not isinstance(op, dict):
+            raise ValueError(f"op {i}: expected an object, got {type(op).__name__}")
+    return ops
+
+
+def _parse_debug(name: str, data: dict[str, bytes]) -> DebugInfo:
+    ops = _section(name, "DBOP", _parse_ops, data["DBOP"])
+    raw, n_instrs = data["DBIX"], len(data["CODE"]) // INSTR_BYTES
+    if len(raw) != 4 * n_instrs:
+        raise CimcError(f"{name}: section DBIX: {len(raw)} bytes for {n_instrs} instructions "
+                        f"(expected {4 * n_instrs})")
+    idx = np.frombuffer(raw, dtype="<u4").astype(np.uint32)
+    if len(idx) and int(idx.max()) >= len(ops):
+        i = int(np.flatnonzero(idx >= len(ops))[0])
+        raise CimcError(f"{name}: section DBIX: instruction {i} refers to debug op {int(idx[i])} "
+                        f"but DBOP has {len(ops)}")
+    return DebugInfo(ops, idx)

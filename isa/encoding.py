@@ -1,0 +1,169 @@
+"""Encode and decode instructions to and from their 64-byte words, driven by `isa.spec`.
+
+`Instr` is the in-memory form (mnemonic, field values, barrier signal and wait mask).
+`encode`/`decode` convert one instruction; `decode_columns` decodes a whole code section at once
+into per-field numpy columns, which the timing simulator uses to stay fast on programs with
+hundreds of thousands of instructions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from isa.fields import FieldError
+from isa.spec import BY_NAME, BY_OPCODE, INSTR_BYTES, INSTR_WORDS, N_BARRIERS, SIG_SHIFT, InstrDef
+
+
+class EncodingError(ValueError):
+    """An instruction that cannot be encoded, or bytes that are not a valid instruction."""
+
+
+@dataclass(slots=True)
+class Instr:
+    """One instruction: `op` mnemonic, `f` field values, `sig` barrier (0 = none), `wait` mask."""
+
+    op: str
+    f: dict[str, object] = field(default_factory=dict)
+    sig: int = 0
+    wait: int = 0
+
+    @property
+    def spec(self) -> InstrDef:
+        return BY_NAME[self.op]
+
+    def validate(self) -> Instr:
+        """Check mnemonic, field names and ranges; normalise values (e.g. floats to f32)."""
+        spec = BY_NAME.get(self.op)
+        if spec is None:
+            raise EncodingError(f"unknown instruction {self.op!r}")
+        missing = [n for n in spec.field_names if n not in self.f]
+        extra = [n for n in self.f if n not in spec.field_names]
+        if missing or extra:
+            raise EncodingError(
+                f"{self.op}: " + "; ".join(
+                    p for p in (missing and f"missing field(s) {', '.join(missing)}",
+                                extra and f"unknown field(s) {', '.join(extra)}") if p)
+            )
+        for fd in spec.fields:
+            try:
+                self.f[fd.name] = fd.kind.check(self.f[fd.name])
+            except FieldError as e:
+                raise EncodingError(f"{self.op}: field {fd.name}: {e}") from None
+        if not 0 <= self.sig < N_BARRIERS:
+            raise EncodingError(f"{self.op}: sig must be a barrier in [0, {N_BARRIERS - 1}]")
+        if not 0 <= self.wait < (1 << N_BARRIERS) or self.wait & 1:
+            raise EncodingError(f"{self.op}: wait mask must name barriers 1..{N_BARRIERS - 1}")
+        return self
+
+
+def encode_words(instr: Instr) -> list[int]:
+    """The eight 64-bit words of a validated instruction."""
+    spec = instr.spec
+    words = [0] * INSTR_WORDS
+    words[0] = spec.opcode | (instr.sig << SIG_SHIFT)
+    words[1] = instr.wait
+    for fd in spec.fields:
+        words[fd.word] |= fd.kind.pack(instr.f[fd.name]) << fd.shift
+    return words
+
+
+def encode(instrs: list[Instr]) -> bytes:
+    """Encode instructions (validating each) into a code section."""
+    out = np.zeros((len(instrs), INSTR_WORDS), dtype="<u8")
+    for i, ins in enumerate(instrs):
+        out[i] = encode_words(ins.validate())
+    return out.tobytes()
+
+
+def decode_one(words: list[int] | np.ndarray, index: int = 0) -> Instr:
+    """Decode one instruction from its eight words; `index` only labels errors."""
+    w = [int(x) for x in words]
+    spec = BY_OPCODE.get(w[0] & 0xFF)
+    if spec is None:
+        raise EncodingError(f"instruction {index}: unknown opcode {w[0] & 0xFF:#04x}")
+    used = {0: 0xFFFF, 1: (1 << 64) - 1}
+    fields: dict[str, object] = {}
+    for fd in spec.fields:
+        mask = (1 << fd.kind.bits) - 1
+        fields[fd.name] = fd.kind.unpack((w[fd.word] >> fd.shift) & mask)
+        used[fd.word] = used.get(fd.word, 0) | (mask << fd.shift)
+    if (w[0] >> 14) & 3 or any(w[k] & ~used.get(k, 0) for k in range(INSTR_WORDS)):
+        raise EncodingError(f"instruction {index} ({spec.mnemonic}): reserved bits are set")
+    ins = Instr(spec.mnemonic, fields, (w[0] >> SIG_SHIFT) & (N_BARRIERS - 1), w[1])
+    try:
+        return ins.validate()
+    except EncodingError as e:
+        raise EncodingError(f"instruction {index}: {e}") from None
+
+
+def code_words(code: bytes) -> np.ndarray:
+    """View a code section as an (n, 8) array of little-endian 64-bit words."""
+    if len(code) % INSTR_BYTES:
+        raise EncodingError(f"code section is {len(code)} bytes, not a multiple of {INSTR_BYTES}")
+    return np.frombuffer(code, dtype="<u8").reshape(-1, INSTR_WORDS)
+
+
+def decode(code: bytes) -> list[Instr]:
+    """Decode a whole code section into instructions (checks every word)."""
+    return [decode_one(row, i) for i, row in enumerate(code_words(code))]
+
+
+@dataclass
+class Columns:
+    """A code section decoded column-wise: opcode, sig and wait per instruction, and for each
+    mnemonic the indices of its instructions and their raw field values."""
+
+    opcode: np.ndarray
+    sig: np.ndarray
+    wait: np.ndarray
+    rows: dict[str, np.ndarray]
+    fields: dict[str, dict[str, np.ndarray]]
+
+    def __len__(self) -> int:
+        return len(self.opcode)
+
+
+def decode_columns(code: bytes) -> Columns:
+    """Vectorised decode: raw (packed) field values per mnemonic, without per-instruction objects.
+
+    Memory operands stay packed (use `mem_parts`); sizes stay packed (use `dim_parts`).
+    """
+    w = code_words(code)
+    opcode = (w[:, 0] & 0xFF).astype(np.int64)
+    bad = ~np.isin(opcode, np.fromiter(BY_OPCODE, dtype=np.int64))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise EncodingError(f"instruction {i}: unknown opcode {int(opcode[i]):#04x}")
+    rows: dict[str, np.ndarray] = {}
+    fields: dict[str, dict[str, np.ndarray]] = {}
+    for op in np.unique(opcode):
+        spec = BY_OPCODE[int(op)]
+        idx = np.flatnonzero(opcode == op)
+        rows[spec.mnemonic] = idx
+        sub = w[idx]
+        fields[spec.mnemonic] = {
+            fd.name: (sub[:, fd.word] >> np.uint64(fd.shift)) & np.uint64((1 << fd.kind.bits) - 1)
+            if fd.kind.bits < 64 else sub[:, fd.word].copy()
+            for fd in spec.fields
+        }
+    sig = ((w[:, 0] >> np.uint64(SIG_SHIFT)) & np.uint64(N_BARRIERS - 1)).astype(np.int64)
+    return Columns(opcode, sig, w[:, 1].copy(), rows, fields)
+
+
+def mem_parts(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Split packed memory operands into (space, roff, addr, stride) int64 columns."""
+    raw = raw.astype(np.uint64)
+    return (
+        (raw & np.uint64(3)).astype(np.int64),
+        ((raw >> np.uint64(2)) & np.uint64(3)).astype(np.int64),
+        ((raw >> np.uint64(4)) & np.uint64((1 << 36) - 1)).astype(np.int64),
+        (raw >> np.uint64(40)).astype(np.int64),
+    )
+
+
+def dim_values(raw: np.ndarray, regs: np.ndarray) -> np.ndarray:
+    """Resolve packed sizes against register values `regs` (index = register number)."""
+    raw = raw.astype(np.int64)
+    return (raw >> 2) + regs[raw & 3]

@@ -1,0 +1,133 @@
+"""A compiled program: code, DRAM image, I/O symbols, debug map and the hardware it targets.
+
+This is the in-memory form of a `.cimb` binary (`isa.binary` reads and writes it). The DRAM
+image can be far larger than memory (a 1B-parameter model in fp32 is ~5 GB), so it is a list of
+segments written out piece by piece, and a loaded binary maps it from the file instead of
+reading it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+#: Version of the binary container and of the program semantics; bump on incompatible change.
+FORMAT_VERSION = (1, 0)
+
+
+class Segment(Protocol):
+    """A piece of the DRAM image at a fixed offset, produced on demand in chunks."""
+
+    offset: int
+    size: int
+
+    def chunks(self) -> Iterator[bytes | memoryview | np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class ArraySegment:
+    """A segment whose bytes come from an array-producing callable (called once, when written)."""
+
+    offset: int
+    size: int
+    produce: Callable[[], np.ndarray]
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        data = np.ascontiguousarray(self.produce())
+        if data.nbytes != self.size:
+            raise ValueError(f"DRAM segment at {self.offset:#x}: produced {data.nbytes} bytes, "
+                             f"expected {self.size}")
+        yield data
+
+
+@dataclass
+class DramImage:
+    """The read-only part of DRAM (weights and constants) as non-overlapping segments.
+
+    Gaps between segments are zero. After loading a binary, `mapped` holds the whole image as a
+    read-only uint8 array backed by the file.
+    """
+
+    size: int = 0
+    segments: list[Segment] = field(default_factory=list)
+    mapped: np.ndarray | None = None
+
+    def add(self, segment: Segment) -> None:
+        if segment.offset < self.size:
+            raise ValueError(f"DRAM segment at {segment.offset:#x} overlaps the previous one")
+        self.segments.append(segment)
+        self.size = segment.offset + segment.size
+
+    def array(self) -> np.ndarray:
+        """The whole image as uint8 (maps the file when loaded; builds it in memory otherwise)."""
+        if self.mapped is not None:
+            return self.mapped
+        out = np.zeros(self.size, dtype=np.uint8)
+        for seg in self.segments:
+            pos = seg.offset
+            for chunk in seg.chunks():
+                raw = np.frombuffer(memoryview(chunk).cast("B"), dtype=np.uint8)
+                out[pos:pos + raw.size] = raw
+                pos += raw.size
+        return out
+
+
+@dataclass(frozen=True)
+class Symbol:
+    """An input or output of the program, placed in DRAM.
+
+    `shape` is the ONNX shape, with the runtime length written as the string `"seq"`;
+    `dtype` is the ONNX element type the user sees (e.g. "int64"), `mtype` the machine's ("i32",
+    "f32"). Row r of the (tokens x features) matrix is at `addr + r * stride * 4` bytes.
+    """
+
+    name: str
+    kind: str  # "input" | "output"
+    dtype: str
+    mtype: str
+    shape: tuple[int | str, ...]
+    addr: int
+    stride: int
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "dtype": self.dtype, "mtype": self.mtype,
+                "shape": list(self.shape), "addr": self.addr, "stride": self.stride}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Symbol:
+        return cls(str(d["name"]), str(d["kind"]), str(d["dtype"]), str(d["mtype"]),
+                   tuple(d["shape"]), int(d["addr"]), int(d["stride"]))
+
+
+@dataclass
+class DebugInfo:
+    """Which IR op each instruction came from, and each op's ONNX node and model layer."""
+
+    ops: list[dict]  # per IR op: {"op": "linear", "loc": "node_linear_3", "layer": "layer0"}
+    instr_op: np.ndarray  # uint32 per instruction: index into `ops`
+
+
+@dataclass
+class Program:
+    """Everything a `.cimb` file holds."""
+
+    code: bytes
+    dram: DramImage
+    symbols: list[Symbol]
+    debug: DebugInfo
+    hw: dict  # the hardware configuration compiled for (HardwareConfig.to_dict())
+    hw_fingerprint: str
+    meta: dict  # JSON-able: model name, source, options, max_seq, dram_rw_bytes, gbuf_bytes, ...
+
+    @property
+    def n_instrs(self) -> int:
+        return len(self.code) // 64
+
+    def symbol(self, name: str) -> Symbol:
+        for s in self.symbols:
+            if s.name == name:
+                return s
+        raise KeyError(name)

@@ -1,0 +1,239 @@
+"""The instruction set of the cimc CIM accelerator, as one table.
+
+Each `InstrDef` row gives the mnemonic, opcode, operand fields, the unit that executes it, the
+cost class the cost model charges, the semantics (pseudo-code) and a one-line doc. The encoder
+and decoder (`isa.encoding`), assembler and disassembler (`isa.asm`), the interpreter's dispatch
+(`runtime.semantics` must implement every row), the cost model (`isa.cost`) and `docs/isa.md`
+are all driven from `INSTRS`; checks at import keep opcodes unique and fields inside the word.
+
+Machine model (see docs/isa.md): `tiles` tiles of `macros_per_tile` SRAM CIM macros, each tile
+with its own vector/special-function unit (SFU); a global buffer `g` for activations; DRAM `d`
+holding the weight/constant image, inputs, outputs and spilled activations; one interconnect.
+Every instruction is 64 bytes. Word 0 holds the opcode (bits 0-7) and the barrier it signals on
+completion (`sig`, bits 8-13, 0 = none); word 1 is the mask of barriers it waits for (`wait`).
+Units execute their instructions in program order; across units, only barriers order work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from isa.fields import DIM, DTYPE, F32, FLAG, MEM, Kind, U
+
+WORD_BITS = 64
+INSTR_WORDS = 8
+INSTR_BYTES = INSTR_WORDS * 8
+OPCODE_BITS = 8
+SIG_SHIFT, SIG_BITS = 8, 6
+HEADER_BITS = 16  # opcode + sig + 2 spare bits in word 0; word 1 is the wait mask
+N_BARRIERS = 1 << SIG_BITS  # barrier 0 means "none"
+
+#: Units an instruction may run on. `tile` and `sfu` are replicated per tile (the `tile` field
+#: picks one); `ctrl` instructions take no unit time.
+UNITS: tuple[str, ...] = ("ctrl", "dram", "noc", "tile", "sfu")
+
+
+@dataclass(frozen=True)
+class FieldDef:
+    """One operand: its name, kind, and placement (word index, bit shift) filled by the packer."""
+
+    name: str
+    kind: Kind
+    doc: str
+    word: int = -1
+    shift: int = -1
+
+
+@dataclass(frozen=True)
+class InstrDef:
+    """One row of the ISA table."""
+
+    mnemonic: str
+    opcode: int
+    fields: tuple[FieldDef, ...]
+    unit: str
+    cost: str
+    semantics: str
+    doc: str
+    #: SFU primitive operations per output element (for `cost == "sfu"`): add, mul, exp, recip.
+    sfu_ops: dict[str, float] = field(default_factory=dict)
+
+    def field(self, name: str) -> FieldDef:
+        for f in self.fields:
+            if f.name == name:
+                return f
+        raise KeyError(name)
+
+    @property
+    def field_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.fields)
+
+
+def _f(name: str, kind: Kind, doc: str) -> FieldDef:
+    return FieldDef(name, kind, doc)
+
+
+TILE = _f("tile", U(8), "tile index (its macros, or its SFU)")
+DT = _f("dt", DTYPE, "element type of the operands")
+ROWS = _f("rows", DIM, "rows")
+COLS = _f("cols", DIM, "columns")
+
+
+def _dst(doc: str = "destination") -> FieldDef:
+    return _f("dst", MEM, doc)
+
+
+def _vbin(mnemonic: str, opcode: int, op: str, sem: str, ops: dict[str, float]) -> InstrDef:
+    return InstrDef(
+        mnemonic, opcode,
+        (TILE, _dst(), _f("a", MEM, "left operand"), _f("b", MEM, "right operand"), ROWS, COLS,
+         _f("abc", FLAG, "a is one column broadcast across columns"),
+         _f("bbc", FLAG, "b is one column broadcast across columns")),
+        "sfu", "sfu", f"dst[r,c] = {sem}", f"elementwise {op} of two 2-D operands on a tile's SFU",
+        ops,
+    )
+
+
+def _vun(mnemonic: str, opcode: int, sem: str, doc: str, ops: dict[str, float]) -> InstrDef:
+    return InstrDef(
+        mnemonic, opcode, (TILE, _dst(), _f("src", MEM, "source"), ROWS, COLS),
+        "sfu", "sfu", f"dst[r,c] = {sem}", doc, ops,
+    )
+
+
+_ROWS_DOC = "rows (tokens) to process"
+
+_TABLE: tuple[InstrDef, ...] = (
+    # ---- control -------------------------------------------------------------------------
+    InstrDef("halt", 0x00, (), "ctrl", "ctrl", "stop; the program's outputs are final",
+             "end of program"),
+    InstrDef("sync", 0x01, (), "ctrl", "ctrl",
+             "wait until every barrier in `wait` is clear, then signal `sig`",
+             "stage synchronisation: join barriers into one (no unit time)"),
+    # ---- data movement -------------------------------------------------------------------
+    InstrDef("dma", 0x10, (_dst(), _f("src", MEM, "source"), ROWS, COLS, DT), "dram", "dma",
+             "dst[r,c] = src[r,c]",
+             "copy a 2-D region between DRAM and the global buffer (runs on the noc if neither "
+             "side is DRAM)"),
+    InstrDef("gather", 0x11,
+             (_dst(), _f("table", MEM, "row table in DRAM"), _f("idx", MEM, "i32 row indices"),
+              _f("n", DIM, "number of indices"), COLS, _f("vocab", U(24), "rows in the table")),
+             "dram", "gather",
+             "for i < n: assert 0 <= idx[i] < vocab; dst[i,:] = table[idx[i], :cols]",
+             "embedding lookup: gather table rows from DRAM by index"),
+    InstrDef("wload", 0x12,
+             (TILE, _f("m0", U(8), "first macro of the group in the tile"),
+              _f("k", U(16), "weight rows (reduction length)"),
+              _f("n", U(16), "weight columns (outputs)"),
+              _f("wbits", U(6), "bits per weight (32 = float)"),
+              _f("src", MEM, "weight group in DRAM, k x n row-major")),
+             "tile", "macro_write",
+             "W[tile, m0] = src[0:k, 0:n]   (macros m0 .. m0 + ceil(k/rows)*ceil(n*wbits/cols) - 1)",
+             "load a weight group from DRAM into a tile's CIM macros (uses the DRAM channel too)"),
+    InstrDef("mvm", 0x13,
+             (TILE, _f("m0", U(8), "first macro of the loaded group"),
+              _f("k", U(16), "weight rows"), _f("n", U(16), "weight columns"),
+              _f("wbits", U(6), "bits per weight"), _f("abits", U(6), "input bits fed serially"),
+              _f("acc", FLAG, "accumulate into dst instead of overwriting"),
+              _dst("partial sums, nvec x n"), _f("src", MEM, "input vectors, nvec x k"),
+              _f("nvec", DIM, _ROWS_DOC)),
+             "tile", "mvm",
+             "dst[0:nvec, 0:n] (+)= src[0:nvec, 0:k] @ W[tile, m0]   (bit-serial inputs, adder tree "
+             "across the group's macros, shift-and-add of input bits)",
+             "matrix-vector multiply in a tile's macros, one input vector after another"),
+    InstrDef("tred", 0x14,
+             (_dst(), _f("src", MEM, "first partial-sum slice"), ROWS, COLS,
+              _f("count", U(8), "number of partial-sum slices"),
+              _f("pstride", U(32), "bytes between slices")),
+             "noc", "reduce",
+             "dst[r,c] = sum_i src_i[r,c],  src_i at src.addr + i*pstride",
+             "cross-tile reduction of partial sums over the interconnect"),
+    # ---- vector / special function -------------------------------------------------------
+    _vbin("vadd", 0x20, "add", "a[r,c] + b[r,c]", {"add": 1}),
+    _vbin("vsub", 0x21, "subtract", "a[r,c] - b[r,c]", {"add": 1}),
+    _vbin("vmul", 0x22, "multiply", "a[r,c] * b[r,c]", {"mul": 1}),
+    _vbin("vdiv", 0x23, "divide", "a[r,c] / b[r,c]", {"recip": 1, "mul": 1}),
+    _vbin("vmax", 0x24, "maximum", "max(a[r,c], b[r,c])", {"add": 1}),
+    _vun("vcopy", 0x30, "src[r,c]", "copy a 2-D operand (layout change) on an SFU", {}),
+    _vun("vneg", 0x31, "-src[r,c]", "negate", {"add": 1}),
+    _vun("vexp", 0x32, "exp(src[r,c])", "exponential", {"exp": 1}),
+    _vun("vsqrt", 0x33, "sqrt(src[r,c])", "square root", {"recip": 1}),
+    _vun("vrsqrt", 0x34, "1/sqrt(src[r,c])", "reciprocal square root", {"recip": 1}),
+    _vun("vrecip", 0x35, "1/src[r,c]", "reciprocal", {"recip": 1}),
+    _vun("vsigmoid", 0x36, "1/(1+exp(-src[r,c]))", "logistic sigmoid", {"exp": 1, "add": 1, "recip": 1}),
+    _vun("vsilu", 0x37, "src[r,c]/(1+exp(-src[r,c]))", "SiLU (swish)",
+         {"exp": 1, "add": 1, "recip": 1, "mul": 1}),
+    _vun("vtanh", 0x38, "tanh(src[r,c])", "hyperbolic tangent", {"exp": 1, "add": 2, "recip": 1, "mul": 1}),
+    _vun("vgelu", 0x39, "0.5*src*(1+erf(src/sqrt(2)))", "GELU (exact, erf form)",
+         {"exp": 1, "add": 2, "recip": 1, "mul": 3}),
+    InstrDef("vaffine", 0x3A,
+             (TILE, _dst(), _f("src", MEM, "source"), ROWS, COLS,
+              _f("alpha", F32, "scale"), _f("beta", F32, "offset")),
+             "sfu", "sfu", "dst[r,c] = src[r,c] * alpha + beta", "scale and offset by immediates",
+             {"mul": 1, "add": 1}),
+    InstrDef("vrsum", 0x40, (TILE, _dst("one column, rows x 1"), _f("src", MEM, "source"), ROWS, COLS),
+             "sfu", "sfu", "dst[r,0] = sum_c src[r,c]", "row sum", {"add": 1}),
+    InstrDef("vrmax", 0x41, (TILE, _dst("one column, rows x 1"), _f("src", MEM, "source"), ROWS, COLS),
+             "sfu", "sfu", "dst[r,0] = max_c src[r,c]", "row maximum", {"add": 1}),
+    InstrDef("vrope", 0x42,
+             (TILE, _dst(), _f("src", MEM, "source, heads x hd columns per row"),
+              _f("cos", MEM, "cos table, one row per position"), _f("sin", MEM, "sin table"),
+              ROWS, COLS, _f("hd", U(16), "head dimension (rotated in halves)")),
+             "sfu", "sfu",
+             "for each head h, i < hd/2: x1 = src[r, h*hd+i], x2 = src[r, h*hd+i+hd/2];\n"
+             "dst[r, h*hd+i] = x1*cos[r,i] - x2*sin[r,i];  "
+             "dst[r, h*hd+i+hd/2] = x2*cos[r,i+hd/2] + x1*sin[r,i+hd/2]",
+             "rotary position embedding (rotate-half form) on every head of a row",
+             {"mul": 2, "add": 1}),
+    InstrDef("vmm", 0x43,
+             (TILE, _dst("m x n"), _f("a", MEM, "m x k"), _f("b", MEM, "k x n, or n x k if tb"),
+              _f("m", DIM, "rows of a"), _f("k", DIM, "reduction length"), _f("n", DIM, "columns"),
+              _f("tb", FLAG, "b is stored transposed (n x k)"), _f("alpha", F32, "scale of the product")),
+             "sfu", "sfu", "dst = alpha * (a @ (b.T if tb else b))",
+             "small matrix product of two activations on an SFU (attention scores, P@V)",
+             {"mul": 1, "add": 1}),
+    InstrDef("vcausal", 0x44, (TILE, _dst("scores, updated in place"), ROWS, COLS,
+                               _f("diag", DIM, "column offset of the diagonal")),
+             "sfu", "sfu", "dst[r,c] = -inf where c > r + diag",
+             "causal mask: hide future positions from each query row", {"add": 1}),
+)
+
+
+def _pack(instr: InstrDef) -> InstrDef:
+    """Place each field in the first word (in order) with room, never straddling words."""
+    word, used = 0, HEADER_BITS
+    placed = []
+    for f in instr.fields:
+        if used + f.kind.bits > WORD_BITS:
+            word, used = (2 if word == 0 else word + 1), 0
+        if word >= INSTR_WORDS:
+            raise AssertionError(f"{instr.mnemonic}: fields do not fit in {INSTR_BYTES} bytes")
+        placed.append(FieldDef(f.name, f.kind, f.doc, word, used))
+        used += f.kind.bits
+    return InstrDef(instr.mnemonic, instr.opcode, tuple(placed), instr.unit, instr.cost,
+                    instr.semantics, instr.doc, instr.sfu_ops)
+
+
+INSTRS: tuple[InstrDef, ...] = tuple(_pack(i) for i in _TABLE)
+BY_NAME: dict[str, InstrDef] = {i.mnemonic: i for i in INSTRS}
+BY_OPCODE: dict[int, InstrDef] = {i.opcode: i for i in INSTRS}
+
+COST_CLASSES = ("ctrl", "dma", "gather", "macro_write", "mvm", "reduce", "sfu")
+SFU_OPS = ("add", "mul", "exp", "recip")
+
+
+def _check_table() -> None:
+    assert len(BY_NAME) == len(INSTRS), "duplicate mnemonic"
+    assert len(BY_OPCODE) == len(INSTRS), "duplicate opcode"
+    for i in INSTRS:
+        assert 0 <= i.opcode < (1 << OPCODE_BITS), i.mnemonic
+        assert i.unit in UNITS and i.cost in COST_CLASSES, i.mnemonic
+        assert set(i.sfu_ops) <= set(SFU_OPS), i.mnemonic
+        assert (i.unit in ("tile", "sfu")) == ("tile" in i.field_names), i.mnemonic
+        names = i.field_names
+        assert len(set(names)) == len(names) and not {"sig", "wait"} & set(names), i.mnemonic
+        for f in i.fields:
+            assert f.word != 1 and f.shift + f.kind.bits <= WORD_BITS, (i.mnemonic, f.name)
+
+
+_check_table()

@@ -1,0 +1,255 @@
+"""Assembly text: instruction syntax, whole-program round trips to identical binaries, errors."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+
+import isa.asm
+from isa.asm import assemble, disassemble, format_instr, parse_instr
+from isa.binary import read_binary, read_sections, write_binary
+from isa.diag import CimcError, SourceError
+from isa.encoding import Instr, encode
+from isa.fields import REGS, SPACES, Dim, DimKind, EnumKind, F32Kind, Kind, Mem, MemKind
+from isa.program import ArraySegment, DebugInfo, DramImage, Program, Symbol
+from isa.spec import INSTRS, N_BARRIERS
+
+
+def random_value(kind: Kind, rng: np.random.Generator) -> object:
+    if isinstance(kind, MemKind):
+        return Mem(int(rng.integers(len(SPACES))), int(rng.integers(1 << kind.ADDR_BITS)),
+                   int(rng.integers(1 << kind.STRIDE_BITS)), int(rng.integers(len(REGS))))
+    if isinstance(kind, DimKind):
+        return Dim(int(rng.integers(len(REGS))), int(rng.integers(1 << kind.IMM_BITS)))
+    if isinstance(kind, F32Kind):
+        if rng.random() < 0.3:
+            return float(rng.choice([0.0, -0.0, np.inf, -np.inf, 1e-45, 0.1]))
+        value = struct.unpack("<f", struct.pack("<I", int(rng.integers(1 << 32))))[0]
+        return value if value == value else 1.0
+    if isinstance(kind, EnumKind):
+        return kind.names[int(rng.integers(len(kind.names)))]
+    return int(rng.integers(1 << kind.bits))
+
+
+def random_instr(rng: np.random.Generator) -> Instr:
+    spec = INSTRS[int(rng.integers(len(INSTRS)))]
+    sig = int(rng.integers(N_BARRIERS)) if rng.random() < 0.5 else 0
+    wait = int(rng.integers(1 << 63)) << 1 if rng.random() < 0.5 else 0
+    values = {fd.name: random_value(fd.kind, rng) for fd in spec.fields}
+    return Instr(spec.mnemonic, values, sig, wait).validate()
+
+
+def test_format_parse_round_trip():
+    rng = np.random.default_rng(5)
+    for _ in range(1000):
+        instr = random_instr(rng)
+        text = format_instr(instr)
+        back = parse_instr(text)
+        assert back == instr, text
+        assert encode([back]) == encode([instr]), text  # -0.0 keeps its sign
+        assert parse_instr(format_instr(instr, 17) + "  ; comment") == instr
+
+
+def test_format_instr_text():
+    values = {"tile": 3, "dst": Mem(1, 0x1A40, 64, 2), "src": Mem(0, 0, 64), "rows": Dim(1, 0),
+              "cols": Dim(3, 1), "alpha": -0.0, "beta": float("-inf")}
+    instr = Instr("vaffine", values, sig=2, wait=0b10010)
+    assert format_instr(instr, 4) == ("vaffine  tile=3, dst=d:0x1a40/64+%past, src=g:0x0/64, rows=%seq, "
+                                      "cols=%ctx+1, alpha=-0.0, beta=-inf, sig=2, wait=1|4 @4")
+    assert format_instr(Instr("halt", {})) == "halt"
+    # fields in any order, extra spaces, hex integers
+    assert parse_instr("vaffine beta=-inf,alpha=-0.0 , cols=%ctx+1, rows=%seq, src=g:0/64, wait=4|1,"
+                       " dst=d:0x1A40/64+%past, sig=2, tile=0x3") == instr.validate()
+
+
+def make_program() -> Program:
+    """A small program: instructions of several kinds, two symbols, debug ops, a DRAM image
+    of two segments with a gap (and more than one `.data` line's worth of bytes)."""
+    blob = np.random.default_rng(7).integers(0, 256, 7000, dtype=np.uint8)
+    dram = DramImage()
+    dram.add(ArraySegment(0x40, 24, lambda: np.arange(6, dtype=np.float32)))
+    dram.add(ArraySegment(0x2000, blob.size, lambda: blob))
+    dram.size = 0x4000
+    instrs = [
+        Instr("dma", {"dst": Mem(0, 0x100, 6), "src": Mem(1, 0x40, 6), "rows": Dim(0, 1), "cols": Dim(0, 6),
+                      "dt": "f32"}, sig=1),
+        Instr("mvm", {"tile": 1, "m0": 2, "k": 6, "n": 8, "wbits": 8, "abits": 8, "acc": 0,
+                      "dst": Mem(0, 0x200, 8), "src": Mem(0, 0x100, 6), "nvec": Dim(1, 0)},
+              sig=2, wait=1 << 1),
+        Instr("vaffine", {"tile": 1, "dst": Mem(1, 0x3800, 8, 2), "src": Mem(0, 0x200, 8), "rows": Dim(1, 0),
+                          "cols": Dim(0, 8), "alpha": 0.1, "beta": float("inf")}, wait=1 << 2),
+        Instr("sync", {}, sig=3, wait=0b1100),
+        Instr("halt", {}),
+    ]
+    ops = [{"op": "linear", "loc": "node_linear_3", "layer": "layer0"},
+           {"op": "affine", "loc": "n\u00e9ud;\nx", "layer": "layer0"}, {"op": "halt"}]
+    symbols = [Symbol("input_ids", "input", "int64", "i32", (1, "seq"), 0x3000, 1),
+               Symbol("logits", "output", "float32", "f32", (1, "seq", 8), 0x3800, 8)]
+    return Program(encode(instrs), dram, symbols, DebugInfo(ops, np.array([0, 0, 1, 1, 2], dtype=np.uint32)),
+                   {"tiles": 2, "name": "edge", "clock_hz": 2.5e8}, "00112233aabbccdd",
+                   {"model": "t\u00efny \u2028 \"q\"", "max_seq": 32, "options": {"wbits": 8}})
+
+
+@pytest.fixture
+def cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("mode", ["inline", "incbin", "auto"])
+def test_program_round_trip(cwd, mode):
+    write_binary("a.cimb", make_program())
+    original = open("a.cimb", "rb").read()
+    text = disassemble(read_binary("a.cimb"), dram=mode, binary_path="a.cimb")
+    assert text.isascii()
+    assert (".incbin" in text) == (mode == "incbin") and (".data" in text) == (mode != "incbin")
+    (cwd / "sub").mkdir()
+    path = "a.s" if mode != "incbin" else "sub/a.s"
+    if mode == "incbin":  # relative paths resolve against the assembly file's directory
+        text = text.replace('.incbin "a.cimb"', '.incbin "../a.cimb"')
+    open(path, "w").write(text)
+    write_binary("b.cimb", assemble(open(path).read(), path))
+    assert open("b.cimb", "rb").read() == original
+    # and the text of the rebuilt binary is the same text
+    rebuilt = disassemble(read_binary("b.cimb"), dram="inline")
+    assert rebuilt == disassemble(read_binary("a.cimb"), dram="inline")
+
+
+def test_disassembly_is_readable(cwd):
+    text = disassemble(make_program())
+    assert text.startswith("; cimc assembly") and "cimc asm file.s -o file.cimb" in text
+    body = text.split("\n.text\n")[1].splitlines()
+    assert body[0].startswith("    dma      dst=g:0x100/6, src=d:0x40/6, rows=1, cols=6, dt=f32, sig=1 @0")
+    assert body[0].endswith("; #0 linear node_linear_3")
+    assert body[2].endswith("; #2 affine n\\xe9ud; x")  # one ASCII line, whatever the ONNX name
+    assert body[0].index(";") == body[3].index(";") == body[4].index(";")  # comments aligned
+    data = [line for line in text.splitlines() if line.startswith(".data")]
+    assert [line.split()[1] for line in data] == ["0x0", "0x1800", "0x2400", "0x3000"]  # zero chunks skipped
+
+
+def test_incbin_from_unmapped_program(cwd):
+    p = make_program()
+    write_binary("a.cimb", p)
+    text = disassemble(p, dram="incbin", binary_path="a.cimb")
+    sec = read_sections("a.cimb")["DRAM"]
+    assert f'.incbin "a.cimb" offset={sec.offset} size={0x4000} crc32={sec.crc32:#010x}' in text
+    write_binary("b.cimb", assemble(text))
+    assert open("b.cimb", "rb").read() == open("a.cimb", "rb").read()
+    other = make_program()
+    other.dram = DramImage(size=0x4000, mapped=np.ones(0x4000, dtype=np.uint8))
+    with pytest.raises(CimcError, match=r"^a\.cimb: its DRAM section differs from the program's image$"):
+        disassemble(other, dram="incbin", binary_path="a.cimb")
+
+
+def test_auto_needs_binary_for_large_images(monkeypatch):
+    monkeypatch.setattr(isa.asm, "INLINE_LIMIT", 100)
+    with pytest.raises(CimcError, match="too large to inline"):
+        disassemble(make_program())
+    with pytest.raises(CimcError, match="unknown DRAM mode 'zip'"):
+        disassemble(make_program(), dram="zip")
+
+
+def test_incbin_checks_the_file(cwd):
+    write_binary("a.cimb", make_program())
+    data = open("a.cimb", "rb").read()
+    text = disassemble(read_binary("a.cimb"), dram="incbin", binary_path="a.cimb")
+    line = next(i for i, t in enumerate(text.splitlines(), 1) if t.startswith(".incbin"))
+
+    def fails(message: str) -> None:
+        with pytest.raises(SourceError) as e:
+            assemble(text.replace('"a.cimb"', '"b.cimb"'), "t.s")
+        assert e.value.message.startswith(f"t.s:{line}:9: {message}")
+
+    fails("cannot read b.cimb: No such file or directory")
+    open("b.cimb", "wb").write(data[:-10])
+    fails(f"b.cimb has {len(data) - 10} bytes, fewer than offset+size = {len(data)}")
+    open("b.cimb", "wb").write(data[:-1] + bytes([data[-1] ^ 1]))
+    fails("b.cimb changed since it was disassembled")
+
+
+HEAD = """\
+.format 1 0
+.fingerprint "0123456789abcdef"
+.hw {}
+.meta {}
+.op 0 {"op": "x"}
+.dram size=16
+.text
+"""
+
+
+def check_error(text: str, line: int, col: int, message: str) -> None:
+    """Assembling `text` fails with `t.s:line:col: message` and a caret under that column."""
+    with pytest.raises(SourceError) as e:
+        assemble(text, "t.s")
+    rendered = e.value.render().splitlines()
+    assert rendered[0] == f"t.s:{line}:{col}: {message}"
+    source_line = text.splitlines()[line - 1]
+    assert rendered[1] == f"  {source_line}"
+    assert rendered[2] == "  " + " " * (col - 1) + "^"
+
+
+@pytest.mark.parametrize(("text", "line", "col", "message"), [
+    # syntax (lark)
+    (HEAD + "    vexp tile=0 $\n", 8, 17, "unexpected character '$'"),
+    (".format 1\n", 1, 10, "unexpected end of line; expected an integer"),
+    (HEAD + "    vexp tile=0 dst=g:0x0/4\n", 8, 17, "unexpected 'dst'; expected ',', @N, end of line"),
+    # instructions
+    (HEAD + "    vad tile=0\n", 8, 5, "unknown instruction 'vad' (did you mean vadd?)"),
+    (HEAD + "    xyz\n", 8, 5, "unknown instruction 'xyz'"),
+    (HEAD + "    halt x=1\n", 8, 10, "halt: unknown field 'x' (fields: sig, wait)"),
+    (HEAD + "    vexp tile=0, tile=1\n", 8, 18, "vexp: duplicate field tile"),
+    (HEAD + "    vexp tile=0, dst=g:0x0/4\n", 8, 5, "vexp: missing field(s) src, rows, cols"),
+    (HEAD + "    vexp tile=0, dst=q:0x0/4, src=g:0x0/4, rows=1, cols=1\n", 8, 22,
+     "vexp: field dst: unknown memory space 'q' (spaces: g, d)"),
+    (HEAD + "    vexp tile=256, dst=g:0x0/4, src=g:0x0/4, rows=1, cols=1\n", 8, 15,
+     "vexp: field tile: expected an integer in [0, 255], got 256"),
+    (HEAD + "    halt wait=0|2\n", 8, 15,
+     "halt: field wait: expected barriers 1..63 joined by '|', got '0|2'"),
+    (HEAD + "    halt sig=2 @5\n", 8, 16, "debug op @5 out of range (the .op table has 1 entries)"),
+    ("    halt\n", 1, 5, "instruction before .text"),
+    # directives
+    (HEAD.replace(".hw {}", '.hw {"a": }'), 3, 11, "bad JSON: Expecting value"),
+    (HEAD.replace(".hw {}", '.hw {"a": 1} x'), 3, 14, "unexpected text after the JSON object"),
+    (HEAD.replace('.op 0 {"op": "x"}', '.op 0 {}\n.op 2 {}'), 6, 5,
+     ".op numbering gap: expected .op 1, got .op 2"),
+    (HEAD.replace(".text\n", ""), 6, 14, "missing .text (the instructions section)"),
+    (HEAD.replace(".meta {}\n", ""), 6, 1, "missing .meta directive before .text"),
+    (HEAD.replace(".meta {}\n", ".meta {}\n.meta {}\n"), 5, 1, "duplicate .meta directive (first on line 4)"),
+    (HEAD + "    halt\n.hw {}\n", 9, 1, ".hw after .text (directives come before the instructions)"),
+    (HEAD.replace(".format 1 0", ".format 2 0"), 1, 9,
+     "assembly format 2.0 is not supported by this cimc (reads 1.x)"),
+    (HEAD.replace("0123456789abcdef", "0123"), 2, 14,
+     "hardware fingerprint must be 16 hex characters, got '0123'"),
+    (HEAD.replace(".hw {}", '.symbol {"name": "x"}'), 3, 9,
+     "bad symbol: missing key(s) addr, dtype, kind, mtype, shape, stride"),
+    (HEAD.replace("size=16\n", "size=16 sizes=3\n"), 6, 15,
+     ".dram: unknown argument 'sizes' (arguments: size)"),
+    (HEAD + ".data 0x0 AAAA\n", 8, 1, ".data after .text (directives come before the instructions)"),
+    (HEAD.replace("size=16\n", "size=16\n.data 0x0 AAAA\n.data 0x1 AAAA\n"), 8, 7,
+     ".data at 0x1 overlaps the previous .data (ends at 0x3)"),
+    (HEAD.replace("size=16\n", "size=16\n.data 0xf AAAA\n"), 7, 7,
+     ".data at 0xf runs past the DRAM image size 0x10 (.dram size=)"),
+    (HEAD.replace("size=16\n", "size=16\n.data 0x0 AAA\n"), 7, 11, "bad base64 data: Incorrect padding"),
+    (HEAD.replace("size=16\n", "size=16\n.data 0x0 AAAA\n.incbin \"x\" offset=0 size=16 crc32=0\n"), 8, 1,
+     ".incbin cannot be combined with .data"),
+    (HEAD.replace(".dram size=16\n", ".data 0x0 AAAA\n.dram size=16\n"), 6, 1,
+     ".data before .dram (the image size)"),
+    (HEAD.replace(".fingerprint", ".hw {}\n.fingerprint"), 4, 1, "duplicate .hw directive (first on line 2)"),
+])
+def test_errors(text, line, col, message):
+    check_error(text, line, col, message)
+
+
+def test_minimal_hand_written_program():
+    text = HEAD.replace("size=16\n", "size=16\n.data 0x4 AQID ; three bytes\n") + (
+        "    ; a comment line\n"
+        "    sync sig=3 ; no @N: debug op 0\n"
+        "\n"
+        "    halt wait=3 @0\n")
+    p = assemble(text)
+    assert p.n_instrs == 2 and p.debug.instr_op.tolist() == [0, 0]
+    assert p.dram.array().tolist() == [0, 0, 0, 0, 1, 2, 3] + [0] * 9
+    assert parse_instr("sync sig=3").sig == 3
