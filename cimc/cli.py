@@ -1,0 +1,341 @@
+"""The `cimc` command line: a thin layer over the Python API in `cimc.driver` and `runtime`.
+
+Every user error is one line on stderr (plus a source excerpt where one helps) and exit status
+2; output files are written atomically, so a failed command never leaves a partial file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from isa.diag import CimcError
+
+EPILOG = "Docs: README.md (CLI reference, architecture), docs/isa.md (instruction set), docs/ir.md (IR)."
+
+
+def _atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Write via a temporary file in the same folder and rename it into place."""
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent if str(p.parent) else ".")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _text_out(path: str | None, text: str) -> None:
+    if path in (None, "-"):
+        sys.stdout.write(text)
+    else:
+        _atomic_write(path, lambda p: p.write_text(text))
+
+
+def _log(args: argparse.Namespace, msg: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(msg, file=sys.stderr, flush=True)
+
+
+# ---- option groups ---------------------------------------------------------------------------
+
+
+def _add_hw(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hw", metavar="NAME|FILE", help="hardware preset (edgecim-65nm, edgecim-28nm) or TOML file "
+                   "(default: edgecim-65nm; for run: the hardware the binary was compiled for)")
+    p.add_argument("--set", dest="hw_set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one hardware field, e.g. --set dram.peak_gbps=136.5 (repeatable)")
+
+
+def _add_frontend(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-seq", type=int, default=256, metavar="N",
+                   help="longest token sequence the program accepts; any length 1..N runs (default 256)")
+    p.add_argument("--weights", default="fp32", choices=["fp32"],
+                   help="weight datapath of the macros (fp32: float compute, the exact functional check)")
+    p.add_argument("--dim", action="append", default=[], metavar="NAME=N",
+                   help="bind a named dynamic input dimension other than batch and sequence")
+    p.add_argument("--pipeline", default=None, metavar="PASSES",
+                   help="pass pipeline, e.g. 'lift-idioms,tile-partition,place-weights,balance-stages{rows=1},"
+                        "schedule'")
+
+
+def _hw(args: argparse.Namespace, required: bool = True):
+    from isa.hw import load_hw
+
+    if args.hw is None and not args.hw_set and not required:
+        return None
+    return load_hw(args.hw, args.hw_set)
+
+
+def _options(args: argparse.Namespace):
+    from cimc.driver import DEFAULT_PIPELINE, CompileOptions
+
+    dims = {}
+    for item in args.dim:
+        name, _, value = item.partition("=")
+        if not value.isdigit():
+            raise CimcError(f"--dim {item!r}: expected NAME=N with a positive integer N")
+        dims[name] = int(value)
+    return CompileOptions(max_seq=args.max_seq, weights=args.weights, hw=_hw(args), dims=dims,
+                          pipeline=args.pipeline or DEFAULT_PIPELINE)
+
+
+# ---- commands --------------------------------------------------------------------------------
+
+
+def cmd_compile(args: argparse.Namespace) -> None:
+    from cimc.driver import load_module, run_pipeline
+    from isa.binary import write_binary
+    from passes.codegen import emit_program
+
+    opts = _options(args)
+    if args.dump_after:
+        opts.dump_after = set(args.dump_after)
+        opts.dump_dir = Path(args.dump_dir) if args.dump_dir else None
+        if opts.dump_dir is None:
+            opts.on_dump = lambda name, text: sys.stdout.write(f"// ---- IR after {name} ----\n{text}")
+    t0 = time.perf_counter()
+    _log(args, f"cimc: importing {args.model} (max-seq {opts.max_seq}, weights {opts.weights}) ...")
+    module, weights = load_module(args.model, opts)
+    if weights is None:
+        raise CimcError(f"{args.model}: the IR's source model is not next to it; compile the .onnx instead")
+    t1 = time.perf_counter()
+    _log(args, f"cimc: running passes for {opts.hw.name} ...")
+    pm = run_pipeline(module, opts)
+    t2 = time.perf_counter()
+    _log(args, "cimc: generating code and writing the binary ...")
+    program = emit_program(module, weights, opts.hw)
+    write_binary(args.output, program)
+    t3 = time.perf_counter()
+    if args.time_passes:
+        _log(args, f"  frontend  {1000 * (t1 - t0):8.1f} ms\n{pm.timing_report()}\n  codegen   {1000 * (t3 - t2):8.1f} ms")
+    b = program.meta.get("balance", {})
+    _log(args, f"cimc: wrote {args.output}: {program.n_instrs:,} instructions, DRAM image "
+               f"{program.dram.size / 1e6:,.2f} MB, {b.get('stages', 0)} pipeline stages, "
+               f"in {t3 - t0:.2f} s")
+
+
+def _load_inputs(path: str, program) -> dict[str, np.ndarray]:
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise CimcError(f"{path}: cannot read inputs ({str(e).splitlines()[0]}); expected an .npz file") from None
+    with data:
+        keys = list(data.keys())
+        names = [s.name for s in program.symbols if s.kind == "input"]
+        arrays = {}
+        for name in names:
+            for key in (name, f"input.{name}"):
+                if key in keys:
+                    arrays[name] = data[key]
+                    break
+        stray = [k for k in keys if "." not in k and k not in names]
+        if stray:
+            raise CimcError(f"{path}: unknown input(s) {', '.join(stray)} (the program takes {', '.join(names)})")
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise CimcError(f"{path}: missing input(s) {', '.join(missing)} (keys may be NAME or input.NAME; "
+                        f"found {', '.join(keys) or 'none'})")
+    return arrays
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from isa.binary import read_binary
+    from runtime.interpreter import simulate
+    from runtime.report import render_text
+
+    program = read_binary(args.binary, verify_dram=not args.no_numerics)
+    hw = _hw(args, required=False)
+    if args.no_numerics:
+        if args.inputs or args.outputs:
+            raise CimcError("--no-numerics computes no values: drop --inputs/--outputs or drop --no-numerics")
+        result = simulate(program, numerics=False, tokens=args.tokens, hw=hw)
+    else:
+        if not args.inputs:
+            raise CimcError("--inputs FILE.npz is required (or use --no-numerics for timing and energy only)")
+        inputs = _load_inputs(args.inputs, program)
+        big = program.n_instrs > 20000 and not args.quiet
+
+        def progress(i: int, n: int) -> None:
+            print(f"\rcimc: executing {i:,}/{n:,} instructions", end="", file=sys.stderr, flush=True)
+
+        result = simulate(program, inputs, hw=hw, progress=progress if big else None)
+        if big:
+            print(file=sys.stderr)
+        if args.outputs:
+            _atomic_write(args.outputs, lambda p: _save_npz(p, result.outputs))
+    if args.report_json:
+        _atomic_write(args.report_json, lambda p: p.write_text(json.dumps(result.report, indent=1) + "\n"))
+    if not args.quiet:
+        print(render_text(result.report))
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def cmd_ir(args: argparse.Namespace) -> None:
+    from cimc.driver import load_module, run_pipeline
+    from cimc.ir.printer import print_module
+    from cimc.ir.verifier import verify_module
+
+    opts = _options(args)
+    module, _ = load_module(args.model, opts)
+    if args.after:
+        run_pipeline(module, opts, until=args.after)
+    else:
+        verify_module(module)
+    _text_out(args.output, print_module(module))
+
+
+def cmd_disasm(args: argparse.Namespace) -> None:
+    from isa.asm import disassemble
+    from isa.binary import read_binary
+
+    program = read_binary(args.binary)
+    _text_out(args.output, disassemble(program, dram=args.dram, binary_path=args.binary))
+
+
+def cmd_asm(args: argparse.Namespace) -> None:
+    from isa.asm import assemble
+    from isa.binary import write_binary
+
+    try:
+        text = Path(args.source).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CimcError(f"{args.source}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    write_binary(args.output, assemble(text, args.source))
+
+
+def cmd_hw(args: argparse.Namespace) -> None:
+    from isa.hw import list_presets, load_hw, render_text
+
+    if args.action == "list":
+        print("\n".join(list_presets()))
+        return
+    print(render_text(load_hw(args.name, args.hw_set)))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from cimc.demo import run_demo
+
+    run_demo(hw_spec=args.hw, overrides=args.hw_set, quiet=args.quiet)
+
+
+# ---- parser ----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="cimc", epilog=EPILOG,
+        description="Compile decoder-only language models (ONNX) to a compute-in-memory accelerator and "
+                    "simulate them with cycle and energy accounting.")
+    ap.add_argument("--version", action="version", version=f"cimc {_version()}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("compile", help="compile an ONNX model to a .cimb binary", epilog=EPILOG)
+    p.add_argument("model", help="model .onnx (external data next to it is mapped, not loaded) or .cimir dump")
+    p.add_argument("-o", "--output", required=True, help="binary to write (.cimb)")
+    _add_frontend(p)
+    _add_hw(p)
+    p.add_argument("--dump-after", action="append", metavar="PASS|all",
+                   help="print the IR after this pass (repeatable), or write it to --dump-dir")
+    p.add_argument("--dump-dir", metavar="DIR", help="write NN-<pass>.cimir files here instead of printing")
+    p.add_argument("--time-passes", action="store_true", help="print how long each pass took")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("run", help="simulate a binary: outputs, time and energy", epilog=EPILOG)
+    p.add_argument("binary", help="a .cimb from `cimc compile`")
+    p.add_argument("--inputs", metavar="NPZ", help="inputs keyed by ONNX input name (or input.NAME)")
+    p.add_argument("--outputs", metavar="NPZ", help="write the outputs under their ONNX names")
+    p.add_argument("--report-json", metavar="FILE", help="write the full report as JSON")
+    p.add_argument("--no-numerics", action="store_true",
+                   help="timing and energy only (no values computed; fast on any model size)")
+    p.add_argument("--tokens", type=int, default=1, metavar="N",
+                   help="tokens to price with --no-numerics (default 1: one decode-sized step)")
+    _add_hw(p)
+    p.add_argument("-q", "--quiet", action="store_true", help="no report on stdout")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("ir", help="print the IR of a model (optionally after a pass), or re-print a dump",
+                       epilog=EPILOG)
+    p.add_argument("model", help=".onnx model or .cimir dump")
+    p.add_argument("--after", metavar="PASS", help="run the pipeline up to and including PASS first")
+    p.add_argument("-o", "--output", help="write here instead of stdout")
+    _add_frontend(p)
+    _add_hw(p)
+    p.set_defaults(func=cmd_ir)
+
+    p = sub.add_parser("disasm", help="print a binary as assembly (cimc asm rebuilds it byte for byte)",
+                       epilog=EPILOG)
+    p.add_argument("binary")
+    p.add_argument("-o", "--output", help="write here instead of stdout")
+    p.add_argument("--dram", choices=["auto", "inline", "incbin"], default="auto",
+                   help="embed the DRAM image as base64 (inline) or refer to the binary (incbin); "
+                        "auto: inline up to 64 MiB")
+    p.set_defaults(func=cmd_disasm)
+
+    p = sub.add_parser("asm", help="assemble a .s file into a binary", epilog=EPILOG)
+    p.add_argument("source")
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=cmd_asm)
+
+    p = sub.add_parser("hw", help="list hardware presets or show one with units and sources", epilog=EPILOG)
+    p.add_argument("action", choices=["show", "list"])
+    p.add_argument("name", nargs="?", default=None, help="preset name or TOML file (default edgecim-65nm)")
+    p.add_argument("--set", dest="hw_set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_hw)
+
+    p = sub.add_parser("demo", help="compile and run the bundled example model, check it against onnxruntime",
+                       epilog=EPILOG)
+    _add_hw(p)
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return ap
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cimc")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (0 ok, 2 user error, 3 internal error)."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except CimcError as e:
+        print(f"cimc: error: {e.render()}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cimc: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:
+        if os.environ.get("CIMC_DEBUG"):
+            raise
+        print(f"cimc: internal error: {type(e).__name__}: {e} (this is a bug in cimc; rerun with "
+              "CIMC_DEBUG=1 for a traceback and report it)", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

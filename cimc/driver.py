@@ -1,0 +1,89 @@
+"""The compile pipeline: model -> IR -> passes -> program, with the options users set.
+
+Everything the CLI does goes through here (and `cimc/__init__.py` re-exports it as the Python
+API), so a notebook or a sweep script gets exactly what `cimc compile` does.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import passes  # noqa: F401  (registers the passes)
+from cimc.frontend import import_onnx, open_model
+from cimc.ir.core import Module
+from cimc.ir.parser import parse_module
+from isa.cost import CostModel
+from isa.diag import CimcError
+from isa.hw import HardwareConfig, load_hw
+from isa.program import Program
+from passes.codegen import emit_program
+from passes.manager import PassContext, PassManager, parse_pipeline
+
+DEFAULT_PIPELINE = "lift-idioms,tile-partition,place-weights,balance-stages,schedule"
+WEIGHT_MODES = ("fp32",)
+
+
+@dataclass
+class CompileOptions:
+    """Options of `cimc compile` / `cimc ir` (see `cimc compile --help`)."""
+
+    max_seq: int = 256
+    weights: str = "fp32"
+    hw: HardwareConfig = field(default_factory=load_hw)
+    dims: dict[str, int] = field(default_factory=dict)
+    pipeline: str = DEFAULT_PIPELINE
+    verify: bool = True
+    dump_after: set[str] = field(default_factory=set)
+    dump_dir: Path | None = None
+    on_dump: Callable[[str, str], None] | None = None
+
+
+def load_module(path: str | os.PathLike, opts: CompileOptions) -> tuple[Module, Callable[[str], np.ndarray] | None]:
+    """Read a model (.onnx) or an IR dump (.cimir); returns the module and its weight source."""
+    p = Path(path)
+    if opts.weights not in WEIGHT_MODES:
+        raise CimcError(f"--weights {opts.weights}: not supported yet (supported: {', '.join(WEIGHT_MODES)})")
+    if p.suffix == ".cimir":
+        try:
+            text = p.read_text()
+        except OSError as e:
+            raise CimcError(f"{p}: cannot read ({e.strerror})") from None
+        module = parse_module(text, str(p))
+        src = p.parent / str(module.attrs.get("source", ""))
+        weights = open_model(src)[1].get if src.is_file() and src.suffix == ".onnx" else None
+        return module, weights
+    module, store = import_onnx(p, max_seq=opts.max_seq, dims=opts.dims)
+    module.attrs["weights"] = opts.weights
+    return module, store.get
+
+
+def run_pipeline(module: Module, opts: CompileOptions, until: str | None = None) -> PassManager:
+    """Run the pass pipeline (up to and including `until`) on `module` in place."""
+    pipeline = parse_pipeline(opts.pipeline)
+    if until is not None:
+        names = [p.name for p in pipeline]
+        if until not in names:
+            raise CimcError(f"--after {until}: not in the pipeline ({', '.join(names)})")
+        pipeline = pipeline[: names.index(until) + 1]
+    done = set(module.attrs.get("passes", []))
+    pipeline = [p for p in pipeline if p.name not in done]
+    pm = PassManager(pipeline, verify=opts.verify, dump_after=opts.dump_after, dump_dir=opts.dump_dir,
+                     on_dump=opts.on_dump)
+    pm.run(module, PassContext(opts.hw, CostModel(opts.hw)))
+    return pm
+
+
+def compile_model(path: str | os.PathLike, opts: CompileOptions | None = None) -> Program:
+    """Compile an ONNX model (or a .cimir dump of it) to a program for `opts.hw`."""
+    opts = opts or CompileOptions()
+    module, weights = load_module(path, opts)
+    if weights is None:
+        raise CimcError(f"{path}: the IR's source model {module.attrs.get('source')!r} is not next to it; "
+                        "compile the .onnx instead")
+    run_pipeline(module, opts)
+    return emit_program(module, weights, opts.hw)

@@ -1,0 +1,193 @@
+"""Bind dynamic dimensions, fold what does not depend on input data, and learn every shape.
+
+A decoder graph computes much from the input's *shape* alone: positions, RoPE tables, the causal
+mask, Reshape targets. With the sequence length bound to a number, those are constants. `analyze`
+alternates two steps until nothing changes: evaluate every node whose inputs are known (ONNX's
+reference evaluator), then run ONNX shape inference with the folded values in place, which
+resolves the data tensors' shapes and lets `Shape` nodes of data tensors fold in turn.
+
+The frontend analyzes the graph at two lengths. Axes whose size follows the length are the
+sequence axes; a folded value that varies with the length must agree on the common prefix
+(row i of a RoPE table cannot depend on how many rows there are), which is what makes one
+program valid for every length up to the bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+from cimc.frontend.model import Node, OnnxModel, WeightStore
+from isa.diag import CimcError
+
+#: Ops whose output depends on the input's shape only, never on its values.
+SHAPE_OPS = {"Shape", "Size"}
+
+
+@dataclass
+class Facts:
+    """What is known at one binding of the sequence length `n`."""
+
+    n: int
+    shapes: dict[str, tuple[int, ...]]
+    elem_types: dict[str, int]
+    values: dict[str, np.ndarray]
+
+
+def data_values(model: OnnxModel) -> set[str]:
+    """Names of values that depend on input data (not just on input shapes)."""
+    data = set(model.inputs)
+    for n in model.nodes:
+        if n.op_type not in SHAPE_OPS and any(i in data for i in n.inputs):
+            data.update(o for o in n.outputs if o)
+    return data
+
+
+def weight_derived(model: OnnxModel, data: set[str]) -> set[str]:
+    """Weight initializers and static values computed from them (kept lazy, never folded)."""
+    lazy = {name for name in model.initializers if model.is_weight(name)}
+    for n in model.nodes:
+        if not any(i in data for i in n.inputs) and any(i in lazy for i in n.inputs):
+            lazy.update(o for o in n.outputs if o)
+    return lazy
+
+
+def bind_inputs(model: OnnxModel, n: int, dims: dict[str, int]) -> dict[str, tuple[int, ...]]:
+    """Concrete input shapes: dynamic axis 0 is the batch (1), dynamic axis 1 the tokens (`n`);
+    any other dynamic axis must be named in `dims`."""
+    shapes = {}
+    for name, vi in model.inputs.items():
+        tt = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type") or not tt.HasField("shape"):
+            raise CimcError(f"{model.path}: graph input {name!r} has no tensor shape; re-export the "
+                            "model with shapes")
+        out = []
+        for axis, d in enumerate(tt.shape.dim):
+            if d.HasField("dim_value") and d.dim_value > 0:
+                out.append(d.dim_value)
+            elif d.dim_param in dims:
+                out.append(dims[d.dim_param])
+            elif axis == 1:
+                out.append(n)
+            elif axis == 0:
+                out.append(1)
+            else:
+                raise CimcError(f"{model.path}: input {name!r} axis {axis} is dynamic "
+                                f"({d.dim_param or 'unnamed'}); bind it with --dim {d.dim_param or 'NAME'}=N")
+        shapes[name] = tuple(out)
+    return shapes
+
+
+def analyze(model: OnnxModel, weights: WeightStore, n: int, dims: dict[str, int]) -> Facts:
+    """Fold static values and infer all shapes with the sequence length bound to `n`."""
+    data = data_values(model)
+    lazy = weight_derived(model, data)
+    values: dict[str, np.ndarray] = {
+        name: np.asarray(weights.get(name)) for name in model.initializers if name not in lazy
+    }
+    input_shapes = bind_inputs(model, n, dims)
+    shapes: dict[str, tuple[int, ...]] = dict(input_shapes)
+    types: dict[str, int] = {k: v.type.tensor_type.elem_type for k, v in model.inputs.items()}
+    for name, t in model.initializers.items():
+        shapes[name], types[name] = tuple(t.dims), t.data_type
+    pending = [nd for nd in model.nodes if not any(i in data or i in lazy for i in nd.inputs
+                                                    if nd.op_type not in SHAPE_OPS)]
+    for _ in range(32):
+        progress = _fold_ready(model, pending, values, shapes)
+        inferred = _infer_shapes(model, values, shapes, types, input_shapes, lazy)
+        progress |= inferred
+        if not progress:
+            break
+    for name, v in values.items():
+        shapes[name] = v.shape
+        types.setdefault(name, helper.np_dtype_to_tensor_dtype(v.dtype))
+    return Facts(n, shapes, types, values)
+
+
+def _fold_ready(model: OnnxModel, pending: list[Node], values: dict[str, np.ndarray],
+                shapes: dict[str, tuple[int, ...]]) -> bool:
+    """Evaluate, in one reference-evaluator run, every pending node whose inputs are known."""
+    batch: list[Node] = []
+    available = set(values)
+    for nd in pending:
+        if all(o in values for o in nd.outputs if o):
+            continue
+        if nd.op_type in SHAPE_OPS and nd.inputs[0] in shapes and nd.inputs[0] not in values:
+            values.update(_shape_op(nd, shapes[nd.inputs[0]]))
+            available.update(nd.outputs)
+            continue
+        if all(i in available or not i for i in nd.inputs):
+            batch.append(nd)
+            available.update(o for o in nd.outputs if o)
+    if not batch:
+        return False
+    needed = {i for nd in batch for i in nd.inputs if i in values}
+    produced = [o for nd in batch for o in nd.outputs if o]
+    graph = helper.make_graph(
+        [_proto(nd) for nd in batch], "fold", [],
+        [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in produced],
+        [numpy_helper.from_array(values[i], i) for i in sorted(needed)],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in model.opsets.items()])
+    try:
+        results = ReferenceEvaluator(proto).run(None, {})
+    except Exception as e:  # the reference evaluator raises many types for unsupported input
+        names = ", ".join(nd.name for nd in batch[:5])
+        raise CimcError(f"{model.path}: cannot evaluate the shape-only subgraph ({names}{' ...' if len(batch) > 5 else ''}): "
+                        f"{type(e).__name__}: {e}") from None
+    for name, value in zip(produced, results, strict=True):
+        values[name] = np.asarray(value)
+        shapes[name] = values[name].shape
+    return True
+
+
+def _shape_op(nd: Node, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    if nd.op_type == "Size":
+        return {nd.outputs[0]: np.array(int(np.prod(shape)), dtype=np.int64)}
+    rank = len(shape)
+    start, end = nd.attrs.get("start", 0), nd.attrs.get("end", rank)
+    start, end = (s + rank if s < 0 else s for s in (start, end))
+    return {nd.outputs[0]: np.array(shape[max(0, start):min(rank, end)], dtype=np.int64)}
+
+
+def _proto(nd: Node) -> onnx.NodeProto:
+    return helper.make_node(nd.op_type, nd.inputs, nd.outputs, name=nd.name, domain=nd.domain or None,
+                            **nd.attrs)
+
+
+def _infer_shapes(model: OnnxModel, values: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]],
+                  types: dict[str, int], input_shapes: dict[str, tuple[int, ...]], lazy: set[str]) -> bool:
+    """Run ONNX shape inference over the unfolded nodes; record new shapes. True if any."""
+    nodes = [nd for nd in model.nodes if not all(o in values for o in nd.outputs if o)]
+    if not nodes:
+        return False
+    inputs = [helper.make_tensor_value_info(k, types[k], input_shapes[k]) for k in model.inputs]
+    inputs += [helper.make_tensor_value_info(k, model.initializers[k].data_type, shapes[k])
+               for k in model.initializers if k in lazy]
+    consumed = {i for nd in nodes for i in nd.inputs}
+    inits = [numpy_helper.from_array(v, k) for k, v in values.items() if k in consumed]
+    graph = helper.make_graph([_proto(nd) for nd in nodes], "infer", inputs,
+                              [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in model.outputs],
+                              inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in model.opsets.items()],
+                              ir_version=model.proto.ir_version)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+    except Exception as e:  # onnx raises InferenceError and others for inconsistent graphs
+        raise CimcError(f"{model.path}: ONNX shape inference failed: {str(e).splitlines()[0]}") from None
+    new = False
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        tt = vi.type.tensor_type
+        if not tt.HasField("shape") or vi.name in shapes:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        if None in dims:
+            continue
+        shapes[vi.name] = tuple(dims)  # type: ignore[arg-type]
+        types[vi.name] = tt.elem_type
+        new = True
+    return new

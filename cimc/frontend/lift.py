@@ -1,0 +1,721 @@
+"""Lift an analyzed ONNX graph to the IR: decoder idioms by pattern, the rest elementwise.
+
+Nodes are visited in topological order. Each ONNX value becomes a *term*:
+  - `View`: a strided view of an IR value (layout ops like Reshape/Transpose only re-view);
+  - `Static`: a value known at compile time (folded, or a small initializer);
+  - `Lazy`: a weight matrix (an initializer, maybe transposed) left on disk;
+  - `Expr`: an op that cannot be lowered on its own (it works on a head-split view, or is part
+    of attention); it waits for an idiom rule to consume it;
+  - `Bad`: a node that cannot be compiled, with the reason.
+Idiom rules are anchored where an idiom ends: RoPE at its final Add, attention at the
+`MatMul(softmax, V)`. A rule that does not match records why, so an unsupported model gets one
+error listing every node that could not be compiled and the near-miss reasons.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from math import prod
+
+import numpy as np
+from onnx import TensorProto
+
+from cimc.frontend import views as V
+from cimc.frontend.fold import Facts
+from cimc.frontend.model import Node, OnnxModel
+from cimc.frontend.views import Axis, View, ViewError
+from cimc.ir.core import SEQ, Module, Rewriter, TensorType, Value
+from cimc.ir.ops import OPS
+from isa.diag import CimcError
+
+
+class Unsupported(Exception):
+    """Raised by a handler: this node cannot be compiled, for the given reason."""
+
+
+@dataclass
+class Static:
+    name: str
+    value: np.ndarray
+    value2: np.ndarray | None  # the same value at the second binding (None: not seq-dependent)
+    init: bool
+
+
+@dataclass
+class Lazy:
+    init: str
+    shape: tuple[int, ...]
+    transpose: bool = False
+
+
+@dataclass
+class Expr:
+    node: Node
+    args: list
+
+
+@dataclass
+class Bad:
+    node: Node
+
+
+Term = View | Static | Lazy | Expr | Bad
+
+_FLOAT = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+_INT = {TensorProto.INT64, TensorProto.INT32}
+_UNARY = {"Neg": "neg", "Exp": "exp", "Sqrt": "sqrt", "Reciprocal": "reciprocal", "Sigmoid": "sigmoid",
+          "Tanh": "tanh"}
+_BINARY = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Max": "max"}
+_REDUCE = {"ReduceMean": "reduce_mean", "ReduceSum": "reduce_sum", "ReduceMax": "reduce_max"}
+
+
+class Lifter:
+    """Builds the IR module for one model; see the module docstring."""
+
+    def __init__(self, model: OnnxModel, f1: Facts, f2: Facts, max_seq: int, name: str) -> None:
+        self.model, self.f1, self.f2, self.n = model, f1, f2, max_seq
+        self.module = Module(name, {"max_seq": max_seq, "source": model.path.name})
+        self.rw = Rewriter(self.module)
+        self.env: dict[str, Term] = {}
+        self.reasons: dict[str, str] = {}  # node name -> why it could not be compiled
+        self.near_miss: dict[str, str] = {}  # anchor node -> why an idiom rule did not match
+        self._weights: dict[tuple[str, bool], Value] = {}
+        self._consts: dict[str, Value] = {}
+
+    # ---- entry ---------------------------------------------------------------------------
+
+    def run(self) -> Module:
+        for name in self.model.inputs:
+            self.env[name] = self._input(name)
+        for node in self.model.nodes:
+            self._visit(node)
+        for name in self.model.outputs:
+            self._output(name)
+        if self.reasons:
+            self._fail()
+        return self.module
+
+    def _fail(self) -> None:
+        by_node = {n.name: n for n in self.model.nodes}
+        lines = []
+        for name, reason in self.reasons.items():
+            node = by_node.get(name)
+            what = f"{node.op_type}" + (f" (domain {node.domain})" if node and node.domain else "") if node else "?"
+            lines.append(f"  {name} [{what}]: {reason}")
+        raise CimcError(f"{self.model.path}: cannot compile {len(lines)} node(s); nothing was written",
+                        detail="\n".join(lines))
+
+    # ---- helpers -------------------------------------------------------------------------
+
+    def seq_axes(self, name: str) -> list[int]:
+        s1, s2 = self.f1.shapes.get(name), self.f2.shapes.get(name)
+        if s1 is None or s2 is None or len(s1) != len(s2):
+            return []
+        return [i for i, (a, b) in enumerate(zip(s1, s2, strict=True)) if a != b]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self.f1.shapes:
+            raise Unsupported(f"the shape of {name!r} is unknown after shape inference")
+        return self.f1.shapes[name]
+
+    def _op(self, name: str, operands: list[Value], loc: str, attrs: dict | None = None,
+            rtype: TensorType | None = None) -> Value:
+        types = [rtype] if rtype is not None else OPS[name].infer([v.type for v in operands], attrs or {})
+        return self.rw.create(name, operands, types, attrs, loc).results[0] if types else \
+            self.rw.create(name, operands, [], attrs, loc)  # type: ignore[return-value]
+
+    def _rows(self, seq: bool, n: int) -> int | str:
+        return SEQ if seq else n
+
+    def _view_of(self, base: Value, onnx_shape: tuple[int, ...]) -> View:
+        rows = self.n if base.type.shape[0] == SEQ else int(base.type.shape[0])
+        axes = [Axis(rows, 1, 0)] + ([Axis(int(base.type.shape[1]), 0, 1)] if base.type.rank == 2 else [])
+        return V.reshape(View(base, tuple(axes)), onnx_shape)
+
+    def _is_plain(self, v: View) -> bool:
+        rows = self.n if v.base.type.shape[0] == SEQ else int(v.base.type.shape[0])
+        return V.is_canonical(v, rows)
+
+    def weight(self, lazy: Lazy) -> Value:
+        key = (lazy.init, lazy.transpose)
+        if key not in self._weights:
+            t = self.model.initializers[lazy.init]
+            if t.data_type != TensorProto.FLOAT:
+                raise Unsupported(f"weight {lazy.init!r} has element type "
+                                  f"{TensorProto.DataType.Name(t.data_type)}; only float32 weights are supported")
+            shape = tuple(reversed(lazy.shape)) if lazy.transpose else lazy.shape
+            attrs = {"init": lazy.init} | ({"transpose": True} if lazy.transpose else {})
+            self._weights[key] = self.rw.create("weight", [], [TensorType("f32", shape)], attrs, lazy.init).result
+        return self._weights[key]
+
+    def const(self, s: Static, arr: np.ndarray, seq_rows: bool) -> Value:
+        """A constant operand: an initializer reference when possible, else folded data inline."""
+        if s.init and arr.shape == s.value.shape and not seq_rows:
+            return self.weight(Lazy(s.name, tuple(arr.shape)))
+        key = f"{s.name}:{arr.shape}"
+        if key not in self._consts:
+            data = base64.b64encode(np.ascontiguousarray(arr, dtype="<f4").tobytes()).decode()
+            shape = (SEQ, *arr.shape[1:]) if seq_rows else arr.shape
+            self._consts[key] = self.rw.create("const", [], [TensorType("f32", shape)], {"data": data},
+                                               s.name).result
+        return self._consts[key]
+
+    def prefix_checked(self, s: Static, arr1: np.ndarray, axis_map: dict[int, int]) -> None:
+        """Check a length-dependent constant agrees on the common prefix of both bindings."""
+        if s.value2 is None:
+            return
+        a, b = s.value, s.value2
+        idx = tuple(slice(0, min(x, y)) for x, y in zip(a.shape, b.shape, strict=True))
+        if not np.array_equal(a[idx], b[idx]):
+            raise Unsupported(f"constant {s.name!r} changes with the sequence length in a way one compiled "
+                              "program cannot reproduce (its first rows differ between lengths)")
+
+    # ---- graph inputs and outputs --------------------------------------------------------
+
+    def _input(self, name: str) -> View:
+        shape, seq = self.shape(name), self.seq_axes(name)
+        et = self.f1.elem_types[name]
+        onnx_shape = ["seq" if i in seq else d for i, d in enumerate(shape)]
+        core = [d for d in shape if d != 1]
+        if et in _INT and len(seq) == 1 and len(core) == 1:
+            t = TensorType("i32", (SEQ,))
+        elif et == TensorProto.FLOAT and len(seq) == 1 and seq[0] == len(shape) - 2 and len(core) == 2:
+            t = TensorType("f32", (SEQ, shape[-1]))
+        else:
+            raise CimcError(f"{self.model.path}: graph input {name!r} {onnx_shape} is not a token sequence "
+                            "([1, seq] ids or [1, seq, hidden] floats); other inputs are not supported yet")
+        attrs = {"name": name, "onnx_dtype": _dtype_name(et), "onnx_shape": onnx_shape}
+        base = self.rw.create("input", [], [t], attrs, name).result
+        return self._view_of(base, shape)
+
+    def _output(self, name: str) -> None:
+        term = self.env.get(name)
+        if isinstance(term, Bad) or term is None:
+            return
+        try:
+            v = self.need_view(term, f"graph output {name!r}")
+        except Unsupported:
+            return
+        if not self._is_plain(v):
+            self.reasons[name] = "graph output is not a [1, seq, features] tensor"
+            return
+        seq = self.seq_axes(name)
+        onnx_shape = ["seq" if i in seq else d for i, d in enumerate(self.shape(name))]
+        attrs = {"name": name, "onnx_dtype": _dtype_name(self.f1.elem_types.get(name, 1)), "onnx_shape": onnx_shape}
+        self.rw.create("output", [v.base], [], attrs, name)
+
+    # ---- visiting ------------------------------------------------------------------------
+
+    def _visit(self, node: Node) -> None:
+        outs = [o for o in node.outputs if o]
+        if all(o in self.f1.values for o in outs):
+            for o in outs:
+                self.env[o] = Static(o, self.f1.values[o], self.f2.values.get(o), o in self.model.initializers)
+            return
+        args = [self._term(i) for i in node.inputs]
+        if any(isinstance(a, Bad) for a in args):
+            for o in outs:
+                self.env[o] = Bad(node)
+            return
+        try:
+            if all(isinstance(a, (Lazy, Static)) or a is None for a in args):
+                result: Term = self._weight_expr(node, args)
+            else:
+                handler = getattr(self, f"_on_{node.op_type}", None)
+                if handler is None or node.domain not in ("", "ai.onnx"):
+                    raise Unsupported(f"op {node.op_type} is not supported on activations")
+                result = handler(node, args)
+        except (Unsupported, ViewError) as e:
+            self.reasons[node.name] = self.near_miss.get(node.name, str(e)) if not str(e) else str(e)
+            result = Bad(node)
+        self.env[outs[0]] = result
+        for o in outs[1:]:
+            self.env[o] = Bad(node)
+
+    def _term(self, name: str) -> Term | None:
+        if not name:
+            return None
+        if name in self.env:
+            return self.env[name]
+        if self.model.is_weight(name):
+            self.env[name] = Lazy(name, tuple(self.model.initializers[name].dims))
+        else:
+            self.env[name] = Static(name, self.f1.values[name], self.f2.values.get(name), True)
+        return self.env[name]
+
+    def _weight_expr(self, node: Node, args: list) -> Term:
+        src = args[0]
+        if node.op_type == "Transpose" and isinstance(src, Lazy) and len(src.shape) == 2 \
+                and list(node.attrs.get("perm", [1, 0])) == [1, 0]:
+            return Lazy(src.init, src.shape, not src.transpose)
+        if node.op_type in ("Identity", "Cast") and isinstance(src, Lazy):
+            if node.op_type == "Cast" and node.attrs.get("to") != TensorProto.FLOAT:
+                raise Unsupported("weights may only be cast to float32")
+            return src
+        raise Unsupported(f"{node.op_type} of a weight matrix is not supported (only Transpose)")
+
+    def need_view(self, term: Term, what: str) -> View:
+        """A term that must be an activation view; a pending Expr here means an idiom failed."""
+        if isinstance(term, View):
+            return term
+        if isinstance(term, Expr):
+            self._report_expr(term)
+            raise Unsupported("")
+        raise Unsupported(f"{what} must be an activation")
+
+    def _report_expr(self, e: Expr) -> None:
+        stack = [e]
+        while stack:
+            x = stack.pop()
+            if x.node.name not in self.reasons:
+                self.reasons[x.node.name] = self.near_miss.get(
+                    x.node.name, f"{x.node.op_type} on a head-split or intermediate tensor that no decoder "
+                                 "idiom (RoPE, attention) consumed")
+            stack += [a for a in x.args if isinstance(a, Expr)]
+
+    # ---- layout ops ----------------------------------------------------------------------
+
+    def _layout(self, node: Node, args: list, fn) -> Term:
+        src = args[0]
+        if isinstance(src, Expr):
+            return Expr(node, args)
+        return fn(self.need_view(src, "input"))
+
+    def _on_Identity(self, node: Node, args: list) -> Term:
+        return args[0]
+
+    def _on_Cast(self, node: Node, args: list) -> Term:
+        et = self.f1.elem_types.get(node.inputs[0])
+        if node.attrs.get("to") == TensorProto.FLOAT and et in _FLOAT:
+            return args[0]
+        raise Unsupported("Cast of an activation to another element type is not supported")
+
+    def _on_Reshape(self, node: Node, args: list) -> Term:
+        return self._layout(node, args, lambda v: V.reshape(v, self.shape(node.outputs[0])))
+
+    _on_Flatten = _on_Reshape
+
+    def _on_Transpose(self, node: Node, args: list) -> Term:
+        rank = len(self.shape(node.inputs[0]))
+        perm = list(node.attrs.get("perm", reversed(range(rank))))
+        return self._layout(node, args, lambda v: V.transpose(v, perm))
+
+    def _axes(self, node: Node, args: list) -> list[int] | None:
+        if "axes" in node.attrs:
+            return list(node.attrs["axes"])
+        if len(args) > 1 and isinstance(args[1], Static):
+            return [int(a) for a in np.asarray(args[1].value).ravel()]
+        return None
+
+    def _on_Unsqueeze(self, node: Node, args: list) -> Term:
+        axes = self._axes(node, args) or []
+        return self._layout(node, args, lambda v: V.unsqueeze(v, axes))
+
+    def _on_Squeeze(self, node: Node, args: list) -> Term:
+        axes = self._axes(node, args)
+        return self._layout(node, args, lambda v: V.squeeze(v, axes))
+
+    def _on_Expand(self, node: Node, args: list) -> Term:
+        return self._layout(node, args, lambda v: V.expand(v, self.shape(node.outputs[0])))
+
+    def _on_Slice(self, node: Node, args: list) -> Term:
+        if not all(isinstance(a, Static) for a in args[1:] if a is not None):
+            raise Unsupported("Slice bounds must be known at compile time")
+        shape = self.shape(node.inputs[0])
+        starts, ends = (np.asarray(args[i].value).ravel() for i in (1, 2))
+        axes = np.asarray(args[3].value).ravel() if len(args) > 3 and args[3] is not None else range(len(starts))
+        steps = np.asarray(args[4].value).ravel() if len(args) > 4 and args[4] is not None else [1] * len(starts)
+        if any(int(s) != 1 for s in steps):
+            raise Unsupported("Slice with a step other than 1 is not supported on activations")
+
+        def apply(v: View) -> View:
+            for st, en, ax in zip(starts, ends, axes, strict=True):
+                ax = int(ax) + len(shape) if int(ax) < 0 else int(ax)
+                lo, hi, _ = slice(int(st), int(en)).indices(shape[ax])
+                v = V.slice_axis(v, ax, lo, max(0, hi - lo))
+            return v
+
+        return self._layout(node, args, apply)
+
+    # ---- embedding and linear ------------------------------------------------------------
+
+    def _on_Gather(self, node: Node, args: list) -> Term:
+        table, ids = args
+        if node.attrs.get("axis", 0) != 0 or not isinstance(table, (Lazy, Static)):
+            raise Unsupported("only Gather of table rows by token id (axis 0 of a constant table) is supported")
+        idv = self.need_view(ids, "indices")
+        if idv.base.type.dtype != "i32" or not self._is_plain(idv):
+            raise Unsupported("Gather indices must be the token ids")
+        lazy = table if isinstance(table, Lazy) else Lazy(table.name, table.value.shape)
+        if len(lazy.shape) != 2 or lazy.transpose:
+            raise Unsupported("the embedding table must be a [vocab, hidden] initializer")
+        out = self._op("embedding", [idv.base, self.weight(lazy)], node.name)
+        return self._view_of(out, self.shape(node.outputs[0]))
+
+    def _linear(self, node: Node, x: Term, w: Term, bias: Term | None) -> Term:
+        xv = self.need_view(x, "input")
+        if not self._is_plain(xv):
+            raise Unsupported("MatMul input is not a [tokens, features] activation")
+        if isinstance(w, Static) and w.init and w.value.ndim == 2:
+            w = Lazy(w.name, w.value.shape)
+        if not isinstance(w, Lazy) or len(w.shape) != 2:
+            raise Unsupported("MatMul weight must be a 2-D initializer (or its Transpose)")
+        operands = [xv.base, self.weight(w)]
+        if bias is not None:
+            operands.append(self._row_vector(bias, operands[1].type.shape[1]))
+        out = self._op("linear", operands, node.name)
+        return self._view_of(out, self.shape(node.outputs[0]))
+
+    def _row_vector(self, term: Term, n: object) -> Value:
+        if not isinstance(term, Static) or term.value.size != n:
+            raise Unsupported(f"bias must be a constant vector of {n} values")
+        return self.const(term, np.asarray(term.value, np.float32).reshape(-1), False)
+
+    def _on_MatMul(self, node: Node, args: list) -> Term:
+        a, b = args
+        if isinstance(b, (Lazy, Static)):
+            return self._linear(node, a, b, None)
+        expr = Expr(node, args)
+        matched = self._match_attention(expr)
+        return matched if matched is not None else expr
+
+    def _on_Gemm(self, node: Node, args: list) -> Term:
+        at = node.attrs
+        if at.get("transA", 0) or at.get("alpha", 1.0) != 1.0 or at.get("beta", 1.0) != 1.0:
+            raise Unsupported("Gemm with transA, alpha or beta is not supported")
+        w = args[1]
+        if at.get("transB", 0):
+            if not isinstance(w, Lazy):
+                raise Unsupported("Gemm weight must be an initializer")
+            w = Lazy(w.init, w.shape, not w.transpose)
+        return self._linear(node, args[0], w, args[2] if len(args) > 2 else None)
+
+    # ---- elementwise ---------------------------------------------------------------------
+
+    def _plain(self, t: Term) -> View | None:
+        return t if isinstance(t, View) and self._is_plain(t) else None
+
+    def _static_operand(self, s: Static, like: View, out_name: str) -> Value | float:
+        """Fit a constant to a [tokens, features] activation: scalar, row vector or per-token table."""
+        arr = np.asarray(s.value)
+        if arr.dtype.kind not in "fiub":
+            raise Unsupported(f"constant {s.name!r} is not numeric")
+        if arr.size == 1:
+            return float(arr.ravel()[0])
+        shape = like.shape
+        if arr.ndim > len(shape):
+            raise Unsupported(f"constant {s.name!r} has a higher rank than the activation")
+        al = arr.reshape((1,) * (len(shape) - arr.ndim) + arr.shape)
+        row_ax = next((i for i, a in enumerate(like.axes) if a.rs == 1 and a.size != 1), None)
+        col_ax = next((i for i, a in enumerate(like.axes) if a.cs == 1 and a.size != 1), None)
+        for i, d in enumerate(al.shape):
+            if d != 1 and i not in (row_ax, col_ax):
+                raise Unsupported(f"constant {s.name!r} {arr.shape} does not broadcast like a [tokens, features] operand")
+            if d != 1 and d != shape[i]:
+                raise Unsupported(f"constant {s.name!r} {arr.shape} enlarges the activation {shape}")
+        rows = al.shape[row_ax] if row_ax is not None else 1
+        cols = al.shape[col_ax] if col_ax is not None else 1
+        keep = [i for i in (row_ax, col_ax) if i is not None]
+        mat = al.transpose(keep + [i for i in range(al.ndim) if i not in keep]).reshape(rows, cols) \
+            if keep else al.reshape(1, 1)
+        if rows == 1:
+            return self.const(s, mat.reshape(-1).astype(np.float32), False)
+        if row_ax not in self.seq_axes(out_name) and like.base.type.shape[0] == SEQ:
+            raise Unsupported(f"constant {s.name!r} has a per-token axis that does not follow the sequence length")
+        self.prefix_checked(s, mat, {})
+        return self.const(s, mat.astype(np.float32), True)
+
+    def _binary(self, node: Node, args: list) -> Term:
+        a, b = args
+        name = _BINARY[node.op_type]
+        out_shape = self.shape(node.outputs[0])
+        pa, pb = self._plain(a), self._plain(b)
+        if pa is not None and pb is not None:
+            if pa.base.type.shape[0] != pb.base.type.shape[0] and 1 not in (pa.base.type.shape[0], pb.base.type.shape[0]):
+                raise Unsupported("operands have different token counts")
+            return self._view_of(self._op(name, [pa.base, pb.base], node.name), out_shape)
+        for plain, other, left in ((pa, b, True), (pb, a, False)):
+            if plain is None or not isinstance(other, Static) or out_shape != plain.shape:
+                continue
+            c = self._static_operand(other, plain, node.outputs[0])
+            return self._view_of(self._with_const(name, plain.base, c, left, node.name), out_shape)
+        if any(isinstance(t, (Expr, View)) for t in args):
+            return Expr(node, args)
+        raise Unsupported(f"{node.op_type} of these operands is not supported")
+
+    def _with_const(self, name: str, x: Value, c: Value | float, x_left: bool, loc: str) -> Value:
+        if isinstance(c, Value):
+            return self._op(name, [x, c] if x_left else [c, x], loc)
+        affine = {("add", True): (1.0, c), ("add", False): (1.0, c), ("mul", True): (c, 0.0),
+                  ("mul", False): (c, 0.0), ("sub", True): (1.0, -c), ("sub", False): (-1.0, c)}
+        if (name, x_left) in affine:
+            alpha, beta = affine[(name, x_left)]
+            return self._op("affine", [x], loc, {"alpha": float(alpha), "beta": float(beta)})
+        if name == "div" and x_left:
+            return self._op("affine", [x], loc, {"alpha": float(1.0 / c), "beta": 0.0})
+        if name == "div":
+            r = self._op("reciprocal", [x], loc)
+            return r if c == 1.0 else self._op("affine", [r], loc, {"alpha": float(c), "beta": 0.0})
+        cv = self.const(Static(f"{loc}:scalar", np.array([c], np.float32), None, False), np.array([c], np.float32), False)
+        return self._op(name, [x, cv] if x_left else [cv, x], loc)
+
+    def _on_Add(self, node: Node, args: list) -> Term:
+        term = self._binary(node, args)
+        if isinstance(term, Expr):
+            rope = self._match_rope(term)
+            if rope is not None:
+                return rope
+        return term
+
+    _on_Sub = _on_Mul = _on_Div = _on_Max = _binary
+
+    def _unary(self, node: Node, args: list) -> Term:
+        p = self._plain(args[0])
+        if p is None:
+            if isinstance(args[0], (Expr, View)):
+                return Expr(node, args)
+            raise Unsupported(f"{node.op_type} input must be an activation")
+        return self._view_of(self._op(_UNARY[node.op_type], [p.base], node.name), self.shape(node.outputs[0]))
+
+    _on_Neg = _on_Exp = _on_Sqrt = _on_Reciprocal = _on_Sigmoid = _on_Tanh = _unary
+
+    def _on_Pow(self, node: Node, args: list) -> Term:
+        p, e = self._plain(args[0]), args[1]
+        if p is None or not isinstance(e, Static) or np.asarray(e.value).size != 1:
+            raise Unsupported("Pow is supported for an activation raised to a constant scalar")
+        k = float(np.asarray(e.value).ravel()[0])
+        loc, shape = node.name, self.shape(node.outputs[0])
+        if k == 2.0:
+            return self._view_of(self._op("mul", [p.base, p.base], loc), shape)
+        ops = {1.0: [], 0.5: ["sqrt"], -1.0: ["reciprocal"], -0.5: ["rsqrt"]}.get(k)
+        if ops is None:
+            raise Unsupported(f"Pow with exponent {k} is not supported (2, 1, 0.5, -0.5, -1 are)")
+        out = p.base
+        for name in ops:
+            out = self._op(name, [out], loc)
+        return self._view_of(out, shape)
+
+    def _reduce(self, node: Node, args: list) -> Term:
+        p = self._plain(args[0])
+        axes = self._axes(node, args)
+        rank = len(self.shape(node.inputs[0]))
+        if p is None or axes is None or [a % rank for a in axes] != [rank - 1]:
+            raise Unsupported(f"{node.op_type} is supported over the last (feature) axis of an activation")
+        out = self._op(_REDUCE[node.op_type], [p.base], node.name)
+        return self._view_of(out, self.shape(node.outputs[0]))
+
+    _on_ReduceMean = _on_ReduceSum = _on_ReduceMax = _reduce
+
+    def _on_Softmax(self, node: Node, args: list) -> Term:
+        rank = len(self.shape(node.inputs[0]))
+        if node.attrs.get("axis", -1) % rank != rank - 1:
+            raise Unsupported("Softmax is supported over the last axis")
+        p = self._plain(args[0])
+        if p is None:
+            return Expr(node, args)
+        return self._view_of(self._op("softmax", [p.base], node.name), self.shape(node.outputs[0]))
+
+    def _deferred(self, node: Node, args: list) -> Term:
+        return Expr(node, args)
+
+    _on_Where = _on_IsNaN = _on_Concat = _deferred
+
+    # ---- idiom: rotary embedding ---------------------------------------------------------
+
+    def _match_rope(self, add: Expr) -> View | None:
+        why = self.near_miss
+        for m1, m2 in (add.args, add.args[::-1]):
+            xc = _split_mul(m1, View)
+            rs = _split_mul(m2, Expr)
+            if xc is None or rs is None:
+                why[add.node.name] = "Add is not x*cos + rotate_half(x)*sin"
+                continue
+            (x, cos), (rot, sin) = xc, rs
+            hd = x.shape[-1]
+            if rot.node.op_type != "Concat" or len(rot.args) != 2 or rot.node.attrs.get("axis") not in (-1, len(x.shape) - 1):
+                why[add.node.name] = "rotate_half is not Concat(-x2, x1) on the last axis"
+                continue
+            neg, x1 = rot.args
+            if not (isinstance(neg, Expr) and neg.node.op_type == "Neg" and isinstance(neg.args[0], View)):
+                why[add.node.name] = "rotate_half's first half is not Neg(slice)"
+                continue
+            last = len(x.shape) - 1
+            if hd % 2 or neg.args[0] != V.slice_axis(x, last, hd // 2, hd // 2) or x1 != V.slice_axis(x, last, 0, hd // 2):
+                why[add.node.name] = "rotate_half does not swap the two halves of the head dimension"
+                continue
+            try:
+                tables = [self._rope_table(t, x, add.node) for t in (cos, sin)]
+                base = self._heads_base(x, hd)
+            except Unsupported as e:
+                why[add.node.name] = str(e)
+                continue
+            out = self._op("rope", [base, *tables], add.node.name, {"head_dim": hd})
+            return View(out, x.axes)
+        return None
+
+    def _heads_base(self, x: View, hd: int) -> Value:
+        core = sorted(x.core(), key=lambda a: (a.rs, a.cs))
+        cols = int(x.base.type.shape[1]) if x.base.type.rank == 2 else 1
+        want = sorted([a for a in (Axis(hd, 0, 1), Axis(cols // hd, 0, hd), Axis(self.n, 1, 0)) if a.size != 1],
+                      key=lambda a: (a.rs, a.cs))
+        if x.r0 or x.c0 or cols % hd or core != want:
+            raise Unsupported("RoPE input is not a whole [tokens, heads*head_dim] activation split into heads")
+        return x.base
+
+    def _rope_table(self, s: Static, x: View, node: Node) -> Value:
+        arr = np.asarray(s.value, np.float32)
+        try:
+            full = np.broadcast_to(arr.reshape((1,) * (len(x.shape) - arr.ndim) + arr.shape), x.shape)
+        except ValueError:
+            raise Unsupported(f"RoPE table {s.name!r} {arr.shape} does not broadcast to {x.shape}") from None
+        seq_ax = next(i for i, a in enumerate(x.axes) if a.rs == 1)
+        idx = [0] * len(x.shape)
+        idx[seq_ax] = slice(None)
+        idx[-1] = slice(None)
+        table = full[tuple(idx)]
+        if seq_ax > len(x.shape) - 1:
+            table = table.T
+        ref = np.broadcast_to(table.reshape([x.shape[i] if i in (seq_ax, len(x.shape) - 1) else 1
+                                             for i in range(len(x.shape))]), x.shape)
+        if not np.array_equal(ref, full):
+            raise Unsupported(f"RoPE table {s.name!r} differs between heads or batch entries")
+        self.prefix_checked(s, table, {})
+        return self.const(s, np.ascontiguousarray(table), True)
+
+    # ---- idiom: attention ----------------------------------------------------------------
+
+    def _match_attention(self, mm: Expr) -> View | None:
+        why = self.near_miss
+        p, v = mm.args
+        p = _strip_nan_guard(p)
+        if not (isinstance(p, Expr) and p.node.op_type == "Softmax"):
+            return None
+        node = mm.node
+        try:
+            z = p.args[0]
+            z, mask = self._strip_mask(z)
+            scale = 1.0
+            y, s = _strip_scalars(z)
+            scale *= s
+            if not (isinstance(y, Expr) and y.node.op_type == "MatMul"):
+                raise Unsupported("softmax input is not a (scaled) MatMul of queries and keys")
+            a, sa = _strip_scalars(y.args[0])
+            b, sb = _strip_scalars(y.args[1])
+            scale *= sa * sb
+            if not (isinstance(a, View) and isinstance(b, View) and isinstance(v, View)):
+                raise Unsupported("attention operands are not head-split views of q, k and v")
+            heads, hd, q = self._attn_operand(a, "q", seq_last=False)
+            kvh, hdk, k = self._attn_operand(b, "k", seq_last=True)
+            kvh_v, hdv, vv = self._attn_operand(v, "v", seq_last=False)
+            if hdk != hd or hdv != hd or kvh != kvh_v:
+                raise Unsupported("q, k and v disagree on head_dim or kv heads")
+            if mask is None:
+                raise Unsupported("attention has no causal mask (bidirectional attention is not supported)")
+            self._check_causal(mask)
+        except Unsupported as e:
+            why[node.name] = f"attention idiom: {e}"
+            for part in (p, *(p.args if isinstance(p, Expr) else [])):
+                if isinstance(part, Expr):
+                    why.setdefault(part.node.name, f"part of attention at {node.name}: {e}")
+            return None
+        attrs = {"heads": heads, "kv_heads": heads // (heads // kvh) if kvh else heads, "head_dim": hd,
+                 "scale": float(np.float32(scale)), "causal": True}
+        attrs["kv_heads"] = kvh
+        out = self._op("attention", [q, k, vv], node.name, attrs)
+        return View(out, tuple([Axis(1)] * (len(a.shape) - 3) + [Axis(heads, 0, hd), Axis(self.n, 1, 0), Axis(hd, 0, 1)]))
+
+    def _attn_operand(self, x: View, what: str, seq_last: bool) -> tuple[int, int, Value]:
+        """(heads, head_dim, base) of a [.., heads, seq, hd] (or [.., heads, hd, seq]) view."""
+        if len(x.axes) < 3 or any(a.size != 1 for a in x.axes[:-3]) or x.r0 or x.c0:
+            raise Unsupported(f"{what} is not a [batch, heads, seq, head_dim] view")
+        h_ax, s_ax, d_ax = (x.axes[-3], x.axes[-1], x.axes[-2]) if seq_last else x.axes[-3:]
+        hd = d_ax.size
+        if (s_ax.rs, s_ax.cs, s_ax.rep) != (1, 0, 1) or (d_ax.rs, d_ax.cs, d_ax.rep) != (0, 1, 1):
+            raise Unsupported(f"{what} view does not have contiguous positions and head_dim")
+        group = h_ax.rep if h_ax.size > 1 else 1
+        if h_ax.size > 1 and (h_ax.rs, h_ax.cs) != (0, hd):
+            raise Unsupported(f"{what} heads are not consecutive head_dim-wide column blocks")
+        heads = h_ax.size // group
+        cols = int(x.base.type.shape[1]) if x.base.type.rank == 2 else 0
+        if cols != heads * hd or h_ax.size % group:
+            raise Unsupported(f"{what} covers {heads} heads of {hd} but its activation has {cols} columns")
+        return heads, hd, x.base
+
+    def _strip_mask(self, z: Term) -> tuple[Term, Static | None]:
+        if isinstance(z, Expr) and z.node.op_type == "Add":
+            a, b = z.args
+            if isinstance(b, Static):
+                return a, b
+            if isinstance(a, Static):
+                return b, a
+        if isinstance(z, Expr) and z.node.op_type == "Where":
+            cond, x, y = z.args
+            if isinstance(cond, Static) and isinstance(y, Static) and not isinstance(x, Static):
+                keep = np.asarray(cond.value).astype(bool)
+                fill = np.where(keep, 0.0, np.asarray(y.value, np.float64))
+                fill2 = None if cond.value2 is None else np.where(np.asarray(cond.value2).astype(bool), 0.0,
+                                                                   np.asarray(y.value2 if y.value2 is not None else y.value, np.float64))
+                return x, Static(cond.name, fill, fill2, False)
+        return z, None
+
+    def _check_causal(self, mask: Static) -> None:
+        for arr in (mask.value, mask.value2):
+            if arr is None:
+                continue
+            m = np.asarray(arr, np.float64)
+            m = m.reshape(m.shape[-2:]) if prod(m.shape[:-2]) == 1 else None
+            if m is None or m.shape[0] != m.shape[1]:
+                raise Unsupported(f"mask {mask.name!r} is not one [seq, seq] matrix shared by all heads")
+            upper = np.triu(np.ones(m.shape, bool), 1)
+            if np.any(m[~upper] != 0) or np.any(m[upper] > -1e4):
+                raise Unsupported(f"mask {mask.name!r} is not causal (0 on and below the diagonal, "
+                                  "very negative above)")
+
+
+def _split_mul(t: Term, kind: type) -> tuple | None:
+    """(x, static) if `t` is Mul(x, static) with x of `kind`."""
+    if not (isinstance(t, Expr) and t.node.op_type == "Mul"):
+        return None
+    a, b = t.args
+    if isinstance(a, kind) and isinstance(b, Static):
+        return a, b
+    if isinstance(b, kind) and isinstance(a, Static):
+        return b, a
+    return None
+
+
+def _scalar(t: Term) -> float | None:
+    if isinstance(t, Static) and np.asarray(t.value).size == 1:
+        return float(np.asarray(t.value).ravel()[0])
+    return None
+
+
+def _strip_scalars(t: Term) -> tuple[Term, float]:
+    """Peel Mul/Div by constant scalars: returns (inner term, accumulated factor)."""
+    factor = 1.0
+    while isinstance(t, Expr) and t.node.op_type in ("Mul", "Div"):
+        a, b = t.args
+        if _scalar(b) is not None:
+            factor = factor * _scalar(b) if t.node.op_type == "Mul" else factor / _scalar(b)
+            t = a
+        elif t.node.op_type == "Mul" and _scalar(a) is not None:
+            factor *= _scalar(a)
+            t = b
+        else:
+            break
+    return t, factor
+
+
+def _strip_nan_guard(t: Term) -> Term:
+    """`Where(IsNaN(p), 0, p)` -> p (exporters guard fully masked rows; causal rows never are)."""
+    if isinstance(t, Expr) and t.node.op_type == "Where":
+        cond, zero, p = t.args
+        if isinstance(cond, Expr) and cond.node.op_type == "IsNaN" and cond.args[0] is p and _scalar(zero) == 0.0:
+            return p
+    return t
+
+
+def _dtype_name(et: int) -> str:
+    return {TensorProto.FLOAT: "float", TensorProto.INT64: "int64", TensorProto.INT32: "int32"}.get(
+        et, TensorProto.DataType.Name(et).lower())

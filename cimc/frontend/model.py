@@ -1,0 +1,140 @@
+"""Open an ONNX model without loading its weights, and read weights lazily.
+
+Protobuf stays inside the frontend: this module turns the file into a `OnnxModel` (nodes in
+topological order, producer/consumer maps, initializer metadata) and a `WeightStore` that maps
+external data from disk instead of reading it, so a 5 GB model costs almost no memory until the
+backend streams its weights into the binary.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import TensorProto, helper, numpy_helper
+
+from isa.diag import CimcError
+
+_FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+
+
+@dataclass
+class Node:
+    """An ONNX node with its attributes decoded to Python values."""
+
+    name: str
+    op_type: str
+    domain: str
+    inputs: list[str]
+    outputs: list[str]
+    attrs: dict
+
+
+@dataclass
+class OnnxModel:
+    """The parts of an ONNX model the frontend needs; weights stay on disk."""
+
+    path: Path
+    proto: onnx.ModelProto
+    nodes: list[Node]
+    inputs: dict[str, onnx.ValueInfoProto]
+    outputs: list[str]
+    initializers: dict[str, TensorProto]
+    opsets: dict[str, int]
+    producer: dict[str, Node] = field(default_factory=dict)
+    consumers: dict[str, list[Node]] = field(default_factory=dict)
+
+    def is_weight(self, name: str) -> bool:
+        """A float initializer with two or more non-trivial dims: a matrix to stream, not fold."""
+        t = self.initializers.get(name)
+        return t is not None and t.data_type in _FLOAT_TYPES and sum(d > 1 for d in t.dims) >= 2
+
+
+class WeightStore:
+    """Reads initializer data by name: memory-maps external data, never copies it twice."""
+
+    def __init__(self, model: OnnxModel) -> None:
+        self.model = model
+        self._cache: dict[str, np.ndarray] = {}
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self._cache:
+            self._cache[name] = self._load(name)
+        return self._cache[name]
+
+    def _load(self, name: str) -> np.ndarray:
+        t = self.model.initializers.get(name)
+        if t is None:
+            raise CimcError(f"{self.model.path}: no initializer named {name!r}")
+        if t.data_location != TensorProto.EXTERNAL:
+            return numpy_helper.to_array(t)
+        info = {e.key: e.value for e in t.external_data}
+        base = self.model.path.parent.resolve()
+        target = (base / info.get("location", "")).resolve()
+        if base not in target.parents and target != base:
+            raise CimcError(f"{self.model.path}: initializer {name!r} points outside the model's folder "
+                            f"({info.get('location')!r}); refusing to read it")
+        dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+        count = int(np.prod(t.dims, dtype=np.int64))
+        offset, length = int(info.get("offset", 0)), info.get("length")
+        need = count * np.dtype(dtype).itemsize
+        if length is not None and int(length) != need:
+            raise CimcError(f"{self.model.path}: initializer {name!r} has length {length}, expected {need}")
+        try:
+            size = target.stat().st_size
+        except OSError:
+            raise CimcError(f"{self.model.path}: external data file {info.get('location')!r} for "
+                            f"{name!r} is missing") from None
+        if offset + need > size:
+            raise CimcError(f"{self.model.path}: external data file {target.name} is truncated "
+                            f"(initializer {name!r} needs bytes up to {offset + need}, file has {size})")
+        if need == 0:
+            return np.zeros(tuple(t.dims), dtype=dtype)
+        return np.memmap(target, dtype=dtype, mode="r", offset=offset, shape=tuple(t.dims))
+
+
+def open_model(path: str | os.PathLike) -> tuple[OnnxModel, WeightStore]:
+    """Parse an ONNX file (not its external data) and index it; clear errors for bad files."""
+    p = Path(path)
+    if not p.is_file():
+        raise CimcError(f"{p}: no such file")
+    try:
+        proto = onnx.load(str(p), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError) as e:
+        raise CimcError(f"{p}: not an ONNX model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'parse failed'})") from None
+    g = proto.graph
+    if not g.node:
+        raise CimcError(f"{p}: not an ONNX model (no graph nodes); is this the right file?")
+    inits = {t.name: t for t in g.initializer}
+    inputs = {i.name: i for i in g.input if i.name not in inits}
+    nodes = []
+    for i, n in enumerate(g.node):
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        nodes.append(Node(n.name or f"{n.op_type}_{i}", n.op_type, n.domain or "", list(n.input),
+                          list(n.output), attrs))
+    model = OnnxModel(p, proto, nodes, inputs, [o.name for o in g.output], inits,
+                      {o.domain or "": o.version for o in proto.opset_import})
+    _index(model)
+    return model, WeightStore(model)
+
+
+def _index(model: OnnxModel) -> None:
+    known = set(model.initializers) | set(model.inputs) | {""}
+    for n in model.nodes:
+        for name in n.inputs:
+            if name not in known:
+                raise CimcError(f"{model.path}: node {n.name!r} ({n.op_type}) uses {name!r} before it is "
+                                "produced (graph not in topological order or input missing)")
+            if name:
+                model.consumers.setdefault(name, []).append(n)
+        for name in n.outputs:
+            if name:
+                model.producer[name] = n
+                known.add(name)
+    for name in model.outputs:
+        if name not in known:
+            raise CimcError(f"{model.path}: graph output {name!r} is not produced by any node")

@@ -1,0 +1,199 @@
+"""Op definitions: operands, attributes and type rules, declared once per op.
+
+The verifier, printer and parser read these declarations, so a new op needs no printing or
+parsing code. `infer` computes result types from operand types and attributes; the frontend
+uses it to build ops and the verifier to check them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from cimc.ir.core import SEQ, Dim, TensorType
+
+
+class TypeRuleError(ValueError):
+    """Operands or attributes an op's type rule rejects."""
+
+
+ATTR_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,), "float": (float, int), "str": (str,), "bool": (bool,), "list": (list,), "dict": (dict,),
+}
+
+
+@dataclass(frozen=True)
+class OpDef:
+    """Declaration of one op.
+
+    `operands` names the operands; a trailing `?` marks an optional last operand. `attrs` maps
+    required attribute names to a type name of `ATTR_TYPES`; `optional` the same for optional
+    ones (passes add annotations such as `layer`, `tiling`, `stages`, `mem` that any op may
+    carry, listed in `ANNOTATIONS`).
+    """
+
+    name: str
+    operands: tuple[str, ...]
+    infer: Callable[[Sequence[TensorType], dict], list[TensorType]]
+    doc: str
+    attrs: dict[str, str] = field(default_factory=dict)
+    optional: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def min_operands(self) -> int:
+        return sum(1 for o in self.operands if not o.endswith("?"))
+
+
+#: Annotations passes may attach to any op, with their types.
+ANNOTATIONS: dict[str, str] = {
+    "layer": "str", "tiling": "dict", "dram": "dict", "stages": "list", "mem": "dict", "scratch": "dict",
+    "sfu": "int",
+}
+
+OPS: dict[str, OpDef] = {}
+
+
+def _def(name: str, operands: tuple[str, ...], infer: Callable[[Sequence[TensorType], dict], list[TensorType]],
+         doc: str, attrs: dict[str, str] | None = None, optional: dict[str, str] | None = None) -> None:
+    OPS[name] = OpDef(name, operands, infer, doc, attrs or {}, optional or {})
+
+
+# ---- type rules ------------------------------------------------------------------------------
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise TypeRuleError(msg)
+
+
+def _matrix(t: TensorType, what: str) -> tuple[Dim, Dim]:
+    _need(t.rank == 2, f"{what} must be a matrix [rows, cols], got {t}")
+    return t.shape[0], t.shape[1]
+
+
+def _float(t: TensorType, what: str) -> None:
+    _need(t.dtype == "f32", f"{what} must be f32, got {t}")
+
+
+def _from_attr(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
+    raise TypeRuleError("result type is given, not inferred")
+
+
+def _none(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
+    return []
+
+
+def _same(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
+    _matrix(ts[0], "operand")
+    _float(ts[0], "operand")
+    return [ts[0]]
+
+
+def _broadcast(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
+    a, b = ts
+    _float(a, "left operand")
+    _float(b, "right operand")
+    _need(a.rank <= 2 and b.rank <= 2, f"operands must have rank <= 2, got {a} and {b}")
+    sa, sb = (1,) * (2 - a.rank) + a.shape, (1,) * (2 - b.rank) + b.shape
+    out = []
+    for x, y in zip(sa, sb, strict=True):
+        _need(x == y or x == 1 or y == 1, f"shapes {a} and {b} do not broadcast")
+        out.append(y if x == 1 else x)
+    _need(a.rank == 2 or b.rank == 2, "at least one operand must be a matrix")
+    return [TensorType("f32", tuple(out))]
+
+
+def _reduce(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
+    rows, _ = _matrix(ts[0], "operand")
+    _float(ts[0], "operand")
+    return [TensorType("f32", (rows, 1))]
+
+
+def _embedding(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
+    ids, table = ts
+    _need(ids.rank == 1 and ids.dtype == "i32", f"ids must be i32[n], got {ids}")
+    _, h = _matrix(table, "table")
+    _float(table, "table")
+    return [TensorType("f32", (ids.shape[0], h))]
+
+
+def _linear(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
+    rows, k = _matrix(ts[0], "input")
+    wk, n = _matrix(ts[1], "weight")
+    _float(ts[0], "input")
+    _need(k == wk, f"input has {k} columns but the weight has {wk} rows")
+    if len(ts) == 3:
+        _need(ts[2].shape == (n,), f"bias must be f32[{n}], got {ts[2]}")
+    return [TensorType("f32", (rows, n))]
+
+
+def _rms_norm(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
+    _, cols = _matrix(ts[0], "input")
+    _need(ts[1].shape == (cols,), f"weight must be f32[{cols}], got {ts[1]}")
+    return [ts[0]]
+
+
+def _rope(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
+    x, cos, sin = ts
+    rows, cols = _matrix(x, "input")
+    hd = attrs["head_dim"]
+    _need(hd > 0 and hd % 2 == 0 and isinstance(cols, int) and cols % hd == 0,
+          f"head_dim {hd} must be even and divide the {cols} columns")
+    for t, what in ((cos, "cos"), (sin, "sin")):
+        trows, tcols = _matrix(t, what)
+        _need(tcols == hd, f"{what} table must have {hd} columns, got {t}")
+        _need(trows == rows or trows == SEQ or rows == SEQ or (isinstance(trows, int) and trows >= rows),
+              f"{what} table has too few rows for {x}")
+    return [x]
+
+
+def _attention(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
+    q, k, v = ts
+    h, kvh, hd = attrs["heads"], attrs["kv_heads"], attrs["head_dim"]
+    _need(h > 0 and kvh > 0 and h % kvh == 0, f"heads {h} must be a multiple of kv_heads {kvh}")
+    rows, qc = _matrix(q, "q")
+    krows, kc = _matrix(k, "k")
+    _, vc = _matrix(v, "v")
+    _need(qc == h * hd, f"q must have heads*head_dim = {h * hd} columns, got {q}")
+    _need(kc == kvh * hd and vc == kvh * hd, f"k and v must have kv_heads*head_dim = {kvh * hd} columns")
+    _need(krows == rows and v.shape[0] == rows, "q, k and v must have the same rows")
+    return [TensorType("f32", (rows, h * hd))]
+
+
+def _swiglu(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
+    _need(ts[0].shape == ts[1].shape, f"gate {ts[0]} and up {ts[1]} must have the same shape")
+    return _same(ts[:1], attrs)
+
+
+# ---- definitions -----------------------------------------------------------------------------
+
+_IO = {"name": "str", "onnx_dtype": "str", "onnx_shape": "list"}
+_def("input", (), _from_attr, "a graph input placed in DRAM; ids become i32", _IO)
+_def("output", ("value",), _none, "a graph output, written to DRAM under its ONNX name", _IO)
+_def("weight", (), _from_attr, "an ONNX initializer (optionally transposed), read lazily from the model",
+     {"init": "str"}, {"transpose": "bool"})
+_def("const", (), _from_attr,
+     "a constant folded at compile time; `data` is base64 of little-endian row-major values, "
+     "rows of `seq` dims stored up to max_seq", {"data": "str"})
+_def("embedding", ("ids", "table"), _embedding, "table rows gathered by token id")
+_def("linear", ("x", "w", "bias?"), _linear, "x @ w (+ bias): the op that runs on the CIM macros")
+_def("rms_norm", ("x", "w"), _rms_norm, "x / sqrt(mean(x^2, cols) + eps) * w", {"eps": "float"})
+_def("rope", ("x", "cos", "sin"), _rope,
+     "rotary embedding, rotate-half form, applied to each head_dim slice of each row", {"head_dim": "int"})
+_def("attention", ("q", "k", "v"), _attention,
+     "softmax(scale * q_h k_g^T + causal mask) v_g per head h, with g = h // (heads/kv_heads)",
+     {"heads": "int", "kv_heads": "int", "head_dim": "int", "scale": "float", "causal": "bool"})
+_def("swiglu", ("gate", "up"), _swiglu, "silu(gate) * up")
+for _name, _doc in (("add", "a + b"), ("sub", "a - b"), ("mul", "a * b"), ("div", "a / b"), ("max", "max(a, b)")):
+    _def(_name, ("a", "b"), _broadcast, f"elementwise {_doc} with numpy broadcasting")
+for _name, _doc in (("neg", "-x"), ("exp", "exp(x)"), ("sqrt", "sqrt(x)"), ("rsqrt", "1/sqrt(x)"),
+                    ("reciprocal", "1/x"), ("sigmoid", "1/(1+exp(-x))"), ("silu", "x*sigmoid(x)"),
+                    ("tanh", "tanh(x)"), ("gelu", "0.5*x*(1+erf(x/sqrt(2)))"), ("softmax", "softmax over cols")):
+    _def(_name, ("x",), _same, f"elementwise {_doc}" if _name != "softmax" else "softmax over each row")
+_def("affine", ("x",), _same, "x * alpha + beta", {"alpha": "float", "beta": "float"})
+for _name, _doc in (("reduce_sum", "sum"), ("reduce_max", "maximum"), ("reduce_mean", "mean")):
+    _def(_name, ("x",), _reduce, f"row {_doc}, keeping a column: [rows, 1]")
+
+#: Elementwise ops by arity, for passes and codegen.
+UNARY = ("neg", "exp", "sqrt", "rsqrt", "reciprocal", "sigmoid", "silu", "tanh", "gelu")
+BINARY = ("add", "sub", "mul", "div", "max")

@@ -1,0 +1,64 @@
+"""Check a module's invariants: SSA order, op declarations, attribute types, type rules.
+
+A failure raises `VerifyError` naming the op (printed, with its ONNX location) and what is wrong,
+underlined; the pass manager adds which pass broke it.
+"""
+
+from __future__ import annotations
+
+from cimc.ir.core import Module, Op
+from cimc.ir.ops import ANNOTATIONS, ATTR_TYPES, OPS, TypeRuleError
+from cimc.ir.printer import print_op, value_names
+from isa.diag import CimcError
+
+
+class VerifyError(CimcError):
+    """The IR breaks an invariant; `op_text` is the offending op's printed line."""
+
+
+def _fail(op: Op, names: dict[int, str], message: str) -> None:
+    text = print_op(op, dict(names))
+    raise VerifyError(f"invalid IR at {op.name} (ONNX node {op.loc!r}): {message}",
+                      detail=f"  {text}\n  {'^' * len(text)}")
+
+
+def verify_module(module: Module) -> None:
+    """Raise VerifyError on the first broken invariant."""
+    names = value_names(module)
+    defined: set[int] = set()
+    if not isinstance(module.attrs.get("max_seq"), int) or module.attrs["max_seq"] < 1:
+        raise VerifyError(f"module {module.name!r}: attribute max_seq must be a positive integer")
+    for op in module.ops:
+        d = OPS.get(op.name)
+        if d is None:
+            _fail(op, names, f"unknown op {op.name!r}")
+        for i, v in enumerate(op.operands):
+            if id(v) not in defined:
+                _fail(op, names, f"operand {i} is used before it is defined")
+            if (op, i) not in v.uses:
+                _fail(op, names, f"operand {i} is missing from its value's use list")
+        n = len(op.operands)
+        if not d.min_operands <= n <= len(d.operands):
+            _fail(op, names, f"takes {d.min_operands}..{len(d.operands)} operands, got {n}")
+        for key, tname in d.attrs.items():
+            if key not in op.attrs:
+                _fail(op, names, f"missing attribute {key!r}")
+        for key, value in op.attrs.items():
+            tname = d.attrs.get(key) or d.optional.get(key) or ANNOTATIONS.get(key)
+            if tname is None:
+                _fail(op, names, f"unknown attribute {key!r}")
+            if not isinstance(value, ATTR_TYPES[tname]) or (tname != "bool" and isinstance(value, bool)):
+                _fail(op, names, f"attribute {key!r} must be {tname}, got {value!r}")
+        if d.infer.__name__ != "_from_attr":
+            try:
+                expected = d.infer([v.type for v in op.operands], op.attrs)
+            except TypeRuleError as e:
+                _fail(op, names, str(e))
+            got = [r.type for r in op.results]
+            if got != expected:
+                _fail(op, names, f"result type {', '.join(map(str, got)) or 'none'} should be "
+                                 f"{', '.join(map(str, expected)) or 'none'}")
+        elif len(op.results) != 1:
+            _fail(op, names, "must have exactly one result")
+        for r in op.results:
+            defined.add(id(r))

@@ -1,0 +1,473 @@
+"""Code generation: a scheduled module becomes a `Program` (instructions + DRAM image).
+
+Order of emission follows the IR, with weight loads interleaved by stage: the loads of the first
+`sets` stages are issued at the start, and right after stage s computes, a `sync` joins its MVMs
+into the stage's barrier and the loads of stage s + sets (same macro set) are issued waiting on
+it. Units run their own instructions in order; across units, every op signals one data barrier
+(all its instructions), consumers wait on their producers' barriers, and an op writing memory
+that earlier values used waits on the barriers of those values' readers (write-after-read).
+
+The DRAM image is: the weight stream (place-weights' layout), then constants (embedding tables,
+norm weights, biases, RoPE tables), then the read-write region for inputs, outputs and spills.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cimc.ir.core import SEQ, Module, Op, Value
+from isa.encoding import Instr, encode
+from isa.fields import Dim, Mem
+from isa.hw import HardwareConfig
+from isa.program import ArraySegment, DebugInfo, DramImage, Program, Symbol
+from passes.balance_stages import act_bits
+from passes.schedule import attention_slots, scratch_layout
+from passes.tiling import Tiling, align
+
+G, D = 0, 1  # memory spaces
+SEQ_DIM = Dim(1, 0)
+DATA_BARRIERS = range(1, 48)
+STAGE_BARRIERS = range(48, 64)
+F32 = 4
+
+WeightSource = Callable[[str], np.ndarray]
+
+
+@dataclass(frozen=True)
+class GroupSegment:
+    """A linear's weight groups in stream order, produced one group at a time."""
+
+    offset: int
+    size: int
+    tiling: Tiling
+    matrix: Callable[[], np.ndarray]  # the [K, N] weight (may be a transposed memory map)
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        w = self.matrix()
+        pos = 0
+        for _, k0, k1, n0, n1, off in self.tiling.layout(self.offset):
+            if off > self.offset + pos:
+                yield np.zeros(off - self.offset - pos, np.uint8)
+                pos = off - self.offset
+            block = np.ascontiguousarray(w[k0:k1, n0:n1], dtype="<f4")
+            yield block
+            pos += block.nbytes
+        if pos < self.size:
+            yield np.zeros(self.size - pos, np.uint8)
+
+
+@dataclass(frozen=True)
+class RowsSegment:
+    """A constant matrix written in row blocks (an embedding table can be a GB)."""
+
+    offset: int
+    size: int
+    produce: Callable[[], np.ndarray]
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        a = self.produce()
+        step = max(1, (64 << 20) // max(1, a[0:1].nbytes))
+        for r in range(0, a.shape[0], step):
+            yield np.ascontiguousarray(a[r:r + step], dtype="<f4")
+
+
+@dataclass
+class _Codegen:
+    module: Module
+    hw: HardwareConfig
+    weight: WeightSource
+    instrs: list[Instr] = field(default_factory=list)
+    dbg: list[int] = field(default_factory=list)
+    op_index: int = 0
+    const_addr: dict[int, int] = field(default_factory=dict)
+    barrier: dict[int, int] = field(default_factory=dict)  # id(op) -> its data barrier
+    readers: dict[int, int] = field(default_factory=dict)  # id(value) -> mask of reader barriers
+    retired: list[tuple[int, int, int, int]] = field(default_factory=list)  # (space, lo, hi, mask)
+    layouts: dict[int, list[tuple[int, int, int, int, int, int]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.max_seq = self.module.max_seq
+        self.rw_base = 0
+        self.tiles = self.hw.chip.tiles
+
+    # ---- emission helpers ----------------------------------------------------------------
+
+    def emit(self, op: str, sig: int = 0, wait: int = 0, **fields: object) -> None:
+        self.instrs.append(Instr(op, fields, sig, wait))
+        self.dbg.append(self.op_index)
+
+    def dim(self, d: object) -> Dim:
+        return SEQ_DIM if d == SEQ else Dim(0, int(d))  # type: ignore[call-overload]
+
+    def rows(self, v: Value) -> Dim:
+        return self.dim(v.type.shape[0]) if v.type.rank >= 1 else Dim(0, 1)
+
+    def bound_rows(self, v: Value) -> int:
+        return self.max_seq if v.type.shape[0] == SEQ else int(v.type.shape[0])
+
+    @staticmethod
+    def cols(v: Value) -> int:
+        return int(v.type.shape[1]) if v.type.rank == 2 else (int(v.type.shape[0]) if v.type.rank == 1 else 1)
+
+    def mem(self, v: Value, col: int = 0, stride: int | None = None) -> Mem:
+        """The memory operand of value `v`, starting at column `col`."""
+        op = v.owner
+        assert op is not None
+        if op.name in ("weight", "const"):
+            base, space, st = self.const_addr[id(v)], D, self.cols(v)
+        else:
+            m = op.attrs["mem"]
+            space = G if m["space"] == "g" else D
+            base = m["addr"] + (self.rw_base if space == D else 0)
+            st = m["stride"]
+        return Mem(space, base + col * F32, st if stride is None else stride)
+
+    def scratch(self, op: Op, name: str, col: int = 0) -> Mem:
+        s = op.attrs["scratch"]
+        space = G if s["space"] == "g" else D
+        base = s["addr"] + (self.rw_base if space == D else 0)
+        for n, off, _, cols in scratch_layout(op, self.max_seq, self.tiles):
+            if n == name:
+                return Mem(space, base + off + col * F32, cols)
+        raise KeyError(name)
+
+    def waits(self, op: Op) -> int:
+        """Barriers an op waits on: its producers (RAW) and the readers of memory it reuses (WAR)."""
+        mask = 0
+        for v in op.operands:
+            if v.owner is not None and id(v.owner) in self.barrier:
+                mask |= 1 << self.barrier[id(v.owner)]
+        for space, lo, hi in self._regions(op):
+            for s2, lo2, hi2, m in self.retired:
+                if s2 == space and lo < hi2 and lo2 < hi:
+                    mask |= m
+        return mask
+
+    def _regions(self, op: Op) -> list[tuple[int, int, int]]:
+        out = []
+        if "mem" in op.attrs and op.results:
+            m = op.attrs["mem"]
+            out.append((G if m["space"] == "g" else D, m["addr"], m["addr"] + self._bytes(op.results[0])))
+        if "scratch" in op.attrs:
+            lay = scratch_layout(op, self.max_seq, self.tiles)
+            s = op.attrs["scratch"]
+            end = s["addr"] + lay[-1][1] + lay[-1][2] * lay[-1][3] * F32
+            out.append((G if s["space"] == "g" else D, s["addr"], end))
+        return out
+
+    def _bytes(self, v: Value) -> int:
+        return F32 * self.bound_rows(v) * self.cols(v) if v.type.rank else F32
+
+    # ---- driver --------------------------------------------------------------------------
+
+    def run(self) -> Program:
+        image = DramImage()
+        self._layout_weights(image)
+        self._layout_consts(image)
+        self.rw_base = align(image.size, 4096)
+        self.stage_ops: dict[int, set[int]] = {}
+        self.stage_left = self._stage_sizes()
+        self.loaded = 0
+        sets = self.module.attrs.get("macro_sets", [[0]])
+        for s in range(min(len(sets), len(self.stage_left))):
+            self._emit_loads(s)
+        last_use: dict[int, tuple[int, Value]] = {}
+        for i, op in enumerate(self.module.ops):
+            for v in op.operands:
+                last_use[id(v)] = (i, v)
+        dying: dict[int, list[Value]] = {}
+        for i, v in last_use.values():
+            dying.setdefault(i, []).append(v)
+        for i, op in enumerate(self.module.ops):
+            self.op_index = i
+            if op.name not in ("input", "output", "weight", "const"):
+                self.barrier[id(op)] = DATA_BARRIERS[i % len(DATA_BARRIERS)]
+                getattr(self, f"_op_{op.name}")(op)
+                bit = 1 << self.barrier[id(op)]
+                for v in op.operands:
+                    self.readers[id(v)] = self.readers.get(id(v), 0) | bit
+                for space, lo, hi in self._regions(op)[1:]:
+                    self.retired.append((space, lo, hi, bit))
+            for v in dying.get(i, []):
+                self._retire(v)
+        self.op_index = len(self.module.ops) - 1
+        self.emit("halt")
+        return self._program(image)
+
+    def _retire(self, v: Value) -> None:
+        """Remember that v's memory is free, and which barriers its last accesses signal."""
+        owner = v.owner
+        if owner is None or "mem" not in owner.attrs or owner.name == "input":
+            return
+        mask = self.readers.get(id(v), 0) | (1 << self.barrier[id(owner)] if id(owner) in self.barrier else 0)
+        m = owner.attrs["mem"]
+        self.retired.append((G if m["space"] == "g" else D, m["addr"], m["addr"] + self._bytes(v), mask))
+
+    # ---- DRAM image ----------------------------------------------------------------------
+
+    def _layout_weights(self, image: DramImage) -> None:
+        for op in self.module.walk("linear"):
+            t = Tiling.from_attr(op.attrs["tiling"])
+            w = op.operands[1].owner
+            assert w is not None
+            base = op.attrs["dram"]["base"]
+            self.layouts[id(op)] = list(t.layout(base))
+            image.add(GroupSegment(base, op.attrs["dram"]["bytes"], t, self._matrix(w)))
+
+    def _matrix(self, w: Op) -> Callable[[], np.ndarray]:
+        init, tr = w.attrs["init"], w.attrs.get("transpose", False)
+        return lambda: self.weight(init).T if tr else self.weight(init)
+
+    def _layout_consts(self, image: DramImage) -> None:
+        addr = align(image.size, 4096)
+        for op in self.module.ops:
+            if op.name not in ("weight", "const"):
+                continue
+            users = op.result.users
+            if users and all(u.name == "linear" and u.operands[1] is op.result for u in users):
+                continue  # streamed through the macros, already in the weight region
+            v = op.result
+            shape = v.type.bound_shape(self.max_seq)
+            size = F32 * int(np.prod(shape))
+            self.const_addr[id(v)] = addr
+            if op.name == "const":
+                data = np.frombuffer(base64.b64decode(op.attrs["data"]), dtype="<f4")
+                if data.size * F32 != size:
+                    raise ValueError(f"const {op.loc}: {data.size} values for shape {shape}")
+                image.add(ArraySegment(addr, size, lambda d=data: d))
+            else:
+                image.add(RowsSegment(addr, size, self._matrix(op)))
+            addr = align(addr + size)
+
+    # ---- stages --------------------------------------------------------------------------
+
+    def _stage_sizes(self) -> list[int]:
+        count: dict[int, int] = {}
+        for op in self.module.walk("linear"):
+            for s, _, n in op.attrs["stages"]:
+                count[s] = count.get(s, 0) + n
+        return [count[s] for s in sorted(count)]
+
+    def _groups_of_stage(self, s: int) -> Iterator[tuple[Op, int, Tiling, int]]:
+        sets = self.module.attrs["macro_sets"]
+        per = len(sets[0])
+        for op in self.module.walk("linear"):
+            t = Tiling.from_attr(op.attrs["tiling"])
+            for st, g0, n in op.attrs["stages"]:
+                if st == s:
+                    for g in range(g0, g0 + n):
+                        yield op, g, t, sets[s % len(sets)][(op.attrs["dram"]["slot0"] + g) % per]
+
+    def _emit_loads(self, s: int) -> None:
+        sets = len(self.module.attrs["macro_sets"])
+        wait = 1 << STAGE_BARRIERS[(s - sets) % len(STAGE_BARRIERS)] if s >= sets else 0
+        saved = self.op_index
+        for op, g, t, tile in self._groups_of_stage(s):
+            self.op_index = self.module.ops.index(op)
+            _, k0, k1, n0, n1, off = self.layouts[id(op)][g]
+            self.emit("wload", wait=wait, tile=tile, m0=0, k=k1 - k0, n=n1 - n0, wbits=t.wbits,
+                      src=Mem(D, off, n1 - n0))
+        self.op_index = saved
+        self.loaded = s + 1
+
+    def _finish_group(self, s: int, op: Op) -> None:
+        self.stage_ops.setdefault(s, set()).add(self.barrier[id(op)])
+        self.stage_left[s] -= 1
+        if self.stage_left[s]:
+            return
+        sets = len(self.module.attrs["macro_sets"])
+        mask = 0
+        for b in self.stage_ops.pop(s):
+            mask |= 1 << b
+        self.emit("sync", sig=STAGE_BARRIERS[s % len(STAGE_BARRIERS)], wait=mask)
+        if s + sets < len(self.stage_left):
+            self._emit_loads(s + sets)
+
+    # ---- ops -----------------------------------------------------------------------------
+
+    def _op_embedding(self, op: Op) -> None:
+        ids, table = op.operands
+        out = op.result
+        self.emit("gather", sig=self.barrier[id(op)], wait=self.waits(op), dst=self.mem(out),
+                  table=self.mem(table), idx=self.mem(ids), n=self.rows(out), cols=self.cols(out),
+                  vocab=int(table.type.shape[0]))
+
+    def _op_linear(self, op: Op) -> None:
+        x, out = op.operands[0], op.result
+        t = Tiling.from_attr(op.attrs["tiling"])
+        sig, wait = self.barrier[id(op)], self.waits(op)
+        ab = act_bits(t.wbits, self.hw.macro.act_bits)
+        sets = self.module.attrs["macro_sets"]
+        per = len(sets[0])
+        rows = self.bound_rows(out)
+        for s, g0, n in op.attrs["stages"]:
+            for g in range(g0, g0 + n):
+                kc, k0, k1, n0, n1 = t.group(g)
+                tile = sets[s % len(sets)][(op.attrs["dram"]["slot0"] + g) % per]
+                if t.kchunks == 1:
+                    dst = self.mem(out, n0)
+                else:
+                    base = self.scratch(op, "psum")
+                    dst = Mem(base.space, base.addr + (kc * rows * t.n + n0) * F32, t.n)
+                self.emit("mvm", sig=sig, wait=wait, tile=tile, m0=0, k=k1 - k0, n=n1 - n0, wbits=t.wbits,
+                          abits=ab, acc=0, dst=dst, src=self.mem(x, k0), nvec=self.rows(out))
+                self._finish_group(s, op)
+        own = 1 << sig
+        if t.kchunks > 1:
+            self.emit("tred", sig=sig, wait=own | wait, dst=self.mem(out), src=self.scratch(op, "psum"),
+                      rows=self.rows(out), cols=t.n, count=t.kchunks, pstride=rows * t.n * F32)
+        if len(op.operands) == 3:
+            self.emit("vadd", sig=sig, wait=own | wait, tile=op.attrs.get("sfu", 0), dst=self.mem(out),
+                      a=self.mem(out), b=self.mem(op.operands[2], stride=0), rows=self.rows(out),
+                      cols=self.cols(out), abc=0, bbc=0)
+
+    def _vec(self, op: Op, mnemonic: str, **fields: object) -> None:
+        self.emit(mnemonic, sig=self.barrier[id(op)], wait=self.waits(op) | (1 << self.barrier[id(op)]),
+                  tile=op.attrs["sfu"], **fields)
+
+    def _operand(self, v: Value, rows: int | str, cols: int) -> tuple[Mem, int]:
+        """(memory operand, column-broadcast flag) for `v` broadcast to [rows, cols]."""
+        vrows = v.type.shape[0] if v.type.rank == 2 else 1
+        vcols = self.cols(v)
+        stride = 0 if vrows == 1 and rows != 1 else None
+        return self.mem(v, stride=stride), int(vcols == 1 and cols != 1)
+
+    def _binary(self, op: Op) -> None:
+        out = op.result
+        rows, cols = out.type.shape[0], self.cols(out)
+        (a, abc), (b, bbc) = (self._operand(v, rows, cols) for v in op.operands)
+        self._vec(op, "v" + op.name, dst=self.mem(out), a=a, b=b, rows=self.dim(rows), cols=cols, abc=abc, bbc=bbc)
+
+    _op_add = _op_sub = _op_mul = _op_div = _op_max = _binary
+
+    def _unary(self, op: Op, mnemonic: str | None = None) -> None:
+        x, out = op.operands[0], op.result
+        self._vec(op, mnemonic or "v" + op.name, dst=self.mem(out), src=self.mem(x), rows=self.rows(out),
+                  cols=self.cols(out))
+
+    _op_neg = _op_exp = _op_sqrt = _op_rsqrt = _op_sigmoid = _op_silu = _op_tanh = _op_gelu = _unary
+
+    def _op_reciprocal(self, op: Op) -> None:
+        self._unary(op, "vrecip")
+
+    def _op_affine(self, op: Op) -> None:
+        x, out = op.operands[0], op.result
+        self._vec(op, "vaffine", dst=self.mem(out), src=self.mem(x), rows=self.rows(out), cols=self.cols(out),
+                  alpha=op.attrs["alpha"], beta=op.attrs["beta"])
+
+    def _op_reduce_sum(self, op: Op, mnemonic: str = "vrsum") -> None:
+        x, out = op.operands[0], op.result
+        self._vec(op, mnemonic, dst=self.mem(out), src=self.mem(x), rows=self.rows(out), cols=self.cols(x))
+
+    def _op_reduce_max(self, op: Op) -> None:
+        self._op_reduce_sum(op, "vrmax")
+
+    def _op_reduce_mean(self, op: Op) -> None:
+        self._op_reduce_sum(op)
+        out = op.result
+        self._vec(op, "vaffine", dst=self.mem(out), src=self.mem(out), rows=self.rows(out), cols=1,
+                  alpha=1.0 / self.cols(op.operands[0]), beta=0.0)
+
+    def _softmax_rows(self, op: Op, s: Mem, m: Mem, l_: Mem, rows: Dim, cols: Dim | int) -> None:
+        """In-place row softmax of s using column scratch m and l."""
+        self._vec(op, "vrmax", dst=m, src=s, rows=rows, cols=cols)
+        self._vec(op, "vsub", dst=s, a=s, b=m, rows=rows, cols=cols, abc=0, bbc=1)
+        self._vec(op, "vexp", dst=s, src=s, rows=rows, cols=cols)
+        self._vec(op, "vrsum", dst=l_, src=s, rows=rows, cols=cols)
+        self._vec(op, "vrecip", dst=l_, src=l_, rows=rows, cols=1)
+        self._vec(op, "vmul", dst=s, a=s, b=l_, rows=rows, cols=cols, abc=0, bbc=1)
+
+    def _op_softmax(self, op: Op) -> None:
+        x, out = op.operands[0], op.result
+        rows, cols = self.rows(out), self.cols(out)
+        self._vec(op, "vcopy", dst=self.mem(out), src=self.mem(x), rows=rows, cols=cols)
+        self._softmax_rows(op, self.mem(out), self.scratch(op, "t"), self.scratch(op, "s"), rows, cols)
+
+    def _op_rms_norm(self, op: Op) -> None:
+        x, w = op.operands
+        out = op.result
+        rows, cols = self.rows(out), self.cols(out)
+        t, s = self.scratch(op, "t"), self.scratch(op, "s")
+        self._vec(op, "vmul", dst=t, a=self.mem(x), b=self.mem(x), rows=rows, cols=cols, abc=0, bbc=0)
+        self._vec(op, "vrsum", dst=s, src=t, rows=rows, cols=cols)
+        self._vec(op, "vaffine", dst=s, src=s, rows=rows, cols=1, alpha=1.0 / cols, beta=op.attrs["eps"])
+        self._vec(op, "vrsqrt", dst=s, src=s, rows=rows, cols=1)
+        self._vec(op, "vmul", dst=self.mem(out), a=self.mem(x), b=s, rows=rows, cols=cols, abc=0, bbc=1)
+        self._vec(op, "vmul", dst=self.mem(out), a=self.mem(out), b=self.mem(w, stride=0), rows=rows,
+                  cols=cols, abc=0, bbc=0)
+
+    def _op_rope(self, op: Op) -> None:
+        x, cos, sin = op.operands
+        out = op.result
+        self._vec(op, "vrope", dst=self.mem(out), src=self.mem(x), cos=self.mem(cos), sin=self.mem(sin),
+                  rows=self.rows(out), cols=self.cols(out), hd=op.attrs["head_dim"])
+
+    def _op_swiglu(self, op: Op) -> None:
+        g, u = op.operands
+        out = op.result
+        rows, cols = self.rows(out), self.cols(out)
+        self._vec(op, "vsilu", dst=self.mem(out), src=self.mem(g), rows=rows, cols=cols)
+        self._vec(op, "vmul", dst=self.mem(out), a=self.mem(out), b=self.mem(u), rows=rows, cols=cols, abc=0, bbc=0)
+
+    def _op_attention(self, op: Op) -> None:
+        q, k, v = op.operands
+        out = op.result
+        h, kvh, hd = op.attrs["heads"], op.attrs["kv_heads"], op.attrs["head_dim"]
+        group = h // kvh
+        rows = self.rows(out)
+        slots = attention_slots(op, self.tiles)
+        sig, wait = self.barrier[id(op)], self.waits(op) | (1 << self.barrier[id(op)])
+        for head in range(h):
+            slot, kv = head % slots, head // group
+            tile = (op.attrs["sfu"] + head) % self.tiles
+            s, m, l_ = (self.scratch(op, f"{p}{slot}") for p in "sml")
+
+            def vec(mn: str, **f: object) -> None:
+                self.emit(mn, sig=sig, wait=wait, tile=tile, **f)  # noqa: B023
+
+            vec("vmm", dst=s, a=self.mem(q, head * hd), b=self.mem(k, kv * hd), m=rows, k=hd, n=rows, tb=1,
+                alpha=op.attrs["scale"])
+            vec("vcausal", dst=s, rows=rows, cols=rows, diag=Dim(0, 0))
+            vec("vrmax", dst=m, src=s, rows=rows, cols=rows)
+            vec("vsub", dst=s, a=s, b=m, rows=rows, cols=rows, abc=0, bbc=1)
+            vec("vexp", dst=s, src=s, rows=rows, cols=rows)
+            vec("vrsum", dst=l_, src=s, rows=rows, cols=rows)
+            vec("vrecip", dst=l_, src=l_, rows=rows, cols=1)
+            vec("vmul", dst=s, a=s, b=l_, rows=rows, cols=rows, abc=0, bbc=1)
+            vec("vmm", dst=self.mem(out, head * hd), a=s, b=self.mem(v, kv * hd), m=rows, k=rows, n=hd, tb=0,
+                alpha=1.0)
+
+    # ---- program -------------------------------------------------------------------------
+
+    def _program(self, image: DramImage) -> Program:
+        symbols = []
+        for op in self.module.ops:
+            if op.name == "input":
+                v = op.result
+                symbols.append(Symbol(op.attrs["name"], "input", op.attrs["onnx_dtype"], v.type.dtype,
+                                      tuple(op.attrs["onnx_shape"]), self.mem(v).addr, self.mem(v).stride))
+            elif op.name == "output":
+                v = op.operands[0]
+                if v.owner is None or v.owner.name in ("input", "weight", "const"):
+                    raise ValueError(f"graph output {op.attrs['name']!r} is not computed by the model")
+                symbols.append(Symbol(op.attrs["name"], "output", op.attrs["onnx_dtype"], v.type.dtype,
+                                      tuple(op.attrs["onnx_shape"]), self.mem(v).addr, self.mem(v).stride))
+        ops = [{"op": op.name, "loc": op.loc, "layer": op.attrs.get("layer", "")} for op in self.module.ops]
+        mem = self.module.attrs.get("memory", {})
+        meta = {
+            "model": self.module.name, "source": self.module.attrs.get("source", ""),
+            "max_seq": self.max_seq, "weights": self.module.attrs.get("weights", "fp32"),
+            "rw_base": self.rw_base, "rw_bytes": mem.get("rw_bytes", 0), "gbuf_bytes": mem.get("gbuf_bytes", 0),
+            "stages": len(self.stage_left), "balance": self.module.attrs.get("balance", {}),
+        }
+        return Program(encode(self.instrs), image, symbols, DebugInfo(ops, np.array(self.dbg, dtype=np.uint32)),
+                       self.hw.to_dict(), self.hw.fingerprint(), meta)
+
+
+def emit_program(module: Module, weight: WeightSource, hw: HardwareConfig) -> Program:
+    """Generate the program for a module that went through the whole pass pipeline."""
+    return _Codegen(module, hw, weight).run()

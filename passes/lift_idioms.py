@@ -1,0 +1,189 @@
+"""`lift-idioms`: recognise decoder idioms in elementwise IR and replace them by fused ops.
+
+The frontend lowers what it does not recognise structurally (attention, RoPE) to generic ops;
+this pass finds, by pattern over those ops, the idioms the backend has fused code for:
+
+  rms_norm   w * (x * 1/sqrt(mean(x*x) + eps))      (rsqrt, sqrt+reciprocal, either operand order)
+  swiglu     silu(g) * u, with silu = g * sigmoid(g)
+  silu       g * sigmoid(g) (when not part of a swiglu)
+  bias       linear(x, w) + b  ->  linear(x, w, b)
+
+A candidate that almost matches (say, an intermediate also used elsewhere) is left alone and
+the reason goes to the pass notes. Finally every op gets a `layer` label (embed, layer0..N-1,
+head), found from where each attention block's input norm starts, for per-layer reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from cimc.ir.core import Module, Op, Rewriter, Value
+from passes.manager import PassContext, register
+
+
+def _prod(v: Value, name: str) -> Op | None:
+    return v.owner if v.owner is not None and v.owner.name == name else None
+
+
+def _vector(v: Value, cols: object) -> bool:
+    return v.owner is not None and v.owner.name in ("weight", "const") and v.type.shape == (cols,)
+
+
+def _single_use(v: Value) -> bool:
+    return len(v.uses) == 1
+
+
+@register
+@dataclass(frozen=True)
+class LiftIdiomsPass:
+    name: ClassVar[str] = "lift-idioms"
+
+    def run(self, module: Module, rw: Rewriter, ctx: PassContext) -> None:
+        for rule in (self._bias, self._rms_norm, self._swiglu):
+            for op in list(module.ops):
+                if op in module.ops:
+                    rule(op, rw, ctx)
+        _dead_code(module, rw)
+        assign_layers(module, rw)
+
+    # ---- rules ---------------------------------------------------------------------------
+
+    def _bias(self, op: Op, rw: Rewriter, ctx: PassContext) -> None:
+        if op.name != "add":
+            return
+        for lin_v, b in (op.operands, op.operands[::-1]):
+            lin = _prod(lin_v, "linear")
+            if lin is None or len(lin.operands) != 2 or not _vector(b, lin_v.type.shape[1]):
+                continue
+            if not _single_use(lin_v):
+                ctx.notes.append(f"bias: {op.loc}: linear result is used elsewhere; bias not fused")
+                return
+            new = rw.create("linear", [*lin.operands, b], [lin_v.type], dict(lin.attrs), op.loc, before=op)
+            rw.replace_uses(op.result, new.result)
+            rw.erase_many([op, lin])
+            return
+
+    def _rms_norm(self, op: Op, rw: Rewriter, ctx: PassContext) -> None:
+        if op.name != "mul":
+            return
+        for w, y in (op.operands, op.operands[::-1]):
+            if not _vector(w, y.type.shape[-1]):
+                continue
+            m = self._match_norm(y)
+            if isinstance(m, str):
+                ctx.notes.append(f"rms_norm: {op.loc}: {m}")
+                return
+            x, eps, inner = m
+            new = rw.create("rms_norm", [x, w], [op.result.type], {"eps": eps}, op.loc, before=op)
+            rw.replace_uses(op.result, new.result)
+            rw.erase_many([op, *inner])
+            return
+
+    def _match_norm(self, y: Value) -> tuple[Value, float, list[Op]] | str:
+        scale = _prod(y, "mul")
+        if scale is None:
+            return "not x * rsqrt(...)"
+        for x, r in (scale.operands, scale.operands[::-1]):
+            inner: list[Op] = [scale]
+            rs = _prod(r, "rsqrt")
+            if rs is None:
+                rec = _prod(r, "reciprocal")
+                rs = _prod(rec.operands[0], "sqrt") if rec is not None else None
+                if rs is None:
+                    continue
+                inner.append(rec)
+            inner.append(rs)
+            aff = _prod(rs.operands[0], "affine")
+            if aff is None or aff.attrs["alpha"] != 1.0:
+                return "no `mean + eps` under the square root"
+            mean = _prod(aff.operands[0], "reduce_mean")
+            sq = _prod(mean.operands[0], "mul") if mean is not None else None
+            if sq is None or sq.operands[0] is not x or sq.operands[1] is not x:
+                return "the mean is not of x*x for the same x"
+            inner += [aff, mean, sq]
+            if any(not _single_use(o.result) for o in inner):
+                return "an intermediate of the norm is used elsewhere"
+            return x, float(aff.attrs["beta"]), inner
+        return "not x * rsqrt(...)"
+
+    def _swiglu(self, op: Op, rw: Rewriter, ctx: PassContext) -> None:
+        if op.name != "mul":
+            return
+        silu = self._silu_of(op)
+        if silu is not None:  # op itself is g * sigmoid(g)
+            g, sig = silu
+            users = op.result.users
+            if len(users) == 1 and users[0].name == "mul" and self._swiglu_from(users[0], op, g, sig, rw):
+                return
+            new = rw.create("silu", [g], [op.result.type], {}, op.loc, before=op)
+            rw.replace_uses(op.result, new.result)
+            rw.erase_many([op, sig] if _single_use(sig.result) else [op])
+
+    def _silu_of(self, op: Op) -> tuple[Value, Op] | None:
+        for g, s in (op.operands, op.operands[::-1]):
+            sig = _prod(s, "sigmoid")
+            if sig is not None and sig.operands[0] is g:
+                return g, sig
+        return None
+
+    def _swiglu_from(self, mul: Op, silu_op: Op, g: Value, sig: Op, rw: Rewriter) -> bool:
+        a, b = mul.operands
+        up = b if a is silu_op.result else a
+        if up is silu_op.result or up.type != g.type or not _single_use(sig.result):
+            return False
+        new = rw.create("swiglu", [g, up], [mul.result.type], {}, mul.loc, before=mul)
+        rw.replace_uses(mul.result, new.result)
+        rw.erase_many([mul, silu_op, sig])
+        return True
+
+
+def _dead_code(module: Module, rw: Rewriter) -> None:
+    """Erase ops without side effects whose results are unused (iterates to a fixpoint)."""
+    for op in reversed(list(module.ops)):
+        if op.name not in ("output", "input") and op.results and all(not r.uses for r in op.results):
+            rw.erase(op)
+
+
+def assign_layers(module: Module, rw: Rewriter) -> None:
+    """Label ops embed / layerK / head by the positions where each decoder block starts."""
+    pos = {id(op): i for i, op in enumerate(module.ops)}
+    starts = []
+    for att in module.walk("attention"):
+        starts.append(_block_start(att.operands[0], pos))
+    head = None
+    for out in module.outputs():
+        lin = out.operands[0].owner
+        if lin is not None and lin.name == "linear":
+            head = _block_start(lin.result, pos)
+    bounds = sorted(set(starts))
+    for i, op in enumerate(module.ops):
+        if op.name in ("weight", "const", "input"):
+            continue
+        if head is not None and i >= head:
+            label = "head"
+        else:
+            k = sum(1 for b in bounds if b <= i)
+            label = "embed" if k == 0 else f"layer{k - 1}"
+        if op.attrs.get("layer") != label:
+            rw.set_attr(op, "layer", label)
+    for op in module.ops:
+        if op.name in ("weight", "const", "input"):
+            users = [u for r in op.results for u in r.users]
+            label = users[0].attrs.get("layer", "embed") if users else "embed"
+            if op.attrs.get("layer") != label:
+                rw.set_attr(op, "layer", label)
+
+
+def _block_start(v: Value, pos: dict[int, int]) -> int:
+    """Position of the norm feeding the projection that produces `v` (or of the projection)."""
+    op = v.owner
+    while op is not None and op.name in ("rope", "add") and op.operands:
+        op = op.operands[0].owner
+    if op is None:
+        return 0
+    if op.name == "linear":
+        src = op.operands[0].owner
+        if src is not None and src.name == "rms_norm":
+            return pos[id(src)]
+    return pos[id(op)]

@@ -1,0 +1,142 @@
+"""`schedule`: place every activation in memory and pick the SFU each vector op runs on.
+
+Program order is the IR order (a topological order the frontend produced). Activations go to
+the global buffer when they fit, first-fit by address over their live range; what does not fit
+spills to a DRAM read-write region, and every access to it is charged as DRAM traffic. Graph
+inputs and outputs always live in that DRAM region (the host reads and writes them there).
+Ops that need scratch space (partial sums of a K-split linear, attention scores, norm
+temporaries) get it for their own duration.
+
+Adds `mem = {space, addr, stride}` to each op with an activation result (`space` is "g" for the
+global buffer or "rw" for the DRAM region, addresses relative to it), `scratch = {space, addr}`
+where needed, `sfu` (the tile whose vector unit runs the op) and the module's `memory` summary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+from cimc.ir.core import SEQ, Module, Op, Rewriter, Value
+from passes.manager import PassContext, register
+from passes.tiling import DRAM_ALIGN, Tiling, align
+
+ELEM = 4
+NO_SFU = {"input", "output", "weight", "const", "linear", "embedding"}
+
+
+def scratch_layout(op: Op, max_seq: int, tiles: int) -> list[tuple[str, int, int, int]]:
+    """(name, byte offset, rows, cols) of the scratch tensors an op needs while it runs."""
+    rows = max_seq if op.results and op.results[0].type.shape[0] == SEQ else \
+        (int(op.results[0].type.shape[0]) if op.results else 0)
+    parts: list[tuple[str, int, int]] = []
+    if op.name == "linear" and "tiling" in op.attrs:
+        t = Tiling.from_attr(op.attrs["tiling"])
+        if t.kchunks > 1:
+            parts.append(("psum", rows * t.kchunks, t.n))
+    elif op.name == "attention":
+        for slot in range(attention_slots(op, tiles)):
+            parts += [(f"s{slot}", rows, rows), (f"m{slot}", rows, 1), (f"l{slot}", rows, 1)]
+    elif op.name in ("rms_norm", "softmax"):
+        cols = int(op.results[0].type.shape[1])
+        parts += [("t", rows, cols if op.name == "rms_norm" else 1), ("s", rows, 1)]
+    out, off = [], 0
+    for name, r, c in parts:
+        out.append((name, off, r, c))
+        off = align(off + r * c * ELEM)
+    return out
+
+
+def scratch_bytes(op: Op, max_seq: int, tiles: int) -> int:
+    lay = scratch_layout(op, max_seq, tiles)
+    return align(lay[-1][1] + lay[-1][2] * lay[-1][3] * ELEM) if lay else 0
+
+
+def attention_slots(op: Op, tiles: int) -> int:
+    """Heads computed concurrently (one per SFU), each with its own score buffer."""
+    return max(1, min(op.attrs["heads"], tiles))
+
+
+class _Pool:
+    """First-fit allocator over an address-ordered free list."""
+
+    def __init__(self, capacity: int | None) -> None:
+        self.capacity = capacity
+        self.free: list[tuple[int, int]] = [(0, capacity if capacity is not None else 1 << 60)]
+        self.peak = 0
+
+    def alloc(self, size: int) -> int | None:
+        size = align(max(size, DRAM_ALIGN))
+        for i, (start, length) in enumerate(self.free):
+            if length >= size:
+                self.free[i] = (start + size, length - size)
+                if self.free[i][1] == 0:
+                    del self.free[i]
+                self.peak = max(self.peak, start + size)
+                return start
+        return None
+
+    def release(self, addr: int, size: int) -> None:
+        size = align(max(size, DRAM_ALIGN))
+        self.free.append((addr, size))
+        self.free.sort()
+        merged: list[tuple[int, int]] = []
+        for s, n in self.free:
+            if merged and merged[-1][0] + merged[-1][1] == s:
+                merged[-1] = (merged[-1][0], merged[-1][1] + n)
+            else:
+                merged.append((s, n))
+        self.free = merged
+
+
+def value_bytes(v: Value, max_seq: int) -> int:
+    return ELEM * math.prod(v.type.bound_shape(max_seq))
+
+
+@register
+@dataclass(frozen=True)
+class SchedulePass:
+    name: ClassVar[str] = "schedule"
+
+    def run(self, module: Module, rw: Rewriter, ctx: PassContext) -> None:
+        hw, max_seq, tiles = ctx.hw, module.max_seq, ctx.hw.chip.tiles
+        pools = {"g": _Pool(hw.global_buf.size_kb * 1024), "rw": _Pool(None)}
+        pos = {id(op): i for i, op in enumerate(module.ops)}
+        last_use: dict[int, int] = {}
+        for op in module.ops:
+            for v in op.operands:
+                last_use[id(v)] = pos[id(op)]
+        io_values = {id(op.operands[0]) for op in module.outputs()}
+        dying: dict[int, list[tuple[str, int, int]]] = {}
+        next_sfu = 0
+        for i, op in enumerate(module.ops):
+            if op.name not in NO_SFU:
+                rw.set_attr(op, "sfu", next_sfu)
+                next_sfu = (next_sfu + 1) % tiles
+            if op.results and op.name not in ("weight", "const"):
+                v = op.results[0]
+                size = value_bytes(v, max_seq)
+                forever = op.name == "input" or id(v) in io_values
+                space = "rw" if forever else "g"
+                addr = pools[space].alloc(size)
+                if addr is None:
+                    space, addr = "rw", pools["rw"].alloc(size)
+                rw.set_attr(op, "mem", {"space": space, "addr": addr, "stride": _stride(v)})
+                if not forever:
+                    dying.setdefault(last_use.get(id(v), i), []).append((space, addr, size))
+            need = scratch_bytes(op, max_seq, tiles)
+            if need:
+                space = "g"
+                addr = pools["g"].alloc(need)
+                if addr is None:
+                    space, addr = "rw", pools["rw"].alloc(need)
+                rw.set_attr(op, "scratch", {"space": space, "addr": addr})
+                dying.setdefault(i, []).append((space, addr, need))
+            for space, addr, size in dying.pop(i, []):
+                pools[space].release(addr, size)
+        rw.set_module_attr("memory", {"gbuf_bytes": pools["g"].peak, "rw_bytes": align(pools["rw"].peak, 4096)})
+
+
+def _stride(v: Value) -> int:
+    return int(v.type.shape[1]) if v.type.rank == 2 else 1

@@ -1,0 +1,83 @@
+"""Machine state of the simulator: memories, macro contents, registers, and operand views.
+
+Memories are byte arrays: the global buffer, the read-only DRAM image (memory-mapped from the
+binary) and the read-write DRAM region holding inputs, outputs and spills. `view` turns a
+memory operand plus a shape into a numpy view, so instruction semantics are plain numpy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from isa.diag import CimcError
+from isa.fields import REGS, SPACES, Mem
+from isa.program import Program
+
+G, D = SPACES.index("g"), SPACES.index("d")
+
+
+class SimError(CimcError):
+    """The program did something the machine cannot do (bad address, bad index, ...)."""
+
+
+@dataclass
+class Machine:
+    """Everything an instruction can read or write."""
+
+    gbuf: np.ndarray
+    image: np.ndarray
+    rw: np.ndarray
+    rw_base: int
+    regs: np.ndarray
+    macros: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
+    trace: list | None = None  # when set: (instr, space, lo, hi, write) of every access
+    current: int = 0
+
+    @classmethod
+    def for_program(cls, program: Program, regs: np.ndarray) -> Machine:
+        meta = program.meta
+        gbuf_cap = int(program.hw["buffer"]["global"]["size_kb"]) * 1024
+        if meta["gbuf_bytes"] > gbuf_cap:
+            raise SimError(f"program needs {meta['gbuf_bytes']} bytes of global buffer; the hardware has {gbuf_cap}")
+        return cls(np.zeros(max(meta["gbuf_bytes"], 64), np.uint8), program.dram.array(),
+                   np.zeros(max(meta["rw_bytes"], 64), np.uint8), int(meta["rw_base"]), regs)
+
+    def _memory(self, m: Mem, nbytes_needed: int, write: bool) -> tuple[np.ndarray, int]:
+        if m.space == G:
+            return self.gbuf, m.addr
+        if m.addr >= self.rw_base:
+            return self.rw, m.addr - self.rw_base
+        if write:
+            raise SimError(f"write to the read-only DRAM image at {m.addr:#x}")
+        return self.image, m.addr
+
+    def view(self, m: Mem, rows: int, cols: int, *, dtype: str = "<f4", col_bcast: bool = False,
+             write: bool = False) -> np.ndarray:
+        """The [rows, cols] operand at `m` (row stride m.stride elements; stride 0 broadcasts a row)."""
+        esize = np.dtype(dtype).itemsize
+        mem, off = self._memory(m, 0, write)
+        off += int(self.regs[m.roff]) * m.stride * esize
+        rstride, cstride = m.stride * esize, 0 if col_bcast else esize
+        last = off + (rows - 1) * rstride + (cols - 1) * cstride + esize if rows and cols else off
+        if off < 0 or last > mem.size or off % esize:
+            where = f"{SPACES[m.space]}:{m.addr:#x}"
+            raise SimError(f"operand {where} [{rows} x {cols}, stride {m.stride}] is outside its memory "
+                           f"({mem.size} bytes) or misaligned")
+        if self.trace is not None and rows and cols:
+            base = 0 if m.space == G else (self.rw_base if mem is self.rw else 0)
+            self.trace.append((self.current, m.space, base + off, base + last, write))
+        arr = np.ndarray((rows, cols), dtype=dtype, buffer=mem, offset=off, strides=(rstride, cstride))
+        if write:
+            arr.flags.writeable = True
+        return arr
+
+    def touch_macros(self, tile: int, m0: int, write: bool) -> None:
+        """Record a macro-group access (space 2) for the hazard checker."""
+        if self.trace is not None:
+            key = tile * 256 + m0
+            self.trace.append((self.current, 2, key, key + 1, write))
+
+    def reg(self, name: str) -> int:
+        return int(self.regs[REGS.index(name)])

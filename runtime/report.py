@@ -1,0 +1,122 @@
+"""Run reports: totals, energy by component, time by unit, breakdowns by model layer and op.
+
+`build_report` turns the per-instruction costs and the timeline into a plain dict (the
+`--report-json` content); `render_text` formats it so a person can read it at a glance.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from isa.cost import COMPONENTS, CostModel, InstrCosts
+from isa.program import Program
+from runtime.timing import Timeline
+
+LABELS = {"dram": "DRAM", "macro_write": "macro writes", "mvm": "MVM", "sfu": "SFU", "buffer": "buffers",
+          "noc": "NoC", "leakage": "leakage"}
+
+
+def _group(keys: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
+    return np.bincount(keys, weights=values, minlength=n)[:n] if len(keys) else np.zeros(n)
+
+
+def build_report(program: Program, cost: CostModel, costs: InstrCosts, tl: Timeline, seq: int) -> dict:
+    """All figures of one run as JSON-able data (cycles, seconds, picojoules, bytes)."""
+    hw = cost.hw
+    cycles = float(tl.total)
+    seconds = cycles / cost.f_hz
+    leak_pj = cost.leakage_mw * 1e-3 * seconds * 1e12
+    energy = {c: float(costs.energy[c].sum()) for c in COMPONENTS}
+    energy["leakage"] = leak_pj
+    total_pj = sum(energy.values())
+    per_instr = sum(costs.energy[c] for c in COMPONENTS)
+
+    names = cost.unit_names()
+    busy = _group(costs.unit0[costs.unit0 >= 0], costs.busy0[costs.unit0 >= 0], len(names)) + \
+        _group(costs.unit1[costs.unit1 >= 0], costs.busy1[costs.unit1 >= 0], len(names))
+    units = {name: {"busy_cycles": float(b), "utilization": float(b / cycles) if cycles else 0.0}
+             for name, b in zip(names, busy, strict=True)}
+
+    ops = program.debug.ops
+    op_idx = program.debug.instr_op.astype(np.int64)
+    layers: dict[str, dict] = {}
+    kinds: dict[str, dict] = {}
+    for key, table in (("layer", layers), ("op", kinds)):
+        labels = sorted({o[key] for o in ops}, key=_layer_order) if key == "layer" else sorted({o[key] for o in ops})
+        lab_of_op = np.array([labels.index(o[key]) for o in ops], dtype=np.int64)
+        lab = lab_of_op[op_idx] if len(op_idx) else np.zeros(0, np.int64)
+        e = _group(lab, per_instr, len(labels))
+        cnt = np.bincount(lab, minlength=len(labels))
+        for i, name in enumerate(labels):
+            if not cnt[i]:
+                continue
+            mask = lab == i
+            table[name or "-"] = {
+                "instructions": int(cnt[i]), "energy_pj": float(e[i]),
+                "start_cycle": float(tl.start[mask].min()), "end_cycle": float(tl.end[mask].max()),
+                "dram_bytes": float(costs.dram_bytes[mask].sum()),
+            }
+    return {
+        "model": program.meta.get("model", ""),
+        "hardware": {"name": hw.name, "fingerprint": hw.fingerprint(), "f_clk_mhz": hw.chip.f_clk_mhz,
+                     "tiles": hw.chip.tiles, "macros_per_tile": hw.chip.macros_per_tile},
+        "tokens": seq,
+        "instructions": len(costs.busy0),
+        "cycles": cycles,
+        "seconds": seconds,
+        "joules": total_pj * 1e-12,
+        "energy_pj": energy,
+        "dram_bytes": float(costs.dram_bytes.sum()),
+        "macs": float(costs.macs.sum()),
+        "units": units,
+        "layers": layers,
+        "ops": kinds,
+        "compiler_estimate_cycles": program.meta.get("balance", {}).get("est_cycles"),
+    }
+
+
+def _layer_order(name: str) -> tuple:
+    if name == "embed":
+        return (0, 0)
+    if name.startswith("layer") and name[5:].isdigit():
+        return (1, int(name[5:]))
+    return (2, 0) if name == "head" else (3, name)
+
+
+def _si(x: float, unit: str) -> str:
+    for scale, prefix in ((1, ""), (1e-3, "m"), (1e-6, "u"), (1e-9, "n"), (1e-12, "p")):
+        if abs(x) >= scale or scale == 1e-12:
+            return f"{x / scale:.3g} {prefix}{unit}"
+    return f"{x:.3g} {unit}"
+
+
+def render_text(r: dict) -> str:
+    """A compact human-readable report."""
+    hw = r["hardware"]
+    tot = r["joules"] * 1e12 or 1.0
+    lines = [
+        f"{r['model']} on {hw['name']} ({hw['tiles']} tiles x {hw['macros_per_tile']} macros, "
+        f"{hw['f_clk_mhz']:g} MHz): {r['tokens']} token(s), {r['instructions']:,} instructions",
+        f"  time    {r['cycles']:,.0f} cycles = {_si(r['seconds'], 's')}"
+        + (f"   (compiler estimate {r['compiler_estimate_cycles']:,.0f} cycles)"
+           if r.get("compiler_estimate_cycles") else ""),
+        f"  energy  {_si(r['joules'], 'J')}   DRAM traffic {r['dram_bytes'] / 1e6:,.2f} MB   "
+        f"MACs {r['macs']:,.0f}",
+        "          " + ", ".join(f"{LABELS[k]} {v / tot:.1%}" for k, v in r["energy_pj"].items() if v > 0),
+        "  units   busy cycles   utilization",
+    ]
+    units = r["units"]
+    for name in ("dram", "noc"):
+        lines.append(f"    {name:<8}{units[name]['busy_cycles']:>12,.0f}   {units[name]['utilization']:>6.1%}")
+    for kind in ("tile", "sfu"):
+        group = [u for n, u in units.items() if n.startswith(kind)]
+        if group:
+            util = [u["utilization"] for u in group]
+            lines.append(f"    {kind + 's':<8}{sum(u['busy_cycles'] for u in group):>12,.0f}   "
+                         f"{np.mean(util):>6.1%} mean, {max(util):.1%} max over {len(group)}")
+    lines.append("  layer       cycles (span)       energy   share   DRAM MB   instrs")
+    for name, d in r["layers"].items():
+        span = d["end_cycle"] - d["start_cycle"]
+        lines.append(f"    {name:<8}{span:>14,.0f}  {_si(d['energy_pj'] * 1e-12, 'J'):>11}  "
+                     f"{d['energy_pj'] / tot:>6.1%}  {d['dram_bytes'] / 1e6:>8.2f}  {d['instructions']:>7,}")
+    return "\n".join(lines)

@@ -1,0 +1,209 @@
+"""What each instruction does to the machine state, in numpy (fp32 datapath).
+
+One function per row of the ISA table, registered by mnemonic; `SEMANTICS` must cover the table
+exactly (checked at import). Functions only compute: timing and energy are charged elsewhere
+from the cost model, so semantics and accounting never mix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from isa.encoding import Instr
+from isa.fields import Dim
+from isa.spec import BY_NAME
+from runtime.machine import Machine, SimError
+
+Semantics = Callable[[Machine, dict], None]
+SEMANTICS: dict[str, Semantics] = {}
+F32 = np.float32
+
+
+def sem(*names: str) -> Callable[[Semantics], Semantics]:
+    def deco(fn: Semantics) -> Semantics:
+        for n in names:
+            SEMANTICS[n] = fn
+        return fn
+    return deco
+
+
+def dim(m: Machine, d: Dim) -> int:
+    return int(d.imm + m.regs[d.reg])
+
+
+@sem("halt", "sync")
+def _nothing(m: Machine, f: dict) -> None:
+    return None
+
+
+@sem("dma")
+def _dma(m: Machine, f: dict) -> None:
+    rows, cols = dim(m, f["rows"]), dim(m, f["cols"])
+    dt = "<f4" if f["dt"] == 0 else "<i4"
+    src = m.view(f["src"], rows, cols, dtype=dt)
+    m.view(f["dst"], rows, cols, dtype=dt, write=True)[...] = src
+
+
+@sem("gather")
+def _gather(m: Machine, f: dict) -> None:
+    n, cols, vocab = dim(m, f["n"]), dim(m, f["cols"]), f["vocab"]
+    idx = m.view(f["idx"], n, 1, dtype="<i4")[:, 0]
+    bad = np.flatnonzero((idx < 0) | (idx >= vocab))
+    if bad.size:
+        i = int(bad[0])
+        raise SimError(f"token id {int(idx[i])} at position {i} is outside the vocabulary [0, {vocab})")
+    table = m.view(f["table"], vocab, cols)
+    m.view(f["dst"], n, cols, write=True)[...] = table[idx]
+
+
+@sem("wload")
+def _wload(m: Machine, f: dict) -> None:
+    k, n = f["k"], f["n"]
+    m.macros[(f["tile"], f["m0"])] = np.array(m.view(f["src"], k, n), dtype=F32)
+    m.touch_macros(f["tile"], f["m0"], write=True)
+
+
+@sem("mvm")
+def _mvm(m: Machine, f: dict) -> None:
+    w = m.macros.get((f["tile"], f["m0"]))
+    if w is None or w.shape != (f["k"], f["n"]):
+        got = "nothing" if w is None else f"a {w.shape[0]} x {w.shape[1]} group"
+        raise SimError(f"mvm on tile {f['tile']} macro {f['m0']} expects a {f['k']} x {f['n']} weight group, "
+                       f"but {got} is loaded there")
+    m.touch_macros(f["tile"], f["m0"], write=False)
+    nvec = dim(m, f["nvec"])
+    x = m.view(f["src"], nvec, f["k"])
+    y = np.matmul(x, w)
+    dst = m.view(f["dst"], nvec, f["n"], write=True)
+    if f["acc"]:
+        dst += y
+    else:
+        dst[...] = y
+
+
+@sem("tred")
+def _tred(m: Machine, f: dict) -> None:
+    rows, cols = dim(m, f["rows"]), dim(m, f["cols"])
+    src = f["src"]
+    total = np.array(m.view(src, rows, cols))
+    for i in range(1, f["count"]):
+        total += m.view(src._replace(addr=src.addr + i * f["pstride"]), rows, cols)
+    m.view(f["dst"], rows, cols, write=True)[...] = total
+
+
+_BIN = {"vadd": np.add, "vsub": np.subtract, "vmul": np.multiply, "vdiv": np.divide, "vmax": np.maximum}
+
+
+def _binary(name: str) -> Semantics:
+    fn = _BIN[name]
+
+    def run(m: Machine, f: dict) -> None:
+        rows, cols = dim(m, f["rows"]), dim(m, f["cols"])
+        a = m.view(f["a"], rows, cols, col_bcast=bool(f["abc"]))
+        b = m.view(f["b"], rows, cols, col_bcast=bool(f["bbc"]))
+        res = fn(a, b)
+        m.view(f["dst"], rows, cols, write=True)[...] = res
+    return run
+
+
+for _n in _BIN:
+    SEMANTICS[_n] = _binary(_n)
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    """Elementwise erf in float64 (numpy has none; math.erf is exact to double precision)."""
+    return np.vectorize(math.erf, otypes=[np.float64])(x)
+
+
+_UN: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "vcopy": lambda x: x,
+    "vneg": np.negative,
+    "vexp": np.exp,
+    "vsqrt": np.sqrt,
+    "vrsqrt": lambda x: F32(1) / np.sqrt(x),
+    "vrecip": lambda x: F32(1) / x,
+    "vsigmoid": lambda x: F32(1) / (F32(1) + np.exp(-x)),
+    "vsilu": lambda x: x / (F32(1) + np.exp(-x)),
+    "vtanh": np.tanh,
+    "vgelu": lambda x: (0.5 * x * (1.0 + _erf(x.astype(np.float64) / np.sqrt(2.0)))).astype(F32),
+}
+
+
+def _unary(name: str) -> Semantics:
+    fn = _UN[name]
+
+    def run(m: Machine, f: dict) -> None:
+        rows, cols = dim(m, f["rows"]), dim(m, f["cols"])
+        res = fn(np.array(m.view(f["src"], rows, cols)))
+        m.view(f["dst"], rows, cols, write=True)[...] = res
+    return run
+
+
+for _n in _UN:
+    SEMANTICS[_n] = _unary(_n)
+
+
+@sem("vaffine")
+def _vaffine(m: Machine, f: dict) -> None:
+    rows, cols = dim(m, f["rows"]), dim(m, f["cols"])
+    x = m.view(f["src"], rows, cols)
+    m.view(f["dst"], rows, cols, write=True)[...] = x * F32(f["alpha"]) + F32(f["beta"])
+
+
+def _reduce(fn: Callable) -> Semantics:
+    def run(m: Machine, f: dict) -> None:
+        rows, cols = dim(m, f["rows"]), dim(m, f["cols"])
+        res = fn(m.view(f["src"], rows, cols), axis=1, keepdims=True)
+        m.view(f["dst"], rows, 1, write=True)[...] = res
+    return run
+
+
+SEMANTICS["vrsum"] = _reduce(np.sum)
+SEMANTICS["vrmax"] = _reduce(np.max)
+
+
+@sem("vrope")
+def _vrope(m: Machine, f: dict) -> None:
+    rows, cols, hd = dim(m, f["rows"]), dim(m, f["cols"]), f["hd"]
+    if hd == 0 or hd % 2 or cols % hd:
+        raise SimError(f"vrope: head dimension {hd} must be even and divide {cols} columns")
+    x = np.array(m.view(f["src"], rows, cols)).reshape(rows, cols // hd, hd)
+    cos = np.array(m.view(f["cos"], rows, hd))[:, None, :]
+    sin = np.array(m.view(f["sin"], rows, hd))[:, None, :]
+    half = hd // 2
+    rot = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    m.view(f["dst"], rows, cols, write=True)[...] = (x * cos + rot * sin).reshape(rows, cols)
+
+
+@sem("vmm")
+def _vmm(m: Machine, f: dict) -> None:
+    mm, k, n = dim(m, f["m"]), dim(m, f["k"]), dim(m, f["n"])
+    a = m.view(f["a"], mm, k)
+    b = m.view(f["b"], n, k).T if f["tb"] else m.view(f["b"], k, n)
+    res = np.matmul(a, b)
+    if f["alpha"] != 1.0:
+        res = res * F32(f["alpha"])
+    m.view(f["dst"], mm, n, write=True)[...] = res
+
+
+@sem("vcausal")
+def _vcausal(m: Machine, f: dict) -> None:
+    rows, cols, diag = dim(m, f["rows"]), dim(m, f["cols"]), dim(m, f["diag"])
+    s = m.view(f["dst"], rows, cols, write=True)
+    s[np.triu(np.ones((rows, cols), bool), 1 + diag)] = -np.inf
+
+
+def execute(m: Machine, ins: Instr) -> None:
+    SEMANTICS[ins.op](m, ins.f)
+
+
+def _check() -> None:
+    missing = set(BY_NAME) - set(SEMANTICS)
+    extra = set(SEMANTICS) - set(BY_NAME)
+    assert not missing and not extra, f"semantics out of sync with the ISA table: {missing or ''} {extra or ''}"
+
+
+_check()
