@@ -118,7 +118,8 @@ def cmd_compile(args: argparse.Namespace) -> None:
     write_binary(args.output, program)
     t3 = time.perf_counter()
     if args.time_passes:
-        _log(args, f"  frontend  {1000 * (t1 - t0):8.1f} ms\n{pm.timing_report()}\n  codegen   {1000 * (t3 - t2):8.1f} ms")
+        _log(args, f"  frontend  {1000 * (t1 - t0):8.1f} ms\n{pm.timing_report()}\n"
+                   f"  codegen   {1000 * (t3 - t2):8.1f} ms")
     b = program.meta.get("balance", {})
     _log(args, f"cimc: wrote {args.output}: {program.n_instrs:,} instructions, DRAM image "
                f"{program.dram.size / 1e6:,.2f} MB, {b.get('stages', 0)} pipeline stages, "

@@ -16,6 +16,7 @@ Units execute their instructions in program order; across units, only barriers o
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from isa.fields import DIM, DTYPE, F32, FLAG, MEM, Kind, U
@@ -44,7 +45,7 @@ class FieldDef:
     shift: int = -1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class InstrDef:
     """One row of the ISA table."""
 
@@ -64,7 +65,7 @@ class InstrDef:
                 return f
         raise KeyError(name)
 
-    @property
+    @functools.cached_property
     def field_names(self) -> tuple[str, ...]:
         return tuple(f.name for f in self.fields)
 

@@ -25,7 +25,7 @@ from isa.fields import Dim, Mem
 from isa.hw import HardwareConfig
 from isa.program import ArraySegment, DebugInfo, DramImage, Program, Symbol
 from passes.balance_stages import act_bits
-from passes.schedule import attention_slots, scratch_layout
+from passes.schedule import attention_slots, scratch_bytes, scratch_layout
 from passes.tiling import Tiling, align
 
 G, D = 0, 1  # memory spaces
@@ -88,6 +88,7 @@ class _Codegen:
     readers: dict[int, int] = field(default_factory=dict)  # id(value) -> mask of reader barriers
     retired: list[tuple[int, int, int, int]] = field(default_factory=list)  # (space, lo, hi, mask)
     layouts: dict[int, list[tuple[int, int, int, int, int, int]]] = field(default_factory=dict)
+    tilings: dict[int, Tiling] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.max_seq = self.module.max_seq
@@ -148,16 +149,20 @@ class _Codegen:
         return mask
 
     def _regions(self, op: Op) -> list[tuple[int, int, int]]:
+        """(space, lo, hi) of the memory an op writes: its result and its scratch."""
         out = []
         if "mem" in op.attrs and op.results:
             m = op.attrs["mem"]
             out.append((G if m["space"] == "g" else D, m["addr"], m["addr"] + self._bytes(op.results[0])))
-        if "scratch" in op.attrs:
-            lay = scratch_layout(op, self.max_seq, self.tiles)
-            s = op.attrs["scratch"]
-            end = s["addr"] + lay[-1][1] + lay[-1][2] * lay[-1][3] * F32
-            out.append((G if s["space"] == "g" else D, s["addr"], end))
-        return out
+        scratch = self._scratch_region(op)
+        return out + ([scratch] if scratch is not None else [])
+
+    def _scratch_region(self, op: Op) -> tuple[int, int, int] | None:
+        if "scratch" not in op.attrs:
+            return None
+        s = op.attrs["scratch"]
+        size = scratch_bytes(op, self.max_seq, self.tiles)
+        return (G if s["space"] == "g" else D, s["addr"], s["addr"] + size)
 
     def _bytes(self, v: Value) -> int:
         return F32 * self.bound_rows(v) * self.cols(v) if v.type.rank else F32
@@ -169,11 +174,12 @@ class _Codegen:
         self._layout_weights(image)
         self._layout_consts(image)
         self.rw_base = align(image.size, 4096)
+        self.op_pos = {id(op): i for i, op in enumerate(self.module.ops)}
         self.stage_ops: dict[int, set[int]] = {}
-        self.stage_left = self._stage_sizes()
-        self.loaded = 0
+        self.stages = self._plan_stages()
+        self.stage_left = [len(s) for s in self.stages]
         sets = self.module.attrs.get("macro_sets", [[0]])
-        for s in range(min(len(sets), len(self.stage_left))):
+        for s in range(min(len(sets), len(self.stages))):
             self._emit_loads(s)
         last_use: dict[int, tuple[int, Value]] = {}
         for i, op in enumerate(self.module.ops):
@@ -190,8 +196,9 @@ class _Codegen:
                 bit = 1 << self.barrier[id(op)]
                 for v in op.operands:
                     self.readers[id(v)] = self.readers.get(id(v), 0) | bit
-                for space, lo, hi in self._regions(op)[1:]:
-                    self.retired.append((space, lo, hi, bit))
+                scratch = self._scratch_region(op)
+                if scratch is not None:
+                    self.retired.append((*scratch, bit))
             for v in dying.get(i, []):
                 self._retire(v)
         self.op_index = len(self.module.ops) - 1
@@ -211,7 +218,7 @@ class _Codegen:
 
     def _layout_weights(self, image: DramImage) -> None:
         for op in self.module.walk("linear"):
-            t = Tiling.from_attr(op.attrs["tiling"])
+            t = self.tilings[id(op)] = Tiling.from_attr(op.attrs["tiling"])
             w = op.operands[1].owner
             assert w is not None
             base = op.attrs["dram"]["base"]
@@ -245,34 +252,29 @@ class _Codegen:
 
     # ---- stages --------------------------------------------------------------------------
 
-    def _stage_sizes(self) -> list[int]:
-        count: dict[int, int] = {}
-        for op in self.module.walk("linear"):
-            for s, _, n in op.attrs["stages"]:
-                count[s] = count.get(s, 0) + n
-        return [count[s] for s in sorted(count)]
-
-    def _groups_of_stage(self, s: int) -> Iterator[tuple[Op, int, Tiling, int]]:
+    def _plan_stages(self) -> list[list[tuple[Op, int, int]]]:
+        """Per stage, its (linear, group, tile) in order; tiles from place-weights' slots."""
         sets = self.module.attrs["macro_sets"]
         per = len(sets[0])
+        stages: dict[int, list[tuple[Op, int, int]]] = {}
         for op in self.module.walk("linear"):
-            t = Tiling.from_attr(op.attrs["tiling"])
-            for st, g0, n in op.attrs["stages"]:
-                if st == s:
-                    for g in range(g0, g0 + n):
-                        yield op, g, t, sets[s % len(sets)][(op.attrs["dram"]["slot0"] + g) % per]
+            slot0 = op.attrs["dram"]["slot0"]
+            for s, g0, n in op.attrs["stages"]:
+                tiles = sets[s % len(sets)]
+                stages.setdefault(s, []).extend((op, g, tiles[(slot0 + g) % per]) for g in range(g0, g0 + n))
+        return [stages[s] for s in sorted(stages)]
 
     def _emit_loads(self, s: int) -> None:
         sets = len(self.module.attrs["macro_sets"])
         wait = 1 << STAGE_BARRIERS[(s - sets) % len(STAGE_BARRIERS)] if s >= sets else 0
         saved = self.op_index
-        for op, g, t, tile in self._groups_of_stage(s):
-            self.op_index = self.module.ops.index(op)
+        for op, g, tile in self.stages[s]:
+            self.op_index = self.op_pos[id(op)]
+            t = self.tilings[id(op)]
             _, k0, k1, n0, n1, off = self.layouts[id(op)][g]
             self.emit("wload", wait=wait, tile=tile, m0=0, k=k1 - k0, n=n1 - n0, wbits=t.wbits,
                       src=Mem(D, off, n1 - n0))
         self.op_index = saved
-        self.loaded = s + 1
 
     def _finish_group(self, s: int, op: Op) -> None:
         self.stage_ops.setdefault(s, set()).add(self.barrier[id(op)])
@@ -298,7 +300,7 @@ class _Codegen:
 
     def _op_linear(self, op: Op) -> None:
         x, out = op.operands[0], op.result
-        t = Tiling.from_attr(op.attrs["tiling"])
+        t = self.tilings[id(op)]
         sig, wait = self.barrier[id(op)], self.waits(op)
         ab = act_bits(t.wbits, self.hw.macro.act_bits)
         sets = self.module.attrs["macro_sets"]

@@ -150,7 +150,8 @@ def _execute(program: Program, machine: Machine, accesses: list | None,
             execute(machine, ins)
         except SimError as e:
             op = program.debug.ops[int(program.debug.instr_op[i])]
-            raise SimError(f"instruction {i} ({ins.op}, from {op['op']} at ONNX node {op['loc']!r}): {e.message}") from None
+            where = f"instruction {i} ({ins.op}, from {op['op']} at ONNX node {op['loc']!r})"
+            raise SimError(f"{where}: {e.message}") from None
         if progress is not None and i % 4096 == 0:
             progress(i, len(instrs))
         if ins.op == "halt":

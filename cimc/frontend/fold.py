@@ -137,7 +137,8 @@ def _fold_ready(model: OnnxModel, pending: list[Node], values: dict[str, np.ndar
         results = ReferenceEvaluator(proto).run(None, {})
     except Exception as e:  # the reference evaluator raises many types for unsupported input
         names = ", ".join(nd.name for nd in batch[:5])
-        raise CimcError(f"{model.path}: cannot evaluate the shape-only subgraph ({names}{' ...' if len(batch) > 5 else ''}): "
+        more = " ..." if len(batch) > 5 else ""
+        raise CimcError(f"{model.path}: cannot evaluate the shape-only subgraph ({names}{more}): "
                         f"{type(e).__name__}: {e}") from None
     for name, value in zip(produced, results, strict=True):
         values[name] = np.asarray(value)

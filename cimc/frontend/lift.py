@@ -119,14 +119,10 @@ class Lifter:
             raise Unsupported(f"the shape of {name!r} is unknown after shape inference")
         return self.f1.shapes[name]
 
-    def _op(self, name: str, operands: list[Value], loc: str, attrs: dict | None = None,
-            rtype: TensorType | None = None) -> Value:
-        types = [rtype] if rtype is not None else OPS[name].infer([v.type for v in operands], attrs or {})
-        return self.rw.create(name, operands, types, attrs, loc).results[0] if types else \
-            self.rw.create(name, operands, [], attrs, loc)  # type: ignore[return-value]
-
-    def _rows(self, seq: bool, n: int) -> int | str:
-        return SEQ if seq else n
+    def _op(self, name: str, operands: list[Value], loc: str, attrs: dict | None = None) -> Value:
+        """Create an op whose result type follows from its operands (the op's type rule)."""
+        types = OPS[name].infer([v.type for v in operands], attrs or {})
+        return self.rw.create(name, operands, types, attrs, loc).result
 
     def _view_of(self, base: Value, onnx_shape: tuple[int, ...]) -> View:
         rows = self.n if base.type.shape[0] == SEQ else int(base.type.shape[0])
@@ -161,7 +157,7 @@ class Lifter:
                                                s.name).result
         return self._consts[key]
 
-    def prefix_checked(self, s: Static, arr1: np.ndarray, axis_map: dict[int, int]) -> None:
+    def prefix_checked(self, s: Static) -> None:
         """Check a length-dependent constant agrees on the common prefix of both bindings."""
         if s.value2 is None:
             return
@@ -411,7 +407,8 @@ class Lifter:
         col_ax = next((i for i, a in enumerate(like.axes) if a.cs == 1 and a.size != 1), None)
         for i, d in enumerate(al.shape):
             if d != 1 and i not in (row_ax, col_ax):
-                raise Unsupported(f"constant {s.name!r} {arr.shape} does not broadcast like a [tokens, features] operand")
+                raise Unsupported(f"constant {s.name!r} {arr.shape} does not broadcast like a "
+                                  "[tokens, features] operand")
             if d != 1 and d != shape[i]:
                 raise Unsupported(f"constant {s.name!r} {arr.shape} enlarges the activation {shape}")
         rows = al.shape[row_ax] if row_ax is not None else 1
@@ -423,7 +420,7 @@ class Lifter:
             return self.const(s, mat.reshape(-1).astype(np.float32), False)
         if row_ax not in self.seq_axes(out_name) and like.base.type.shape[0] == SEQ:
             raise Unsupported(f"constant {s.name!r} has a per-token axis that does not follow the sequence length")
-        self.prefix_checked(s, mat, {})
+        self.prefix_checked(s)
         return self.const(s, mat.astype(np.float32), True)
 
     def _binary(self, node: Node, args: list) -> Term:
@@ -432,7 +429,8 @@ class Lifter:
         out_shape = self.shape(node.outputs[0])
         pa, pb = self._plain(a), self._plain(b)
         if pa is not None and pb is not None:
-            if pa.base.type.shape[0] != pb.base.type.shape[0] and 1 not in (pa.base.type.shape[0], pb.base.type.shape[0]):
+            ra, rb = pa.base.type.shape[0], pb.base.type.shape[0]
+            if ra != rb and 1 not in (ra, rb):
                 raise Unsupported("operands have different token counts")
             return self._view_of(self._op(name, [pa.base, pb.base], node.name), out_shape)
         for plain, other, left in ((pa, b, True), (pb, a, False)):
@@ -457,7 +455,8 @@ class Lifter:
         if name == "div":
             r = self._op("reciprocal", [x], loc)
             return r if c == 1.0 else self._op("affine", [r], loc, {"alpha": float(c), "beta": 0.0})
-        cv = self.const(Static(f"{loc}:scalar", np.array([c], np.float32), None, False), np.array([c], np.float32), False)
+        arr = np.array([c], np.float32)
+        cv = self.const(Static(f"{loc}:scalar", arr, None, False), arr, False)
         return self._op(name, [x, cv] if x_left else [cv, x], loc)
 
     def _on_Add(self, node: Node, args: list) -> Term:
@@ -533,7 +532,8 @@ class Lifter:
                 continue
             (x, cos), (rot, sin) = xc, rs
             hd = x.shape[-1]
-            if rot.node.op_type != "Concat" or len(rot.args) != 2 or rot.node.attrs.get("axis") not in (-1, len(x.shape) - 1):
+            concat_axis = rot.node.attrs.get("axis")
+            if rot.node.op_type != "Concat" or len(rot.args) != 2 or concat_axis not in (-1, len(x.shape) - 1):
                 why[add.node.name] = "rotate_half is not Concat(-x2, x1) on the last axis"
                 continue
             neg, x1 = rot.args
@@ -541,7 +541,9 @@ class Lifter:
                 why[add.node.name] = "rotate_half's first half is not Neg(slice)"
                 continue
             last = len(x.shape) - 1
-            if hd % 2 or neg.args[0] != V.slice_axis(x, last, hd // 2, hd // 2) or x1 != V.slice_axis(x, last, 0, hd // 2):
+            halves_ok = hd % 2 == 0 and neg.args[0] == V.slice_axis(x, last, hd // 2, hd // 2) \
+                and x1 == V.slice_axis(x, last, 0, hd // 2)
+            if not halves_ok:
                 why[add.node.name] = "rotate_half does not swap the two halves of the head dimension"
                 continue
             try:
@@ -580,7 +582,7 @@ class Lifter:
                                              for i in range(len(x.shape))]), x.shape)
         if not np.array_equal(ref, full):
             raise Unsupported(f"RoPE table {s.name!r} differs between heads or batch entries")
-        self.prefix_checked(s, table, {})
+        self.prefix_checked(s)
         return self.const(s, np.ascontiguousarray(table), True)
 
     # ---- idiom: attention ----------------------------------------------------------------
@@ -619,11 +621,10 @@ class Lifter:
                 if isinstance(part, Expr):
                     why.setdefault(part.node.name, f"part of attention at {node.name}: {e}")
             return None
-        attrs = {"heads": heads, "kv_heads": heads // (heads // kvh) if kvh else heads, "head_dim": hd,
-                 "scale": float(np.float32(scale)), "causal": True}
-        attrs["kv_heads"] = kvh
+        attrs = {"heads": heads, "kv_heads": kvh, "head_dim": hd, "scale": float(np.float32(scale)), "causal": True}
         out = self._op("attention", [q, k, vv], node.name, attrs)
-        return View(out, tuple([Axis(1)] * (len(a.shape) - 3) + [Axis(heads, 0, hd), Axis(self.n, 1, 0), Axis(hd, 0, 1)]))
+        head_axes = [Axis(heads, 0, hd), Axis(self.n, 1, 0), Axis(hd, 0, 1)]
+        return View(out, tuple([Axis(1)] * (len(a.shape) - 3) + head_axes))
 
     def _attn_operand(self, x: View, what: str, seq_last: bool) -> tuple[int, int, Value]:
         """(heads, head_dim, base) of a [.., heads, seq, hd] (or [.., heads, hd, seq]) view."""
@@ -654,8 +655,9 @@ class Lifter:
             if isinstance(cond, Static) and isinstance(y, Static) and not isinstance(x, Static):
                 keep = np.asarray(cond.value).astype(bool)
                 fill = np.where(keep, 0.0, np.asarray(y.value, np.float64))
-                fill2 = None if cond.value2 is None else np.where(np.asarray(cond.value2).astype(bool), 0.0,
-                                                                   np.asarray(y.value2 if y.value2 is not None else y.value, np.float64))
+                y2 = y.value2 if y.value2 is not None else y.value
+                fill2 = None if cond.value2 is None else \
+                    np.where(np.asarray(cond.value2).astype(bool), 0.0, np.asarray(y2, np.float64))
                 return x, Static(cond.name, fill, fill2, False)
         return z, None
 

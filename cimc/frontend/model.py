@@ -105,7 +105,8 @@ def open_model(path: str | os.PathLike) -> tuple[OnnxModel, WeightStore]:
     try:
         proto = onnx.load(str(p), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError) as e:
-        raise CimcError(f"{p}: not an ONNX model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'parse failed'})") from None
+        why = str(e).splitlines()[0] if str(e) else "parse failed"
+        raise CimcError(f"{p}: not an ONNX model ({type(e).__name__}: {why})") from None
     g = proto.graph
     if not g.node:
         raise CimcError(f"{p}: not an ONNX model (no graph nodes); is this the right file?")

@@ -40,7 +40,7 @@ def verify_module(module: Module) -> None:
         n = len(op.operands)
         if not d.min_operands <= n <= len(d.operands):
             _fail(op, names, f"takes {d.min_operands}..{len(d.operands)} operands, got {n}")
-        for key, tname in d.attrs.items():
+        for key in d.attrs:
             if key not in op.attrs:
                 _fail(op, names, f"missing attribute {key!r}")
         for key, value in op.attrs.items():
