@@ -79,11 +79,13 @@ class BalanceStagesPass:
             pending_sfu = 0.0
             t = Tiling.from_attr(op.attrs["tiling"])
             ab = act_bits(t.wbits, ctx.hw.macro.act_bits)
+            same_level = bool(op_of) and op_of[-1].operands[0] is op.operands[0]
             for g in range(t.groups):
                 _, k0, k1, n0, n1 = t.group(g)
                 k, n = k1 - k0, n1 - n0
                 load.append((cost.dram_cycles(k * n * t.wbits / 8), float(cost.write_cycles(k, n, t.wbits))))
-                comp.append(float(cost.mvm_cycles(rows, ab)))
+                first_of_level = g == 0 and not same_level
+                comp.append(float(cost.mvm_cycles(rows, ab)) if first_of_level else 0.0)
                 op_of.append(op)
                 sfu_after.append(0.0)
         if sfu_after:
@@ -133,7 +135,13 @@ def _partition(n: int, cap: int, sfu_after: list[float] | None) -> list[tuple[in
 
 
 def _estimate(bounds, load, comp, sfu_after, sets: int) -> tuple[float, float]:
-    """Makespan of the two-resource pipeline and its slowest stage (max of load, compute)."""
+    """Makespan of the two-resource pipeline and its slowest stage (max of load, compute).
+
+    `comp[i]` is the MVM time group i adds to its stage: groups of one dependency level (the
+    linears reading the same input, like q/k/v) run in parallel on their tiles, so only the
+    first group of a level counts; later levels wait for earlier ones.
+    """
+    level = comp
     dram = [x[0] for x in load]
     write = [x[1] for x in load]
     load_end = [0.0] * len(bounds)
@@ -141,7 +149,7 @@ def _estimate(bounds, load, comp, sfu_after, sets: int) -> tuple[float, float]:
     slowest = 0.0
     for s, (a, b) in enumerate(bounds):
         ls = max(sum(dram[a:b]), max(write[a:b]))
-        cs = max(comp[a:b]) + sum(sfu_after[a:b])
+        cs = sum(level[a:b]) + sum(sfu_after[a:b])
         prev_load = load_end[s - 1] if s else 0.0
         free = comp_end[s - sets] if s >= sets else 0.0
         load_end[s] = max(prev_load, free) + ls

@@ -422,7 +422,9 @@ class _Codegen:
         group = h // kvh
         rows = self.rows(out)
         slots = attention_slots(op, self.tiles)
-        sig, wait = self.barrier[id(op)], self.waits(op) | (1 << self.barrier[id(op)])
+        # Heads are independent: each runs in order on its own SFU, waiting only on q, k, v and
+        # on memory reuse; a head that reuses a score slot runs on the same SFU as its previous user.
+        sig, wait = self.barrier[id(op)], self.waits(op)
         for head in range(h):
             slot, kv = head % slots, head // group
             tile = (op.attrs["sfu"] + head) % self.tiles

@@ -59,21 +59,33 @@ def attention_slots(op: Op, tiles: int) -> int:
 
 
 class _Pool:
-    """First-fit allocator over an address-ordered free list."""
+    """Next-fit allocator over an address-ordered free list.
+
+    Searching from just past the previous allocation (wrapping around) rather than from the
+    start avoids handing out the memory a value freed a moment ago; reusing it at once would
+    make the next op wait for that value's last readers (a write-after-read) for no reason.
+    The spill region (no capacity) uses plain first-fit to stay small.
+    """
 
     def __init__(self, capacity: int | None) -> None:
         self.capacity = capacity
         self.free: list[tuple[int, int]] = [(0, capacity if capacity is not None else 1 << 60)]
         self.peak = 0
+        self.cursor = 0
 
     def alloc(self, size: int) -> int | None:
         size = align(max(size, DRAM_ALIGN))
-        for i, (start, length) in enumerate(self.free):
+        order = sorted(range(len(self.free)), key=lambda i: (self.free[i][0] < self.cursor, self.free[i][0]))
+        if self.capacity is None:
+            order = list(range(len(self.free)))
+        for i in order:
+            start, length = self.free[i]
             if length >= size:
                 self.free[i] = (start + size, length - size)
                 if self.free[i][1] == 0:
                     del self.free[i]
                 self.peak = max(self.peak, start + size)
+                self.cursor = start + size
                 return start
         return None
 

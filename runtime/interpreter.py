@@ -124,6 +124,7 @@ def simulate(program: Program, inputs: Mapping[str, np.ndarray] | None = None, *
             if s.kind == "input":
                 _io_view(machine, s, seq, write=True)[...] = bound[s.name].reshape(seq, -1)
         _execute(program, machine, accesses, progress)
+        machine.trace = None  # the host reading outputs is not part of the program
         for s in program.symbols:
             if s.kind == "output":
                 shape = tuple(seq if d == "seq" else d for d in s.shape)

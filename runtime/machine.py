@@ -32,7 +32,7 @@ class Machine:
     rw_base: int
     regs: np.ndarray
     macros: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
-    trace: list | None = None  # when set: (instr, space, lo, hi, write) of every access
+    trace: list | None = None  # when set: (instr, space, lo, hi, write, row pitch, row bytes) per access
     current: int = 0
 
     @classmethod
@@ -67,7 +67,8 @@ class Machine:
                            f"({mem.size} bytes) or misaligned")
         if self.trace is not None and rows and cols:
             base = 0 if m.space == G else (self.rw_base if mem is self.rw else 0)
-            self.trace.append((self.current, m.space, base + off, base + last, write))
+            width = esize if col_bcast else cols * esize
+            self.trace.append((self.current, m.space, base + off, base + last, write, rstride, width))
         arr = np.ndarray((rows, cols), dtype=dtype, buffer=mem, offset=off, strides=(rstride, cstride))
         if write:
             arr.flags.writeable = True
@@ -77,7 +78,7 @@ class Machine:
         """Record a macro-group access (space 2) for the hazard checker."""
         if self.trace is not None:
             key = tile * 256 + m0
-            self.trace.append((self.current, 2, key, key + 1, write))
+            self.trace.append((self.current, 2, key, key + 1, write, 0, 1))
 
     def reg(self, name: str) -> int:
         return int(self.regs[REGS.index(name)])
