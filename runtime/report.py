@@ -10,6 +10,7 @@ import numpy as np
 
 from isa.cost import COMPONENTS, CostModel, InstrCosts
 from isa.program import Program
+from isa.spec import BY_NAME, INSTR_WORDS
 from runtime.timing import Timeline
 
 LABELS = {"dram": "DRAM", "macro_write": "macro writes", "mvm": "MVM", "sfu": "SFU", "buffer": "buffers",
@@ -39,6 +40,9 @@ def build_report(program: Program, cost: CostModel, costs: InstrCosts, tl: Timel
 
     ops = program.debug.ops
     op_idx = program.debug.instr_op.astype(np.int64)
+    # weight loads are issued ahead (prefetch); a layer's span is that of its compute
+    opcodes = np.frombuffer(program.code, dtype="<u8")[::INSTR_WORDS] & 0xFF
+    is_load = np.isin(opcodes, [BY_NAME[m].opcode for m in ("wload", "halt", "sync")])
     layers: dict[str, dict] = {}
     kinds: dict[str, dict] = {}
     for key, table in (("layer", layers), ("op", kinds)):
@@ -51,9 +55,10 @@ def build_report(program: Program, cost: CostModel, costs: InstrCosts, tl: Timel
             if not cnt[i]:
                 continue
             mask = lab == i
+            work = mask & ~is_load if (mask & ~is_load).any() else mask
             table[name or "-"] = {
                 "instructions": int(cnt[i]), "energy_pj": float(e[i]),
-                "start_cycle": float(tl.start[mask].min()), "end_cycle": float(tl.end[mask].max()),
+                "start_cycle": float(tl.start[work].min()), "end_cycle": float(tl.end[mask].max()),
                 "dram_bytes": float(costs.dram_bytes[mask].sum()),
             }
     return {
@@ -71,7 +76,8 @@ def build_report(program: Program, cost: CostModel, costs: InstrCosts, tl: Timel
         "units": units,
         "layers": layers,
         "ops": kinds,
-        "compiler_estimate_cycles": program.meta.get("balance", {}).get("est_cycles"),
+        "compiler_estimate": {"cycles": program.meta.get("balance", {}).get("est_cycles"),
+                              "tokens": program.meta.get("balance", {}).get("rows")},
     }
 
 
@@ -93,13 +99,14 @@ def _si(x: float, unit: str) -> str:
 def render_text(r: dict) -> str:
     """A compact human-readable report."""
     hw = r["hardware"]
+    est = r.get("compiler_estimate") or {}
     tot = r["joules"] * 1e12 or 1.0
     lines = [
         f"{r['model']} on {hw['name']} ({hw['tiles']} tiles x {hw['macros_per_tile']} macros, "
         f"{hw['f_clk_mhz']:g} MHz): {r['tokens']} token(s), {r['instructions']:,} instructions",
         f"  time    {r['cycles']:,.0f} cycles = {_si(r['seconds'], 's')}"
-        + (f"   (compiler estimate {r['compiler_estimate_cycles']:,.0f} cycles)"
-           if r.get("compiler_estimate_cycles") else ""),
+        + (f"   (compiler's estimate {est['cycles']:,.0f} cycles)"
+           if est.get("cycles") and est.get("tokens") == r["tokens"] else ""),
         f"  energy  {_si(r['joules'], 'J')}   DRAM traffic {r['dram_bytes'] / 1e6:,.2f} MB   "
         f"MACs {r['macs']:,.0f}",
         "          " + ", ".join(f"{LABELS[k]} {v / tot:.1%}" for k, v in r["energy_pj"].items() if v > 0),
@@ -114,9 +121,9 @@ def render_text(r: dict) -> str:
             util = [u["utilization"] for u in group]
             lines.append(f"    {kind + 's':<8}{sum(u['busy_cycles'] for u in group):>12,.0f}   "
                          f"{np.mean(util):>6.1%} mean, {max(util):.1%} max over {len(group)}")
-    lines.append("  layer       cycles (span)       energy   share   DRAM MB   instrs")
+    lines.append("  layer     from cycle   to cycle       energy   share   DRAM MB   instrs")
     for name, d in r["layers"].items():
-        span = d["end_cycle"] - d["start_cycle"]
-        lines.append(f"    {name:<8}{span:>14,.0f}  {_si(d['energy_pj'] * 1e-12, 'J'):>11}  "
-                     f"{d['energy_pj'] / tot:>6.1%}  {d['dram_bytes'] / 1e6:>8.2f}  {d['instructions']:>7,}")
+        lines.append(f"    {name:<8}{d['start_cycle']:>10,.0f} {d['end_cycle']:>10,.0f}  "
+                     f"{_si(d['energy_pj'] * 1e-12, 'J'):>11}  {d['energy_pj'] / tot:>6.1%}  "
+                     f"{d['dram_bytes'] / 1e6:>8.2f}  {d['instructions']:>7,}")
     return "\n".join(lines)
