@@ -1,0 +1,32 @@
+"""Repository hygiene: CI runs the README's test command; the code is ruff-clean."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    readme = (ROOT / "README.md").read_text()
+    command = next(line for line in (ROOT / ".ci" / "run").read_text().splitlines()
+                   if "pytest" in line and not line.startswith("#"))
+    assert f"\n{command}\n" in readme
+    assert "cimc demo" in readme
+
+
+def test_ruff_clean() -> None:
+    ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
+    if not Path(ruff).exists():
+        pytest.skip("ruff is not installed")
+    out = subprocess.run([ruff, "check", str(ROOT)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_example_model_is_small() -> None:
+    assert (ROOT / "examples" / "tiny_llama.onnx").stat().st_size < 1_000_000
