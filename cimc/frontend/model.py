@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import networkx as nx
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
@@ -124,18 +125,34 @@ def open_model(path: str | os.PathLike) -> tuple[OnnxModel, WeightStore]:
 
 
 def _index(model: OnnxModel) -> None:
-    known = set(model.initializers) | set(model.inputs) | {""}
+    """Fill producer/consumer maps; put nodes in topological order (ONNX requires it, some
+    hand-edited graphs break it) keeping the file's order where it is already valid."""
+    graph_in = set(model.initializers) | set(model.inputs) | {""}
     for n in model.nodes:
-        for name in n.inputs:
-            if name not in known:
-                raise CimcError(f"{model.path}: node {n.name!r} ({n.op_type}) uses {name!r} before it is "
-                                "produced (graph not in topological order or input missing)")
-            if name:
-                model.consumers.setdefault(name, []).append(n)
         for name in n.outputs:
             if name:
+                if name in model.producer or name in graph_in:
+                    raise CimcError(f"{model.path}: value {name!r} is produced twice (node {n.name!r})")
                 model.producer[name] = n
-                known.add(name)
+    missing = [(n.name, i) for n in model.nodes for i in n.inputs if i not in graph_in and i not in model.producer]
+    if missing:
+        node, name = missing[0]
+        raise CimcError(f"{model.path}: node {node!r} uses {name!r}, which is neither a graph input, an "
+                        "initializer nor produced by a node")
+    g = nx.DiGraph()
+    order = {id(n): i for i, n in enumerate(model.nodes)}
+    g.add_nodes_from(order.values())
+    for n in model.nodes:
+        for name in n.inputs:
+            if name in model.producer:
+                g.add_edge(order[id(model.producer[name])], order[id(n)])
+                model.consumers.setdefault(name, []).append(n)
+    try:
+        ranks = list(nx.lexicographical_topological_sort(g))
+    except nx.NetworkXUnfeasible:
+        cycle = [model.nodes[u].name for u, _ in nx.find_cycle(g)]
+        raise CimcError(f"{model.path}: the graph has a cycle through nodes {', '.join(cycle)}") from None
+    model.nodes = [model.nodes[i] for i in ranks]
     for name in model.outputs:
-        if name not in known:
+        if name not in model.producer and name not in graph_in:
             raise CimcError(f"{model.path}: graph output {name!r} is not produced by any node")

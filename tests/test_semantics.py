@@ -1,0 +1,174 @@
+"""Every instruction's semantics on a small machine, against plain numpy (and erf from math)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from isa.encoding import Instr
+from isa.fields import Dim, Mem
+from isa.spec import BY_NAME
+from runtime.machine import Machine, SimError
+from runtime.semantics import execute
+
+RNG = np.random.default_rng(7)
+R, C = 3, 8  # rows, cols of the test operands
+A, B, OUT, EXTRA = 0x000, 0x400, 0x800, 0xC00  # byte addresses in the global buffer
+RW = 0x10000  # DRAM read-write region base
+
+
+def _machine(seq: int = R) -> Machine:
+    image = RNG.standard_normal(256).astype("<f4").view(np.uint8)
+    m = Machine(np.zeros(0x1000, np.uint8), image, np.zeros(0x400, np.uint8), RW,
+                np.array([0, seq, 0, seq], np.int64))
+    for addr in (A, B):
+        m.view(Mem(0, addr, C), R, C, write=True)[...] = RNG.standard_normal((R, C)).astype(np.float32) + 0.5
+    return m
+
+
+def _get(m: Machine, addr: int, rows: int = R, cols: int = C, stride: int = C) -> np.ndarray:
+    return np.array(m.view(Mem(0, addr, stride), rows, cols))
+
+
+def g(addr: int, stride: int = C) -> Mem:
+    return Mem(0, addr, stride)
+
+
+def run(mach: Machine, op: str, **fields: object) -> None:
+    execute(mach, Instr(op, fields).validate())
+
+
+UNARY = {
+    "vcopy": lambda x: x, "vneg": lambda x: -x, "vexp": np.exp, "vsqrt": lambda x: np.sqrt(np.abs(x)),
+    "vrsqrt": lambda x: 1 / np.sqrt(np.abs(x)), "vrecip": lambda x: 1 / x,
+    "vsigmoid": lambda x: 1 / (1 + np.exp(-x)), "vsilu": lambda x: x / (1 + np.exp(-x)), "vtanh": np.tanh,
+    "vgelu": lambda x: 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2))),
+}
+BINARY = {"vadd": np.add, "vsub": np.subtract, "vmul": np.multiply, "vdiv": np.divide, "vmax": np.maximum}
+COVERED = {*UNARY, *BINARY, "halt", "sync", "dma", "gather", "wload", "mvm", "tred", "vaffine", "vrsum", "vrmax",
+           "vrope", "vmm", "vcausal"}
+
+
+def test_every_instruction_has_a_semantics_test() -> None:
+    assert set(BY_NAME) == COVERED
+
+
+@pytest.mark.parametrize("op", sorted(UNARY))
+def test_unary(op: str) -> None:
+    m = _machine()
+    x = _get(m, A)
+    if op in ("vsqrt", "vrsqrt"):
+        m.view(g(A), R, C, write=True)[...] = x = np.abs(x)
+    run(m, op, tile=0, dst=g(OUT), src=g(A), rows=Dim(1, 0), cols=C)
+    np.testing.assert_allclose(_get(m, OUT), UNARY[op](x), rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("op", sorted(BINARY))
+@pytest.mark.parametrize(("bstride", "bbc"), [(C, 0), (0, 0), (1, 1)], ids=["full", "row-bcast", "col-bcast"])
+def test_binary_with_broadcasts(op: str, bstride: int, bbc: int) -> None:
+    m = _machine()
+    a = _get(m, A)
+    b_full = _get(m, B)
+    b = b_full[0:1, :] if bstride == 0 else (np.array(m.view(g(B, 1), R, 1)) if bbc else b_full)
+    run(m, op, tile=2, dst=g(OUT), a=g(A), b=g(B, bstride), rows=R, cols=C, abc=0, bbc=bbc)
+    np.testing.assert_allclose(_get(m, OUT), BINARY[op](a, b), rtol=1e-6)
+
+
+def test_affine_and_row_reductions() -> None:
+    m = _machine()
+    x = _get(m, A)
+    run(m, "vaffine", tile=0, dst=g(OUT), src=g(A), rows=R, cols=C, alpha=0.5, beta=-2.0)
+    np.testing.assert_allclose(_get(m, OUT), x * 0.5 - 2, rtol=1e-6)
+    run(m, "vrsum", tile=0, dst=g(EXTRA, 1), src=g(A), rows=R, cols=C)
+    np.testing.assert_allclose(_get(m, EXTRA, R, 1, 1)[:, 0], x.sum(1), rtol=1e-5)
+    run(m, "vrmax", tile=0, dst=g(EXTRA, 1), src=g(A), rows=R, cols=C)
+    np.testing.assert_array_equal(_get(m, EXTRA, R, 1, 1)[:, 0], x.max(1))
+
+
+def test_dma_and_tred_in_dram() -> None:
+    m = _machine()
+    x = _get(m, A)
+    run(m, "dma", dst=Mem(1, RW, C), src=g(A), rows=R, cols=C, dt="f32")
+    run(m, "dma", dst=Mem(1, RW + R * C * 4, C), src=g(B), rows=R, cols=C, dt="f32")
+    run(m, "tred", dst=g(OUT), src=Mem(1, RW, C), rows=R, cols=C, count=2, pstride=R * C * 4)
+    np.testing.assert_allclose(_get(m, OUT), x + _get(m, B), rtol=1e-6)
+    with pytest.raises(SimError, match="read-only DRAM image"):
+        run(m, "dma", dst=Mem(1, 0, C), src=g(A), rows=R, cols=C, dt="f32")
+
+
+def test_gather_checks_the_vocabulary() -> None:
+    m = _machine()
+    table = np.array(m.view(Mem(1, 0, 4), 16, 4))
+    m.view(g(EXTRA, 1), R, 1, dtype="<i4", write=True)[:, 0] = [3, 0, 15]
+    run(m, "gather", dst=g(OUT, 4), table=Mem(1, 0, 4), idx=g(EXTRA, 1), n=R, cols=4, vocab=16)
+    np.testing.assert_array_equal(_get(m, OUT, R, 4, 4), table[[3, 0, 15]])
+    m.view(g(EXTRA, 1), R, 1, dtype="<i4", write=True)[:, 0] = [3, 16, 0]
+    with pytest.raises(SimError, match="token id 16 at position 1 is outside the vocabulary"):
+        run(m, "gather", dst=g(OUT, 4), table=Mem(1, 0, 4), idx=g(EXTRA, 1), n=R, cols=4, vocab=16)
+
+
+def test_wload_then_mvm_with_accumulate() -> None:
+    m = _machine()
+    w = np.array(m.view(Mem(1, 0, 4), C, 4))
+    run(m, "wload", tile=5, m0=0, k=C, n=4, wbits=32, src=Mem(1, 0, 4))
+    x = _get(m, A)
+    run(m, "mvm", tile=5, m0=0, k=C, n=4, wbits=32, abits=32, acc=0, dst=g(OUT, 4), src=g(A), nvec=Dim(1, 0))
+    np.testing.assert_allclose(_get(m, OUT, R, 4, 4), x @ w, rtol=1e-5)
+    run(m, "mvm", tile=5, m0=0, k=C, n=4, wbits=32, abits=32, acc=1, dst=g(OUT, 4), src=g(A), nvec=Dim(1, 0))
+    np.testing.assert_allclose(_get(m, OUT, R, 4, 4), 2 * (x @ w), rtol=1e-5)
+    with pytest.raises(SimError, match="expects a 8 x 2 weight group"):
+        run(m, "mvm", tile=5, m0=0, k=C, n=2, wbits=32, abits=32, acc=0, dst=g(OUT, 4), src=g(A), nvec=R)
+    with pytest.raises(SimError, match="but nothing is loaded"):
+        run(m, "mvm", tile=6, m0=0, k=C, n=4, wbits=32, abits=32, acc=0, dst=g(OUT, 4), src=g(A), nvec=R)
+
+
+def test_rope_rotates_halves_per_head() -> None:
+    m = _machine()
+    hd = 4
+    x = _get(m, A)
+    cos, sin = _get(m, B)[:, :hd], _get(m, B)[:, hd:]
+    run(m, "vrope", tile=1, dst=g(OUT), src=g(A), cos=g(B), sin=g(B + hd * 4), rows=R, cols=C, hd=hd)
+    heads = x.reshape(R, C // hd, hd)
+    rot = np.concatenate([-heads[..., 2:], heads[..., :2]], -1)
+    want = (heads * cos[:, None] + rot * sin[:, None]).reshape(R, C)
+    np.testing.assert_allclose(_get(m, OUT), want, rtol=1e-6)
+
+
+def test_vmm_causal_softmax_pieces() -> None:
+    m = _machine()
+    q, k = _get(m, A), _get(m, B)
+    run(m, "vmm", tile=0, dst=g(OUT, R), a=g(A), b=g(B), m=R, k=C, n=R, tb=1, alpha=0.25)
+    s = _get(m, OUT, R, R, R)
+    np.testing.assert_allclose(s, 0.25 * q @ k.T, rtol=1e-5)
+    run(m, "vcausal", tile=0, dst=g(OUT, R), rows=R, cols=R, diag=0)
+    masked = _get(m, OUT, R, R, R)
+    assert np.isneginf(masked[np.triu_indices(R, 1)]).all()
+    np.testing.assert_array_equal(masked[np.tril_indices(R)], s[np.tril_indices(R)])
+    m.view(g(OUT, R), R, R, write=True)[...] = p = np.tril(np.full((R, R), 1.0 / R, np.float32))
+    run(m, "vmm", tile=0, dst=g(EXTRA), a=g(OUT, R), b=g(B), m=R, k=R, n=C, tb=0, alpha=1.0)
+    np.testing.assert_allclose(_get(m, EXTRA), p @ k, rtol=1e-5)
+
+
+def test_sizes_follow_the_runtime_length() -> None:
+    m = _machine(seq=2)
+    before = _get(m, OUT)
+    run(m, "vcopy", tile=0, dst=g(OUT), src=g(A), rows=Dim(1, 0), cols=C)
+    after = _get(m, OUT)
+    np.testing.assert_array_equal(after[:2], _get(m, A)[:2])
+    np.testing.assert_array_equal(after[2:], before[2:])
+
+
+def test_operands_outside_memory_are_errors() -> None:
+    m = _machine()
+    with pytest.raises(SimError, match="outside its memory"):
+        run(m, "vcopy", tile=0, dst=g(0xFF0), src=g(A), rows=R, cols=C)
+
+
+def test_control_instructions_do_nothing() -> None:
+    m = _machine()
+    before = m.gbuf.copy()
+    run(m, "sync")
+    run(m, "halt")
+    np.testing.assert_array_equal(m.gbuf, before)
