@@ -119,6 +119,7 @@ class PassManager:
             t0 = time.perf_counter()
             p.run(module, rw, ctx)
             self.stats.append(PassStat(p.name, time.perf_counter() - t0, rw.summary()))
+            module.attrs["passes"] = [*module.attrs.get("passes", []), p.name]
             if self.verify:
                 self._verify(module, f"pass {p.name!r}")
             if "all" in self.dump_after or p.name in self.dump_after:
