@@ -13,6 +13,8 @@ import struct
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
+import numpy as np
+
 #: Runtime registers a size or a row offset may refer to. `seq` is the number of tokens in this
 #: call, `past` the tokens already in the KV cache, `ctx` = past + seq.
 REGS: tuple[str, ...] = ("zero", "seq", "past", "ctx")
@@ -71,6 +73,10 @@ class Kind:
 
     def unpack(self, raw: int) -> object:
         return raw
+
+    def valid_raw(self, raw: np.ndarray) -> np.ndarray:
+        """Vectorised: which packed values (uint64 array) decode to a valid value."""
+        return np.ones(raw.shape, dtype=bool)
 
     def format(self, value: object) -> str:
         return str(value)
@@ -160,6 +166,9 @@ class MemKind(Kind):
     def unpack(self, raw: int) -> Mem:
         return Mem(raw & 3, (raw >> 4) & ((1 << self.ADDR_BITS) - 1), raw >> 40, (raw >> 2) & 3)
 
+    def valid_raw(self, raw: np.ndarray) -> np.ndarray:
+        return (raw & np.uint64(3)) < len(SPACES)
+
     def format(self, value: object) -> str:
         m: Mem = value  # type: ignore[assignment]
         text = f"{SPACES[m.space]}:{m.addr:#x}/{m.stride}"
@@ -198,6 +207,9 @@ class F32Kind(Kind):
     def unpack(self, raw: int) -> float:
         return struct.unpack("<f", struct.pack("<I", raw))[0]
 
+    def valid_raw(self, raw: np.ndarray) -> np.ndarray:
+        return ~np.isnan(raw.astype(np.uint32).view(np.float32))
+
     def format(self, value: object) -> str:
         return repr(float(value))  # type: ignore[arg-type]
 
@@ -223,6 +235,9 @@ class EnumKind(Kind):
         if isinstance(value, int) and value < len(self.names):
             return Kind.check(self, value)  # type: ignore[return-value]
         return self._bad(value)
+
+    def valid_raw(self, raw: np.ndarray) -> np.ndarray:
+        return raw < len(self.names)
 
     def _bad(self, value: object) -> int:
         raise FieldError(f"expected one of {', '.join(self.names)}, got {value!r}")
