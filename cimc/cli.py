@@ -25,11 +25,20 @@ EPILOG = "Docs: README.md (CLI reference, architecture), docs/isa.md (instructio
 def _atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Write via a temporary file in the same folder and rename it into place."""
     p = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent if str(p.parent) else ".")
-    os.close(fd)
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    except OSError as e:
+        raise CimcError(f"cannot write {p}: {e.strerror}") from None
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
         write(Path(tmp))
         os.replace(tmp, p)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise CimcError(f"cannot write {p}: {e.strerror}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -83,8 +92,8 @@ def _options(args: argparse.Namespace):
     dims = {}
     for item in args.dim:
         name, _, value = item.partition("=")
-        if not value.isdigit():
-            raise CimcError(f"--dim {item!r}: expected NAME=N with a positive integer N")
+        if not name or not value.isdigit() or int(value) < 1:
+            raise CimcError(f"--dim {item!r}: expected NAME=N with a dimension name and a positive integer N")
         dims[name] = int(value)
     return CompileOptions(max_seq=args.max_seq, weights=args.weights, hw=_hw(args), dims=dims,
                           pipeline=args.pipeline or DEFAULT_PIPELINE)
@@ -118,8 +127,8 @@ def cmd_compile(args: argparse.Namespace) -> None:
     write_binary(args.output, program)
     t3 = time.perf_counter()
     if args.time_passes:
-        _log(args, f"  frontend  {1000 * (t1 - t0):8.1f} ms\n{pm.timing_report()}\n"
-                   f"  codegen   {1000 * (t3 - t2):8.1f} ms")
+        print(f"  frontend  {1000 * (t1 - t0):8.1f} ms\n{pm.timing_report()}\n"
+              f"  codegen   {1000 * (t3 - t2):8.1f} ms", file=sys.stderr)
     b = program.meta.get("balance", {})
     _log(args, f"cimc: wrote {args.output}: {program.n_instrs:,} instructions, DRAM image "
                f"{program.dram.size / 1e6:,.2f} MB, {b.get('stages', 0)} pipeline stages, "
@@ -128,9 +137,13 @@ def cmd_compile(args: argparse.Namespace) -> None:
 
 def _load_inputs(path: str, program) -> dict[str, np.ndarray]:
     try:
-        data = np.load(path, allow_pickle=False)
+        with open(path, "rb") as f:
+            is_zip = f.read(4) == b"PK\x03\x04"
+        data = np.load(path, allow_pickle=False) if is_zip else None
     except (OSError, ValueError) as e:
         raise CimcError(f"{path}: cannot read inputs ({str(e).splitlines()[0]}); expected an .npz file") from None
+    if data is None:
+        raise CimcError(f"{path}: not an .npz file (save inputs with numpy.savez(path, input_ids=ids))")
     with data:
         keys = list(data.keys())
         names = [s.name for s in program.symbols if s.kind == "input"]
@@ -160,7 +173,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     if args.no_numerics:
         if args.inputs or args.outputs:
             raise CimcError("--no-numerics computes no values: drop --inputs/--outputs or drop --no-numerics")
-        result = simulate(program, numerics=False, tokens=args.tokens, hw=hw)
+        result = simulate(program, numerics=False, tokens=args.tokens, hw=hw, name=args.binary)
     else:
         if not args.inputs:
             raise CimcError("--inputs FILE.npz is required (or use --no-numerics for timing and energy only)")
@@ -170,7 +183,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         def progress(i: int, n: int) -> None:
             print(f"\rcimc: executing {i:,}/{n:,} instructions", end="", file=sys.stderr, flush=True)
 
-        result = simulate(program, inputs, hw=hw, progress=progress if big else None)
+        result = simulate(program, inputs, hw=hw, progress=progress if big else None, name=args.binary)
         if big:
             print(file=sys.stderr)
         if args.outputs:
@@ -205,7 +218,12 @@ def cmd_disasm(args: argparse.Namespace) -> None:
     from isa.binary import read_binary
 
     program = read_binary(args.binary)
-    _text_out(args.output, disassemble(program, dram=args.dram, binary_path=args.binary))
+    # `.incbin` paths resolve against the assembly file's folder: written relative to it with -o,
+    # as given on stdout (the usual `cimc disasm x.cimb > x.s` keeps both in one folder)
+    name = args.binary
+    if args.output not in (None, "-"):
+        name = os.path.relpath(os.path.abspath(args.binary), os.path.dirname(os.path.abspath(args.output)))
+    _text_out(args.output, disassemble(program, dram=args.dram, binary_path=args.binary, incbin_name=name))
 
 
 def cmd_asm(args: argparse.Namespace) -> None:

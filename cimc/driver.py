@@ -53,6 +53,8 @@ def load_module(path: str | os.PathLike, opts: CompileOptions) -> tuple[Module, 
             text = p.read_text()
         except OSError as e:
             raise CimcError(f"{p}: cannot read ({e.strerror})") from None
+        except UnicodeDecodeError:
+            raise CimcError(f"{p}: not an IR text file (not UTF-8)") from None
         module = parse_module(text, str(p))
         src = p.parent / str(module.attrs.get("source", ""))
         weights = open_model(src)[1].get if src.is_file() and src.suffix == ".onnx" else None

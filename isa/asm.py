@@ -121,12 +121,14 @@ def _note(op: dict) -> str:
     return " ".join(text.split()).encode("ascii", "backslashreplace").decode("ascii")
 
 
-def disassemble(program: Program, *, dram: str = "auto", binary_path: str | None = None) -> str:
+def disassemble(program: Program, *, dram: str = "auto", binary_path: str | None = None,
+                incbin_name: str | None = None) -> str:
     """The assembly text of `program`; `assemble` turns it back into an identical binary.
 
     `dram` picks how the DRAM image is written: "inline" as `.data` lines, "incbin" as a
-    reference to the DRAM section of the `.cimb` file `binary_path` (written as given, so pass
-    it relative to where the text will be saved), "auto" inline up to `INLINE_LIMIT` bytes.
+    reference to the DRAM section of the `.cimb` file `binary_path`, "auto" inline up to
+    `INLINE_LIMIT` bytes. The reference is written as `incbin_name` (default `binary_path`):
+    the assembler resolves it against the folder of the assembly file.
     """
     if dram not in ("auto", "inline", "incbin"):
         raise CimcError(f"unknown DRAM mode {dram!r} (choose auto, inline or incbin)")
@@ -153,7 +155,7 @@ def disassemble(program: Program, *, dram: str = "auto", binary_path: str | None
     if dram == "inline":
         out += _data_lines(program.dram)
     else:
-        out.append(_incbin_line(program.dram, binary_path))
+        out.append(_incbin_line(program.dram, binary_path, incbin_name))
     out.append(".text")
     lines = [format_instr(ins, int(k)) for ins, k in zip(instrs, program.debug.instr_op, strict=True)]
     width = min(max(map(len, lines), default=0), _COMMENT_COLUMN)
@@ -181,7 +183,7 @@ def _data_line(offset: int, chunk: bytes) -> list[str]:
     return [f".data {offset:#x} {base64.b64encode(chunk).decode('ascii')}"]
 
 
-def _incbin_line(image: DramImage, binary_path: str | None) -> str:
+def _incbin_line(image: DramImage, binary_path: str | None, name: str | None) -> str:
     if binary_path is None:
         raise CimcError(f"the DRAM image is {image.size} bytes, too large to inline: give the .cimb "
                         "file to reference it with .incbin")
@@ -198,7 +200,7 @@ def _incbin_line(image: DramImage, binary_path: str | None) -> str:
             crc = zlib.crc32(view, crc)
         if crc != sec.crc32:
             raise CimcError(f"{binary_path}: its DRAM section differs from the program's image")
-    return f".incbin {json.dumps(binary_path)} offset={sec.offset} size={sec.size} crc32={sec.crc32:#010x}"
+    return f".incbin {json.dumps(name or binary_path)} offset={sec.offset} size={sec.size} crc32={sec.crc32:#010x}"
 
 
 # ---- parsing ---------------------------------------------------------------------------------

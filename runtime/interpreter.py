@@ -16,7 +16,7 @@ from isa.cost import CostModel
 from isa.diag import CimcError
 from isa.encoding import decode, decode_columns
 from isa.fields import REGS
-from isa.hw import HardwareConfig
+from isa.hw import FIELDS, HardwareConfig
 from isa.program import Program, Symbol
 from runtime.machine import Machine, SimError
 from runtime.report import build_report
@@ -34,15 +34,21 @@ class SimResult:
     accesses: list | None = None  # (instr, space, lo, hi, write) when traced
 
 
-def hardware_for(program: Program, hw: HardwareConfig | None) -> HardwareConfig:
-    """The config to simulate with: the binary's own, or `hw` if its structure matches."""
+def hardware_for(program: Program, hw: HardwareConfig | None, name: str = "the binary") -> HardwareConfig:
+    """The config to simulate with: the binary's own, or `hw` if its structure matches.
+
+    Energies and clocks may differ (re-pricing a binary is the point); array shapes and buffer
+    sizes may not, since the code was generated for them.
+    """
+    built = HardwareConfig.from_dict(program.hw, f"embedded in {name}")
     if hw is None:
-        return HardwareConfig.from_dict(program.hw, "embedded in the binary")
+        return built
     if hw.fingerprint() != program.hw_fingerprint:
-        built = program.hw.get("chip", {}).get("name", "?")
-        raise CimcError(f"the binary was compiled for hardware {built!r} (fingerprint {program.hw_fingerprint}), "
-                        f"which differs structurally from {hw.name!r} ({hw.fingerprint()}); recompile with this "
-                        "--hw or run without --hw")
+        mine, theirs = built.values(), hw.values()
+        diff = [f"{k} is {mine[k]} there, {theirs[k]} here" for k, spec in FIELDS.items()
+                if spec.structural and mine[k] != theirs[k]]
+        raise CimcError(f"{name} was compiled for a different hardware structure ({'; '.join(diff) or 'fingerprint'}); "
+                        "recompile it with these settings, or run without --hw/--set to use its own")
     return hw
 
 
@@ -77,6 +83,8 @@ def bind_inputs(program: Program, arrays: Mapping[str, np.ndarray]) -> tuple[int
         out[s.name] = a
     if seq is None:
         seq = 1
+    if seq < 1:
+        raise CimcError("inputs have 0 tokens; give at least one")
     if not 1 <= seq <= max_seq:
         raise CimcError(f"inputs have {seq} tokens; this program was compiled for 1..{max_seq} "
                         "(recompile with a larger --max-seq)")
@@ -97,16 +105,17 @@ def _shape_text(s: Symbol) -> str:
 
 def simulate(program: Program, inputs: Mapping[str, np.ndarray] | None = None, *, tokens: int | None = None,
              numerics: bool = True, hw: HardwareConfig | None = None, trace_accesses: bool = False,
-             progress: Callable[[int, int], None] | None = None) -> SimResult:
-    """Simulate one run. With numerics, `inputs` are required; without, `tokens` sets the length."""
-    hw = hardware_for(program, hw)
+             progress: Callable[[int, int], None] | None = None, name: str = "the binary") -> SimResult:
+    """Simulate one run. With numerics, `inputs` are required; without, `tokens` sets the length.
+    `name` (the binary's path) only labels errors."""
+    hw = hardware_for(program, hw, name)
     cost = CostModel(hw)
     if numerics:
         if inputs is None:
             raise CimcError("numerics need inputs (or run timing-only)")
         seq, bound = bind_inputs(program, inputs)
     else:
-        seq, bound = (tokens or 1), {}
+        seq, bound = (1 if tokens is None else tokens), {}
         if not 1 <= seq <= int(program.meta["max_seq"]):
             raise CimcError(f"--tokens {seq} is outside 1..{program.meta['max_seq']} for this program")
     regs = np.zeros(len(REGS), np.int64)

@@ -13,6 +13,7 @@ from lark import Lark, Token, Transformer, Tree, UnexpectedInput, v_args
 
 from cimc.ir.core import SEQ, Module, Op, TensorType, Value
 from cimc.ir.printer import VERSION
+from cimc.ir.verifier import VerifyError, verify_module
 from isa.diag import SourceError
 
 
@@ -58,8 +59,9 @@ class _Attrs(Transformer):
         return SEQ
 
 
-def parse_module(text: str, path: str = "<ir>") -> Module:
-    """Parse IR text; raises SourceError pointing at the first problem."""
+def parse_module(text: str, path: str = "<ir>", verify: bool = True) -> Module:
+    """Parse IR text; raises SourceError pointing at the first problem (syntax, undefined
+    values, and with `verify` any broken IR invariant, at the op's line)."""
     try:
         tree = _parser().parse(text)
     except UnexpectedInput as e:
@@ -72,8 +74,19 @@ def parse_module(text: str, path: str = "<ir>") -> Module:
                           f"IR text version {version} is not supported (this cimc reads {VERSION})")
     module = Module(json.loads(mod.children[0]), mod.children[1] or {})
     env: dict[str, Value] = {}
+    where: dict[int, tuple[int, int]] = {}
     for st in stmts:
-        module.ops.append(_stmt(st, env, text, path))
+        op = _stmt(st, env, text, path)
+        module.ops.append(op)
+        where[id(op)] = (st.meta.line, st.meta.column)
+    if verify:
+        try:
+            verify_module(module)
+        except VerifyError as e:
+            if e.op is None:
+                raise SourceError(path, text, mod.meta.line, mod.meta.column, e.message) from None
+            line, col = where[id(e.op)]
+            raise SourceError(path, text, line, col, f"{e.op.name}: {e.reason}") from None
     return module
 
 

@@ -13,13 +13,18 @@ from isa.diag import CimcError
 
 
 class VerifyError(CimcError):
-    """The IR breaks an invariant; `op_text` is the offending op's printed line."""
+    """The IR breaks an invariant; `op` is the offending op, `detail` its printed line underlined."""
+
+    op: Op | None = None
+    reason: str = ""
 
 
 def _fail(op: Op, names: dict[int, str], message: str) -> None:
     text = print_op(op, dict(names))
-    raise VerifyError(f"invalid IR at {op.name} (ONNX node {op.loc!r}): {message}",
+    err = VerifyError(f"invalid IR at {op.name} (ONNX node {op.loc!r}): {message}",
                       detail=f"  {text}\n  {'^' * len(text)}")
+    err.op, err.reason = op, message
+    raise err
 
 
 def verify_module(module: Module) -> None:
