@@ -29,10 +29,13 @@ class PlaceWeightsPass:
 
     def run(self, module: Module, rw: Rewriter, ctx: PassContext) -> None:
         tiles = ctx.hw.chip.tiles
-        if self.sets < 1 or tiles < self.sets:
-            raise CimcError(f"place-weights: cannot split {tiles} tiles into {self.sets} macro sets")
-        per = tiles // self.sets
-        rw.set_module_attr("macro_sets", [list(range(s * per, (s + 1) * per)) for s in range(self.sets)])
+        if self.sets < 1:
+            raise CimcError(f"place-weights: sets must be at least 1, got {self.sets}")
+        sets = min(self.sets, tiles)
+        if sets < self.sets:
+            ctx.notes.append(f"place-weights: {tiles} tile(s) cannot form {self.sets} macro sets; using {sets}")
+        per = tiles // sets
+        rw.set_module_attr("macro_sets", [list(range(s * per, (s + 1) * per)) for s in range(sets)])
         offset, stream = 0, 0
         for op in module.walk("linear"):
             if "tiling" not in op.attrs:

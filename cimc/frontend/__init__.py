@@ -25,8 +25,11 @@ def import_onnx(path: str | os.PathLike, *, max_seq: int = 256, dims: dict[str, 
         raise CimcError(f"--max-seq must be at least 1, got {max_seq}")
     model, weights = open_model(path)
     dims = dict(dims or {})
-    probe = max_seq - 1 if max_seq > 1 else 2
-    f1 = analyze(model, weights, max_seq, dims)
-    f2 = analyze(model, weights, probe, dims)
+    # Analyse at two lengths (at least 2, so a sequence axis never has size 1): axes whose size
+    # differs follow the length. Constants that vary must agree on their common prefix.
+    n1 = max(max_seq, 2)
+    n2 = n1 - 1 if n1 > 2 else 3
+    f1 = analyze(model, weights, n1, dims)
+    f2 = analyze(model, weights, n2, dims)
     module = Lifter(model, f1, f2, max_seq, Path(path).stem).run()
     return module, weights

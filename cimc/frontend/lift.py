@@ -34,6 +34,10 @@ class Unsupported(Exception):
     """Raised by a handler: this node cannot be compiled, for the given reason."""
 
 
+class Poisoned(Exception):
+    """An input of this node is an expression no idiom consumed (already reported)."""
+
+
 @dataclass
 class Static:
     name: str
@@ -74,8 +78,11 @@ class Lifter:
     """Builds the IR module for one model; see the module docstring."""
 
     def __init__(self, model: OnnxModel, f1: Facts, f2: Facts, max_seq: int, name: str) -> None:
-        self.model, self.f1, self.f2, self.n = model, f1, f2, max_seq
+        # f1 is the graph at f1.n tokens (>= 2, so sequence axes never look like size-1 axes);
+        # the program accepts 1..max_seq tokens.
+        self.model, self.f1, self.f2, self.n, self.max_seq = model, f1, f2, f1.n, max_seq
         self.module = Module(name, {"max_seq": max_seq, "source": model.path.name})
+        self.poisoned = 0
         self.rw = Rewriter(self.module)
         self.env: dict[str, Term] = {}
         self.reasons: dict[str, str] = {}  # node name -> why it could not be compiled
@@ -149,6 +156,8 @@ class Lifter:
         """A constant operand: an initializer reference when possible, else folded data inline."""
         if s.init and arr.shape == s.value.shape and not seq_rows:
             return self.weight(Lazy(s.name, tuple(arr.shape)))
+        if seq_rows:
+            arr = arr[: self.max_seq]
         key = f"{s.name}:{arr.shape}"
         if key not in self._consts:
             data = base64.b64encode(np.ascontiguousarray(arr, dtype="<f4").tobytes()).decode()
@@ -222,12 +231,30 @@ class Lifter:
                 if handler is None or node.domain not in ("", "ai.onnx"):
                     raise Unsupported(f"op {node.op_type} is not supported on activations")
                 result = handler(node, args)
+        except Poisoned:
+            result = self._placeholder(node) or Bad(node)
         except (Unsupported, ViewError) as e:
-            self.reasons[node.name] = self.near_miss.get(node.name, str(e)) if not str(e) else str(e)
-            result = Bad(node)
+            self.reasons[node.name] = str(e) or self.near_miss.get(node.name, "not supported")
+            result = self._placeholder(node) or Bad(node)
         self.env[outs[0]] = result
         for o in outs[1:]:
             self.env[o] = Bad(node)
+
+    def _placeholder(self, node: Node) -> View | None:
+        """A stand-in activation for a node that failed, so the nodes after it are still checked
+        and every unsupported node is reported at once (the module is discarded on failure)."""
+        name = node.outputs[0]
+        shape, seq = self.f1.shapes.get(name), self.seq_axes(name)
+        if shape is None or len(seq) != 1 or self.f1.elem_types.get(name) not in _FLOAT:
+            return None
+        lead = [d for i, d in enumerate(shape) if i < seq[0]]
+        rest = [d for i, d in enumerate(shape) if i > seq[0]]
+        if any(d != 1 for d in lead) or len([d for d in rest if d != 1]) > 1:
+            return None
+        cols = int(np.prod(rest)) if rest else 1
+        self.poisoned += 1
+        base = self.rw.create("const", [], [TensorType("f32", (SEQ, cols))], {"data": ""}, node.name).result
+        return self._view_of(base, shape)
 
     def _term(self, name: str) -> Term | None:
         if not name:
@@ -256,9 +283,29 @@ class Lifter:
         if isinstance(term, View):
             return term
         if isinstance(term, Expr):
+            view = self._materialize(term)
+            if view is not None:
+                return view
             self._report_expr(term)
-            raise Unsupported("")
+            raise Poisoned
         raise Unsupported(f"{what} must be an activation")
+
+    def _materialize(self, e: Expr) -> View | None:
+        """Lower a deferred elementwise expression on whole activations generically (it was
+        deferred only in case an idiom such as RoPE would consume it)."""
+        op = e.node.op_type
+        if op not in _BINARY and op not in _UNARY:
+            return None
+        args = []
+        for a in e.args:
+            if isinstance(a, Expr):
+                a = self._materialize(a)
+            if not (isinstance(a, Static) or (isinstance(a, View) and self._is_plain(a))):
+                return None
+            args.append(a)
+        view = (self._lower_binary if op in _BINARY else self._lower_unary)(e.node, args)
+        self.env[e.node.outputs[0]] = view
+        return view
 
     def _report_expr(self, e: Expr) -> None:
         stack = [e]
@@ -424,6 +471,16 @@ class Lifter:
         return self.const(s, mat.astype(np.float32), True)
 
     def _binary(self, node: Node, args: list) -> Term:
+        """Lower now, or defer: operands on head-split views, and x * (per-position table),
+        which may be half of a RoPE (materialised generically if no idiom takes it)."""
+        if any(isinstance(t, Expr) or (isinstance(t, View) and self._plain(t) is None) for t in args):
+            return Expr(node, args)
+        if node.op_type == "Mul" and any(isinstance(t, Static) and t.value2 is not None
+                                         and t.value2.shape != t.value.shape for t in args):
+            return Expr(node, args)
+        return self._lower_binary(node, args)
+
+    def _lower_binary(self, node: Node, args: list) -> View:
         a, b = args
         name = _BINARY[node.op_type]
         out_shape = self.shape(node.outputs[0])
@@ -438,8 +495,6 @@ class Lifter:
                 continue
             c = self._static_operand(other, plain, node.outputs[0])
             return self._view_of(self._with_const(name, plain.base, c, left, node.name), out_shape)
-        if any(isinstance(t, (Expr, View)) for t in args):
-            return Expr(node, args)
         raise Unsupported(f"{node.op_type} of these operands is not supported")
 
     def _with_const(self, name: str, x: Value, c: Value | float, x_left: bool, loc: str) -> Value:
@@ -470,10 +525,13 @@ class Lifter:
     _on_Sub = _on_Mul = _on_Div = _on_Max = _binary
 
     def _unary(self, node: Node, args: list) -> Term:
+        if isinstance(args[0], Expr) or (isinstance(args[0], View) and self._plain(args[0]) is None):
+            return Expr(node, args)
+        return self._lower_unary(node, args)
+
+    def _lower_unary(self, node: Node, args: list) -> View:
         p = self._plain(args[0])
         if p is None:
-            if isinstance(args[0], (Expr, View)):
-                return Expr(node, args)
             raise Unsupported(f"{node.op_type} input must be an activation")
         return self._view_of(self._op(_UNARY[node.op_type], [p.base], node.name), self.shape(node.outputs[0]))
 
@@ -523,37 +581,42 @@ class Lifter:
     # ---- idiom: rotary embedding ---------------------------------------------------------
 
     def _match_rope(self, add: Expr) -> View | None:
-        why = self.near_miss
+        """x*cos + rotate_half(x)*sin, either operand order. Records why a candidate (an Add of
+        two products) did not match, keeping the most specific reason."""
+        reasons: list[str] = []
         for m1, m2 in (add.args, add.args[::-1]):
             xc = _split_mul(m1, View)
             rs = _split_mul(m2, Expr)
             if xc is None or rs is None:
-                why[add.node.name] = "Add is not x*cos + rotate_half(x)*sin"
                 continue
             (x, cos), (rot, sin) = xc, rs
             hd = x.shape[-1]
             concat_axis = rot.node.attrs.get("axis")
             if rot.node.op_type != "Concat" or len(rot.args) != 2 or concat_axis not in (-1, len(x.shape) - 1):
-                why[add.node.name] = "rotate_half is not Concat(-x2, x1) on the last axis"
+                reasons.append("rotate_half is not Concat(-x2, x1) on the last axis")
                 continue
             neg, x1 = rot.args
             if not (isinstance(neg, Expr) and neg.node.op_type == "Neg" and isinstance(neg.args[0], View)):
-                why[add.node.name] = "rotate_half's first half is not Neg(slice)"
+                reasons.append("rotate_half's first half is not Neg(slice)")
                 continue
             last = len(x.shape) - 1
             halves_ok = hd % 2 == 0 and neg.args[0] == V.slice_axis(x, last, hd // 2, hd // 2) \
                 and x1 == V.slice_axis(x, last, 0, hd // 2)
             if not halves_ok:
-                why[add.node.name] = "rotate_half does not swap the two halves of the head dimension"
+                reasons.append("rotate_half does not swap the two halves of the head dimension")
                 continue
             try:
                 tables = [self._rope_table(t, x, add.node) for t in (cos, sin)]
                 base = self._heads_base(x, hd)
             except Unsupported as e:
-                why[add.node.name] = str(e)
+                reasons.append(str(e))
                 continue
             out = self._op("rope", [base, *tables], add.node.name, {"head_dim": hd})
             return View(out, x.axes)
+        if reasons:
+            self.near_miss[add.node.name] = f"RoPE idiom: {reasons[-1]}"
+        elif all(isinstance(a, Expr) and a.node.op_type == "Mul" for a in add.args):
+            self.near_miss[add.node.name] = "RoPE idiom: Add of products is not x*cos + rotate_half(x)*sin"
         return None
 
     def _heads_base(self, x: View, hd: int) -> Value:
@@ -634,9 +697,16 @@ class Lifter:
         hd = d_ax.size
         if (s_ax.rs, s_ax.cs, s_ax.rep) != (1, 0, 1) or (d_ax.rs, d_ax.cs, d_ax.rep) != (0, 1, 1):
             raise Unsupported(f"{what} view does not have contiguous positions and head_dim")
-        group = h_ax.rep if h_ax.size > 1 else 1
-        if h_ax.size > 1 and (h_ax.rs, h_ax.cs) != (0, hd):
+        if h_ax.size == 1:
+            group = 1
+        elif h_ax.broadcast:  # one KV head repeated for every query head (MQA)
+            group = h_ax.size
+        elif (h_ax.rs, h_ax.cs) == (0, hd):
+            group = h_ax.rep
+        else:
             raise Unsupported(f"{what} heads are not consecutive head_dim-wide column blocks")
+        if what == "q" and group != 1:
+            raise Unsupported("q repeats heads")
         heads = h_ax.size // group
         cols = int(x.base.type.shape[1]) if x.base.type.rank == 2 else 0
         if cols != heads * hd or h_ax.size % group:

@@ -73,29 +73,47 @@ class WeightStore:
             raise CimcError(f"{self.model.path}: no initializer named {name!r}")
         if t.data_location != TensorProto.EXTERNAL:
             return numpy_helper.to_array(t)
-        info = {e.key: e.value for e in t.external_data}
-        base = self.model.path.parent.resolve()
-        target = (base / info.get("location", "")).resolve()
-        if base not in target.parents and target != base:
-            raise CimcError(f"{self.model.path}: initializer {name!r} points outside the model's folder "
-                            f"({info.get('location')!r}); refusing to read it")
+        target, offset, need = self.external(name)
         dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
-        count = int(np.prod(t.dims, dtype=np.int64))
-        offset, length = int(info.get("offset", 0)), info.get("length")
-        need = count * np.dtype(dtype).itemsize
-        if length is not None and int(length) != need:
-            raise CimcError(f"{self.model.path}: initializer {name!r} has length {length}, expected {need}")
-        try:
-            size = target.stat().st_size
-        except OSError:
-            raise CimcError(f"{self.model.path}: external data file {info.get('location')!r} for "
-                            f"{name!r} is missing") from None
-        if offset + need > size:
-            raise CimcError(f"{self.model.path}: external data file {target.name} is truncated "
-                            f"(initializer {name!r} needs bytes up to {offset + need}, file has {size})")
         if need == 0:
             return np.zeros(tuple(t.dims), dtype=dtype)
         return np.memmap(target, dtype=dtype, mode="r", offset=offset, shape=tuple(t.dims))
+
+    def external(self, name: str) -> tuple[Path, int, int]:
+        """(file, offset, bytes) of an initializer stored as external data, all checked."""
+        t = self.model.initializers[name]
+        where = f"{self.model.path}: initializer {name!r}"
+        info = {e.key: e.value for e in t.external_data}
+        if not info.get("location"):
+            raise CimcError(f"{where} is marked as external data but names no file (location)")
+        base = self.model.path.parent.resolve()
+        target = (base / info["location"]).resolve()
+        if base not in target.parents:
+            raise CimcError(f"{where} points outside the model's folder ({info['location']!r}); refusing to read it")
+        try:
+            offset, length = int(info.get("offset", 0)), info.get("length")
+            length = None if length is None else int(length)
+        except ValueError:
+            raise CimcError(f"{where} has a non-integer external data offset or length") from None
+        need = int(np.prod(t.dims, dtype=np.int64)) * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        if offset < 0 or (length is not None and length != need):
+            raise CimcError(f"{where} has offset {offset} and length {length}; expected a length of {need} bytes")
+        try:
+            size = target.stat().st_size if target.is_file() else -1
+        except OSError:
+            size = -1
+        if size < 0:
+            raise CimcError(f"{where}: external data file {info['location']!r} is missing")
+        if offset + need > size:
+            raise CimcError(f"{where}: external data file {target.name} is truncated (needs bytes up to "
+                            f"{offset + need}, the file has {size})")
+        return target, offset, need
+
+    def check_external(self) -> None:
+        """Validate every external-data reference now, not when the weights are first read."""
+        for name, t in self.model.initializers.items():
+            if t.data_location == TensorProto.EXTERNAL:
+                self.external(name)
 
 
 def open_model(path: str | os.PathLike) -> tuple[OnnxModel, WeightStore]:
@@ -121,7 +139,9 @@ def open_model(path: str | os.PathLike) -> tuple[OnnxModel, WeightStore]:
     model = OnnxModel(p, proto, nodes, inputs, [o.name for o in g.output], inits,
                       {o.domain or "": o.version for o in proto.opset_import})
     _index(model)
-    return model, WeightStore(model)
+    store = WeightStore(model)
+    store.check_external()
+    return model, store
 
 
 def _index(model: OnnxModel) -> None:

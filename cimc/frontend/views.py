@@ -137,6 +137,8 @@ def _split(a: Axis, sizes: list[int]) -> list[Axis]:
             inner, a = Axis(d), Axis(a.size // d, a.rs, a.cs, a.rep // d)
         else:
             raise ViewError("Reshape splits a repeated (GQA) axis unevenly")
+        if inner.rep >= inner.size:  # every index maps to the same place: a broadcast
+            inner = Axis(inner.size)
         out.append(inner)
     out.append(a)
     return list(reversed(out))
