@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import numpy as np
 
@@ -29,18 +29,27 @@ class Segment(Protocol):
 
 @dataclass(frozen=True)
 class ArraySegment:
-    """A segment whose bytes come from an array-producing callable (called once, when written)."""
+    """A segment whose bytes come from an array-producing callable (called once, when written).
+
+    The array may be a memory map of a GB-sized table: it is copied out in row blocks of at most
+    `CHUNK_BYTES`, never whole.
+    """
 
     offset: int
     size: int
     produce: Callable[[], np.ndarray]
 
+    CHUNK_BYTES: ClassVar[int] = 64 << 20
+
     def chunks(self) -> Iterator[np.ndarray]:
-        data = np.ascontiguousarray(self.produce())
+        data = self.produce()
         if data.nbytes != self.size:
             raise ValueError(f"DRAM segment at {self.offset:#x}: produced {data.nbytes} bytes, "
                              f"expected {self.size}")
-        yield data
+        rows = data.reshape(1, -1) if data.ndim < 2 else data
+        step = max(1, self.CHUNK_BYTES // max(1, rows[0:1].nbytes))
+        for r in range(0, rows.shape[0], step):
+            yield np.ascontiguousarray(rows[r:r + step])
 
 
 @dataclass

@@ -60,21 +60,6 @@ class GroupSegment:
             yield np.zeros(self.size - pos, np.uint8)
 
 
-@dataclass(frozen=True)
-class RowsSegment:
-    """A constant matrix written in row blocks (an embedding table can be a GB)."""
-
-    offset: int
-    size: int
-    produce: Callable[[], np.ndarray]
-
-    def chunks(self) -> Iterator[np.ndarray]:
-        a = self.produce()
-        step = max(1, (64 << 20) // max(1, a[0:1].nbytes))
-        for r in range(0, a.shape[0], step):
-            yield np.ascontiguousarray(a[r:r + step], dtype="<f4")
-
-
 @dataclass
 class _Codegen:
     module: Module
@@ -245,7 +230,7 @@ class _Codegen:
                     raise ValueError(f"const {op.loc}: {data.size} values for shape {shape}")
                 image.add(ArraySegment(addr, size, lambda d=data: d))
             else:
-                image.add(RowsSegment(addr, size, self._matrix(op)))
+                image.add(ArraySegment(addr, size, self._matrix(op)))
             addr = align(addr + size)
 
     # ---- stages --------------------------------------------------------------------------

@@ -2,43 +2,17 @@
 
 from __future__ import annotations
 
-import struct
-
 import numpy as np
 import pytest
+from isa_fixtures import make_program, random_instr
 
 import isa.asm
 from isa.asm import assemble, disassemble, format_instr, parse_instr
 from isa.binary import read_binary, read_sections, write_binary
 from isa.diag import CimcError, SourceError
 from isa.encoding import Instr, encode
-from isa.fields import REGS, SPACES, Dim, DimKind, EnumKind, F32Kind, Kind, Mem, MemKind
-from isa.program import ArraySegment, DebugInfo, DramImage, Program, Symbol
-from isa.spec import INSTRS, N_BARRIERS
-
-
-def random_value(kind: Kind, rng: np.random.Generator) -> object:
-    if isinstance(kind, MemKind):
-        return Mem(int(rng.integers(len(SPACES))), int(rng.integers(1 << kind.ADDR_BITS)),
-                   int(rng.integers(1 << kind.STRIDE_BITS)), int(rng.integers(len(REGS))))
-    if isinstance(kind, DimKind):
-        return Dim(int(rng.integers(len(REGS))), int(rng.integers(1 << kind.IMM_BITS)))
-    if isinstance(kind, F32Kind):
-        if rng.random() < 0.3:
-            return float(rng.choice([0.0, -0.0, np.inf, -np.inf, 1e-45, 0.1]))
-        value = struct.unpack("<f", struct.pack("<I", int(rng.integers(1 << 32))))[0]
-        return value if value == value else 1.0
-    if isinstance(kind, EnumKind):
-        return kind.names[int(rng.integers(len(kind.names)))]
-    return int(rng.integers(1 << kind.bits))
-
-
-def random_instr(rng: np.random.Generator) -> Instr:
-    spec = INSTRS[int(rng.integers(len(INSTRS)))]
-    sig = int(rng.integers(N_BARRIERS)) if rng.random() < 0.5 else 0
-    wait = int(rng.integers(1 << 63)) << 1 if rng.random() < 0.5 else 0
-    values = {fd.name: random_value(fd.kind, rng) for fd in spec.fields}
-    return Instr(spec.mnemonic, values, sig, wait).validate()
+from isa.fields import Dim, Mem
+from isa.program import DramImage
 
 
 def test_format_parse_round_trip():
@@ -62,34 +36,6 @@ def test_format_instr_text():
     # fields in any order, extra spaces, hex integers
     assert parse_instr("vaffine beta=-inf,alpha=-0.0 , cols=%ctx+1, rows=%seq, src=g:0/64, wait=4|1,"
                        " dst=d:0x1A40/64+%past, sig=2, tile=0x3") == instr.validate()
-
-
-def make_program() -> Program:
-    """A small program: instructions of several kinds, two symbols, debug ops, a DRAM image
-    of two segments with a gap (and more than one `.data` line's worth of bytes)."""
-    blob = np.random.default_rng(7).integers(0, 256, 7000, dtype=np.uint8)
-    dram = DramImage()
-    dram.add(ArraySegment(0x40, 24, lambda: np.arange(6, dtype=np.float32)))
-    dram.add(ArraySegment(0x2000, blob.size, lambda: blob))
-    dram.size = 0x4000
-    instrs = [
-        Instr("dma", {"dst": Mem(0, 0x100, 6), "src": Mem(1, 0x40, 6), "rows": Dim(0, 1), "cols": Dim(0, 6),
-                      "dt": "f32"}, sig=1),
-        Instr("mvm", {"tile": 1, "m0": 2, "k": 6, "n": 8, "wbits": 8, "abits": 8, "acc": 0,
-                      "dst": Mem(0, 0x200, 8), "src": Mem(0, 0x100, 6), "nvec": Dim(1, 0)},
-              sig=2, wait=1 << 1),
-        Instr("vaffine", {"tile": 1, "dst": Mem(1, 0x3800, 8, 2), "src": Mem(0, 0x200, 8), "rows": Dim(1, 0),
-                          "cols": Dim(0, 8), "alpha": 0.1, "beta": float("inf")}, wait=1 << 2),
-        Instr("sync", {}, sig=3, wait=0b1100),
-        Instr("halt", {}),
-    ]
-    ops = [{"op": "linear", "loc": "node_linear_3", "layer": "layer0"},
-           {"op": "affine", "loc": "n\u00e9ud;\nx", "layer": "layer0"}, {"op": "halt"}]
-    symbols = [Symbol("input_ids", "input", "int64", "i32", (1, "seq"), 0x3000, 1),
-               Symbol("logits", "output", "float32", "f32", (1, "seq", 8), 0x3800, 8)]
-    return Program(encode(instrs), dram, symbols, DebugInfo(ops, np.array([0, 0, 1, 1, 2], dtype=np.uint32)),
-                   {"tiles": 2, "name": "edge", "clock_hz": 2.5e8}, "00112233aabbccdd",
-                   {"model": "t\u00efny \u2028 \"q\"", "max_seq": 32, "options": {"wbits": 8}})
 
 
 @pytest.fixture

@@ -10,42 +10,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from isa_fixtures import BLOB, make_program
 
 from isa.binary import ENTRY_SIZE, HEADER_SIZE, TAGS, read_binary, read_sections, validate_code, write_binary
 from isa.diag import CimcError
 from isa.encoding import EncodingError, Instr, code_words, decode_one, encode
-from isa.fields import Dim, Mem
-from isa.program import ArraySegment, DebugInfo, DramImage, Program, Symbol
+from isa.fields import Mem
+from isa.program import ArraySegment, DebugInfo, DramImage, Program
 from isa.spec import INSTRS
-
-BLOB = np.random.default_rng(7).integers(0, 256, 7000, dtype=np.uint8)
-
-
-def make_program(dram: DramImage | None = None) -> Program:
-    """A small program: five instructions of different kinds, two symbols, a DRAM image with gaps."""
-    if dram is None:
-        dram = DramImage()
-        dram.add(ArraySegment(0x40, 24, lambda: np.arange(6, dtype=np.float32)))
-        dram.add(ArraySegment(0x2000, BLOB.size, lambda: BLOB))
-        dram.size = 0x4000
-    instrs = [
-        Instr("dma", {"dst": Mem(0, 0x100, 6), "src": Mem(1, 0x40, 6), "rows": Dim(0, 1), "cols": Dim(0, 6),
-                      "dt": "f32"}, sig=1),
-        Instr("mvm", {"tile": 1, "m0": 2, "k": 6, "n": 8, "wbits": 8, "abits": 8, "acc": 0,
-                      "dst": Mem(0, 0x200, 8), "src": Mem(0, 0x100, 6), "nvec": Dim(1, 0)},
-              sig=2, wait=1 << 1),
-        Instr("vaffine", {"tile": 1, "dst": Mem(1, 0x3800, 8, 2), "src": Mem(0, 0x200, 8), "rows": Dim(1, 0),
-                          "cols": Dim(0, 8), "alpha": -0.0, "beta": float("inf")}, wait=1 << 2),
-        Instr("sync", {}, sig=3, wait=0b1100),
-        Instr("halt", {}),
-    ]
-    ops = [{"op": "linear", "loc": "node_linear_3", "layer": "layer0"},
-           {"op": "affine", "loc": "n\u00e9ud;\nx", "layer": "layer0"}, {"op": "halt"}]
-    symbols = [Symbol("input_ids", "input", "int64", "i32", (1, "seq"), 0x3000, 1),
-               Symbol("logits", "output", "float32", "f32", (1, "seq", 8), 0x3800, 8)]
-    return Program(encode(instrs), dram, symbols, DebugInfo(ops, np.array([0, 0, 1, 1, 2], dtype=np.uint32)),
-                   {"tiles": 2, "name": "edge", "clock_hz": 2.5e8}, "00112233aabbccdd",
-                   {"model": "t\u00efny", "max_seq": 32, "options": {"wbits": 8}})
 
 
 def expected_image() -> np.ndarray:

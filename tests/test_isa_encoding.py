@@ -6,9 +6,10 @@ import struct
 
 import numpy as np
 import pytest
+from isa_fixtures import random_instr
 
 from isa.encoding import EncodingError, Instr, code_words, decode, decode_columns, decode_one, encode
-from isa.fields import REGS, SPACES, Dim, DimKind, EnumKind, F32Kind, Kind, Mem, MemKind
+from isa.fields import Dim, Mem
 from isa.spec import BY_NAME, INSTRS, N_BARRIERS
 
 G, D = 0, 1
@@ -189,32 +190,6 @@ def test_field_packing_by_hand():
     assert _word(code, 4) == (SEQ | (0 << 2)) | ((0 | (64 << 2)) << 24)
     assert code[40:44] == struct.pack("<f", 0.125) == bytes.fromhex("0000003e")
     assert code[44:48] == struct.pack("<f", -1.5) == bytes.fromhex("0000c0bf")
-
-
-def random_value(kind: Kind, rng: np.random.Generator) -> object:
-    """A random valid value of a field kind."""
-    if isinstance(kind, MemKind):
-        return Mem(int(rng.integers(len(SPACES))), int(rng.integers(1 << kind.ADDR_BITS)),
-                   int(rng.integers(1 << kind.STRIDE_BITS)), int(rng.integers(len(REGS))))
-    if isinstance(kind, DimKind):
-        return Dim(int(rng.integers(len(REGS))), int(rng.integers(1 << kind.IMM_BITS)))
-    if isinstance(kind, F32Kind):
-        if rng.random() < 0.2:
-            return float(rng.choice([0.0, -0.0, np.inf, -np.inf, 1e-45, 3.4028234663852886e38]))
-        value = struct.unpack("<f", struct.pack("<I", int(rng.integers(1 << 32))))[0]
-        return value if value == value else 1.0  # no NaN
-    if isinstance(kind, EnumKind):
-        return kind.names[int(rng.integers(len(kind.names)))]
-    return int(rng.integers(1 << kind.bits))
-
-
-def random_instr(rng: np.random.Generator) -> Instr:
-    """A random valid instruction (any mnemonic, random fields, barriers)."""
-    spec = INSTRS[int(rng.integers(len(INSTRS)))]
-    sig = int(rng.integers(N_BARRIERS)) if rng.random() < 0.5 else 0
-    wait = int(rng.integers(1 << 63)) << 1 if rng.random() < 0.5 else 0
-    values = {fd.name: random_value(fd.kind, rng) for fd in spec.fields}
-    return Instr(spec.mnemonic, values, sig, wait).validate()
 
 
 def test_random_round_trips_and_columns():
