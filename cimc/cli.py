@@ -123,15 +123,15 @@ def cmd_compile(args: argparse.Namespace) -> None:
     pm = run_pipeline(module, opts)
     t2 = time.perf_counter()
     _log(args, "cimc: generating code and writing the binary ...")
-    program = emit_program(module, weights, opts.hw)
+    program = emit_program({"prefill": module}, weights, opts.hw)
     write_binary(args.output, program)
     t3 = time.perf_counter()
     if args.time_passes:
         print(f"  frontend  {1000 * (t1 - t0):8.1f} ms\n{pm.timing_report()}\n"
               f"  codegen   {1000 * (t3 - t2):8.1f} ms", file=sys.stderr)
-    b = program.meta.get("balance", {})
-    _log(args, f"cimc: wrote {args.output}: {program.n_instrs:,} instructions, DRAM image "
-               f"{program.dram.size / 1e6:,.2f} MB, {b.get('stages', 0)} pipeline stages, "
+    entries = ", ".join(f"{e.name} {e.n_instrs:,} instructions / {e.meta['stages']} stages"
+                        for e in program.entries)
+    _log(args, f"cimc: wrote {args.output} ({entries}; DRAM image {program.dram.size / 1e6:,.2f} MB) "
                f"in {t3 - t0:.2f} s")
 
 
@@ -146,7 +146,7 @@ def _load_inputs(path: str, program) -> dict[str, np.ndarray]:
         raise CimcError(f"{path}: not an .npz file (save inputs with numpy.savez(path, input_ids=ids))")
     with data:
         keys = list(data.keys())
-        names = [s.name for s in program.symbols if s.kind == "input"]
+        names = [s.name for s in program.entry().symbols if s.kind == "input"]
         arrays = {}
         for name in names:
             for key in (name, f"input.{name}"):
@@ -178,7 +178,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         if not args.inputs:
             raise CimcError("--inputs FILE.npz is required (or use --no-numerics for timing and energy only)")
         inputs = _load_inputs(args.inputs, program)
-        big = program.n_instrs > 20000 and not args.quiet
+        big = program.entry().n_instrs > 20000 and not args.quiet
 
         def progress(i: int, n: int) -> None:
             print(f"\rcimc: executing {i:,}/{n:,} instructions", end="", file=sys.stderr, flush=True)

@@ -88,4 +88,4 @@ def compile_model(path: str | os.PathLike, opts: CompileOptions | None = None) -
         raise CimcError(f"{path}: the IR's source model {module.attrs.get('source')!r} is not next to it; "
                         "compile the .onnx instead")
     run_pipeline(module, opts)
-    return emit_program(module, weights, opts.hw)
+    return emit_program({"prefill": module}, weights, opts.hw)

@@ -5,18 +5,22 @@ writes a byte-identical `.cimb` file, so a binary can be inspected, edited and r
 (`cimc asm file.s -o file.cimb`). The grammar is `isa/asm.lark`; every field value is parsed
 and printed by its field kind (`isa.fields`), so the syntax follows the ISA table.
 
-A file is a list of directives, then `.text` and one instruction per line. `;` starts a
-comment that runs to the end of the line. Directives, before `.text`:
+A file is the program's directives, then one or more entries, each `.entry`, its own
+directives, `.text` and one instruction per line. `;` starts a comment that runs to the end of
+the line. Program directives:
 
-* `.format 1 0` — the binary format version (major must match this cimc); must come first.
+* `.format 2 0` — the binary format version (major must match this cimc); must come first.
 * `.fingerprint "0123456789abcdef"` — the hardware fingerprint.
 * `.hw {...}`, `.meta {...}` — hardware configuration and metadata as one-line JSON objects.
-* `.symbol {...}` — one per input/output symbol (JSON as `Symbol.to_json`).
-* `.op N {...}` — debug op table entries, numbered consecutively from 0.
 * `.dram size=N` — size of the DRAM image in bytes; bytes not given below are zero.
 * `.data 0x<offset> <base64>` — image bytes at an offset, in increasing offset order; or
   `.incbin "<path>" offset=<o> size=<n> crc32=<c>` — the whole image is bytes o..o+n of another
   file (relative paths are relative to the assembly file); size and crc32 are checked.
+
+Entry directives, after `.entry "name" {meta}` and before its `.text`:
+
+* `.symbol {...}` — one per input/output symbol (JSON as `Symbol.to_json`).
+* `.op N {...}` — debug op table entries, numbered consecutively from 0.
 
 An instruction line is `mnemonic field=value, field=value, ...` listing every field of the
 instruction exactly once (printed in table order; any order is accepted), then optionally
@@ -54,7 +58,7 @@ from isa.binary import (
 from isa.diag import CimcError, SourceError
 from isa.encoding import EncodingError, Instr, decode, encode
 from isa.fields import FieldError, Kind, U
-from isa.program import FORMAT_VERSION, ArraySegment, DebugInfo, DramImage, Program, Symbol
+from isa.program import FORMAT_VERSION, ArraySegment, DebugInfo, DramImage, Entry, Program, Symbol
 from isa.spec import BY_NAME, INSTRS, N_BARRIERS, SIG_BITS
 
 #: Images up to this size are written inline as `.data` lines by `dram="auto"`.
@@ -64,7 +68,8 @@ DATA_CHUNK = 3072
 _WIDTH = max(len(d.mnemonic) for d in INSTRS)
 _COMMENT_COLUMN = 96  # instruction comments line up here unless the instruction is longer
 _U32, _U64 = U(32), U(64)
-_DIRECTIVES_ONCE = ("format", "fingerprint", "hw", "meta", "dram", "incbin", "text")
+_DIRECTIVES_ONCE = ("format", "fingerprint", "hw", "meta", "dram", "incbin")
+_PROGRAM = ("format", "fingerprint", "hw", "meta", "dram", "data", "incbin")
 _REQUIRED = ("format", "fingerprint", "hw", "meta", "dram")
 _TERMINALS = {"NAME": "a name", "VALUE": "a value", "INT": "an integer", "STRING": 'a "quoted string"',
               "JSON": "a one-line JSON object", "BASE64": "base64 data", "DEBUG": "@N",
@@ -134,34 +139,41 @@ def disassemble(program: Program, *, dram: str = "auto", binary_path: str | None
         raise CimcError(f"unknown DRAM mode {dram!r} (choose auto, inline or incbin)")
     if dram == "auto":
         dram = "inline" if program.dram.size <= INLINE_LIMIT else "incbin"
-    try:
-        instrs = decode(program.code)
-    except EncodingError as e:
-        raise CimcError(f"cannot disassemble: {e}") from None
-    ops = program.debug.ops
     out = [
-        "; cimc assembly: a compiled program (code, DRAM image, symbols, debug map) as text.",
-        "; Rebuild the binary with:  cimc asm file.s -o file.cimb",
-        "; Directives come first, then .text with one instruction per line; `@N` is the",
-        "; instruction's debug op (.op N) and `;` starts a comment. See docs/isa.md.",
+        "; cimc assembly: a compiled program (entries with code, symbols and debug map; the DRAM",
+        "; image) as text. Rebuild the binary with:  cimc asm file.s -o file.cimb",
+        "; Program directives come first, then each .entry with its directives, .text and one",
+        "; instruction per line; `@N` is the instruction's debug op (.op N), `;` starts a comment.",
         f".format {FORMAT_VERSION[0]} {FORMAT_VERSION[1]}",
         f".fingerprint {json.dumps(program.hw_fingerprint)}",
         f".hw {_json_line(program.hw)}",
         f".meta {_json_line(program.meta)}",
-        *(f".symbol {_json_line(s.to_json())}" for s in program.symbols),
-        *(f".op {i} {_json_line(op)}" for i, op in enumerate(ops)),
         f".dram size={program.dram.size}",
     ]
     if dram == "inline":
         out += _data_lines(program.dram)
     else:
         out.append(_incbin_line(program.dram, binary_path, incbin_name))
-    out.append(".text")
-    lines = [format_instr(ins, int(k)) for ins, k in zip(instrs, program.debug.instr_op, strict=True)]
+    for entry in program.entries:
+        out += _entry_lines(entry)
+    return "\n".join(out) + "\n"
+
+
+def _entry_lines(entry: Entry) -> list[str]:
+    try:
+        instrs = decode(entry.code)
+    except EncodingError as e:
+        raise CimcError(f"cannot disassemble entry {entry.name!r}: {e}") from None
+    ops = entry.debug.ops
+    out = [f".entry {json.dumps(entry.name)} {_json_line(entry.meta)}",
+           *(f".symbol {_json_line(s.to_json())}" for s in entry.symbols),
+           *(f".op {i} {_json_line(op)}" for i, op in enumerate(ops)),
+           ".text"]
+    lines = [format_instr(ins, int(k)) for ins, k in zip(instrs, entry.debug.instr_op, strict=True)]
     width = min(max(map(len, lines), default=0), _COMMENT_COLUMN)
     out += [f"    {line:<{width}}  ; #{i} {_note(ops[int(k)])}".rstrip()
-            for i, (line, k) in enumerate(zip(lines, program.debug.instr_op, strict=True))]
-    return "\n".join(out) + "\n"
+            for i, (line, k) in enumerate(zip(lines, entry.debug.instr_op, strict=True))]
+    return out
 
 
 def _data_lines(image: DramImage) -> list[str]:
@@ -225,11 +237,20 @@ class _Assembler:
         self.hw: dict = {}
         self.meta: dict = {}
         self.fingerprint = ""
-        self.symbols: list[Symbol] = []
-        self.ops: list[dict] = []
         self.dram_size = 0
         self.runs: list[tuple[int, bytearray]] = []  # contiguous .data runs: (offset, bytes)
         self.mapped: np.ndarray | None = None
+        self.entries: list[Entry] = []
+        self._reset_entry()
+
+    def _reset_entry(self) -> None:
+        """State of the entry being read (its `.entry` clears it)."""
+        self.entry_tree: Tree | None = None
+        self.entry_name = ""
+        self.entry_meta: dict = {}
+        self.symbols: list[Symbol] = []
+        self.ops: list[dict] = []
+        self.in_text = False
         self.instrs: list[Instr] = []
         self.debug: list[int] = []
 
@@ -273,27 +294,50 @@ class _Assembler:
                 self._instr_line(item)
             else:
                 self._directive(item)
-        if "text" not in self.seen:
-            raise self.error(self._end(), "missing .text (the instructions section)")
+        self._close_entry(self._end())
+        if not self.entries:
+            raise self.error(self._end(), "missing .entry (a program needs at least one entry)")
         image = DramImage()
         for offset, data in self.runs:
             image.add(ArraySegment(offset, len(data), lambda b=bytes(data): np.frombuffer(b, dtype=np.uint8)))
         image.size, image.mapped = self.dram_size, self.mapped
-        return Program(code=encode(self.instrs), dram=image, symbols=self.symbols,
-                       debug=DebugInfo(self.ops, np.array(self.debug, dtype=np.uint32)),
-                       hw=self.hw, hw_fingerprint=self.fingerprint, meta=self.meta)
+        return Program(entries=self.entries, dram=image, hw=self.hw, hw_fingerprint=self.fingerprint,
+                       meta=self.meta)
+
+    def _close_entry(self, at: Tree | tuple[int, int]) -> None:
+        if self.entry_tree is None:
+            return
+        if not self.in_text:
+            raise self.error(at, f"entry {self.entry_name!r}: missing .text (the instructions section)")
+        self.entries.append(Entry(self.entry_name, encode(self.instrs), self.symbols,
+                                  DebugInfo(self.ops, np.array(self.debug, dtype=np.uint32)), self.entry_meta))
+        self._reset_entry()
 
     def _directive(self, tree: Tree) -> None:
         name = str(tree.data)
-        if "text" in self.seen:
-            raise self.error(tree, f".{name} after .text (directives come before the instructions)")
         if name != "format" and "format" not in self.seen:
             raise self.error(tree, "expected .format as the first directive")
+        if name in _PROGRAM and self.entries + ([self.entry_tree] if self.entry_tree is not None else []):
+            raise self.error(tree, f".{name} after an .entry (program directives come first)")
+        if name not in _PROGRAM and name != "entry" and self.entry_tree is None:
+            raise self.error(tree, f".{name} before .entry (it belongs to an entry)")
+        if self.in_text and name != "entry":
+            raise self.error(tree, f".{name} after .text (directives come before the instructions)")
         if name in _DIRECTIVES_ONCE and name in self.seen:
             prev = self.seen[name].meta.line
             raise self.error(tree, f"duplicate .{name} directive (first on line {prev})")
         self.seen.setdefault(name, tree)
         getattr(self, f"_{name}")(tree, *tree.children)
+
+    def _entry(self, tree: Tree, name_tok: Token, meta_tok: Token) -> None:
+        self._close_entry(tree)
+        for name in _REQUIRED:
+            if name not in self.seen:
+                raise self.error(tree, f"missing .{name} directive before the first .entry")
+        name = self._string(name_tok)
+        if not name or name in (e.name for e in self.entries):
+            raise self.error(name_tok, f"entry name {name!r} is empty or used twice")
+        self.entry_tree, self.entry_name, self.entry_meta = tree, name, self._json(meta_tok)
 
     def _format(self, tree: Tree, major: Token, minor: Token) -> None:
         if _int(major) != FORMAT_VERSION[0]:
@@ -375,9 +419,7 @@ class _Assembler:
             raise self.error(tree, f".{tree.data} before .dram (the image size)")
 
     def _text(self, tree: Tree) -> None:
-        for name in _REQUIRED:
-            if name not in self.seen:
-                raise self.error(tree, f"missing .{name} directive before .text")
+        self.in_text = True
 
     def _string(self, tok: Token) -> str:
         try:
@@ -402,7 +444,7 @@ class _Assembler:
 
     # -- instructions
     def _instr_line(self, tree: Tree) -> None:
-        if "text" not in self.seen:
+        if not self.in_text:
             raise self.error(tree, "instruction before .text")
         instr, debug = self.instr(tree)
         index = int(debug[1:]) if debug is not None else (self.debug[-1] if self.debug else 0)

@@ -8,10 +8,11 @@ Layout (all integers little-endian):
 * Section table, 32 bytes per section: 4-byte ASCII tag, offset (u64), size (u64), crc32 of the
   section's bytes (u32), zero padding.
 * Sections, in this order, each at an offset aligned to 64 bytes except DRAM (4096, so it can be
-  memory-mapped): `META` JSON of `Program.meta`, `HWCF` JSON of `Program.hw`, `SYMS` JSON list of
-  symbols, `DBOP` JSON list of debug ops, `DBIX` one u32 debug-op index per instruction, `CODE`
-  the 64-byte instructions, `DRAM` the DRAM image. JSON is UTF-8, with sorted keys and compact
-  separators, so the same Program always gives a byte-identical file.
+  memory-mapped): `META` JSON of `Program.meta`, `HWCF` JSON of `Program.hw`, `ENTS` a JSON list
+  with one object per entry (`name`, `meta`, `symbols`, debug `ops`), then for entry k (three
+  digits) `Ckkk` its 64-byte instructions and `Xkkk` one u32 debug-op index per instruction, and
+  last `DRAM` the DRAM image. JSON is UTF-8, with sorted keys and compact separators, so the
+  same Program always gives a byte-identical file.
 
 The DRAM image may be many gigabytes: the writer streams it segment by segment and the reader
 maps it lazily (its checksum is only checked on request). A failed write leaves nothing behind.
@@ -35,14 +36,14 @@ import numpy as np
 from isa.diag import CimcError
 from isa.encoding import EncodingError, code_words, decode_one
 from isa.fields import DTYPES
-from isa.program import FORMAT_VERSION, DebugInfo, DramImage, Program, Symbol
+from isa.program import FORMAT_VERSION, DebugInfo, DramImage, Entry, Program, Symbol
 from isa.spec import BY_OPCODE, INSTR_BYTES, INSTR_WORDS, SIG_BITS, SIG_SHIFT
 
 MAGIC = b"CIMB"
 _HEADER = struct.Struct("<4sHHII16sI24xI")  # ..., table crc, padding, header crc (bytes 0-59)
 _ENTRY = struct.Struct("<4sQQI8x")
 HEADER_SIZE, ENTRY_SIZE = _HEADER.size, _ENTRY.size
-TAGS: tuple[str, ...] = ("META", "HWCF", "SYMS", "DBOP", "DBIX", "CODE", "DRAM")
+TAGS: tuple[str, ...] = ("META", "HWCF", "ENTS", "DRAM")  # always present; plus Ckkk/Xkkk per entry
 SECTION_ALIGN, DRAM_ALIGN = 64, 4096
 _CHUNK = 1 << 24  # bytes per read/write when streaming the DRAM image
 _T = TypeVar("_T")
@@ -213,27 +214,38 @@ def _small_sections(program: Program) -> list[tuple[str, bytes]]:
     for name in ("meta", "hw"):
         if not isinstance(getattr(program, name), dict):
             raise ValueError(f"Program.{name} must be a dict")
-    syms = [s.to_json() for s in program.symbols]
-    for i, s in enumerate(syms):
+    if not program.entries or len(program.entries) > 999:
+        raise ValueError(f"a program needs 1..999 entries, got {len(program.entries)}")
+    names = [e.name for e in program.entries]
+    if len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"entry names must be distinct non-empty strings, got {names}")
+    table, code = [], []
+    for k, entry in enumerate(program.entries):
+        where = f"entry {entry.name!r}"
+        syms = [s.to_json() for s in entry.symbols]
+        for i, s in enumerate(syms):
+            try:
+                symbol_from_json(s)
+            except ValueError as e:
+                raise ValueError(f"{where}: symbol {i}: {e}") from None
+        ops = entry.debug.ops
+        if not isinstance(ops, list) or not all(isinstance(o, dict) for o in ops):
+            raise ValueError(f"{where}: DebugInfo.ops must be a list of dicts")
+        if not isinstance(entry.meta, dict):
+            raise ValueError(f"{where}: meta must be a dict")
         try:
-            symbol_from_json(s)
-        except ValueError as e:
-            raise ValueError(f"symbol {i}: {e}") from None
-    ops = program.debug.ops
-    if not isinstance(ops, list) or not all(isinstance(o, dict) for o in ops):
-        raise ValueError("DebugInfo.ops must be a list of dicts")
-    try:
-        validate_code(program.code)
-    except EncodingError as e:
-        raise ValueError(f"invalid code: {e}") from None
-    idx = np.asarray(program.debug.instr_op)
-    if idx.ndim != 1 or len(idx) != program.n_instrs or (len(idx) and idx.dtype.kind not in "iu"):
-        raise ValueError(f"DebugInfo.instr_op must be {program.n_instrs} integers, "
-                         f"got {idx.dtype}{idx.shape}")
-    if len(idx) and (idx.min() < 0 or idx.max() >= len(ops)):
-        raise ValueError(f"DebugInfo.instr_op has indices outside [0, {len(ops)})")
-    return [("META", _dumps(program.meta)), ("HWCF", _dumps(program.hw)), ("SYMS", _dumps(syms)),
-            ("DBOP", _dumps(ops)), ("DBIX", idx.astype("<u4").tobytes()), ("CODE", bytes(program.code))]
+            validate_code(entry.code)
+        except EncodingError as e:
+            raise ValueError(f"{where}: invalid code: {e}") from None
+        idx = np.asarray(entry.debug.instr_op)
+        if idx.ndim != 1 or len(idx) != entry.n_instrs or (len(idx) and idx.dtype.kind not in "iu"):
+            raise ValueError(f"{where}: DebugInfo.instr_op must be {entry.n_instrs} integers, "
+                             f"got {idx.dtype}{idx.shape}")
+        if len(idx) and (idx.min() < 0 or idx.max() >= len(ops)):
+            raise ValueError(f"{where}: DebugInfo.instr_op has indices outside [0, {len(ops)})")
+        table.append({"name": entry.name, "meta": entry.meta, "symbols": syms, "ops": ops})
+        code += [(f"C{k:03d}", bytes(entry.code)), (f"X{k:03d}", idx.astype("<u4").tobytes())]
+    return [("META", _dumps(program.meta)), ("HWCF", _dumps(program.hw)), ("ENTS", _dumps(table)), *code]
 
 
 def _align(n: int, a: int) -> int:
@@ -274,7 +286,7 @@ def write_binary(path: str | os.PathLike, program: Program) -> None:
 
 
 def _write(f: BinaryIO, program: Program, small: list[tuple[str, bytes]]) -> None:
-    table_end = HEADER_SIZE + ENTRY_SIZE * len(TAGS)
+    table_end = HEADER_SIZE + ENTRY_SIZE * (len(small) + 1)
     f.write(bytes(table_end))  # header and table are filled in once every crc is known
     entries = []
     for tag, data in small:
@@ -368,8 +380,9 @@ def read_binary(path: str | os.PathLike, *, verify_dram: bool = False) -> Progra
         with open(path, "rb") as f:
             fingerprint, sections = _read_header(f, name, os.fstat(f.fileno()).st_size)
             data = {}
-            for tag in TAGS[:-1]:
-                sec = sections[tag]
+            for tag, sec in sections.items():
+                if tag == "DRAM" or not (tag in TAGS or re.fullmatch(r"[CX][0-9]{3}", tag)):
+                    continue
                 f.seek(sec.offset)
                 data[tag] = f.read(sec.size)
                 if zlib.crc32(data[tag]) != sec.crc32:
@@ -383,10 +396,16 @@ def read_binary(path: str | os.PathLike, *, verify_dram: bool = False) -> Progra
         raise CimcError(f"{name}: cannot read: {e.strerror or e}") from e
     meta = _section(name, "META", _parse_object, data["META"])
     hw = _section(name, "HWCF", _parse_object, data["HWCF"])
-    symbols = _section(name, "SYMS", _parse_symbols, data["SYMS"])
-    code = _section(name, "CODE", _parse_code, data["CODE"])
-    return Program(code=code, dram=DramImage(size=dram.size, mapped=mapped), symbols=symbols,
-                   debug=_parse_debug(name, data), hw=hw, hw_fingerprint=fingerprint, meta=meta)
+    table = _section(name, "ENTS", _parse_entries, data["ENTS"])
+    entries = []
+    for k, (ename, emeta, symbols, ops) in enumerate(table):
+        ctag, xtag = f"C{k:03d}", f"X{k:03d}"
+        if ctag not in data or xtag not in data:
+            raise CimcError(f"{name}: entry {ename!r} has no section {ctag if ctag not in data else xtag}")
+        code = _section(name, ctag, _parse_code, data[ctag])
+        entries.append(Entry(ename, code, symbols, _parse_debug(name, xtag, ops, data[xtag], len(code)), emeta))
+    return Program(entries=entries, dram=DramImage(size=dram.size, mapped=mapped), hw=hw,
+                   hw_fingerprint=fingerprint, meta=meta)
 
 
 def _section(name: str, tag: str, parse: Callable[[bytes], _T], raw: bytes) -> _T:
@@ -413,8 +432,8 @@ def _parse_json(raw: bytes) -> object:
         raise ValueError(f"invalid JSON: {e}") from None
 
 
-def _parse_symbols(raw: bytes) -> list[Symbol]:
-    items = _parse_json(raw)
+def parse_symbols(items: object) -> list[Symbol]:
+    """Validate a JSON list of symbols."""
     if not isinstance(items, list):
         raise ValueError(f"expected a JSON list, got {type(items).__name__}")
     out = []
@@ -426,13 +445,39 @@ def _parse_symbols(raw: bytes) -> list[Symbol]:
     return out
 
 
+def parse_entry_header(obj: object) -> tuple[str, dict, list[Symbol], list[dict]]:
+    """Validate one entry of the ENTS table: (name, meta, symbols, debug ops)."""
+    if not isinstance(obj, dict) or set(obj) != {"name", "meta", "symbols", "ops"}:
+        raise ValueError("expected an object with keys name, meta, symbols, ops")
+    if not isinstance(obj["name"], str) or not obj["name"]:
+        raise ValueError("name must be a non-empty string")
+    if not isinstance(obj["meta"], dict):
+        raise ValueError("meta must be an object")
+    return obj["name"], obj["meta"], parse_symbols(obj["symbols"]), parse_ops(obj["ops"])
+
+
+def _parse_entries(raw: bytes) -> list[tuple[str, dict, list[Symbol], list[dict]]]:
+    items = _parse_json(raw)
+    if not isinstance(items, list) or not items:
+        raise ValueError("expected a non-empty JSON list of entries")
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(parse_entry_header(item))
+        except ValueError as e:
+            raise ValueError(f"entry {i}: {e}") from None
+    if len({e[0] for e in out}) != len(out):
+        raise ValueError("entry names are not distinct")
+    return out
+
+
 def _parse_code(raw: bytes) -> bytes:
     validate_code(raw)
     return raw
 
 
-def _parse_ops(raw: bytes) -> list[dict]:
-    ops = _parse_json(raw)
+def parse_ops(ops: object) -> list[dict]:
+    """Validate a JSON list of debug ops."""
     if not isinstance(ops, list):
         raise ValueError(f"expected a JSON list, got {type(ops).__name__}")
     for i, op in enumerate(ops):
@@ -441,15 +486,14 @@ def _parse_ops(raw: bytes) -> list[dict]:
     return ops
 
 
-def _parse_debug(name: str, data: dict[str, bytes]) -> DebugInfo:
-    ops = _section(name, "DBOP", _parse_ops, data["DBOP"])
-    raw, n_instrs = data["DBIX"], len(data["CODE"]) // INSTR_BYTES
+def _parse_debug(name: str, tag: str, ops: list[dict], raw: bytes, code_bytes: int) -> DebugInfo:
+    n_instrs = code_bytes // INSTR_BYTES
     if len(raw) != 4 * n_instrs:
-        raise CimcError(f"{name}: section DBIX: {len(raw)} bytes for {n_instrs} instructions "
+        raise CimcError(f"{name}: section {tag}: {len(raw)} bytes for {n_instrs} instructions "
                         f"(expected {4 * n_instrs})")
     idx = np.frombuffer(raw, dtype="<u4").astype(np.uint32)
     if len(idx) and int(idx.max()) >= len(ops):
         i = int(np.flatnonzero(idx >= len(ops))[0])
-        raise CimcError(f"{name}: section DBIX: instruction {i} refers to debug op {int(idx[i])} "
-                        f"but DBOP has {len(ops)}")
+        raise CimcError(f"{name}: section {tag}: instruction {i} refers to debug op {int(idx[i])} "
+                        f"but the entry has {len(ops)}")
     return DebugInfo(ops, idx)

@@ -1,9 +1,12 @@
-"""A compiled program: code, DRAM image, I/O symbols, debug map and the hardware it targets.
+"""A compiled program: entry points, a shared DRAM image, and the hardware it targets.
 
-This is the in-memory form of a `.cimb` binary (`isa.binary` reads and writes it). The DRAM
-image can be far larger than memory (a 1B-parameter model in fp32 is ~5 GB), so it is a list of
-segments written out piece by piece, and a loaded binary maps it from the file instead of
-reading it.
+This is the in-memory form of a `.cimb` binary (`isa.binary` reads and writes it). A program has
+one or more entries (for a language model: `prefill`, which takes a prompt, and `decode`, which
+takes one token): each has its own code, I/O symbols and debug map, and all share the DRAM image
+(weights, constants) and the DRAM read-write region (the KV cache lives there, so one entry can
+continue where another left off). The DRAM image can be far larger than memory (a 1B-parameter
+model in fp32 is ~5 GB), so it is a list of segments written out piece by piece, and a loaded
+binary maps it from the file instead of reading it.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import ClassVar, Protocol
 import numpy as np
 
 #: Version of the binary container and of the program semantics; bump on incompatible change.
-FORMAT_VERSION = (1, 0)
+FORMAT_VERSION = (2, 0)
 
 
 class Segment(Protocol):
@@ -120,16 +123,14 @@ class DebugInfo:
 
 
 @dataclass
-class Program:
-    """Everything a `.cimb` file holds."""
+class Entry:
+    """One entry point: its code, inputs/outputs, debug map and metadata (max_seq, gbuf use...)."""
 
+    name: str
     code: bytes
-    dram: DramImage
     symbols: list[Symbol]
     debug: DebugInfo
-    hw: dict  # the hardware configuration compiled for (HardwareConfig.to_dict())
-    hw_fingerprint: str
-    meta: dict  # JSON-able: model name, source, options, max_seq, dram_rw_bytes, gbuf_bytes, ...
+    meta: dict
 
     @property
     def n_instrs(self) -> int:
@@ -140,3 +141,25 @@ class Program:
             if s.name == name:
                 return s
         raise KeyError(name)
+
+
+@dataclass
+class Program:
+    """Everything a `.cimb` file holds."""
+
+    entries: list[Entry]
+    dram: DramImage
+    hw: dict  # the hardware configuration compiled for (HardwareConfig.to_dict())
+    hw_fingerprint: str
+    meta: dict  # JSON-able: model name, source, options, max_ctx, rw_base, rw_bytes, caches, ...
+
+    def entry(self, name: str | None = None) -> Entry:
+        """The entry called `name`, or the first one (the default for `cimc run`)."""
+        for e in self.entries:
+            if name is None or e.name == name:
+                return e
+        raise KeyError(name)
+
+    @property
+    def n_instrs(self) -> int:
+        return sum(e.n_instrs for e in self.entries)

@@ -23,7 +23,7 @@ from cimc.ir.core import SEQ, Module, Op, Value
 from isa.encoding import Instr, encode
 from isa.fields import Dim, Mem
 from isa.hw import HardwareConfig
-from isa.program import ArraySegment, DebugInfo, DramImage, Program, Symbol
+from isa.program import ArraySegment, DebugInfo, DramImage, Entry, Program, Symbol
 from passes.balance_stages import act_bits
 from passes.schedule import attention_slots, scratch_bytes, scratch_layout
 from passes.tiling import Tiling, align
@@ -65,6 +65,7 @@ class _Codegen:
     module: Module
     hw: HardwareConfig
     weight: WeightSource
+    name: str = "prefill"
     instrs: list[Instr] = field(default_factory=list)
     dbg: list[int] = field(default_factory=list)
     op_index: int = 0
@@ -154,7 +155,8 @@ class _Codegen:
 
     # ---- driver --------------------------------------------------------------------------
 
-    def run(self) -> Program:
+    def run(self) -> tuple[Entry, DramImage]:
+        """Emit this module's code; returns the entry and the DRAM image it expects."""
         image = DramImage()
         self._layout_weights(image)
         self._layout_consts(image)
@@ -186,7 +188,7 @@ class _Codegen:
                 self._retire(v)
         self.op_index = len(self.module.ops) - 1
         self.emit("halt")
-        return self._program(image)
+        return self._entry(), image
 
     def _retire(self, v: Value) -> None:
         """Remember that v's memory is free, and which barriers its last accesses signal."""
@@ -436,7 +438,7 @@ class _Codegen:
 
     # ---- program -------------------------------------------------------------------------
 
-    def _program(self, image: DramImage) -> Program:
+    def _entry(self) -> Entry:
         symbols = []
         for op in self.module.ops:
             if op.name == "input":
@@ -451,16 +453,29 @@ class _Codegen:
                                       tuple(op.attrs["onnx_shape"]), self.mem(v).addr, self.mem(v).stride))
         ops = [{"op": op.name, "loc": op.loc, "layer": op.attrs.get("layer", "")} for op in self.module.ops]
         mem = self.module.attrs.get("memory", {})
-        meta = {
-            "model": self.module.name, "source": self.module.attrs.get("source", ""),
-            "max_seq": self.max_seq, "weights": self.module.attrs.get("weights", "fp32"),
-            "rw_base": self.rw_base, "rw_bytes": mem.get("rw_bytes", 0), "gbuf_bytes": mem.get("gbuf_bytes", 0),
-            "stages": len(self.stage_left), "balance": self.module.attrs.get("balance", {}),
-        }
-        return Program(encode(self.instrs), image, symbols, DebugInfo(ops, np.array(self.dbg, dtype=np.uint32)),
-                       self.hw.to_dict(), self.hw.fingerprint(), meta)
+        meta = {"max_seq": self.max_seq, "gbuf_bytes": mem.get("gbuf_bytes", 0), "rw_bytes": mem.get("rw_bytes", 0),
+                "stages": len(self.stages), "balance": self.module.attrs.get("balance", {})}
+        return Entry(self.name, encode(self.instrs), symbols, DebugInfo(ops, np.array(self.dbg, dtype=np.uint32)),
+                     meta)
 
 
-def emit_program(module: Module, weight: WeightSource, hw: HardwareConfig) -> Program:
-    """Generate the program for a module that went through the whole pass pipeline."""
-    return _Codegen(module, hw, weight).run()
+def emit_program(modules: dict[str, Module], weight: WeightSource, hw: HardwareConfig) -> Program:
+    """Generate a program with one entry per module (each through the whole pass pipeline).
+
+    The modules are specialisations of one model (say, prefill and decode), so they must lay
+    out the DRAM image identically; the image of the first is the program's.
+    """
+    entries, images = [], []
+    for name, module in modules.items():
+        entry, image = _Codegen(module, hw, weight, name).run()
+        entries.append(entry)
+        images.append(image)
+    first = images[0]
+    for name, image in zip(modules, images, strict=True):
+        if [(s.offset, s.size) for s in image.segments] != [(s.offset, s.size) for s in first.segments]:
+            raise ValueError(f"entry {name!r} lays out DRAM differently from {next(iter(modules))!r}")
+    module = next(iter(modules.values()))
+    meta = {"model": module.name, "source": module.attrs.get("source", ""),
+            "weights": module.attrs.get("weights", "fp32"), "max_ctx": module.attrs.get("max_ctx", module.max_seq),
+            "rw_base": align(first.size, 4096), "rw_bytes": max(e.meta["rw_bytes"] for e in entries)}
+    return Program(entries, first, hw.to_dict(), hw.fingerprint(), meta)

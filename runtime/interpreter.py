@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from isa.cost import CostModel
+from isa.cost import CostModel, InstrCosts
 from isa.diag import CimcError
 from isa.encoding import decode, decode_columns
-from isa.fields import REGS
+from isa.fields import REGS, Mem
 from isa.hw import FIELDS, HardwareConfig
-from isa.program import Program, Symbol
+from isa.program import Entry, Program, Symbol
 from runtime.machine import Machine, SimError
 from runtime.report import build_report
 from runtime.semantics import execute
@@ -31,7 +31,8 @@ class SimResult:
     outputs: dict[str, np.ndarray]
     report: dict
     timeline: Timeline
-    accesses: list | None = None  # (instr, space, lo, hi, write) when traced
+    accesses: list | None = None  # (instr, space, lo, hi, write, pitch, width) when traced
+    costs: InstrCosts | None = None
 
 
 def hardware_for(program: Program, hw: HardwareConfig | None, name: str = "the binary") -> HardwareConfig:
@@ -52,9 +53,9 @@ def hardware_for(program: Program, hw: HardwareConfig | None, name: str = "the b
     return hw
 
 
-def bind_inputs(program: Program, arrays: Mapping[str, np.ndarray]) -> tuple[int, dict[str, np.ndarray]]:
-    """Check user inputs against the program's symbols; returns (tokens, machine-typed arrays)."""
-    inputs = [s for s in program.symbols if s.kind == "input"]
+def bind_inputs(entry: Entry, arrays: Mapping[str, np.ndarray]) -> tuple[int, dict[str, np.ndarray]]:
+    """Check user inputs against an entry's symbols; returns (tokens, machine-typed arrays)."""
+    inputs = [s for s in entry.symbols if s.kind == "input"]
     names = {s.name for s in inputs}
     missing = [s.name for s in inputs if s.name not in arrays]
     if missing:
@@ -64,7 +65,7 @@ def bind_inputs(program: Program, arrays: Mapping[str, np.ndarray]) -> tuple[int
         raise CimcError(f"unknown input(s): {', '.join(unknown)} (the program takes {', '.join(sorted(names))})")
     seq = None
     out = {}
-    max_seq = int(program.meta["max_seq"])
+    max_seq = int(entry.meta["max_seq"])
     for s in inputs:
         a = np.asarray(arrays[s.name])
         kind_ok = a.dtype.name in _INT if s.dtype in _INT else a.dtype.kind == "f"
@@ -103,55 +104,96 @@ def _shape_text(s: Symbol) -> str:
     return "[" + ", ".join(str(d) for d in s.shape) + "]"
 
 
+class Session:
+    """A program loaded on a simulated machine. The DRAM read-write region (where the KV cache
+    lives) persists from one run to the next, so a prefill run can be continued by decode runs.
+
+    Decoded code is cached per entry; timing and energy are computed for every run (they depend
+    on the run's token count and cache length).
+    """
+
+    def __init__(self, program: Program, hw: HardwareConfig | None = None, *, name: str = "the binary") -> None:
+        self.program = program
+        self.hw = hardware_for(program, hw, name)
+        self.cost = CostModel(self.hw)
+        self.name = name
+        self.machine: Machine | None = None
+        self._columns: dict[str, object] = {}
+        self._instrs: dict[str, list] = {}
+
+    def entry(self, name: str | None) -> Entry:
+        try:
+            return self.program.entry(name)
+        except KeyError:
+            have = ", ".join(e.name for e in self.program.entries)
+            raise CimcError(f"{self.name} has no entry {name!r} (it has {have})") from None
+
+    def run(self, entry_name: str | None = None, inputs: Mapping[str, np.ndarray] | None = None, *,
+            tokens: int | None = None, past: int = 0, numerics: bool = True, trace_accesses: bool = False,
+            progress: Callable[[int, int], None] | None = None) -> SimResult:
+        """Run one entry. With numerics, `inputs` are required; without, `tokens` sets the length.
+        `past` is the number of tokens already in the KV cache."""
+        entry = self.entry(entry_name)
+        if numerics:
+            if inputs is None:
+                raise CimcError("numerics need inputs (or run timing-only)")
+            seq, bound = bind_inputs(entry, inputs)
+        else:
+            seq, bound = (1 if tokens is None else tokens), {}
+            if not 1 <= seq <= int(entry.meta["max_seq"]):
+                raise CimcError(f"--tokens {seq} is outside 1..{entry.meta['max_seq']} for entry {entry.name!r}")
+        max_ctx = int(self.program.meta.get("max_ctx", entry.meta["max_seq"]))
+        if past < 0 or past + seq > max_ctx:
+            raise CimcError(f"{past} cached + {seq} new tokens exceed the context of {max_ctx} this program "
+                            "was compiled for (recompile with a larger --max-ctx)")
+        regs = np.zeros(len(REGS), np.int64)
+        regs[REGS.index("seq")], regs[REGS.index("past")], regs[REGS.index("ctx")] = seq, past, past + seq
+        if entry.name not in self._columns:
+            self._columns[entry.name] = decode_columns(entry.code)
+        cols = self._columns[entry.name]
+        costs = self.cost.instr_costs(cols, regs)
+        tl = schedule(costs, cols.sig, cols.wait, self.cost.n_units)
+        outputs: dict[str, np.ndarray] = {}
+        accesses = None
+        if numerics:
+            if self.machine is None:
+                self.machine = Machine.for_program(self.program)
+            machine = self.machine
+            machine.regs = regs
+            accesses = [] if trace_accesses else None
+            for sym in entry.symbols:
+                if sym.kind == "input":
+                    _io_view(machine, sym, seq, write=True)[...] = bound[sym.name].reshape(seq, -1)
+            if entry.name not in self._instrs:
+                self._instrs[entry.name] = decode(entry.code)
+            _execute(entry, self._instrs[entry.name], machine, accesses, progress)
+            machine.trace = None  # the host reading outputs is not part of the program
+            for sym in entry.symbols:
+                if sym.kind == "output":
+                    shape = tuple(seq if d == "seq" else d for d in sym.shape)
+                    outputs[sym.name] = np.array(_io_view(machine, sym, seq, write=False)).reshape(shape)
+        report = build_report(self.program, entry, self.cost, costs, tl, seq)
+        return SimResult(outputs, report, tl, accesses, costs)
+
+
 def simulate(program: Program, inputs: Mapping[str, np.ndarray] | None = None, *, tokens: int | None = None,
              numerics: bool = True, hw: HardwareConfig | None = None, trace_accesses: bool = False,
-             progress: Callable[[int, int], None] | None = None, name: str = "the binary") -> SimResult:
-    """Simulate one run. With numerics, `inputs` are required; without, `tokens` sets the length.
+             progress: Callable[[int, int], None] | None = None, name: str = "the binary",
+             entry: str | None = None) -> SimResult:
+    """Simulate one run of an entry (default: the first) on a fresh machine.
     `name` (the binary's path) only labels errors."""
-    hw = hardware_for(program, hw, name)
-    cost = CostModel(hw)
-    if numerics:
-        if inputs is None:
-            raise CimcError("numerics need inputs (or run timing-only)")
-        seq, bound = bind_inputs(program, inputs)
-    else:
-        seq, bound = (1 if tokens is None else tokens), {}
-        if not 1 <= seq <= int(program.meta["max_seq"]):
-            raise CimcError(f"--tokens {seq} is outside 1..{program.meta['max_seq']} for this program")
-    regs = np.zeros(len(REGS), np.int64)
-    regs[REGS.index("seq")] = seq
-    regs[REGS.index("ctx")] = seq
-    cols = decode_columns(program.code)
-    costs = cost.instr_costs(cols, regs)
-    tl = schedule(costs, cols.sig, cols.wait, cost.n_units)
-    outputs: dict[str, np.ndarray] = {}
-    accesses = None
-    if numerics:
-        machine = Machine.for_program(program, regs)
-        accesses = [] if trace_accesses else None
-        for s in program.symbols:
-            if s.kind == "input":
-                _io_view(machine, s, seq, write=True)[...] = bound[s.name].reshape(seq, -1)
-        _execute(program, machine, accesses, progress)
-        machine.trace = None  # the host reading outputs is not part of the program
-        for s in program.symbols:
-            if s.kind == "output":
-                shape = tuple(seq if d == "seq" else d for d in s.shape)
-                outputs[s.name] = np.array(_io_view(machine, s, seq, write=False)).reshape(shape)
-    return SimResult(outputs, build_report(program, cost, costs, tl, seq), tl, accesses)
+    return Session(program, hw, name=name).run(entry, inputs, tokens=tokens, numerics=numerics,
+                                                trace_accesses=trace_accesses, progress=progress)
 
 
 def _io_view(machine: Machine, s: Symbol, seq: int, write: bool) -> np.ndarray:
-    from isa.fields import Mem
-
     cols = int(np.prod([d for d in s.shape if d != "seq"])) if s.shape else 1
     dtype = "<i4" if s.mtype == "i32" else "<f4"
     return machine.view(Mem(1, s.addr, s.stride), seq, cols, dtype=dtype, write=write)
 
 
-def _execute(program: Program, machine: Machine, accesses: list | None,
+def _execute(entry: Entry, instrs: list, machine: Machine, accesses: list | None,
              progress: Callable[[int, int], None] | None) -> None:
-    instrs = decode(program.code)
     if accesses is not None:
         machine.trace = accesses
     for i, ins in enumerate(instrs):
@@ -159,7 +201,7 @@ def _execute(program: Program, machine: Machine, accesses: list | None,
         try:
             execute(machine, ins)
         except SimError as e:
-            op = program.debug.ops[int(program.debug.instr_op[i])]
+            op = entry.debug.ops[int(entry.debug.instr_op[i])]
             where = f"instruction {i} ({ins.op}, from {op['op']} at ONNX node {op['loc']!r})"
             raise SimError(f"{where}: {e.message}") from None
         if progress is not None and i % 4096 == 0:

@@ -36,13 +36,16 @@ class Machine:
     current: int = 0
 
     @classmethod
-    def for_program(cls, program: Program, regs: np.ndarray) -> Machine:
+    def for_program(cls, program: Program) -> Machine:
+        """A machine with the program's DRAM image, a zeroed read-write region and global buffer."""
         meta = program.meta
+        gbuf = max(int(e.meta["gbuf_bytes"]) for e in program.entries)
         gbuf_cap = int(program.hw["buffer"]["global"]["size_kb"]) * 1024
-        if meta["gbuf_bytes"] > gbuf_cap:
-            raise SimError(f"program needs {meta['gbuf_bytes']} bytes of global buffer; the hardware has {gbuf_cap}")
-        return cls(np.zeros(max(meta["gbuf_bytes"], 64), np.uint8), program.dram.array(),
-                   np.zeros(max(meta["rw_bytes"], 64), np.uint8), int(meta["rw_base"]), regs)
+        if gbuf > gbuf_cap:
+            raise SimError(f"program needs {gbuf} bytes of global buffer; the hardware has {gbuf_cap}")
+        return cls(np.zeros(max(gbuf, 64), np.uint8), program.dram.array(),
+                   np.zeros(max(int(meta["rw_bytes"]), 64), np.uint8), int(meta["rw_base"]),
+                   np.zeros(len(REGS), np.int64))
 
     def _memory(self, m: Mem, nbytes_needed: int, write: bool) -> tuple[np.ndarray, int]:
         if m.space == G:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from isa.cost import COMPONENTS, CostModel, InstrCosts
-from isa.program import Program
+from isa.program import Entry, Program
 from isa.spec import BY_NAME, INSTR_WORDS
 from runtime.timing import Timeline
 
@@ -21,7 +21,7 @@ def _group(keys: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
     return np.bincount(keys, weights=values, minlength=n)[:n] if len(keys) else np.zeros(n)
 
 
-def build_report(program: Program, cost: CostModel, costs: InstrCosts, tl: Timeline, seq: int) -> dict:
+def build_report(program: Program, entry: Entry, cost: CostModel, costs: InstrCosts, tl: Timeline, seq: int) -> dict:
     """All figures of one run as JSON-able data (cycles, seconds, picojoules, bytes)."""
     hw = cost.hw
     cycles = float(tl.total)
@@ -38,10 +38,10 @@ def build_report(program: Program, cost: CostModel, costs: InstrCosts, tl: Timel
     units = {name: {"busy_cycles": float(b), "utilization": float(b / cycles) if cycles else 0.0}
              for name, b in zip(names, busy, strict=True)}
 
-    ops = program.debug.ops
-    op_idx = program.debug.instr_op.astype(np.int64)
+    ops = entry.debug.ops
+    op_idx = entry.debug.instr_op.astype(np.int64)
     # weight loads are issued ahead (prefetch); a layer's span is that of its compute
-    opcodes = np.frombuffer(program.code, dtype="<u8")[::INSTR_WORDS] & 0xFF
+    opcodes = np.frombuffer(entry.code, dtype="<u8")[::INSTR_WORDS] & 0xFF
     is_load = np.isin(opcodes, [BY_NAME[m].opcode for m in ("wload", "halt", "sync")])
     layers: dict[str, dict] = {}
     kinds: dict[str, dict] = {}
@@ -63,6 +63,7 @@ def build_report(program: Program, cost: CostModel, costs: InstrCosts, tl: Timel
             }
     return {
         "model": program.meta.get("model", ""),
+        "entry": entry.name,
         "hardware": {"name": hw.name, "fingerprint": hw.fingerprint(), "f_clk_mhz": hw.chip.f_clk_mhz,
                      "tiles": hw.chip.tiles, "macros_per_tile": hw.chip.macros_per_tile},
         "tokens": seq,
@@ -76,8 +77,8 @@ def build_report(program: Program, cost: CostModel, costs: InstrCosts, tl: Timel
         "units": units,
         "layers": layers,
         "ops": kinds,
-        "compiler_estimate": {"cycles": program.meta.get("balance", {}).get("est_cycles"),
-                              "tokens": program.meta.get("balance", {}).get("rows")},
+        "compiler_estimate": {"cycles": entry.meta.get("balance", {}).get("est_cycles"),
+                              "tokens": entry.meta.get("balance", {}).get("rows")},
     }
 
 

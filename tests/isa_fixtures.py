@@ -8,7 +8,7 @@ import numpy as np
 
 from isa.encoding import Instr, encode
 from isa.fields import REGS, SPACES, Dim, DimKind, EnumKind, F32Kind, Kind, Mem, MemKind
-from isa.program import ArraySegment, DebugInfo, DramImage, Program, Symbol
+from isa.program import ArraySegment, DebugInfo, DramImage, Entry, Program, Symbol
 from isa.spec import INSTRS, N_BARRIERS
 
 
@@ -41,8 +41,13 @@ def random_instr(rng: np.random.Generator) -> Instr:
 BLOB = np.random.default_rng(7).integers(0, 256, 7000, dtype=np.uint8)
 
 
+#: Section tags of `make_program()`'s binary, in file order.
+SECTIONS = ("META", "HWCF", "ENTS", "C000", "X000", "C001", "X001", "DRAM")
+
+
 def make_program(dram: DramImage | None = None) -> Program:
-    """A small program: five instructions of different kinds, two symbols, a DRAM image with gaps."""
+    """A small program: entry "prefill" with five instructions of different kinds and two
+    symbols, entry "decode" with two instructions, and a DRAM image with gaps."""
     if dram is None:
         dram = DramImage()
         dram.add(ArraySegment(0x40, 24, lambda: np.arange(6, dtype=np.float32)))
@@ -63,6 +68,9 @@ def make_program(dram: DramImage | None = None) -> Program:
            {"op": "affine", "loc": "n\u00e9ud;\nx", "layer": "layer0"}, {"op": "halt"}]
     symbols = [Symbol("input_ids", "input", "int64", "i32", (1, "seq"), 0x3000, 1),
                Symbol("logits", "output", "float32", "f32", (1, "seq", 8), 0x3800, 8)]
-    return Program(encode(instrs), dram, symbols, DebugInfo(ops, np.array([0, 0, 1, 1, 2], dtype=np.uint32)),
-                   {"tiles": 2, "name": "edge", "clock_hz": 2.5e8}, "00112233aabbccdd",
-                   {"model": "t\u00efny", "max_seq": 32, "options": {"wbits": 8}})
+    prefill = Entry("prefill", encode(instrs), symbols, DebugInfo(ops, np.array([0, 0, 1, 1, 2], dtype=np.uint32)),
+                    {"max_seq": 32})
+    decode = Entry("decode", encode(instrs[2:3] + instrs[4:]), symbols[:1],
+                   DebugInfo(ops[1:], np.array([0, 1], dtype=np.uint32)), {"max_seq": 1})
+    return Program([prefill, decode], dram, {"tiles": 2, "name": "edge", "clock_hz": 2.5e8}, "00112233aabbccdd",
+                   {"model": "t\u00efny", "options": {"wbits": 8}})

@@ -116,12 +116,13 @@ def test_incbin_checks_the_file(cwd):
 
 
 HEAD = """\
-.format 1 0
+.format 2 0
 .fingerprint "0123456789abcdef"
 .hw {}
 .meta {}
-.op 0 {"op": "x"}
 .dram size=16
+.entry "main" {}
+.op 0 {"op": "x"}
 .text
 """
 
@@ -139,49 +140,54 @@ def check_error(text: str, line: int, col: int, message: str) -> None:
 
 @pytest.mark.parametrize(("text", "line", "col", "message"), [
     # syntax (lark)
-    (HEAD + "    vexp tile=0 $\n", 8, 17, "unexpected character '$'"),
-    (".format 1\n", 1, 10, "unexpected end of line; expected an integer"),
-    (HEAD + "    vexp tile=0 dst=g:0x0/4\n", 8, 17, "unexpected 'dst'; expected ',', @N, end of line"),
+    (HEAD + "    vexp tile=0 $\n", 9, 17, "unexpected character '$'"),
+    (".format 2\n", 1, 10, "unexpected end of line; expected an integer"),
+    (HEAD + "    vexp tile=0 dst=g:0x0/4\n", 9, 17, "unexpected 'dst'; expected ',', @N, end of line"),
     # instructions
-    (HEAD + "    vad tile=0\n", 8, 5, "unknown instruction 'vad' (did you mean vadd?)"),
-    (HEAD + "    xyz\n", 8, 5, "unknown instruction 'xyz'"),
-    (HEAD + "    halt x=1\n", 8, 10, "halt: unknown field 'x' (fields: sig, wait)"),
-    (HEAD + "    vexp tile=0, tile=1\n", 8, 18, "vexp: duplicate field tile"),
-    (HEAD + "    vexp tile=0, dst=g:0x0/4\n", 8, 5, "vexp: missing field(s) src, rows, cols"),
-    (HEAD + "    vexp tile=0, dst=q:0x0/4, src=g:0x0/4, rows=1, cols=1\n", 8, 22,
+    (HEAD + "    vad tile=0\n", 9, 5, "unknown instruction 'vad' (did you mean vadd?)"),
+    (HEAD + "    xyz\n", 9, 5, "unknown instruction 'xyz'"),
+    (HEAD + "    halt x=1\n", 9, 10, "halt: unknown field 'x' (fields: sig, wait)"),
+    (HEAD + "    vexp tile=0, tile=1\n", 9, 18, "vexp: duplicate field tile"),
+    (HEAD + "    vexp tile=0, dst=g:0x0/4\n", 9, 5, "vexp: missing field(s) src, rows, cols"),
+    (HEAD + "    vexp tile=0, dst=q:0x0/4, src=g:0x0/4, rows=1, cols=1\n", 9, 22,
      "vexp: field dst: unknown memory space 'q' (spaces: g, d)"),
-    (HEAD + "    vexp tile=256, dst=g:0x0/4, src=g:0x0/4, rows=1, cols=1\n", 8, 15,
+    (HEAD + "    vexp tile=256, dst=g:0x0/4, src=g:0x0/4, rows=1, cols=1\n", 9, 15,
      "vexp: field tile: expected an integer in [0, 255], got 256"),
-    (HEAD + "    halt wait=0|2\n", 8, 15,
+    (HEAD + "    halt wait=0|2\n", 9, 15,
      "halt: field wait: expected barriers 1..63 joined by '|', got '0|2'"),
-    (HEAD + "    halt sig=2 @5\n", 8, 16, "debug op @5 out of range (the .op table has 1 entries)"),
+    (HEAD + "    halt sig=2 @5\n", 9, 16, "debug op @5 out of range (the .op table has 1 entries)"),
     ("    halt\n", 1, 5, "instruction before .text"),
     # directives
     (HEAD.replace(".hw {}", '.hw {"a": }'), 3, 11, "bad JSON: Expecting value"),
     (HEAD.replace(".hw {}", '.hw {"a": 1} x'), 3, 14, "unexpected text after the JSON object"),
-    (HEAD.replace('.op 0 {"op": "x"}', '.op 0 {}\n.op 2 {}'), 6, 5,
+    (HEAD.replace('.op 0 {"op": "x"}', '.op 0 {}\n.op 2 {}'), 8, 5,
      ".op numbering gap: expected .op 1, got .op 2"),
-    (HEAD.replace(".text\n", ""), 6, 14, "missing .text (the instructions section)"),
-    (HEAD.replace(".meta {}\n", ""), 6, 1, "missing .meta directive before .text"),
+    (HEAD.replace(".text\n", ""), 7, 18, "entry 'main': missing .text (the instructions section)"),
+    (HEAD + ".entry \"b\" {}\n", 9, 14, "entry 'b': missing .text (the instructions section)"),
+    (HEAD.replace(".entry \"main\" {}\n", ""), 6, 1, ".op before .entry (it belongs to an entry)"),
+    (HEAD.split(".entry")[0], 5, 14, "missing .entry (a program needs at least one entry)"),
+    (HEAD.replace(".meta {}\n", ""), 5, 1, "missing .meta directive before the first .entry"),
+    (HEAD + ".entry \"main\" {}\n", 9, 8, "entry name 'main' is empty or used twice"),
     (HEAD.replace(".meta {}\n", ".meta {}\n.meta {}\n"), 5, 1, "duplicate .meta directive (first on line 4)"),
-    (HEAD + "    halt\n.hw {}\n", 9, 1, ".hw after .text (directives come before the instructions)"),
-    (HEAD.replace(".format 1 0", ".format 2 0"), 1, 9,
-     "assembly format 2.0 is not supported by this cimc (reads 1.x)"),
+    (HEAD + "    halt\n.hw {}\n", 10, 1, ".hw after an .entry (program directives come first)"),
+    (HEAD + "    halt\n.op 1 {}\n", 10, 1, ".op after .text (directives come before the instructions)"),
+    (HEAD.replace(".format 2 0", ".format 3 0"), 1, 9,
+     "assembly format 3.0 is not supported by this cimc (reads 2.x)"),
     (HEAD.replace("0123456789abcdef", "0123"), 2, 14,
      "hardware fingerprint must be 16 hex characters, got '0123'"),
-    (HEAD.replace(".hw {}", '.symbol {"name": "x"}'), 3, 9,
+    (HEAD.replace('.op 0 {"op": "x"}', '.symbol {"name": "x"}'), 7, 9,
      "bad symbol: missing key(s) addr, dtype, kind, mtype, shape, stride"),
-    (HEAD.replace("size=16\n", "size=16 sizes=3\n"), 6, 15,
+    (HEAD.replace("size=16\n", "size=16 sizes=3\n"), 5, 15,
      ".dram: unknown argument 'sizes' (arguments: size)"),
-    (HEAD + ".data 0x0 AAAA\n", 8, 1, ".data after .text (directives come before the instructions)"),
-    (HEAD.replace("size=16\n", "size=16\n.data 0x0 AAAA\n.data 0x1 AAAA\n"), 8, 7,
+    (HEAD + ".data 0x0 AAAA\n", 9, 1, ".data after an .entry (program directives come first)"),
+    (HEAD.replace("size=16\n", "size=16\n.data 0x0 AAAA\n.data 0x1 AAAA\n"), 7, 7,
      ".data at 0x1 overlaps the previous .data (ends at 0x3)"),
-    (HEAD.replace("size=16\n", "size=16\n.data 0xf AAAA\n"), 7, 7,
+    (HEAD.replace("size=16\n", "size=16\n.data 0xf AAAA\n"), 6, 7,
      ".data at 0xf runs past the DRAM image size 0x10 (.dram size=)"),
-    (HEAD.replace("size=16\n", "size=16\n.data 0x0 AAA\n"), 7, 11, "bad base64 data: Incorrect padding"),
-    (HEAD.replace("size=16\n", "size=16\n.data 0x0 AAAA\n.incbin \"x\" offset=0 size=16 crc32=0\n"), 8, 1,
+    (HEAD.replace("size=16\n", "size=16\n.data 0x0 AAA\n"), 6, 11, "bad base64 data: Incorrect padding"),
+    (HEAD.replace("size=16\n", "size=16\n.data 0x0 AAAA\n.incbin \"x\" offset=0 size=16 crc32=0\n"), 7, 1,
      ".incbin cannot be combined with .data"),
-    (HEAD.replace(".dram size=16\n", ".data 0x0 AAAA\n.dram size=16\n"), 6, 1,
+    (HEAD.replace(".dram size=16\n", ".data 0x0 AAAA\n.dram size=16\n"), 5, 1,
      ".data before .dram (the image size)"),
     (HEAD.replace(".fingerprint", ".hw {}\n.fingerprint"), 4, 1, "duplicate .hw directive (first on line 2)"),
 ])
@@ -196,6 +202,6 @@ def test_minimal_hand_written_program():
         "\n"
         "    halt wait=3 @0\n")
     p = assemble(text)
-    assert p.n_instrs == 2 and p.debug.instr_op.tolist() == [0, 0]
+    assert p.n_instrs == 2 and p.entry("main").debug.instr_op.tolist() == [0, 0]
     assert p.dram.array().tolist() == [0, 0, 0, 0, 1, 2, 3] + [0] * 9
     assert parse_instr("sync sig=3").sig == 3

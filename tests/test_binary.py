@@ -10,13 +10,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from isa_fixtures import BLOB, make_program
+from isa_fixtures import BLOB, SECTIONS, make_program
 
 from isa.binary import ENTRY_SIZE, HEADER_SIZE, TAGS, read_binary, read_sections, validate_code, write_binary
 from isa.diag import CimcError
 from isa.encoding import EncodingError, Instr, code_words, decode_one, encode
 from isa.fields import Mem
-from isa.program import ArraySegment, DebugInfo, DramImage, Program
+from isa.program import ArraySegment, DebugInfo, DramImage, Entry, Program
 from isa.spec import INSTRS
 
 
@@ -63,20 +63,22 @@ def test_deterministic(cwd):
 def test_layout(cwd):
     data = written()
     magic, major, minor, flags, count, fp = struct.unpack_from("<4sHHII16s", data)
-    assert (magic, major, minor, flags, count, fp) == (b"CIMB", 1, 0, 0, len(TAGS), b"00112233aabbccdd")
+    assert (magic, major, minor, flags, count, fp) == (b"CIMB", 2, 0, 0, len(SECTIONS), b"00112233aabbccdd")
     assert struct.unpack_from("<I", data, 60)[0] == zlib.crc32(data[:60])
     secs = read_sections("x.cimb")
-    assert list(secs) == list(TAGS)
-    for k, tag in enumerate(TAGS):
+    assert list(secs) == list(SECTIONS) and set(TAGS) <= set(SECTIONS)
+    for k, tag in enumerate(SECTIONS):
         entry = struct.unpack_from("<4sQQI", data, HEADER_SIZE + k * ENTRY_SIZE)
         sec = secs[tag]
         assert entry == (tag.encode(), sec.offset, sec.size, sec.crc32)
         assert sec.offset % (4096 if tag == "DRAM" else 64) == 0
         assert zlib.crc32(data[sec.offset:sec.offset + sec.size]) == sec.crc32
     meta = data[secs["META"].offset:secs["META"].offset + secs["META"].size]
-    assert meta == '{"max_seq":32,"model":"t\u00efny","options":{"wbits":8}}'.encode()
-    dbix = secs["DBIX"]
+    assert meta == '{"model":"t\u00efny","options":{"wbits":8}}'.encode()
+    dbix = secs["X000"]
     assert data[dbix.offset:dbix.offset + dbix.size] == struct.pack("<5I", 0, 0, 1, 1, 2)
+    ents = data[secs["ENTS"].offset:secs["ENTS"].offset + secs["ENTS"].size]
+    assert [e["name"] for e in json.loads(ents)] == ["prefill", "decode"]
     assert len(data) == secs["DRAM"].offset + 0x4000
 
 
@@ -84,10 +86,12 @@ def test_read_back_equal(cwd):
     p = make_program()
     write_binary("x.cimb", p)
     q = read_binary("x.cimb", verify_dram=True)
-    assert q.code == p.code and q.n_instrs == 5
-    assert q.symbols == p.symbols and q.hw == p.hw and q.meta == p.meta
-    assert q.hw_fingerprint == p.hw_fingerprint
-    assert q.debug.ops == p.debug.ops and q.debug.instr_op.tolist() == [0, 0, 1, 1, 2]
+    assert [e.name for e in q.entries] == ["prefill", "decode"] and q.n_instrs == 7
+    for a, b in zip(q.entries, p.entries, strict=True):
+        assert (a.code, a.symbols, a.meta, a.debug.ops) == (b.code, b.symbols, b.meta, b.debug.ops)
+        assert a.debug.instr_op.tolist() == b.debug.instr_op.tolist()
+    assert q.hw == p.hw and q.meta == p.meta and q.hw_fingerprint == p.hw_fingerprint
+    assert q.entry().debug.instr_op.tolist() == [0, 0, 1, 1, 2] and q.entry("decode").n_instrs == 2
     assert q.dram.size == 0x4000 and isinstance(q.dram.mapped, np.memmap)
     assert np.array_equal(q.dram.array(), expected_image())
 
@@ -114,10 +118,11 @@ def test_streams_chunks_of_any_type(cwd):
 
 
 def test_empty_program(cwd):
-    p = Program(b"", DramImage(), [], DebugInfo([], np.zeros(0, np.uint32)), {}, "0" * 16, {})
+    entry = Entry("main", b"", [], DebugInfo([], np.zeros(0, np.uint32)), {})
+    p = Program([entry], DramImage(), {}, "0" * 16, {})
     data = written(program=p)
     q = read_binary("x.cimb", verify_dram=True)
-    assert q.code == b"" and q.dram.size == 0 and q.dram.array().size == 0
+    assert q.entry().code == b"" and q.dram.size == 0 and q.dram.array().size == 0
     assert len(data) == read_sections("x.cimb")["DRAM"].offset
 
 
@@ -135,26 +140,26 @@ def test_bad_magic(cwd):
 
 def test_version(cwd):
     data = bytearray(written())
-    data[4:8] = struct.pack("<HH", 2, 0)
+    data[4:8] = struct.pack("<HH", 3, 0)
     rewrite("x.cimb", data)
-    assert error() == ("x.cimb: binary format 2.0 is not supported by this cimc (reads 1.x); "
+    assert error() == ("x.cimb: binary format 3.0 is not supported by this cimc (reads 2.x); "
                        "recompile the model")
-    data[4:8] = struct.pack("<HH", 1, 7)  # a newer minor version of the same major reads fine
+    data[4:8] = struct.pack("<HH", 2, 7)  # a newer minor version of the same major reads fine
     data[60:64] = struct.pack("<I", zlib.crc32(data[:60]))
     rewrite("x.cimb", data)
-    assert read_binary("x.cimb").n_instrs == 5
+    assert read_binary("x.cimb").n_instrs == 7
 
 
 def test_truncated(cwd):
     data = written()
     secs = read_sections("x.cimb")
-    table_end = HEADER_SIZE + ENTRY_SIZE * len(TAGS)
-    code_end = secs["CODE"].offset + secs["CODE"].size
+    table_end = HEADER_SIZE + ENTRY_SIZE * len(SECTIONS)
+    code_end = secs["C000"].offset + secs["C000"].size
     cases = {
         30: "header needs bytes up to 64 but the file has 30",
         100: f"section table needs bytes up to {table_end} but the file has 100",
-        secs["CODE"].offset + 10: f"section CODE needs bytes up to {code_end} but the file has "
-                                  f"{secs['CODE'].offset + 10}",
+        secs["C000"].offset + 10: f"section C000 needs bytes up to {code_end} but the file has "
+                                  f"{secs['C000'].offset + 10}",
         len(data) - 1: f"section DRAM needs bytes up to {len(data)} but the file has {len(data) - 1}",
     }
     for cut, message in cases.items():
@@ -162,7 +167,7 @@ def test_truncated(cwd):
         assert error() == f"x.cimb: truncated: {message}"
 
 
-@pytest.mark.parametrize("tag", ["META", "HWCF", "SYMS", "DBOP", "DBIX", "CODE"])
+@pytest.mark.parametrize("tag", ["META", "HWCF", "ENTS", "C000", "X000", "C001", "X001"])
 def test_flipped_byte_in_section(cwd, tag):
     data = bytearray(written())
     data[read_sections("x.cimb")[tag].offset + 1] ^= 0x20
@@ -190,12 +195,12 @@ def test_flipped_byte_in_dram_needs_verify(cwd):
 def patch(name: str, tag: str, pos: int, new: bytes) -> None:
     """Overwrite bytes inside a section and fix every checksum, as a careful forger would."""
     data = bytearray(open(name, "rb").read())
-    k = TAGS.index(tag)
+    k = SECTIONS.index(tag)
     sec = read_sections(name)[tag]
     data[sec.offset + pos:sec.offset + pos + len(new)] = new
     at = HEADER_SIZE + k * ENTRY_SIZE + 20
     data[at:at + 4] = struct.pack("<I", zlib.crc32(data[sec.offset:sec.offset + sec.size]))
-    data[32:36] = struct.pack("<I", zlib.crc32(data[HEADER_SIZE:HEADER_SIZE + ENTRY_SIZE * len(TAGS)]))
+    data[32:36] = struct.pack("<I", zlib.crc32(data[HEADER_SIZE:HEADER_SIZE + ENTRY_SIZE * len(SECTIONS)]))
     data[60:64] = struct.pack("<I", zlib.crc32(data[:60]))
     rewrite(name, data)
 
@@ -209,11 +214,13 @@ def section_bytes(name: str, tag: str) -> bytes:
 
 @pytest.mark.parametrize(("tag", "old", "new", "message"), [
     ("META", b"{", b"[", "section META: invalid JSON: "),
-    ("SYMS", b'"input"', b'"inpux"', "section SYMS: symbol 0: kind must be 'input' or 'output', got 'inpux'"),
-    ("SYMS", b'"addr"', b'"adds"', "section SYMS: symbol 0: missing key(s) addr"),
-    ("DBOP", b'{"layer"', b'["laye"', "section DBOP: invalid JSON: "),
-    ("DBIX", struct.pack("<I", 1), struct.pack("<I", 99),
-     "section DBIX: instruction 2 refers to debug op 99 but DBOP has 3"),
+    ("ENTS", b'"input"', b'"inpux"',
+     "section ENTS: entry 0: symbol 0: kind must be 'input' or 'output', got 'inpux'"),
+    ("ENTS", b'"addr"', b'"adds"', "section ENTS: entry 0: symbol 0: missing key(s) addr"),
+    ("ENTS", b'{"layer"', b'["laye"', "section ENTS: invalid JSON: "),
+    ("ENTS", b'"decode"', b'"decod\\"', "section ENTS: invalid JSON"),
+    ("X000", struct.pack("<I", 1), struct.pack("<I", 99),
+     "section X000: instruction 2 refers to debug op 99 but the entry has 3"),
 ])
 def test_invalid_section_contents(cwd, tag, old, new, message):
     written()
@@ -230,11 +237,11 @@ def test_section_of_wrong_shape(cwd):
 
 def test_invalid_code(cwd):
     written()
-    patch("x.cimb", "CODE", 2 * 64, b"\xee")
-    assert error() == "x.cimb: section CODE: instruction 2: unknown opcode 0xee"
+    patch("x.cimb", "C000", 2 * 64, b"\xee")
+    assert error() == "x.cimb: section C000: instruction 2: unknown opcode 0xee"
     written()
-    patch("x.cimb", "CODE", 3 * 64 + 63, b"\x01")
-    assert error() == "x.cimb: section CODE: instruction 3 (sync): reserved bits are set"
+    patch("x.cimb", "C000", 3 * 64 + 63, b"\x01")
+    assert error() == "x.cimb: section C000: instruction 3 (sync): reserved bits are set"
 
 
 def test_validate_code_agrees_with_decode_one():
@@ -290,8 +297,12 @@ def test_failed_write_keeps_existing_file(cwd):
 
 def test_invalid_program_is_not_written(cwd):
     p = make_program()
-    p.debug.instr_op = np.array([0, 0, 1], dtype=np.uint32)
-    with pytest.raises(ValueError, match="instr_op must be 5 integers"):
+    p.entries[0].debug.instr_op = np.array([0, 0, 1], dtype=np.uint32)
+    with pytest.raises(ValueError, match=r"entry 'prefill': DebugInfo\.instr_op must be 5 integers"):
+        write_binary("x.cimb", p)
+    p = make_program()
+    p.entries[1].name = "prefill"
+    with pytest.raises(ValueError, match="entry names must be distinct"):
         write_binary("x.cimb", p)
     p = make_program()
     p.hw_fingerprint = "xyz"

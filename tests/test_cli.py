@@ -217,7 +217,7 @@ def bad(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     (d / "half.cimb").write_bytes(binary[: len(binary) // 2])
     (d / "ten.cimb").write_bytes(binary[:10])
     sections = read_sections(tiny)
-    spots = [("header", 8)] + [(t, sections[t].offset + sections[t].size // 2) for t in ("META", "CODE", "DRAM")]
+    spots = [("header", 8)] + [(t, sections[t].offset + sections[t].size // 2) for t in ("META", "C000", "DRAM")]
     for tag, at in spots:
         flipped = bytearray(binary)
         flipped[at] ^= 0xFF
@@ -568,12 +568,12 @@ def test_console_script_demo(tmp_path: Path) -> None:
 
 
 def test_console_script_user_error(bad, tmp_path: Path) -> None:
-    res = run_exe("run", Path(bad["bad"]) / "flip_code.cimb", "--inputs", bad["ids"], "--outputs", "out.npz",
+    res = run_exe("run", Path(bad["bad"]) / "flip_c000.cimb", "--inputs", bad["ids"], "--outputs", "out.npz",
                   cwd=tmp_path)
     assert res.returncode == 2
     assert res.stdout == "" and "Traceback" not in res.stderr
     assert res.stderr.splitlines() == [res.stderr.strip()]
-    assert res.stderr.startswith("cimc: error: ") and "section CODE" in res.stderr
+    assert res.stderr.startswith("cimc: error: ") and "section C000" in res.stderr
     assert os.listdir(tmp_path) == []
 
 
@@ -650,7 +650,7 @@ ERROR_CASES = [
                  id="run-flipped-header"),
     pytest.param(_run("{bad}/flip_meta.cimb", "--inputs", "{ids}"), ["{bad}/flip_meta.cimb: ", "META", "checksum"],
                  None, id="run-flipped-meta"),
-    pytest.param(_run("{bad}/flip_code.cimb", "--inputs", "{ids}"), ["{bad}/flip_code.cimb: ", "CODE", "checksum"],
+    pytest.param(_run("{bad}/flip_c000.cimb", "--inputs", "{ids}"), ["{bad}/flip_c000.cimb: ", "C000", "checksum"],
                  None, id="run-flipped-code"),
     pytest.param(_run("{bad}/flip_dram.cimb", "--inputs", "{ids}"), ["{bad}/flip_dram.cimb: ", "DRAM", "checksum"],
                  None, id="run-flipped-dram"),

@@ -75,7 +75,7 @@ def test_shared_model_matches_reference_npz(shared_programs, name: str, max_seq:
     path = shared_model(name)
     ref = np.load(path.with_suffix(".npz"))
     program = shared_programs(name, max_seq)
-    assert int(program.meta["max_seq"]) == (max_seq or 256)
+    assert int(program.entry().meta["max_seq"]) == (max_seq or 256)
     got = cimc_logits(program, ref["input.input_ids"])
     assert max_err(got, ref["output.logits"]) <= TOL
 
@@ -85,7 +85,7 @@ def test_shared_model_matches_reference_npz(shared_programs, name: str, max_seq:
 def test_shared_model_matches_onnxruntime_at_lengths(shared_programs, name: str, max_seq: int | None) -> None:
     path = shared_model(name)
     program = shared_programs(name, max_seq)
-    bound = int(program.meta["max_seq"])
+    bound = int(program.entry().meta["max_seq"])
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     vocab = session.get_outputs()[0].shape[-1]
     for n in (1, 3, 8, bound):

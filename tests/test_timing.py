@@ -45,9 +45,10 @@ def test_timeline_respects_every_dependency(variant: str) -> None:
 def test_hazard_checker_catches_a_missing_barrier() -> None:
     """Drop every wait mask: the checker must then find violations (so it is not vacuous)."""
     program = compile_model(EXAMPLE, CompileOptions(max_seq=16))
-    words = np.frombuffer(program.code, dtype="<u8").reshape(-1, 8).copy()
+    entry = program.entry()
+    words = np.frombuffer(entry.code, dtype="<u8").reshape(-1, 8).copy()
     words[:, 1] = 0
-    program.code = words.tobytes()
+    entry.code = words.tobytes()
     r = simulate(program, {"input_ids": IDS}, trace_accesses=True)
     assert find_hazards(r.accesses, r.timeline)
 
@@ -57,7 +58,7 @@ def test_compiler_estimate_tracks_the_simulation() -> None:
     program = compile_model(EXAMPLE, CompileOptions(max_seq=16))
     ids = np.resize(IDS, (1, 16))
     r = simulate(program, {"input_ids": ids})
-    est, sim = program.meta["balance"]["est_cycles"], r.report["cycles"]
+    est, sim = program.entry().meta["balance"]["est_cycles"], r.report["cycles"]
     assert 0.7 < est / sim < 1.3, (est, sim)
 
 
@@ -99,7 +100,7 @@ def test_weight_load_cost_formula() -> None:
     """A wload moves k*n*wbits/8 bytes: DRAM time = bytes / (peak * efficiency), energy 8 pJ/bit."""
     hw = load_hw()
     program = compile_model(EXAMPLE, CompileOptions(max_seq=8, hw=hw))
-    cols = decode_columns(program.code)
+    cols = decode_columns(program.entry().code)
     costs = CostModel(hw).instr_costs(cols, np.array([0, 8, 0, 8]))
     idx = cols.rows["wload"]
     f = cols.fields["wload"]

@@ -1,0 +1,170 @@
+"""Chrome trace export: layout, times, back-to-back runs, size limit, atomic writes, and the
+pipeline overlap the trace exists to show."""
+
+from __future__ import annotations
+
+import json
+from itertools import pairwise
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from isa.diag import CimcError
+from runtime.trace import TraceRun, write_trace
+
+ROOT = Path(__file__).resolve().parents[1]
+UNITS = ["dram", "noc", "tile0", "tile1", "sfu0", "sfu1"]
+F_CLK = 1e9  # 1 cycle = 1 ns = 0.001 us
+OPS = [{"op": "linear", "loc": "node_linear_3", "layer": "layer0"},
+       {"op": "silu", "loc": "node_silu_1", "layer": "layer0"},
+       {"op": "program", "loc": "", "layer": ""}]
+
+
+def _run(label: str = "prefill (8 tokens)", shift: float = 0.0) -> TraceRun:
+    """wload tile0 (+dram), mvm tile0, dma on dram, vsilu on sfu1, mvm tile1 (+dram operand), sync, halt."""
+    rows = [  # name, start, unit0, busy0, unit1, busy1, op
+        ("wload", 0, 2, 100, 0, 80, 0),
+        ("mvm", 100, 2, 50, -1, 0, 0),
+        ("dma", 80, 0, 40, -1, 0, 0),
+        ("vsilu", 150, 5, 25.5, -1, 0, 1),
+        ("mvm", 120, 3, 30, 0, 10, 0),
+        ("sync", 175.5, -1, 0, -1, 0, 2),
+        ("halt", 175.5, -1, 0, -1, 0, 2),
+    ]
+    name, start, u0, b0, u1, b1, op = zip(*rows, strict=True)
+    start = np.array(start, float) + shift
+    b0, b1 = np.array(b0, float), np.array(b1, float)
+    return TraceRun(label, start, start + np.maximum(b0, b1), np.array(u0), b0, np.array(u1), b1,
+                    list(name), OPS, np.array(op))
+
+
+def _load(path: Path) -> list[dict]:
+    doc = json.loads(path.read_text())
+    assert doc["displayTimeUnit"] in ("ns", "ms")
+    return doc["traceEvents"]
+
+
+def _tracks(events: list[dict]) -> dict[int, str]:
+    return {e["tid"]: e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
+
+
+def _slices(events: list[dict], track: str) -> list[dict]:
+    tid = {name: t for t, name in _tracks(events).items()}[track]
+    return [e for e in events if e["ph"] == "X" and e["tid"] == tid]
+
+
+def test_layout_and_times(tmp_path: Path) -> None:
+    out = tmp_path / "t.json"
+    n = write_trace(out, [_run()], UNITS, F_CLK)
+    events = _load(out)
+    assert n == len(events)
+    assert {e["pid"] for e in events} == {1}
+    assert [e["args"]["name"] for e in events if e["name"] == "process_name"] == ["cimc simulator"]
+    tracks = _tracks(events)
+    order = {e["tid"]: e["args"]["sort_index"] for e in events if e["name"] == "thread_sort_index"}
+    assert [tracks[t] for t in sorted(tracks, key=order.get)] == ["runs", "dram", "tile0", "tile1", "sfu1"]
+
+    def seen(track: str) -> list[tuple]:
+        return [(e["name"], e["ts"], e["dur"], e["args"]["instr"]) for e in _slices(events, track)]
+
+    assert sorted(seen("tile0")) == [("mvm", 0.1, 0.05, 1), ("wload", 0.0, 0.1, 0)]
+    assert seen("tile1") == [("mvm", 0.12, 0.03, 4)]
+    assert seen("sfu1") == [("vsilu", 0.15, 0.026, 3)]  # 25.5 cycles rounds to 26 ns
+    assert sorted(seen("dram")) == [("dma", 0.08, 0.04, 2), ("mvm:dram", 0.12, 0.01, 4), ("wload:dram", 0.0, 0.08, 0)]
+    wload = next(e for e in _slices(events, "tile0") if e["name"] == "wload")
+    assert wload["args"] == {"instr": 0, "op": "linear", "onnx": "node_linear_3", "layer": "layer0", "cycles": 100.0}
+    assert next(e for e in _slices(events, "sfu1"))["args"]["cycles"] == 25.5
+    (run,) = _slices(events, "runs")
+    assert (run["name"], run["ts"], run["dur"]) == ("prefill (8 tokens)", 0.0, 0.176)
+    assert run["args"]["instructions"] == run["args"]["instructions_drawn"] == 7
+    assert not [e for e in events if e["ph"] == "X" and e["name"] in ("sync", "halt")]
+
+
+def test_runs_back_to_back_and_clock(tmp_path: Path) -> None:
+    out = tmp_path / "t.json"
+    write_trace(out, [_run("prefill"), _run("decode step 0", shift=10)], UNITS, 200e6)  # 5 ns per cycle
+    events = _load(out)
+    first, second = _slices(events, "runs")
+    assert (first["ts"], first["dur"], second["ts"]) == (0.0, 0.878, 0.878)  # 175.5 cycles = 877.5 ns
+    assert second["dur"] == pytest.approx(185.5 * 0.005, abs=1e-3)
+    runs_tid = {n: t for t, n in _tracks(events).items()}["runs"]
+    work = [e for e in events if e["ph"] == "X" and e["tid"] != runs_tid]
+    assert len(work) == 2 * 7
+    assert all(e["ts"] >= second["ts"] for e in work[7:])
+    assert all(e["ts"] + e["dur"] <= first["ts"] + first["dur"] + 1e-9 for e in work[:7])
+    assert min(e["ts"] for e in work[7:]) == pytest.approx((175.5 + 10) * 0.005, abs=1e-3)
+
+
+def test_deterministic_and_atomic(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    write_trace(a, [_run(), _run("decode")], UNITS, F_CLK)
+    write_trace(b, [_run(), _run("decode")], UNITS, F_CLK)
+    assert a.read_bytes() == b.read_bytes()
+    write_trace(a, [_run()], UNITS, F_CLK)  # overwrites in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]
+
+
+def test_write_errors(tmp_path: Path) -> None:
+    with pytest.raises(CimcError, match=r"cannot write .*missing.*t\.json: "):
+        write_trace(tmp_path / "missing" / "t.json", [_run()], UNITS, F_CLK)
+    bad = _run()
+    bad.unit0[0] = len(UNITS)
+    with pytest.raises(ValueError, match="unit0"):
+        write_trace(tmp_path / "t.json", [bad], UNITS, F_CLK)
+    assert not list(tmp_path.iterdir())
+
+
+def test_max_events_samples_runs_and_marks_all(tmp_path: Path) -> None:
+    runs = [_run(f"decode step {k}") for k in range(10)]
+    out = tmp_path / "t.json"
+    full = write_trace(out, runs, UNITS, F_CLK)
+    limit = full // 3
+    n = write_trace(out, runs, UNITS, F_CLK, max_events=limit)
+    events = _load(out)
+    assert n == len(events) <= limit
+    marks = _slices(events, "runs")
+    assert [e["name"] for e in marks] == [r.label for r in runs]
+    drawn = [e["args"]["instructions_drawn"] for e in marks]
+    assert drawn[0] == 7 and 0 in drawn
+    assert all("not drawn" in e["args"]["note"] for e in marks if e["args"]["instructions_drawn"] < 7)
+    # tiny limit: the first run is cut to its leading instructions, every run still marked
+    n = write_trace(out, runs, UNITS, F_CLK, max_events=25)
+    events = _load(out)
+    assert n == len(events) <= 25
+    assert len(_slices(events, "runs")) == 10
+    assert 0 < _slices(events, "runs")[0]["args"]["instructions_drawn"] < 7
+
+
+def _program_parts(program) -> tuple[bytes, object]:
+    """Code and debug map of the program's first entry (or of the program, before entries existed)."""
+    target = program.entries[0] if hasattr(program, "entries") else program
+    return target.code, target.debug
+
+
+def test_real_pipeline_shows_weight_loads_overlapping_mvms(tmp_path: Path) -> None:
+    from cimc.driver import CompileOptions, compile_model
+    from isa.cost import CostModel
+    from isa.encoding import decode_columns
+    from isa.hw import HardwareConfig
+    from runtime.interpreter import simulate
+
+    program = compile_model(ROOT / "examples" / "tiny_llama.onnx", CompileOptions(max_seq=16))
+    sim = simulate(program, numerics=False, tokens=8)
+    cost = CostModel(HardwareConfig.from_dict(program.hw, "x"))
+    code, debug = _program_parts(program)
+    cols = decode_columns(code)
+    costs = cost.instr_costs(cols, np.array([0, 8, 0, 8]))
+    run = TraceRun.from_sim("prefill (8 tokens)", sim.timeline, costs, cols.opcode, debug)
+    out = tmp_path / "tiny.json"
+    write_trace(out, [run], cost.unit_names(), cost.f_hz)
+    events = _load(out)
+    loads = [(e["ts"], e["ts"] + e["dur"]) for e in _slices(events, "dram") if e["name"] == "wload:dram"]
+    tiles = [t for t in _tracks(events).values() if t.startswith("tile")]
+    mvms = [(e["ts"], e["ts"] + e["dur"]) for t in tiles for e in _slices(events, t) if e["name"] == "mvm"]
+    assert loads and mvms
+    assert any(a0 < b1 and b0 < a1 for a0, a1 in loads for b0, b1 in mvms)
+    # slices on one unit never overlap (Perfetto would drop badly nested ones)
+    for track in _tracks(events).values():
+        spans = sorted((round(e["ts"] * 1000), round((e["ts"] + e["dur"]) * 1000)) for e in _slices(events, track))
+        assert all(prev[1] <= nxt[0] for prev, nxt in pairwise(spans)), track
