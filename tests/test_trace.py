@@ -138,7 +138,7 @@ def test_max_events_samples_runs_and_marks_all(tmp_path: Path) -> None:
 
 def _program_parts(program) -> tuple[bytes, object]:
     """Code and debug map of the program's first entry (or of the program, before entries existed)."""
-    target = program.entries[0] if hasattr(program, "entries") else program
+    target = program.entry()
     return target.code, target.debug
 
 
