@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ import passes  # noqa: F401  (registers the passes)
 from cimc.frontend import import_onnx, open_model
 from cimc.ir.core import Module
 from cimc.ir.parser import parse_module
+from cimc.ir.printer import print_module
 from isa.cost import CostModel
 from isa.diag import CimcError
 from isa.hw import HardwareConfig, load_hw
@@ -24,7 +25,7 @@ from isa.program import Program
 from passes.codegen import emit_program
 from passes.manager import PassContext, PassManager, parse_pipeline
 
-DEFAULT_PIPELINE = "lift-idioms,tile-partition,place-weights,balance-stages,schedule"
+DEFAULT_PIPELINE = "lift-idioms,insert-kv-cache,tile-partition,place-weights,balance-stages,schedule"
 WEIGHT_MODES = ("fp32",)
 
 
@@ -33,6 +34,7 @@ class CompileOptions:
     """Options of `cimc compile` / `cimc ir` (see `cimc compile --help`)."""
 
     max_seq: int = 256
+    max_ctx: int | None = None  # positions the KV cache holds (prompt + generated); default max_seq
     weights: str = "fp32"
     hw: HardwareConfig = field(default_factory=load_hw)
     dims: dict[str, int] = field(default_factory=dict)
@@ -59,7 +61,7 @@ def load_module(path: str | os.PathLike, opts: CompileOptions) -> tuple[Module, 
         src = p.parent / str(module.attrs.get("source", ""))
         weights = open_model(src)[1].get if src.is_file() and src.suffix == ".onnx" else None
         return module, weights
-    module, store = import_onnx(p, max_seq=opts.max_seq, dims=opts.dims)
+    module, store = import_onnx(p, max_seq=opts.max_seq, max_ctx=opts.max_ctx, dims=opts.dims)
     module.attrs["weights"] = opts.weights
     return module, store.get
 
@@ -80,6 +82,25 @@ def run_pipeline(module: Module, opts: CompileOptions, until: str | None = None)
     return pm
 
 
+def clone(module: Module) -> Module:
+    """A deep copy (through the text form, which round-trips exactly)."""
+    return parse_module(print_module(module), verify=False)
+
+
+def compile_module(module: Module, weights: Callable[[str], np.ndarray], opts: CompileOptions
+                   ) -> tuple[Program, PassManager]:
+    """Compile a lifted module into a program with two entries over the same weights and KV cache:
+    `prefill` takes up to max_seq tokens (a prompt), `decode` exactly one (a generated token);
+    decode is the same model scheduled for one row, so its buffers are small and its stages are
+    balanced for a matrix-vector product. Returns the program and prefill's pass manager."""
+    decode = clone(module)
+    decode.attrs["max_seq"] = 1
+    pm = run_pipeline(module, opts)
+    quiet = replace(opts, dump_after=set(), dump_dir=None, on_dump=None)
+    run_pipeline(decode, quiet)
+    return emit_program({"prefill": module, "decode": decode}, weights, opts.hw), pm
+
+
 def compile_model(path: str | os.PathLike, opts: CompileOptions | None = None) -> Program:
     """Compile an ONNX model (or a .cimir dump of it) to a program for `opts.hw`."""
     opts = opts or CompileOptions()
@@ -87,5 +108,4 @@ def compile_model(path: str | os.PathLike, opts: CompileOptions | None = None) -
     if weights is None:
         raise CimcError(f"{path}: the IR's source model {module.attrs.get('source')!r} is not next to it; "
                         "compile the .onnx instead")
-    run_pipeline(module, opts)
-    return emit_program({"prefill": module}, weights, opts.hw)
+    return compile_module(module, weights, opts)[0]

@@ -44,7 +44,9 @@ class InstrCosts:
     energy: dict[str, np.ndarray]  # component -> pJ
     dram_bytes: np.ndarray
     macs: np.ndarray
-
+    #: cycles on unit0 if DRAM were infinitely fast (a weight load's macro writes; 0 on the DRAM
+    #: channel itself): the basis of the compute bound
+    compute0: np.ndarray
 
 class CostModel:
     """Cycle and energy formulas for one hardware description."""
@@ -126,12 +128,13 @@ class CostModel:
         """Price every instruction of a decoded program, with runtime registers `regs`."""
         n = len(cols)
         out = InstrCosts(np.full(n, -1), np.zeros(n), np.full(n, -1), np.zeros(n),
-                         {c: np.zeros(n) for c in COMPONENTS}, np.zeros(n), np.zeros(n))
+                         {c: np.zeros(n) for c in COMPONENTS}, np.zeros(n), np.zeros(n), np.zeros(n))
         for mnemonic, idx in cols.rows.items():
             spec = BY_NAME[mnemonic]
             f = cols.fields[mnemonic]
             fn = getattr(self, f"_cost_{spec.cost}")
             fn(mnemonic, idx, f, regs, out)
+        out.compute0 = np.where(out.unit0 == 0, 0.0, np.where(out.compute0 > 0, out.compute0, out.busy0))
         return out
 
     def _dim(self, f: dict, name: str, regs: np.ndarray) -> np.ndarray:
@@ -180,7 +183,8 @@ class CostModel:
         nbytes = k * n * wbits / 8
         dram = nbytes / self.dram_bpc
         out.unit0[idx] = self.tile_unit(tile)
-        out.busy0[idx] = np.maximum(dram, self.write_cycles(k, n, wbits))
+        out.compute0[idx] = self.write_cycles(k, n, wbits)
+        out.busy0[idx] = np.maximum(dram, out.compute0[idx])
         out.unit1[idx], out.busy1[idx] = 0, dram
         out.dram_bytes[idx] += nbytes
         out.energy["dram"][idx] += nbytes * self.e_dram_rd

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from cimc.ir.core import SEQ, Module, Op, Rewriter
+from cimc.ir.core import CTX, SEQ, Module, Op, Rewriter
 from isa.cost import CostModel
 from isa.diag import CimcError
 from passes.manager import PassContext, register
@@ -112,10 +112,10 @@ class BalanceStagesPass:
 
 def sfu_estimate(op: Op, rows: int, cost: CostModel, tiles: int) -> float:
     """Rough SFU cycles of a non-linear op (the compiler's estimate, not the simulation)."""
-    if not op.results or op.name in ("weight", "const", "input", "embedding"):
+    if not op.results or op.name in ("weight", "const", "input", "embedding", "kv_cache", "kv_append"):
         return 0.0
     shape = op.results[0].type.shape
-    r = rows if shape and shape[0] == SEQ else (int(shape[0]) if shape else 1)
+    r = rows if shape and shape[0] in (SEQ, CTX) else (int(shape[0]) if shape else 1)
     elems = r * (int(shape[1]) if len(shape) > 1 else 1)
     if op.name == "attention":
         h, hd = op.attrs["heads"], op.attrs["head_dim"]

@@ -19,17 +19,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cimc.ir.core import SEQ, Module, Op, Value
+from cimc.ir.core import CTX, SEQ, Module, Op, Value
 from isa.encoding import Instr, encode
 from isa.fields import Dim, Mem
 from isa.hw import HardwareConfig
 from isa.program import ArraySegment, DebugInfo, DramImage, Entry, Program, Symbol
 from passes.balance_stages import act_bits
-from passes.schedule import attention_slots, scratch_bytes, scratch_layout
+from passes.schedule import scratch_bytes, scratch_layout
 from passes.tiling import Tiling, align
 
 G, D = 0, 1  # memory spaces
-SEQ_DIM = Dim(1, 0)
+SEQ_DIM, PAST_DIM, CTX_DIM = Dim(1, 0), Dim(2, 0), Dim(3, 0)  # sizes read from runtime registers
+PAST = 2  # register offsetting the rows of position-indexed operands
 DATA_BARRIERS = range(1, 48)
 STAGE_BARRIERS = range(48, 64)
 F32 = 4
@@ -78,6 +79,7 @@ class _Codegen:
 
     def __post_init__(self) -> None:
         self.max_seq = self.module.max_seq
+        self.bounds = self.module.bounds
         self.rw_base = 0
         self.tiles = self.hw.chip.tiles
 
@@ -88,13 +90,15 @@ class _Codegen:
         self.dbg.append(self.op_index)
 
     def dim(self, d: object) -> Dim:
-        return SEQ_DIM if d == SEQ else Dim(0, int(d))  # type: ignore[call-overload]
+        if d == SEQ:
+            return SEQ_DIM
+        return CTX_DIM if d == CTX else Dim(0, int(d))  # type: ignore[call-overload]
 
     def rows(self, v: Value) -> Dim:
         return self.dim(v.type.shape[0]) if v.type.rank >= 1 else Dim(0, 1)
 
     def bound_rows(self, v: Value) -> int:
-        return self.max_seq if v.type.shape[0] == SEQ else int(v.type.shape[0])
+        return v.type.bound_shape(self.bounds)[0]
 
     @staticmethod
     def cols(v: Value) -> int:
@@ -117,7 +121,7 @@ class _Codegen:
         s = op.attrs["scratch"]
         space = G if s["space"] == "g" else D
         base = s["addr"] + (self.rw_base if space == D else 0)
-        for n, off, _, cols in scratch_layout(op, self.max_seq, self.tiles):
+        for n, off, _, cols in scratch_layout(op, self.bounds):
             if n == name:
                 return Mem(space, base + off + col * F32, cols)
         raise KeyError(name)
@@ -147,7 +151,7 @@ class _Codegen:
         if "scratch" not in op.attrs:
             return None
         s = op.attrs["scratch"]
-        size = scratch_bytes(op, self.max_seq, self.tiles)
+        size = scratch_bytes(op, self.bounds)
         return (G if s["space"] == "g" else D, s["addr"], s["addr"] + size)
 
     def _bytes(self, v: Value) -> int:
@@ -175,7 +179,7 @@ class _Codegen:
             dying.setdefault(i, []).append(v)
         for i, op in enumerate(self.module.ops):
             self.op_index = i
-            if op.name not in ("input", "output", "weight", "const"):
+            if op.name not in ("input", "output", "weight", "const", "kv_cache"):
                 self.barrier[id(op)] = DATA_BARRIERS[i % len(DATA_BARRIERS)]
                 getattr(self, f"_op_{op.name}")(op)
                 bit = 1 << self.barrier[id(op)]
@@ -223,7 +227,7 @@ class _Codegen:
             if users and all(u.name == "linear" and u.operands[1] is op.result for u in users):
                 continue  # streamed through the macros, already in the weight region
             v = op.result
-            shape = v.type.bound_shape(self.max_seq)
+            shape = v.type.bound_shape(self.bounds)
             size = F32 * int(np.prod(shape))
             self.const_addr[id(v)] = addr
             if op.name == "const":
@@ -323,11 +327,15 @@ class _Codegen:
                   tile=op.attrs["sfu"], **fields)
 
     def _operand(self, v: Value, rows: int | str, cols: int) -> tuple[Mem, int]:
-        """(memory operand, column-broadcast flag) for `v` broadcast to [rows, cols]."""
+        """(memory operand, column-broadcast flag) for `v` broadcast to [rows, cols]; a
+        position table (ctx rows) is read from row `past` on."""
         vrows = v.type.shape[0] if v.type.rank == 2 else 1
         vcols = self.cols(v)
         stride = 0 if vrows == 1 and rows != 1 else None
-        return self.mem(v, stride=stride), int(vcols == 1 and cols != 1)
+        mem = self.mem(v, stride=stride)
+        if vrows == CTX and rows != CTX:
+            mem = mem._replace(roff=PAST)
+        return mem, int(vcols == 1 and cols != 1)
 
     def _binary(self, op: Op) -> None:
         out = op.result
@@ -396,8 +404,9 @@ class _Codegen:
     def _op_rope(self, op: Op) -> None:
         x, cos, sin = op.operands
         out = op.result
-        self._vec(op, "vrope", dst=self.mem(out), src=self.mem(x), cos=self.mem(cos), sin=self.mem(sin),
-                  rows=self.rows(out), cols=self.cols(out), hd=op.attrs["head_dim"])
+        self._vec(op, "vrope", dst=self.mem(out), src=self.mem(x), cos=self.mem(cos)._replace(roff=PAST),
+                  sin=self.mem(sin)._replace(roff=PAST), rows=self.rows(out), cols=self.cols(out),
+                  hd=op.attrs["head_dim"])
 
     def _op_swiglu(self, op: Op) -> None:
         g, u = op.operands
@@ -406,34 +415,41 @@ class _Codegen:
         self._vec(op, "vsilu", dst=self.mem(out), src=self.mem(g), rows=rows, cols=cols)
         self._vec(op, "vmul", dst=self.mem(out), a=self.mem(out), b=self.mem(u), rows=rows, cols=cols, abc=0, bbc=0)
 
+    def _op_kv_append(self, op: Op) -> None:
+        cache, x = op.operands
+        self.emit("dma", sig=self.barrier[id(op)], wait=self.waits(op), dst=self.mem(cache)._replace(roff=PAST),
+                  src=self.mem(x), rows=self.rows(x), cols=self.cols(x), dt="f32")
+
     def _op_attention(self, op: Op) -> None:
         q, k, v = op.operands
         out = op.result
         h, kvh, hd = op.attrs["heads"], op.attrs["kv_heads"], op.attrs["head_dim"]
         group = h // kvh
         rows = self.rows(out)
-        slots = attention_slots(op, self.tiles)
+        cached = k.type.shape[0] == CTX  # keys are positions 0 .. past+seq-1 of the KV cache
+        keys, diag = (CTX_DIM, PAST_DIM) if cached else (rows, Dim(0, 0))
+        slots = op.attrs["slots"]
         # Heads are independent: each runs in order on its own SFU, waiting only on q, k, v and
         # on memory reuse; a head that reuses a score slot runs on the same SFU as its previous user.
         sig, wait = self.barrier[id(op)], self.waits(op)
         for head in range(h):
             slot, kv = head % slots, head // group
-            tile = (op.attrs["sfu"] + head) % self.tiles
+            tile = (op.attrs["sfu"] + slot) % self.tiles  # heads sharing a slot share its SFU, in order
             s, m, l_ = (self.scratch(op, f"{p}{slot}") for p in "sml")
 
             def vec(mn: str, **f: object) -> None:
                 self.emit(mn, sig=sig, wait=wait, tile=tile, **f)  # noqa: B023
 
-            vec("vmm", dst=s, a=self.mem(q, head * hd), b=self.mem(k, kv * hd), m=rows, k=hd, n=rows, tb=1,
+            vec("vmm", dst=s, a=self.mem(q, head * hd), b=self.mem(k, kv * hd), m=rows, k=hd, n=keys, tb=1,
                 alpha=op.attrs["scale"])
-            vec("vcausal", dst=s, rows=rows, cols=rows, diag=Dim(0, 0))
-            vec("vrmax", dst=m, src=s, rows=rows, cols=rows)
-            vec("vsub", dst=s, a=s, b=m, rows=rows, cols=rows, abc=0, bbc=1)
-            vec("vexp", dst=s, src=s, rows=rows, cols=rows)
-            vec("vrsum", dst=l_, src=s, rows=rows, cols=rows)
+            vec("vcausal", dst=s, rows=rows, cols=keys, diag=diag)
+            vec("vrmax", dst=m, src=s, rows=rows, cols=keys)
+            vec("vsub", dst=s, a=s, b=m, rows=rows, cols=keys, abc=0, bbc=1)
+            vec("vexp", dst=s, src=s, rows=rows, cols=keys)
+            vec("vrsum", dst=l_, src=s, rows=rows, cols=keys)
             vec("vrecip", dst=l_, src=l_, rows=rows, cols=1)
-            vec("vmul", dst=s, a=s, b=l_, rows=rows, cols=rows, abc=0, bbc=1)
-            vec("vmm", dst=self.mem(out, head * hd), a=s, b=self.mem(v, kv * hd), m=rows, k=rows, n=hd, tb=0,
+            vec("vmul", dst=s, a=s, b=l_, rows=rows, cols=keys, abc=0, bbc=1)
+            vec("vmm", dst=self.mem(out, head * hd), a=s, b=self.mem(v, kv * hd), m=rows, k=keys, n=hd, tb=0,
                 alpha=1.0)
 
     # ---- program -------------------------------------------------------------------------
@@ -475,7 +491,9 @@ def emit_program(modules: dict[str, Module], weight: WeightSource, hw: HardwareC
         if [(s.offset, s.size) for s in image.segments] != [(s.offset, s.size) for s in first.segments]:
             raise ValueError(f"entry {name!r} lays out DRAM differently from {next(iter(modules))!r}")
     module = next(iter(modules.values()))
+    embedding = next(module.walk("embedding"), None)
     meta = {"model": module.name, "source": module.attrs.get("source", ""),
+            "vocab": int(embedding.operands[1].type.shape[0]) if embedding is not None else None,
             "weights": module.attrs.get("weights", "fp32"), "max_ctx": module.attrs.get("max_ctx", module.max_seq),
             "rw_base": align(first.size, 4096), "rw_bytes": max(e.meta["rw_bytes"] for e in entries)}
     return Program(entries, first, hw.to_dict(), hw.fingerprint(), meta)

@@ -5,11 +5,14 @@ the global buffer when they fit, first-fit by address over their live range; wha
 spills to a DRAM read-write region, and every access to it is charged as DRAM traffic. Graph
 inputs and outputs always live in that DRAM region (the host reads and writes them there).
 Ops that need scratch space (partial sums of a K-split linear, attention scores, norm
-temporaries) get it for their own duration.
+temporaries) get it for their own duration. KV caches come first in the DRAM region, in program
+order, so every entry compiled from the same model finds them at the same addresses; a
+`kv_append` result is its cache (same memory).
 
 Adds `mem = {space, addr, stride}` to each op with an activation result (`space` is "g" for the
 global buffer or "rw" for the DRAM region, addresses relative to it), `scratch = {space, addr}`
-where needed, `sfu` (the tile whose vector unit runs the op) and the module's `memory` summary.
+where needed, `sfu` (the tile whose vector unit runs the op), `slots` (heads an attention runs
+at once) and the module's `memory` summary.
 """
 
 from __future__ import annotations
@@ -18,26 +21,26 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from cimc.ir.core import SEQ, Module, Op, Rewriter, Value
+from cimc.ir.core import Module, Op, Rewriter, Value
 from passes.manager import PassContext, register
 from passes.tiling import DRAM_ALIGN, Tiling, align
 
 ELEM = 4
-NO_SFU = {"input", "output", "weight", "const", "linear", "embedding"}
+NO_SFU = {"input", "output", "weight", "const", "linear", "embedding", "kv_cache", "kv_append"}
 
 
-def scratch_layout(op: Op, max_seq: int, tiles: int) -> list[tuple[str, int, int, int]]:
+def scratch_layout(op: Op, bounds: dict[str, int]) -> list[tuple[str, int, int, int]]:
     """(name, byte offset, rows, cols) of the scratch tensors an op needs while it runs."""
-    rows = max_seq if op.results and op.results[0].type.shape[0] == SEQ else \
-        (int(op.results[0].type.shape[0]) if op.results else 0)
+    rows = op.results[0].type.bound_shape(bounds)[0] if op.results else 0
     parts: list[tuple[str, int, int]] = []
     if op.name == "linear" and "tiling" in op.attrs:
         t = Tiling.from_attr(op.attrs["tiling"])
         if t.kchunks > 1:
             parts.append(("psum", rows * t.kchunks, t.n))
     elif op.name == "attention":
-        for slot in range(attention_slots(op, tiles)):
-            parts += [(f"s{slot}", rows, rows), (f"m{slot}", rows, 1), (f"l{slot}", rows, 1)]
+        keys = op.operands[1].type.bound_shape(bounds)[0]
+        for slot in range(op.attrs.get("slots", 1)):
+            parts += [(f"s{slot}", rows, keys), (f"m{slot}", rows, 1), (f"l{slot}", rows, 1)]
     elif op.name in ("rms_norm", "softmax"):
         cols = int(op.results[0].type.shape[1])
         parts += [("t", rows, cols if op.name == "rms_norm" else 1), ("s", rows, 1)]
@@ -48,14 +51,18 @@ def scratch_layout(op: Op, max_seq: int, tiles: int) -> list[tuple[str, int, int
     return out
 
 
-def scratch_bytes(op: Op, max_seq: int, tiles: int) -> int:
-    lay = scratch_layout(op, max_seq, tiles)
+def scratch_bytes(op: Op, bounds: dict[str, int]) -> int:
+    lay = scratch_layout(op, bounds)
     return align(lay[-1][1] + lay[-1][2] * lay[-1][3] * ELEM) if lay else 0
 
 
-def attention_slots(op: Op, tiles: int) -> int:
-    """Heads computed concurrently (one per SFU), each with its own score buffer."""
-    return max(1, min(op.attrs["heads"], tiles))
+def attention_slots(op: Op, bounds: dict[str, int], tiles: int, budget: int) -> int:
+    """Heads computed concurrently, one per SFU, each with its own score buffer: as many as
+    there are tiles, but no more than fit in `budget` bytes (long contexts), at least one."""
+    rows = op.results[0].type.bound_shape(bounds)[0]
+    keys = op.operands[1].type.bound_shape(bounds)[0]
+    per_slot = align(rows * keys * ELEM) + 2 * align(rows * ELEM)
+    return max(1, min(op.attrs["heads"], tiles, budget // per_slot))
 
 
 class _Pool:
@@ -102,8 +109,8 @@ class _Pool:
         self.free = merged
 
 
-def value_bytes(v: Value, max_seq: int) -> int:
-    return ELEM * math.prod(v.type.bound_shape(max_seq))
+def value_bytes(v: Value, bounds: dict[str, int]) -> int:
+    return ELEM * math.prod(v.type.bound_shape(bounds))
 
 
 @register
@@ -112,8 +119,13 @@ class SchedulePass:
     name: ClassVar[str] = "schedule"
 
     def run(self, module: Module, rw: Rewriter, ctx: PassContext) -> None:
-        hw, max_seq, tiles = ctx.hw, module.max_seq, ctx.hw.chip.tiles
-        pools = {"g": _Pool(hw.global_buf.size_kb * 1024), "rw": _Pool(None)}
+        hw, bounds, tiles = ctx.hw, module.bounds, ctx.hw.chip.tiles
+        gbuf = hw.global_buf.size_kb * 1024
+        pools = {"g": _Pool(gbuf), "rw": _Pool(None)}
+        for op in module.walk("kv_cache"):
+            v = op.result
+            rw.set_attr(op, "mem", {"space": "rw", "addr": pools["rw"].alloc(value_bytes(v, bounds)),
+                                    "stride": _stride(v)})
         pos = {id(op): i for i, op in enumerate(module.ops)}
         last_use: dict[int, int] = {}
         for op in module.ops:
@@ -126,9 +138,13 @@ class SchedulePass:
             if op.name not in NO_SFU:
                 rw.set_attr(op, "sfu", next_sfu)
                 next_sfu = (next_sfu + 1) % tiles
-            if op.results and op.name not in ("weight", "const"):
+            if op.name == "attention":
+                rw.set_attr(op, "slots", attention_slots(op, bounds, tiles, gbuf // 2))
+            if op.name == "kv_append":
+                rw.set_attr(op, "mem", dict(op.operands[0].owner.attrs["mem"]))  # type: ignore[union-attr]
+            elif op.results and op.name not in ("weight", "const", "kv_cache"):
                 v = op.results[0]
-                size = value_bytes(v, max_seq)
+                size = value_bytes(v, bounds)
                 forever = op.name == "input" or id(v) in io_values
                 space = "rw" if forever else "g"
                 addr = pools[space].alloc(size)
@@ -137,7 +153,7 @@ class SchedulePass:
                 rw.set_attr(op, "mem", {"space": space, "addr": addr, "stride": _stride(v)})
                 if not forever:
                     dying.setdefault(last_use.get(id(v), i), []).append((space, addr, size))
-            need = scratch_bytes(op, max_seq, tiles)
+            need = scratch_bytes(op, bounds)
             if need:
                 space = "g"
                 addr = pools["g"].alloc(need)

@@ -67,8 +67,8 @@ def test_dump_dir_and_timing(tmp_path: Path) -> None:
     opts = CompileOptions(max_seq=8, dump_after={"all"}, dump_dir=tmp_path)
     pm = run_pipeline(_module(), opts)
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["01-lift-idioms.cimir", "02-tile-partition.cimir", "03-place-weights.cimir",
-                     "04-balance-stages.cimir", "05-schedule.cimir"]
+    assert names == ["01-lift-idioms.cimir", "02-insert-kv-cache.cimir", "03-tile-partition.cimir",
+                     "04-place-weights.cimir", "05-balance-stages.cimir", "06-schedule.cimir"]
     for path in tmp_path.iterdir():
         assert print_module(parse_module(path.read_text())) == path.read_text()
     report = pm.timing_report()

@@ -25,7 +25,7 @@ from cimc.frontend import views as V
 from cimc.frontend.fold import Facts
 from cimc.frontend.model import Node, OnnxModel
 from cimc.frontend.views import Axis, View, ViewError
-from cimc.ir.core import SEQ, Module, Rewriter, TensorType, Value
+from cimc.ir.core import CTX, SEQ, Module, Rewriter, TensorType, Value
 from cimc.ir.ops import OPS
 from isa.diag import CimcError
 
@@ -77,11 +77,11 @@ _REDUCE = {"ReduceMean": "reduce_mean", "ReduceSum": "reduce_sum", "ReduceMax": 
 class Lifter:
     """Builds the IR module for one model; see the module docstring."""
 
-    def __init__(self, model: OnnxModel, f1: Facts, f2: Facts, max_seq: int, name: str) -> None:
-        # f1 is the graph at f1.n tokens (>= 2, so sequence axes never look like size-1 axes);
-        # the program accepts 1..max_seq tokens.
-        self.model, self.f1, self.f2, self.n, self.max_seq = model, f1, f2, f1.n, max_seq
-        self.module = Module(name, {"max_seq": max_seq, "source": model.path.name})
+    def __init__(self, model: OnnxModel, f1: Facts, f2: Facts, max_seq: int, max_ctx: int, name: str) -> None:
+        # f1 is the graph at f1.n tokens (>= 2, so sequence axes never look like size-1 axes, and
+        # >= max_ctx, so position tables cover every position); a run takes 1..max_seq tokens.
+        self.model, self.f1, self.f2, self.n, self.max_ctx = model, f1, f2, f1.n, max_ctx
+        self.module = Module(name, {"max_seq": max_seq, "max_ctx": max_ctx, "source": model.path.name})
         self.poisoned = 0
         self.rw = Rewriter(self.module)
         self.env: dict[str, Term] = {}
@@ -152,16 +152,18 @@ class Lifter:
             self._weights[key] = self.rw.create("weight", [], [TensorType("f32", shape)], attrs, lazy.init).result
         return self._weights[key]
 
-    def const(self, s: Static, arr: np.ndarray, seq_rows: bool) -> Value:
-        """A constant operand: an initializer reference when possible, else folded data inline."""
-        if s.init and arr.shape == s.value.shape and not seq_rows:
+    def const(self, s: Static, arr: np.ndarray, positions: bool) -> Value:
+        """A constant operand: an initializer reference when possible, else folded data inline.
+        With `positions`, row r of `arr` belongs to position r (a RoPE table, say): it becomes a
+        `ctx`-row table of max_ctx rows."""
+        if s.init and arr.shape == s.value.shape and not positions:
             return self.weight(Lazy(s.name, tuple(arr.shape)))
-        if seq_rows:
-            arr = arr[: self.max_seq]
+        if positions:
+            arr = arr[: self.max_ctx]
         key = f"{s.name}:{arr.shape}"
         if key not in self._consts:
             data = base64.b64encode(np.ascontiguousarray(arr, dtype="<f4").tobytes()).decode()
-            shape = (SEQ, *arr.shape[1:]) if seq_rows else arr.shape
+            shape = (CTX, *arr.shape[1:]) if positions else arr.shape
             self._consts[key] = self.rw.create("const", [], [TensorType("f32", shape)], {"data": data},
                                                s.name).result
         return self._consts[key]

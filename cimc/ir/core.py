@@ -6,7 +6,10 @@ every later error can point back into the model. All mutation goes through `Rewr
 keeps use lists right and counts what passes did.
 
 Activation tensors are matrices `[rows, cols]`: rows are tokens (the runtime length `seq`,
-bounded by the module's `max_seq`, or a fixed count), cols are features.
+bounded by the module's `max_seq`, or a fixed count), cols are features. Rows of `ctx` are
+absolute positions, bounded by `max_ctx`: the KV cache and position tables (RoPE) have them,
+and row r of a `seq` tensor is position `past + r`, where `past` is the number of tokens
+already cached when the program runs.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from dataclasses import dataclass, field
 
 #: The runtime sequence length, written in shapes as this string.
 SEQ = "seq"
+#: Absolute positions 0 .. past + seq - 1 (the context), written in shapes as this string.
+CTX = "ctx"
 DTYPES = ("f32", "i32")
 
 Dim = int | str
@@ -32,16 +37,16 @@ class TensorType:
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown element type {self.dtype!r}")
         for d in self.shape:
-            if not (d == SEQ or (isinstance(d, int) and not isinstance(d, bool) and d >= 0)):
+            if not (d in (SEQ, CTX) or (isinstance(d, int) and not isinstance(d, bool) and d >= 0)):
                 raise ValueError(f"bad dimension {d!r} in shape {self.shape}")
 
     @property
     def rank(self) -> int:
         return len(self.shape)
 
-    def bound_shape(self, max_seq: int) -> tuple[int, ...]:
-        """The shape with `seq` replaced by its bound."""
-        return tuple(max_seq if d == SEQ else d for d in self.shape)
+    def bound_shape(self, bounds: dict[str, int]) -> tuple[int, ...]:
+        """The shape with `seq` and `ctx` replaced by their bounds (`Module.bounds`)."""
+        return tuple(bounds.get(d, d) if isinstance(d, str) else d for d in self.shape)  # type: ignore[misc]
 
     def __str__(self) -> str:
         return f"{self.dtype}[{','.join(str(d) for d in self.shape)}]"
@@ -110,6 +115,14 @@ class Module:
     @property
     def max_seq(self) -> int:
         return int(self.attrs["max_seq"])
+
+    @property
+    def max_ctx(self) -> int:
+        return int(self.attrs.get("max_ctx", self.attrs["max_seq"]))
+
+    @property
+    def bounds(self) -> dict[str, int]:
+        return {SEQ: self.max_seq, CTX: self.max_ctx}
 
     def walk(self, name: str | None = None) -> Iterator[Op]:
         return (op for op in self.ops if name is None or op.name == name)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from cimc.ir.core import SEQ, Dim, TensorType
+from cimc.ir.core import CTX, SEQ, Dim, TensorType
 
 
 class TypeRuleError(ValueError):
@@ -47,7 +47,7 @@ class OpDef:
 #: Annotations passes may attach to any op, with their types.
 ANNOTATIONS: dict[str, str] = {
     "layer": "str", "tiling": "dict", "dram": "dict", "stages": "list", "mem": "dict", "scratch": "dict",
-    "sfu": "int",
+    "sfu": "int", "slots": "int",
 }
 
 OPS: dict[str, OpDef] = {}
@@ -90,13 +90,18 @@ def _same(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
 
 
 def _broadcast(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
+    """Numpy broadcasting, plus: a `ctx`-row operand (a table indexed by absolute position) goes
+    with `seq` rows, row r reading position past + r."""
     a, b = ts
     _float(a, "left operand")
     _float(b, "right operand")
     _need(a.rank <= 2 and b.rank <= 2, f"operands must have rank <= 2, got {a} and {b}")
     sa, sb = (1,) * (2 - a.rank) + a.shape, (1,) * (2 - b.rank) + b.shape
-    out = []
-    for x, y in zip(sa, sb, strict=True):
+    out: list[Dim] = []
+    for axis, (x, y) in enumerate(zip(sa, sb, strict=True)):
+        if axis == 0 and CTX in (x, y) and {x, y} <= {CTX, SEQ}:
+            out.append(SEQ)
+            continue
         _need(x == y or x == 1 or y == 1, f"shapes {a} and {b} do not broadcast")
         out.append(y if x == 1 else x)
     _need(a.rank == 2 or b.rank == 2, "at least one operand must be a matrix")
@@ -135,15 +140,14 @@ def _rms_norm(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
 
 def _rope(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
     x, cos, sin = ts
-    rows, cols = _matrix(x, "input")
+    _, cols = _matrix(x, "input")
     hd = attrs["head_dim"]
     _need(hd > 0 and hd % 2 == 0 and isinstance(cols, int) and cols % hd == 0,
           f"head_dim {hd} must be even and divide the {cols} columns")
     for t, what in ((cos, "cos"), (sin, "sin")):
         trows, tcols = _matrix(t, what)
         _need(tcols == hd, f"{what} table must have {hd} columns, got {t}")
-        _need(trows == rows or trows == SEQ or rows == SEQ or (isinstance(trows, int) and trows >= rows),
-              f"{what} table has too few rows for {x}")
+        _need(trows == CTX, f"{what} table must have one row per position ({CTX} rows), got {t}")
     return [x]
 
 
@@ -156,8 +160,17 @@ def _attention(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
     _, vc = _matrix(v, "v")
     _need(qc == h * hd, f"q must have heads*head_dim = {h * hd} columns, got {q}")
     _need(kc == kvh * hd and vc == kvh * hd, f"k and v must have kv_heads*head_dim = {kvh * hd} columns")
-    _need(krows == rows and v.shape[0] == rows, "q, k and v must have the same rows")
+    _need(krows == v.shape[0] and krows in (rows, CTX),
+          "k and v must have the rows of q (no cache) or ctx rows (the KV cache)")
     return [TensorType("f32", (rows, h * hd))]
+
+
+def _kv_append(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
+    cache, x = ts
+    _need(cache.rank == 2 and cache.shape[0] == CTX, f"cache must be f32[{CTX}, cols], got {cache}")
+    _need(x.rank == 2 and x.shape[1] == cache.shape[1] and x.shape[0] != CTX,
+          f"appended rows {x} must match the cache columns {cache}")
+    return [cache]
 
 
 def _swiglu(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
@@ -174,7 +187,11 @@ _def("weight", (), _from_attr, "an ONNX initializer (optionally transposed), rea
      {"init": "str"}, {"transpose": "bool"})
 _def("const", (), _from_attr,
      "a constant folded at compile time; `data` is base64 of little-endian row-major values, "
-     "rows of `seq` dims stored up to max_seq", {"data": "str"})
+     "position tables (ctx rows) stored up to max_ctx", {"data": "str"})
+_def("kv_cache", (), _from_attr, "a KV cache: state in DRAM kept from one program run to the next",
+     {"name": "str"})
+_def("kv_append", ("cache", "x"), _kv_append,
+     "write x's rows at positions past .. past+seq-1 of the cache; the result is the updated cache")
 _def("embedding", ("ids", "table"), _embedding, "table rows gathered by token id")
 _def("linear", ("x", "w", "bias?"), _linear, "x @ w (+ bias): the op that runs on the CIM macros")
 _def("rms_norm", ("x", "w"), _rms_norm, "x / sqrt(mean(x^2, cols) + eps) * w", {"eps": "float"})

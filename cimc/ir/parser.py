@@ -11,7 +11,7 @@ from importlib import resources
 
 from lark import Lark, Token, Transformer, Tree, UnexpectedInput, v_args
 
-from cimc.ir.core import SEQ, Module, Op, TensorType, Value
+from cimc.ir.core import CTX, SEQ, Module, Op, TensorType, Value
 from cimc.ir.printer import VERSION
 from cimc.ir.verifier import VerifyError, verify_module
 from isa.diag import SourceError
@@ -57,6 +57,9 @@ class _Attrs(Transformer):
 
     def dim_seq(self) -> str:
         return SEQ
+
+    def dim_ctx(self) -> str:
+        return CTX
 
 
 def parse_module(text: str, path: str = "<ir>", verify: bool = True) -> Module:

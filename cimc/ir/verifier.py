@@ -31,8 +31,13 @@ def verify_module(module: Module) -> None:
     """Raise VerifyError on the first broken invariant."""
     names = value_names(module)
     defined: set[int] = set()
-    if not isinstance(module.attrs.get("max_seq"), int) or module.attrs["max_seq"] < 1:
-        raise VerifyError(f"module {module.name!r}: attribute max_seq must be a positive integer")
+    for key in ("max_seq", "max_ctx"):
+        if key in module.attrs and (not isinstance(module.attrs[key], int) or module.attrs[key] < 1):
+            raise VerifyError(f"module {module.name!r}: attribute {key} must be a positive integer")
+    if "max_seq" not in module.attrs:
+        raise VerifyError(f"module {module.name!r}: attribute max_seq is missing")
+    if module.max_ctx < module.max_seq:
+        raise VerifyError(f"module {module.name!r}: max_ctx {module.max_ctx} is below max_seq {module.max_seq}")
     for op in module.ops:
         d = OPS.get(op.name)
         if d is None:

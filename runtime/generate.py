@@ -1,0 +1,177 @@
+"""Autoregressive generation on the simulator: prefill, then decode steps with the KV cache.
+
+`generate` runs the program's `prefill` entry on the prompt (the cache is empty, past = 0), takes
+the most likely next token from the last row of the logits, then runs the `decode` entry once
+per further token, each time with one more position in the cache. Every run is simulated with
+numerics (the tokens are real) and priced by the cost model; the report gives time to first
+token, decode tokens per second and per joule, energy per token by component, and how close
+decode came to the hardware's bounds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from isa.cost import COMPONENTS
+from isa.diag import CimcError
+from isa.program import Program
+from runtime.interpreter import Session, SimResult
+
+
+@dataclass
+class Generation:
+    """The outcome of `generate`: tokens, one SimResult per run, and the summary report."""
+
+    prompt: list[int]
+    tokens: list[int]
+    runs: list[SimResult] = field(default_factory=list)
+    report: dict = field(default_factory=dict)
+
+
+def check_request(program: Program, prompt: Sequence[int], max_new_tokens: int, name: str = "the binary") -> None:
+    """Validate a generation request against the program: one clear error per problem."""
+    names = [e.name for e in program.entries]
+    if "prefill" not in names or "decode" not in names:
+        raise CimcError(f"{name} has no prefill and decode programs (it has {', '.join(names)}); "
+                        "recompile it with this cimc")
+    if not prompt:
+        raise CimcError("the prompt is empty: give at least one token id")
+    vocab = program.meta.get("vocab")
+    for i, t in enumerate(prompt):
+        if vocab is not None and not 0 <= t < vocab:
+            raise CimcError(f"prompt token {i} is {t}, outside the vocabulary [0, {vocab})")
+    if max_new_tokens < 1:
+        raise CimcError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    max_seq = int(program.entry("prefill").meta["max_seq"])
+    if len(prompt) > max_seq:
+        raise CimcError(f"the prompt has {len(prompt)} tokens; this program takes at most {max_seq} "
+                        "(recompile with a larger --max-seq)")
+    max_ctx = int(program.meta.get("max_ctx", max_seq))
+    need = len(prompt) + max_new_tokens - 1
+    if need > max_ctx:
+        raise CimcError(f"{len(prompt)} prompt + {max_new_tokens} new tokens need {need} cached positions; "
+                        f"this program holds {max_ctx} (recompile with --max-ctx {need} or more)")
+
+
+def _inputs(session: Session, entry: str, ids: np.ndarray, past: int) -> dict[str, np.ndarray]:
+    """Token ids plus the mask and positions a cache-carrying export expects."""
+    feeds = {"input_ids": ids}
+    names = {s.name for s in session.entry(entry).symbols if s.kind == "input"}
+    if "attention_mask" in names:
+        feeds["attention_mask"] = np.ones((1, past + ids.shape[1]), np.int64)
+    if "position_ids" in names:
+        feeds["position_ids"] = (past + np.arange(ids.shape[1], dtype=np.int64))[None]
+    unknown = names - set(feeds)
+    if unknown:
+        raise CimcError(f"cannot generate: the program also takes {', '.join(sorted(unknown))}")
+    return feeds
+
+
+def generate(session: Session, prompt: Sequence[int], max_new_tokens: int, *,
+             progress: Callable[[int, int], None] | None = None, logits: str = "logits") -> Generation:
+    """Greedy generation of `max_new_tokens` tokens after `prompt`."""
+    prompt = [int(t) for t in prompt]
+    check_request(session.program, prompt, max_new_tokens, session.name)
+    gen = Generation(prompt, [])
+    ids = np.array([prompt], dtype=np.int64)
+    run = session.run("prefill", _inputs(session, "prefill", ids, 0), past=0)
+    gen.runs.append(run)
+    gen.tokens.append(int(np.argmax(run.outputs[logits][0, -1])))
+    if progress is not None:
+        progress(1, max_new_tokens)
+    for step in range(1, max_new_tokens):
+        past = len(prompt) + step - 1
+        ids = np.array([[gen.tokens[-1]]], dtype=np.int64)
+        run = session.run("decode", _inputs(session, "decode", ids, past), past=past)
+        gen.runs.append(run)
+        gen.tokens.append(int(np.argmax(run.outputs[logits][0, -1])))
+        if progress is not None:
+            progress(step + 1, max_new_tokens)
+    gen.report = summarize(session, gen)
+    return gen
+
+
+def summarize(session: Session, gen: Generation) -> dict:
+    """The generation report: TTFT, decode rate and energy per token, and the decode bounds."""
+    hw, cost = session.hw, session.cost
+    prefill, steps = gen.runs[0].report, [r.report for r in gen.runs[1:]]
+    out: dict = {
+        "model": prefill["model"],
+        "hardware": prefill["hardware"],
+        "prompt_tokens": len(gen.prompt),
+        "new_tokens": len(gen.tokens),
+        "tokens": gen.tokens,
+        "ttft_s": prefill["seconds"],
+        "prefill": {k: prefill[k] for k in ("cycles", "seconds", "joules", "energy_pj", "dram_bytes")},
+        "steps": [{"past": len(gen.prompt) + i, "cycles": r["cycles"], "seconds": r["seconds"],
+                   "joules": r["joules"]} for i, r in enumerate(steps)],
+    }
+    if not steps:
+        out["decode"] = None
+        return out
+    n = len(steps)
+    seconds = sum(r["seconds"] for r in steps)
+    joules = sum(r["joules"] for r in steps)
+    dram_bytes = sum(r["dram_bytes"] for r in steps) / n
+    weight_bytes = sum(r["ops"].get("linear", {}).get("dram_bytes", 0.0) for r in steps) / n
+    kv_bytes = sum(r["ops"].get(k, {}).get("dram_bytes", 0.0) for r in steps for k in ("kv_append", "attention")) / n
+    compute_s = sum(_compute_bound_cycles(run) for run in gen.runs[1:]) / n / cost.f_hz
+    bandwidth = hw.dram.peak_gbps * 1e9 * hw.dram.efficiency
+    dram_bound = bandwidth / dram_bytes if dram_bytes else float("inf")
+    rate = n / seconds
+    out["decode"] = {
+        "steps": n,
+        "seconds": seconds,
+        "joules": joules,
+        "tokens_per_s": rate,
+        "tokens_per_j": n / joules,
+        "energy_per_token_pj": {c: sum(r["energy_pj"][c] for r in steps) / n for c in (*COMPONENTS, "leakage")},
+        "dram_bytes_per_token": {"total": dram_bytes, "weights": weight_bytes, "kv_cache": kv_bytes,
+                                 "other": dram_bytes - weight_bytes - kv_bytes},
+    }
+    out["bounds"] = {
+        "dram_bandwidth_gbps": bandwidth / 1e9,
+        "dram_bound_tokens_per_s": dram_bound,
+        "compute_bound_tokens_per_s": 1 / compute_s if compute_s else float("inf"),
+        "fraction_of_dram_bound": rate / dram_bound,
+    }
+    return out
+
+
+def _compute_bound_cycles(run: SimResult) -> float:
+    """Cycles of the busiest unit other than DRAM if DRAM were infinitely fast."""
+    c = run.costs
+    assert c is not None
+    busy = np.bincount(c.unit0[c.unit0 > 0], weights=c.compute0[c.unit0 > 0]) if (c.unit0 > 0).any() else [0.0]
+    return float(np.max(busy))
+
+
+def render_text(report: dict) -> str:
+    """The generation report, readable at a glance."""
+    hw = report["hardware"]
+    lines = [f"{report['model']} on {hw['name']}: {report['prompt_tokens']} prompt token(s), "
+             f"{report['new_tokens']} generated",
+             f"  tokens      {' '.join(map(str, report['tokens']))}",
+             f"  prefill     time to first token {report['ttft_s'] * 1e3:.3f} ms, "
+             f"{report['prefill']['joules'] * 1e3:.3f} mJ"]
+    d = report.get("decode")
+    if d:
+        b = report["bounds"]
+        e = d["energy_per_token_pj"]
+        tot = sum(e.values()) or 1.0
+        parts = ", ".join(f"{k.replace('_', ' ')} {v / tot:.1%}" for k, v in e.items() if v > 0)
+        by = d["dram_bytes_per_token"]
+        lines += [
+            f"  decode      {d['tokens_per_s']:,.2f} tokens/s, {d['tokens_per_j']:,.2f} tokens/J "
+            f"over {d['steps']} step(s)",
+            f"  per token   {tot * 1e-6:,.3f} uJ: {parts}",
+            f"  DRAM/token  {by['total'] / 1e6:,.3f} MB (weights {by['weights'] / 1e6:,.3f}, "
+            f"KV cache {by['kv_cache'] / 1e6:,.3f}, other {by['other'] / 1e6:,.3f})",
+            f"  bounds      DRAM {b['dram_bound_tokens_per_s']:,.2f} tokens/s at {b['dram_bandwidth_gbps']:.1f} GB/s "
+            f"(decode reached {b['fraction_of_dram_bound']:.1%}); compute {b['compute_bound_tokens_per_s']:,.2f} "
+            "tokens/s",
+        ]
+    return "\n".join(lines)
