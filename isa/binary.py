@@ -47,7 +47,7 @@ TAGS: tuple[str, ...] = ("META", "HWCF", "ENTS", "DRAM")  # always present; plus
 SECTION_ALIGN, DRAM_ALIGN = 64, 4096
 _CHUNK = 1 << 24  # bytes per read/write when streaming the DRAM image
 _T = TypeVar("_T")
-_SYMBOL_KEYS = frozenset(("name", "kind", "dtype", "mtype", "shape", "addr", "stride"))
+_SYMBOL_KEYS = frozenset(("name", "kind", "dtype", "mtype", "shape", "addr", "stride", "heads", "check"))
 
 
 class Section(NamedTuple):
@@ -87,7 +87,9 @@ def symbol_from_json(obj: object) -> Symbol:
     if not isinstance(shape, list) or not all(
             isinstance(d, str) or (_is_uint(d)) for d in shape):
         raise ValueError(f"shape must be a list of sizes or names, got {shape!r}")
-    for key in ("addr", "stride"):
+    if obj["check"] not in ("", "ones", "positions"):
+        raise ValueError(f"check must be '', 'ones' or 'positions', got {obj['check']!r}")
+    for key in ("addr", "stride", "heads"):
         if not _is_uint(obj[key]):
             raise ValueError(f"{key} must be a non-negative integer, got {obj[key]!r}")
     return Symbol.from_json(obj)

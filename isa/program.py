@@ -91,9 +91,13 @@ class DramImage:
 class Symbol:
     """An input or output of the program, placed in DRAM.
 
-    `shape` is the ONNX shape, with the runtime length written as the string `"seq"`;
-    `dtype` is the ONNX element type the user sees (e.g. "int64"), `mtype` the machine's ("i32",
-    "f32"). Row r of the (tokens x features) matrix is at `addr + r * stride * 4` bytes.
+    `shape` is the ONNX shape, its runtime sizes written `"seq"` (tokens this run), `"past"`
+    (tokens already in the KV cache) or `"ctx"` (their sum); `dtype` is the ONNX element type the
+    user sees (e.g. "int64"), `mtype` the machine's ("i32", "f32"). Row r of the (rows x
+    features) matrix is at `addr + r * stride * 4` bytes. With `heads` > 0 the ONNX tensor is
+    `[1, heads, rows, head_dim]` over that matrix (a KV cache). With `check` ("ones" or
+    "positions") the input is not read: generation relies on that value (attention mask all ones,
+    position ids past + 0..seq-1), and a run checks it.
     """
 
     name: str
@@ -103,15 +107,18 @@ class Symbol:
     shape: tuple[int | str, ...]
     addr: int
     stride: int
+    heads: int = 0
+    check: str = ""
 
     def to_json(self) -> dict:
         return {"name": self.name, "kind": self.kind, "dtype": self.dtype, "mtype": self.mtype,
-                "shape": list(self.shape), "addr": self.addr, "stride": self.stride}
+                "shape": list(self.shape), "addr": self.addr, "stride": self.stride, "heads": self.heads,
+                "check": self.check}
 
     @classmethod
     def from_json(cls, d: dict) -> Symbol:
         return cls(str(d["name"]), str(d["kind"]), str(d["dtype"]), str(d["mtype"]),
-                   tuple(d["shape"]), int(d["addr"]), int(d["stride"]))
+                   tuple(d["shape"]), int(d["addr"]), int(d["stride"]), int(d["heads"]), str(d["check"]))
 
 
 @dataclass

@@ -457,16 +457,17 @@ class _Codegen:
     def _entry(self) -> Entry:
         symbols = []
         for op in self.module.ops:
-            if op.name == "input":
+            a = op.attrs
+            if op.name == "input" or (op.name == "kv_cache" and "onnx_shape" in a):
                 v = op.result
-                symbols.append(Symbol(op.attrs["name"], "input", op.attrs["onnx_dtype"], v.type.dtype,
-                                      tuple(op.attrs["onnx_shape"]), self.mem(v).addr, self.mem(v).stride))
+                symbols.append(Symbol(a["name"], "input", a["onnx_dtype"], v.type.dtype, tuple(a["onnx_shape"]),
+                                      self.mem(v).addr, self.mem(v).stride, a.get("heads", 0), a.get("assume", "")))
             elif op.name == "output":
                 v = op.operands[0]
                 if v.owner is None or v.owner.name in ("input", "weight", "const"):
-                    raise ValueError(f"graph output {op.attrs['name']!r} is not computed by the model")
-                symbols.append(Symbol(op.attrs["name"], "output", op.attrs["onnx_dtype"], v.type.dtype,
-                                      tuple(op.attrs["onnx_shape"]), self.mem(v).addr, self.mem(v).stride))
+                    raise ValueError(f"graph output {a['name']!r} is not computed by the model")
+                symbols.append(Symbol(a["name"], "output", a["onnx_dtype"], v.type.dtype, tuple(a["onnx_shape"]),
+                                      self.mem(v).addr, self.mem(v).stride, a.get("heads", 0)))
         ops = [{"op": op.name, "loc": op.loc, "layer": op.attrs.get("layer", "")} for op in self.module.ops]
         mem = self.module.attrs.get("memory", {})
         meta = {"max_seq": self.max_seq, "gbuf_bytes": mem.get("gbuf_bytes", 0), "rw_bytes": mem.get("rw_bytes", 0),

@@ -56,18 +56,14 @@ def check_request(program: Program, prompt: Sequence[int], max_new_tokens: int, 
                         f"this program holds {max_ctx} (recompile with --max-ctx {need} or more)")
 
 
-def _inputs(session: Session, entry: str, ids: np.ndarray, past: int) -> dict[str, np.ndarray]:
-    """Token ids plus the mask and positions a cache-carrying export expects."""
-    feeds = {"input_ids": ids}
-    names = {s.name for s in session.entry(entry).symbols if s.kind == "input"}
-    if "attention_mask" in names:
-        feeds["attention_mask"] = np.ones((1, past + ids.shape[1]), np.int64)
-    if "position_ids" in names:
-        feeds["position_ids"] = (past + np.arange(ids.shape[1], dtype=np.int64))[None]
-    unknown = names - set(feeds)
-    if unknown:
-        raise CimcError(f"cannot generate: the program also takes {', '.join(sorted(unknown))}")
-    return feeds
+def _inputs(session: Session, entry: str, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """The token ids; the KV cache is already in the machine, and mask and position inputs are
+    compiled in (their assumed values are what generation would pass)."""
+    needed = [s.name for s in session.entry(entry).symbols
+              if s.kind == "input" and not s.check and "past" not in s.shape]
+    if len(needed) != 1:
+        raise CimcError(f"cannot generate: the program takes {', '.join(needed)}, not just token ids")
+    return {needed[0]: ids}
 
 
 def generate(session: Session, prompt: Sequence[int], max_new_tokens: int, *,
@@ -77,7 +73,7 @@ def generate(session: Session, prompt: Sequence[int], max_new_tokens: int, *,
     check_request(session.program, prompt, max_new_tokens, session.name)
     gen = Generation(prompt, [])
     ids = np.array([prompt], dtype=np.int64)
-    run = session.run("prefill", _inputs(session, "prefill", ids, 0), past=0)
+    run = session.run("prefill", _inputs(session, "prefill", ids), past=0)
     gen.runs.append(run)
     gen.tokens.append(int(np.argmax(run.outputs[logits][0, -1])))
     if progress is not None:
@@ -85,7 +81,7 @@ def generate(session: Session, prompt: Sequence[int], max_new_tokens: int, *,
     for step in range(1, max_new_tokens):
         past = len(prompt) + step - 1
         ids = np.array([[gen.tokens[-1]]], dtype=np.int64)
-        run = session.run("decode", _inputs(session, "decode", ids, past), past=past)
+        run = session.run("decode", _inputs(session, "decode", ids), past=past)
         gen.runs.append(run)
         gen.tokens.append(int(np.argmax(run.outputs[logits][0, -1])))
         if progress is not None:

@@ -53,20 +53,37 @@ def hardware_for(program: Program, hw: HardwareConfig | None, name: str = "the b
     return hw
 
 
-def bind_inputs(entry: Entry, arrays: Mapping[str, np.ndarray]) -> tuple[int, dict[str, np.ndarray]]:
-    """Check user inputs against an entry's symbols; returns (tokens, machine-typed arrays)."""
+@dataclass
+class Bound:
+    """Inputs checked against an entry: token count, cached length (None: not given), arrays."""
+
+    seq: int
+    past: int | None
+    arrays: dict[str, np.ndarray]
+
+
+def bind_inputs(entry: Entry, arrays: Mapping[str, np.ndarray]) -> Bound:
+    """Check user inputs against an entry's symbols and convert them to machine types.
+
+    Past KV tensors (`past` in their shape) are optional: without them the run continues the
+    cache already in the machine. Mask and position inputs (`check`) are optional too; given,
+    they must hold the values generation assumes (checked once `past` is known, see `check_assumed`).
+    """
     inputs = [s for s in entry.symbols if s.kind == "input"]
     names = {s.name for s in inputs}
-    missing = [s.name for s in inputs if s.name not in arrays]
+    optional = {s.name for s in inputs if s.check or "past" in s.shape}
+    missing = [s.name for s in inputs if s.name not in arrays and s.name not in optional]
     if missing:
         raise CimcError(f"missing input(s): {', '.join(missing)} (the program takes {', '.join(sorted(names))})")
     unknown = sorted(set(arrays) - names)
     if unknown:
         raise CimcError(f"unknown input(s): {', '.join(unknown)} (the program takes {', '.join(sorted(names))})")
-    seq = None
+    sizes: dict[str, int] = {}
     out = {}
     max_seq = int(entry.meta["max_seq"])
     for s in inputs:
+        if s.name not in arrays:
+            continue
         a = np.asarray(arrays[s.name])
         kind_ok = a.dtype.name in _INT if s.dtype in _INT else a.dtype.kind == "f"
         if not kind_ok:
@@ -74,22 +91,26 @@ def bind_inputs(entry: Entry, arrays: Mapping[str, np.ndarray]) -> tuple[int, di
         if a.ndim != len(s.shape):
             raise CimcError(f"input {s.name!r} has shape {list(a.shape)}, expected {_shape_text(s)}")
         for d, want in zip(a.shape, s.shape, strict=True):
-            if want == "seq":
-                if seq is None:
-                    seq = d
-                if d != seq:
-                    raise CimcError(f"input {s.name!r} has {d} tokens but other inputs have {seq}")
+            if isinstance(want, str):
+                if sizes.setdefault(want, d) != d:
+                    raise CimcError(f"input {s.name!r} has {d} for {want}, but other inputs have {sizes[want]}")
             elif d != want:
                 raise CimcError(f"input {s.name!r} has shape {list(a.shape)}, expected {_shape_text(s)}")
         out[s.name] = a
-    if seq is None:
-        seq = 1
+    seq = sizes.get("seq", 1)
     if seq < 1:
         raise CimcError("inputs have 0 tokens; give at least one")
     if not 1 <= seq <= max_seq:
         raise CimcError(f"inputs have {seq} tokens; this program was compiled for 1..{max_seq} "
                         "(recompile with a larger --max-seq)")
+    past = sizes.get("past")
+    if "ctx" in sizes and sizes["ctx"] != (past or 0) + seq and past is not None:
+        raise CimcError(f"inputs cover {sizes['ctx']} positions, but past ({past}) + seq ({seq}) is {past + seq}")
+    if past is None and "ctx" in sizes:
+        past = sizes["ctx"] - seq
     for s in inputs:
+        if s.name not in out:
+            continue
         a = out[s.name]
         if s.mtype == "i32":
             if a.size and (a.min() < np.iinfo(np.int32).min or a.max() > np.iinfo(np.int32).max):
@@ -97,7 +118,22 @@ def bind_inputs(entry: Entry, arrays: Mapping[str, np.ndarray]) -> tuple[int, di
             out[s.name] = a.astype(np.int32)
         else:
             out[s.name] = a.astype(np.float32)
-    return seq, out
+    return Bound(seq, past, out)
+
+
+def check_assumed(entry: Entry, bound: Bound, past: int) -> None:
+    """Mask and position inputs must hold what the compiled program assumes."""
+    for s in entry.symbols:
+        a = bound.arrays.get(s.name)
+        if s.kind != "input" or not s.check or a is None:
+            continue
+        if s.check == "ones" and not np.all(a == 1):
+            raise CimcError(f"input {s.name!r} must be all ones (batch 1, no padding): cimc compiles the causal "
+                            "mask into the program")
+        want = past + np.arange(bound.seq)
+        if s.check == "positions" and not np.array_equal(a.reshape(-1), want):
+            raise CimcError(f"input {s.name!r} must be {past}..{past + bound.seq - 1} (the positions after the "
+                            f"{past} cached tokens): cimc compiles positions into the program")
 
 
 def _shape_text(s: Symbol) -> str:
@@ -129,17 +165,22 @@ class Session:
             raise CimcError(f"{self.name} has no entry {name!r} (it has {have})") from None
 
     def run(self, entry_name: str | None = None, inputs: Mapping[str, np.ndarray] | None = None, *,
-            tokens: int | None = None, past: int = 0, numerics: bool = True, trace_accesses: bool = False,
-            progress: Callable[[int, int], None] | None = None) -> SimResult:
+            tokens: int | None = None, past: int | None = None, numerics: bool = True,
+            trace_accesses: bool = False, progress: Callable[[int, int], None] | None = None) -> SimResult:
         """Run one entry. With numerics, `inputs` are required; without, `tokens` sets the length.
-        `past` is the number of tokens already in the KV cache."""
+        `past` is the number of tokens already in the KV cache (given past KV inputs set it)."""
         entry = self.entry(entry_name)
         if numerics:
             if inputs is None:
                 raise CimcError("numerics need inputs (or run timing-only)")
-            seq, bound = bind_inputs(entry, inputs)
+            bound = bind_inputs(entry, inputs)
+            seq = bound.seq
+            if bound.past is not None and past not in (None, bound.past):
+                raise CimcError(f"the inputs hold {bound.past} cached positions, not {past}")
+            past = bound.past if bound.past is not None else (past or 0)
+            check_assumed(entry, bound, past)
         else:
-            seq, bound = (1 if tokens is None else tokens), {}
+            seq, bound, past = (1 if tokens is None else tokens), Bound(1, None, {}), past or 0
             if not 1 <= seq <= int(entry.meta["max_seq"]):
                 raise CimcError(f"--tokens {seq} is outside 1..{entry.meta['max_seq']} for entry {entry.name!r}")
         max_ctx = int(self.program.meta.get("max_ctx", entry.meta["max_seq"]))
@@ -162,16 +203,15 @@ class Session:
             machine.regs = regs
             accesses = [] if trace_accesses else None
             for sym in entry.symbols:
-                if sym.kind == "input":
-                    _io_view(machine, sym, seq, write=True)[...] = bound[sym.name].reshape(seq, -1)
+                if sym.kind == "input" and sym.name in bound.arrays and not sym.check:
+                    _write_input(machine, sym, bound.arrays[sym.name], seq, past)
             if entry.name not in self._instrs:
                 self._instrs[entry.name] = decode(entry.code)
             _execute(entry, self._instrs[entry.name], machine, accesses, progress)
             machine.trace = None  # the host reading outputs is not part of the program
             for sym in entry.symbols:
                 if sym.kind == "output":
-                    shape = tuple(seq if d == "seq" else d for d in sym.shape)
-                    outputs[sym.name] = np.array(_io_view(machine, sym, seq, write=False)).reshape(shape)
+                    outputs[sym.name] = _read_output(machine, sym, seq, past)
         report = build_report(self.program, entry, self.cost, costs, tl, seq)
         return SimResult(outputs, report, tl, accesses, costs)
 
@@ -186,10 +226,36 @@ def simulate(program: Program, inputs: Mapping[str, np.ndarray] | None = None, *
                                                 trace_accesses=trace_accesses, progress=progress)
 
 
-def _io_view(machine: Machine, s: Symbol, seq: int, write: bool) -> np.ndarray:
-    cols = int(np.prod([d for d in s.shape if d != "seq"])) if s.shape else 1
+def _sizes(s: Symbol, seq: int, past: int) -> tuple[int, ...]:
+    named = {"seq": seq, "past": past, "ctx": past + seq}
+    return tuple(named[d] if isinstance(d, str) else d for d in s.shape)
+
+
+def _io_view(machine: Machine, s: Symbol, rows: int, write: bool) -> np.ndarray:
     dtype = "<i4" if s.mtype == "i32" else "<f4"
-    return machine.view(Mem(1, s.addr, s.stride), seq, cols, dtype=dtype, write=write)
+    return machine.view(Mem(1, s.addr, s.stride), rows, s.stride if s.heads else max(s.stride, 1),
+                        dtype=dtype, write=write)
+
+
+def _write_input(machine: Machine, s: Symbol, a: np.ndarray, seq: int, past: int) -> None:
+    """Write a user input into DRAM: token rows, or past KV [1, heads, past, hd] as cache rows."""
+    if s.heads:
+        rows = a.shape[2]
+        if rows:
+            _io_view(machine, s, rows, write=True)[...] = a[0].transpose(1, 0, 2).reshape(rows, -1)
+        return
+    cols = int(np.prod([d for d in s.shape if not isinstance(d, str)]))
+    _io_view(machine, s, seq, write=True)[:, :cols] = a.reshape(seq, -1)
+
+
+def _read_output(machine: Machine, s: Symbol, seq: int, past: int) -> np.ndarray:
+    shape = _sizes(s, seq, past)
+    if s.heads:
+        rows = past + seq
+        m = np.array(_io_view(machine, s, rows, write=False))
+        return m.reshape(rows, s.heads, -1).transpose(1, 0, 2)[None].reshape(shape)
+    cols = int(np.prod([d for d in s.shape if not isinstance(d, str)]))
+    return np.array(_io_view(machine, s, seq, write=False)[:, :cols]).reshape(shape)
 
 
 def _execute(entry: Entry, instrs: list, machine: Machine, accesses: list | None,

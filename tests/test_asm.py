@@ -176,7 +176,7 @@ def check_error(text: str, line: int, col: int, message: str) -> None:
     (HEAD.replace("0123456789abcdef", "0123"), 2, 14,
      "hardware fingerprint must be 16 hex characters, got '0123'"),
     (HEAD.replace('.op 0 {"op": "x"}', '.symbol {"name": "x"}'), 7, 9,
-     "bad symbol: missing key(s) addr, dtype, kind, mtype, shape, stride"),
+     "bad symbol: missing key(s) addr, check, dtype, heads, kind, mtype, shape, stride"),
     (HEAD.replace("size=16\n", "size=16 sizes=3\n"), 5, 15,
      ".dram: unknown argument 'sizes' (arguments: size)"),
     (HEAD + ".data 0x0 AAAA\n", 9, 1, ".data after an .entry (program directives come first)"),

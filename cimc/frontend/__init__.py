@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cimc.frontend.fold import analyze
+from cimc.frontend.fold import Binding, analyze, find_roles
 from cimc.frontend.lift import Lifter
 from cimc.frontend.model import OnnxModel, WeightStore, open_model
 from cimc.ir.core import Module
@@ -28,13 +28,20 @@ def import_onnx(path: str | os.PathLike, *, max_seq: int = 256, max_ctx: int | N
     if max_ctx < max_seq:
         raise CimcError(f"--max-ctx ({max_ctx}) must be at least --max-seq ({max_seq})")
     model, weights = open_model(path)
+    foreign = [n for n in model.nodes if n.domain not in ("", "ai.onnx")]
+    if foreign:
+        lines = [f"  {n.name} [{n.op_type} (domain {n.domain})]: operator not supported yet" for n in foreign]
+        raise CimcError(f"{model.path}: cannot compile {len(lines)} node(s); nothing was written",
+                        detail="\n".join(lines))
     dims = dict(dims or {})
-    # Analyse at two lengths (at least 2, so a sequence axis never has size 1): axes whose size
-    # differs follow the length. Constants that vary must agree on their common prefix.
-    # Position tables (RoPE) are folded for every position up to max_ctx.
-    n1 = max(max_ctx, 2)
-    n2 = n1 - 1 if n1 > 2 else 3
-    f1 = analyze(model, weights, n1, dims)
-    f2 = analyze(model, weights, n2, dims)
-    module = Lifter(model, f1, f2, max_seq, max_ctx, Path(path).stem).run()
+    roles = find_roles(model)
+    # The graph is lifted at small, distinct lengths (no axis of interest has size 1), compared
+    # with one more token and, with a cache, more cached tokens; position tables (RoPE) are
+    # folded at max_ctx tokens so they cover every position.
+    past = 7 if roles.caches else 0
+    bindings = {"main": Binding(5, past), "seq": Binding(6, past), "table": Binding(max(max_ctx, past + 6), 0)}
+    if roles.caches:
+        bindings["past"] = Binding(5, past + 4)
+    facts = {k: analyze(model, weights, b, dims, roles) for k, b in bindings.items()}
+    module = Lifter(model, facts, roles, max_seq, max_ctx, Path(path).stem).run()
     return module, weights

@@ -6,15 +6,23 @@ alternates two steps until nothing changes: evaluate every node whose inputs are
 reference evaluator), then run ONNX shape inference with the folded values in place, which
 resolves the data tensors' shapes and lets `Shape` nodes of data tensors fold in turn.
 
-The frontend analyzes the graph at two lengths. Axes whose size follows the length are the
-sequence axes; a folded value that varies with the length must agree on the common prefix
-(row i of a RoPE table cannot depend on how many rows there are), which is what makes one
-program valid for every length up to the bound.
+The frontend analyzes the graph at several bindings of the token count `seq` and, for exports
+that carry a KV cache, of the cached length `past`. Axes whose size follows `seq` are sequence
+axes, those following `past` cache axes, and those following both the context (past + seq). A
+folded value that varies must be consistent across bindings (row i of a RoPE table cannot
+depend on how many rows there are), which is what makes one program valid for every length.
+
+Input roles are found from the graph, not from names: the token ids feed the embedding Gather;
+a float input that a Concat extends into a graph output is a past KV cache (its dynamic axis is
+`past`); other integer inputs sized by the context are an attention mask (assumed all ones:
+batch 1, no padding) and those sized by `seq` are position ids (assumed past + 0..seq-1). The
+assumptions are checked when the program runs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -28,19 +36,70 @@ from isa.diag import CimcError
 SHAPE_OPS = {"Shape", "Size"}
 
 
+@dataclass(frozen=True)
+class Binding:
+    """Tokens in this run (`seq`) and tokens already cached (`past`)."""
+
+    seq: int
+    past: int = 0
+
+
 @dataclass
 class Facts:
-    """What is known at one binding of the sequence length `n`."""
+    """What is known at one binding."""
 
-    n: int
+    binding: Binding
     shapes: dict[str, tuple[int, ...]]
     elem_types: dict[str, int]
     values: dict[str, np.ndarray]
 
+    @property
+    def n(self) -> int:
+        return self.binding.seq
 
-def data_values(model: OnnxModel) -> set[str]:
-    """Names of values that depend on input data (not just on input shapes)."""
-    data = set(model.inputs)
+
+@dataclass
+class Roles:
+    """What each graph input is (see the module docstring)."""
+
+    tokens: str | None = None
+    caches: dict[str, str] = field(default_factory=dict)  # past input -> present output
+    assumed: dict[str, str] = field(default_factory=dict)  # input -> "ones" | "positions"
+    seq_param: str = ""
+    past_param: str = ""
+
+
+def find_roles(model: OnnxModel) -> Roles:
+    """Classify the graph inputs (token ids, KV caches, mask and positions) by their use."""
+    roles = Roles()
+    for name, vi in model.inputs.items():
+        if any(n.op_type == "Gather" and n.inputs[1:2] == [name] for n in model.consumers.get(name, [])):
+            roles.tokens = name
+            dims = vi.type.tensor_type.shape.dim
+            roles.seq_param = dims[1].dim_param if len(dims) > 1 else ""
+    outputs = set(model.outputs)
+    for name, vi in model.inputs.items():
+        if vi.type.tensor_type.elem_type in (TensorProto.FLOAT, TensorProto.FLOAT16):
+            for n in model.consumers.get(name, []):
+                if n.op_type == "Concat" and n.inputs and n.inputs[0] == name and n.outputs[0] in outputs:
+                    roles.caches[name] = n.outputs[0]
+                    params = [d.dim_param for d in vi.type.tensor_type.shape.dim[1:] if d.dim_param]
+                    roles.past_param = params[-1] if params else roles.past_param
+    for name, vi in model.inputs.items():
+        if name == roles.tokens or name in roles.caches or vi.type.tensor_type.elem_type not in (
+                TensorProto.INT64, TensorProto.INT32):
+            continue
+        kinds = [_dim_kind(d.dim_param, roles) for d in vi.type.tensor_type.shape.dim[1:]]
+        if kinds == ["ctx"]:
+            roles.assumed[name] = "ones"
+        elif kinds == ["seq"]:
+            roles.assumed[name] = "positions"
+    return roles
+
+
+def data_values(model: OnnxModel, roles: Roles) -> set[str]:
+    """Names of values that depend on input data (not just on input shapes or assumptions)."""
+    data = set(model.inputs) - set(roles.assumed)
     for n in model.nodes:
         if n.op_type not in SHAPE_OPS and any(i in data for i in n.inputs):
             data.update(o for o in n.outputs if o)
@@ -56,9 +115,10 @@ def weight_derived(model: OnnxModel, data: set[str]) -> set[str]:
     return lazy
 
 
-def bind_inputs(model: OnnxModel, n: int, dims: dict[str, int]) -> dict[str, tuple[int, ...]]:
-    """Concrete input shapes: dynamic axis 0 is the batch (1), dynamic axis 1 the tokens (`n`);
-    any other dynamic axis must be named in `dims`."""
+def bind_inputs(model: OnnxModel, roles: Roles, b: Binding, dims: dict[str, int]) -> dict[str, tuple[int, ...]]:
+    """Concrete input shapes: dynamic axis 0 is the batch (1); the token and cache lengths come
+    from the binding (axis 1 of a graph without a cache is the tokens); any other dynamic axis
+    must be named in `dims`."""
     shapes = {}
     for name, vi in model.inputs.items():
         tt = vi.type.tensor_type
@@ -67,31 +127,59 @@ def bind_inputs(model: OnnxModel, n: int, dims: dict[str, int]) -> dict[str, tup
                             "model with shapes")
         out = []
         for axis, d in enumerate(tt.shape.dim):
+            p = d.dim_param
+            kind = _dim_kind(p, roles)
             if d.HasField("dim_value") and d.dim_value > 0:
                 out.append(d.dim_value)
-            elif d.dim_param in dims:
-                out.append(dims[d.dim_param])
-            elif axis == 1:
-                out.append(n)
+            elif p in dims:
+                out.append(dims[p])
+            elif kind == "ctx":
+                out.append(b.past + b.seq)
+            elif kind == "past":
+                out.append(b.past)
+            elif kind == "seq" or (axis == 1 and not roles.past_param):
+                out.append(b.seq)
             elif axis == 0:
                 out.append(1)
             else:
                 raise CimcError(f"{model.path}: input {name!r} axis {axis} is dynamic "
-                                f"({d.dim_param or 'unnamed'}); bind it with --dim {d.dim_param or 'NAME'}=N")
+                                f"({p or 'unnamed'}); bind it with --dim {p or 'NAME'}=N")
         shapes[name] = tuple(out)
     return shapes
 
 
-def analyze(model: OnnxModel, weights: WeightStore, n: int, dims: dict[str, int]) -> Facts:
-    """Fold static values and infer all shapes with the sequence length bound to `n`."""
-    data = data_values(model)
+def _dim_kind(param: str, roles: Roles) -> str:
+    """Whether a symbolic dim is the token count, the cached length, or their sum ('ctx')."""
+    names = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", param or ""))
+    seq = bool(roles.seq_param) and roles.seq_param in names
+    past = bool(roles.past_param) and roles.past_param in names
+    return "ctx" if seq and past else "past" if past else "seq" if seq else ""
+
+
+def assumed_values(roles: Roles, shapes: dict[str, tuple[int, ...]], b: Binding,
+                   types: dict[str, int]) -> dict[str, np.ndarray]:
+    """The values generation feeds the mask and position inputs (checked at run time)."""
+    out = {}
+    for name, kind in roles.assumed.items():
+        dtype = helper.tensor_dtype_to_np_dtype(types[name])
+        if kind == "ones":
+            out[name] = np.ones(shapes[name], dtype)
+        else:
+            out[name] = np.broadcast_to(b.past + np.arange(b.seq, dtype=dtype), shapes[name]).astype(dtype)
+    return out
+
+
+def analyze(model: OnnxModel, weights: WeightStore, b: Binding, dims: dict[str, int], roles: Roles) -> Facts:
+    """Fold static values and infer all shapes at binding `b`."""
+    data = data_values(model, roles)
     lazy = weight_derived(model, data)
     values: dict[str, np.ndarray] = {
         name: np.asarray(weights.get(name)) for name in model.initializers if name not in lazy
     }
-    input_shapes = bind_inputs(model, n, dims)
+    input_shapes = bind_inputs(model, roles, b, dims)
     shapes: dict[str, tuple[int, ...]] = dict(input_shapes)
     types: dict[str, int] = {k: v.type.tensor_type.elem_type for k, v in model.inputs.items()}
+    values.update(assumed_values(roles, input_shapes, b, types))
     for name, t in model.initializers.items():
         shapes[name], types[name] = tuple(t.dims), t.data_type
     pending = [nd for nd in model.nodes if not any(i in data or i in lazy for i in nd.inputs
@@ -105,7 +193,7 @@ def analyze(model: OnnxModel, weights: WeightStore, n: int, dims: dict[str, int]
     for name, v in values.items():
         shapes[name] = v.shape
         types.setdefault(name, helper.np_dtype_to_tensor_dtype(v.dtype))
-    return Facts(n, shapes, types, values)
+    return Facts(b, shapes, types, values)
 
 
 def _fold_ready(model: OnnxModel, pending: list[Node], values: dict[str, np.ndarray],

@@ -15,6 +15,7 @@ error listing every node that could not be compiled and the near-miss reasons.
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from dataclasses import dataclass
 from math import prod
 
@@ -22,7 +23,7 @@ import numpy as np
 from onnx import TensorProto
 
 from cimc.frontend import views as V
-from cimc.frontend.fold import Facts
+from cimc.frontend.fold import Facts, Roles
 from cimc.frontend.model import Node, OnnxModel
 from cimc.frontend.views import Axis, View, ViewError
 from cimc.ir.core import CTX, SEQ, Module, Rewriter, TensorType, Value
@@ -42,8 +43,9 @@ class Poisoned(Exception):
 class Static:
     name: str
     value: np.ndarray
-    value2: np.ndarray | None  # the same value at the second binding (None: not seq-dependent)
+    value2: np.ndarray | None  # the same value with one more token (None: not seq-dependent)
     init: bool
+    table: np.ndarray | None = None  # the value with every position 0..max_ctx-1 and nothing cached
 
 
 @dataclass
@@ -77,10 +79,14 @@ _REDUCE = {"ReduceMean": "reduce_mean", "ReduceSum": "reduce_sum", "ReduceMax": 
 class Lifter:
     """Builds the IR module for one model; see the module docstring."""
 
-    def __init__(self, model: OnnxModel, f1: Facts, f2: Facts, max_seq: int, max_ctx: int, name: str) -> None:
-        # f1 is the graph at f1.n tokens (>= 2, so sequence axes never look like size-1 axes, and
-        # >= max_ctx, so position tables cover every position); a run takes 1..max_seq tokens.
-        self.model, self.f1, self.f2, self.n, self.max_ctx = model, f1, f2, f1.n, max_ctx
+    def __init__(self, model: OnnxModel, facts: dict[str, Facts], roles: Roles, max_seq: int, max_ctx: int,
+                 name: str) -> None:
+        # facts: "main" (seq and past >= 2 and distinct, so no such axis looks like a size-1
+        # axis), "seq" (one more token), "past" (more cached tokens; exports with a cache only),
+        # "table" (max_ctx tokens, nothing cached: every position of a position table).
+        self.model, self.roles, self.max_ctx = model, roles, max_ctx
+        self.f1, self.f2, self.fpast, self.ftab = facts["main"], facts["seq"], facts.get("past"), facts["table"]
+        self.n, self.past = self.f1.binding.seq, self.f1.binding.past
         self.module = Module(name, {"max_seq": max_seq, "max_ctx": max_ctx, "source": model.path.name})
         self.poisoned = 0
         self.rw = Rewriter(self.module)
@@ -115,11 +121,24 @@ class Lifter:
 
     # ---- helpers -------------------------------------------------------------------------
 
-    def seq_axes(self, name: str) -> list[int]:
-        s1, s2 = self.f1.shapes.get(name), self.f2.shapes.get(name)
+    def seq_axes(self, name: str, other: Facts | None = None) -> list[int]:
+        """Axes of `name` whose size follows the token count (or, with `other`, that binding's change)."""
+        other = self.f2 if other is None else other
+        s1, s2 = self.f1.shapes.get(name), other.shapes.get(name)
         if s1 is None or s2 is None or len(s1) != len(s2):
             return []
         return [i for i, (a, b) in enumerate(zip(s1, s2, strict=True)) if a != b]
+
+    def axis_names(self, name: str) -> list[int | str]:
+        """The ONNX shape of `name` with its dynamic axes named seq, past or ctx."""
+        seq = set(self.seq_axes(name))
+        past = set(self.seq_axes(name, self.fpast)) if self.fpast is not None else set()
+        return ["ctx" if i in seq and i in past else "seq" if i in seq else "past" if i in past else d
+                for i, d in enumerate(self.shape(name))]
+
+    def _rows(self, base: Value) -> int:
+        d = base.type.shape[0]
+        return self.n if d == SEQ else self.n + self.past if d == CTX else int(d)
 
     def shape(self, name: str) -> tuple[int, ...]:
         if name not in self.f1.shapes:
@@ -132,13 +151,11 @@ class Lifter:
         return self.rw.create(name, operands, types, attrs, loc).result
 
     def _view_of(self, base: Value, onnx_shape: tuple[int, ...]) -> View:
-        rows = self.n if base.type.shape[0] == SEQ else int(base.type.shape[0])
-        axes = [Axis(rows, 1, 0)] + ([Axis(int(base.type.shape[1]), 0, 1)] if base.type.rank == 2 else [])
+        axes = [Axis(self._rows(base), 1, 0)] + ([Axis(int(base.type.shape[1]), 0, 1)] if base.type.rank == 2 else [])
         return V.reshape(View(base, tuple(axes)), onnx_shape)
 
     def _is_plain(self, v: View) -> bool:
-        rows = self.n if v.base.type.shape[0] == SEQ else int(v.base.type.shape[0])
-        return V.is_canonical(v, rows)
+        return V.is_canonical(v, self._rows(v.base))
 
     def weight(self, lazy: Lazy) -> Value:
         key = (lazy.init, lazy.transpose)
@@ -168,23 +185,41 @@ class Lifter:
                                                s.name).result
         return self._consts[key]
 
-    def prefix_checked(self, s: Static) -> None:
-        """Check a length-dependent constant agrees on the common prefix of both bindings."""
-        if s.value2 is None:
-            return
-        a, b = s.value, s.value2
-        idx = tuple(slice(0, min(x, y)) for x, y in zip(a.shape, b.shape, strict=True))
-        if not np.array_equal(a[idx], b[idx]):
-            raise Unsupported(f"constant {s.name!r} changes with the sequence length in a way one compiled "
-                              "program cannot reproduce (its first rows differ between lengths)")
+    def position_table(self, s: Static, rows_of: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """The full per-position table of a constant whose rows follow the tokens.
+
+        `rows_of` turns the ONNX value into a matrix with one row per token. Row r at the main
+        binding must be row past + r of the table (the constant is a function of the position),
+        with one more token too; otherwise one program cannot serve every length."""
+        if s.table is None:
+            raise Unsupported(f"constant {s.name!r} has no per-position form")
+        table = rows_of(np.asarray(s.table))
+        for value, n in ((s.value, self.n), (s.value2, self.n + 1)):
+            if value is None:
+                continue
+            got = rows_of(np.asarray(value))
+            want = table[self.past:self.past + n]
+            if got.shape != want.shape or not np.array_equal(got, want):
+                raise Unsupported(f"constant {s.name!r} changes with the sequence length in a way one compiled "
+                                  "program cannot reproduce (it is not a function of the token position)")
+        return table
 
     # ---- graph inputs and outputs --------------------------------------------------------
 
-    def _input(self, name: str) -> View:
+    def _input(self, name: str) -> Term:
         shape, seq = self.shape(name), self.seq_axes(name)
         et = self.f1.elem_types[name]
-        onnx_shape = ["seq" if i in seq else d for i, d in enumerate(shape)]
+        onnx_shape = self.axis_names(name)
         core = [d for d in shape if d != 1]
+        attrs = {"name": name, "onnx_dtype": _dtype_name(et), "onnx_shape": onnx_shape}
+        if name in self.roles.caches:
+            return self._cache_input(name, attrs)
+        if name in self.roles.assumed:
+            # a mask or positions input: its value is assumed (and checked when the program runs)
+            rows = CTX if "ctx" in onnx_shape else SEQ
+            attrs["assume"] = self.roles.assumed[name]
+            self.rw.create("input", [], [TensorType("i32", (rows,))], attrs, name)
+            return Static(name, self.f1.values[name], self.f2.values.get(name), False)
         if et in _INT and len(seq) == 1 and len(core) == 1:
             t = TensorType("i32", (SEQ,))
         elif et == TensorProto.FLOAT and len(seq) == 1 and seq[0] == len(shape) - 2 and len(core) == 2:
@@ -192,9 +227,19 @@ class Lifter:
         else:
             raise CimcError(f"{self.model.path}: graph input {name!r} {onnx_shape} is not a token sequence "
                             "([1, seq] ids or [1, seq, hidden] floats); other inputs are not supported yet")
-        attrs = {"name": name, "onnx_dtype": _dtype_name(et), "onnx_shape": onnx_shape}
         base = self.rw.create("input", [], [t], attrs, name).result
         return self._view_of(base, shape)
+
+    def _cache_input(self, name: str, attrs: dict) -> View:
+        """A past KV input [1, kv_heads, past, head_dim]: the first `past` rows of a KV cache."""
+        shape = self.shape(name)
+        if len(shape) != 4 or shape[0] != 1 or self.axis_names(name)[2] != "past":
+            raise CimcError(f"{self.model.path}: KV cache input {name!r} {self.axis_names(name)} is not "
+                            "[batch, kv_heads, past, head_dim]")
+        _, heads, past, hd = shape
+        t = TensorType("f32", (CTX, heads * hd))
+        cache = self.rw.create("kv_cache", [], [t], {**attrs, "heads": heads}, name).result
+        return View(cache, (Axis(1), Axis(heads, 0, hd), Axis(past, 1, 0), Axis(hd, 0, 1)))
 
     def _output(self, name: str) -> None:
         term = self.env.get(name)
@@ -202,14 +247,22 @@ class Lifter:
             return
         try:
             v = self.need_view(term, f"graph output {name!r}")
-        except Unsupported:
+        except (Unsupported, Poisoned):
+            return
+        attrs = {"name": name, "onnx_dtype": _dtype_name(self.f1.elem_types.get(name, 1)),
+                 "onnx_shape": self.axis_names(name)}
+        owner = v.base.owner
+        if owner is not None and owner.name == "kv_append" and name in self.roles.caches.values():
+            heads = int(v.axes[1].size)
+            hd = int(v.axes[3].size)
+            if v.r0 or v.c0 or v.axes[1:] != (Axis(heads, 0, hd), Axis(self._rows(v.base), 1, 0), Axis(hd, 0, 1)):
+                self.reasons[name] = "the present KV output is not the whole cache as [1, kv_heads, ctx, head_dim]"
+                return
+            self.rw.create("output", [v.base], [], {**attrs, "heads": heads}, name)
             return
         if not self._is_plain(v):
             self.reasons[name] = "graph output is not a [1, seq, features] tensor"
             return
-        seq = self.seq_axes(name)
-        onnx_shape = ["seq" if i in seq else d for i, d in enumerate(self.shape(name))]
-        attrs = {"name": name, "onnx_dtype": _dtype_name(self.f1.elem_types.get(name, 1)), "onnx_shape": onnx_shape}
         self.rw.create("output", [v.base], [], attrs, name)
 
     # ---- visiting ------------------------------------------------------------------------
@@ -218,7 +271,7 @@ class Lifter:
         outs = [o for o in node.outputs if o]
         if all(o in self.f1.values for o in outs):
             for o in outs:
-                self.env[o] = Static(o, self.f1.values[o], self.f2.values.get(o), o in self.model.initializers)
+                self.env[o] = self._static(o)
             return
         args = [self._term(i) for i in node.inputs]
         if any(isinstance(a, Bad) for a in args):
@@ -266,8 +319,12 @@ class Lifter:
         if self.model.is_weight(name):
             self.env[name] = Lazy(name, tuple(self.model.initializers[name].dims))
         else:
-            self.env[name] = Static(name, self.f1.values[name], self.f2.values.get(name), True)
+            self.env[name] = self._static(name)
         return self.env[name]
+
+    def _static(self, name: str) -> Static:
+        return Static(name, self.f1.values[name], self.f2.values.get(name), name in self.model.initializers,
+                      self.ftab.values.get(name))
 
     def _weight_expr(self, node: Node, args: list) -> Term:
         src = args[0]
@@ -460,17 +517,20 @@ class Lifter:
                                   "[tokens, features] operand")
             if d != 1 and d != shape[i]:
                 raise Unsupported(f"constant {s.name!r} {arr.shape} enlarges the activation {shape}")
-        rows = al.shape[row_ax] if row_ax is not None else 1
-        cols = al.shape[col_ax] if col_ax is not None else 1
         keep = [i for i in (row_ax, col_ax) if i is not None]
-        mat = al.transpose(keep + [i for i in range(al.ndim) if i not in keep]).reshape(rows, cols) \
-            if keep else al.reshape(1, 1)
-        if rows == 1:
+        order = keep + [i for i in range(al.ndim) if i not in keep]
+        cols = al.shape[col_ax] if col_ax is not None else 1
+
+        def rows_of(a: np.ndarray) -> np.ndarray:
+            b = a.reshape((1,) * (len(shape) - a.ndim) + a.shape).transpose(order)
+            return b.reshape(-1, cols)
+
+        mat = rows_of(arr)
+        if mat.shape[0] == 1:
             return self.const(s, mat.reshape(-1).astype(np.float32), False)
         if row_ax not in self.seq_axes(out_name) and like.base.type.shape[0] == SEQ:
             raise Unsupported(f"constant {s.name!r} has a per-token axis that does not follow the sequence length")
-        self.prefix_checked(s)
-        return self.const(s, mat.astype(np.float32), True)
+        return self.const(s, self.position_table(s, rows_of).astype(np.float32), True)
 
     def _binary(self, node: Node, args: list) -> Term:
         """Lower now, or defer: operands on head-split views, and x * (per-position table),
@@ -578,7 +638,21 @@ class Lifter:
     def _deferred(self, node: Node, args: list) -> Term:
         return Expr(node, args)
 
-    _on_Where = _on_IsNaN = _on_Concat = _deferred
+    _on_Where = _on_IsNaN = _deferred
+
+    def _on_Concat(self, node: Node, args: list) -> Term:
+        """Concat(past KV, new KV) along the position axis is a cache append; others wait (RoPE)."""
+        past = args[0]
+        if isinstance(past, View) and past.base.owner is not None and past.base.owner.name == "kv_cache":
+            new = self.need_view(args[1], "new keys or values") if len(args) == 2 else None
+            rank = len(past.shape)
+            if new is None or node.attrs.get("axis", 0) % rank != 2 or new.r0 or new.c0 or \
+                    new.axes[1:] != (past.axes[1], Axis(self.n, 1, 0), past.axes[3]) or \
+                    new.base.type.shape[1] != past.base.type.shape[1]:
+                raise Unsupported("only Concat(past, new) of a KV cache along its position axis is supported")
+            out = self._op("kv_append", [past.base, new.base], node.name)
+            return View(out, (Axis(1), past.axes[1], Axis(self.n + self.past, 1, 0), past.axes[3]))
+        return Expr(node, args)
 
     # ---- idiom: rotary embedding ---------------------------------------------------------
 
@@ -647,8 +721,14 @@ class Lifter:
                                              for i in range(len(x.shape))]), x.shape)
         if not np.array_equal(ref, full):
             raise Unsupported(f"RoPE table {s.name!r} differs between heads or batch entries")
-        self.prefix_checked(s)
-        return self.const(s, np.ascontiguousarray(table), True)
+
+        def rows_of(a: np.ndarray) -> np.ndarray:
+            a = np.asarray(a, np.float32)
+            a = a.reshape((1,) * (len(x.shape) - a.ndim) + a.shape)
+            pick = tuple(slice(None) if i in (seq_ax, len(x.shape) - 1) else 0 for i in range(a.ndim))
+            return a[pick] if seq_ax < len(x.shape) - 1 else a[pick].T
+
+        return self.const(s, np.ascontiguousarray(self.position_table(s, rows_of)), True)
 
     # ---- idiom: attention ----------------------------------------------------------------
 
@@ -734,14 +814,15 @@ class Lifter:
         return z, None
 
     def _check_causal(self, mask: Static) -> None:
+        """The mask must be [seq, past + seq]: 0 where key j <= past + query i, very negative after."""
         for arr in (mask.value, mask.value2):
             if arr is None:
                 continue
             m = np.asarray(arr, np.float64)
             m = m.reshape(m.shape[-2:]) if prod(m.shape[:-2]) == 1 else None
-            if m is None or m.shape[0] != m.shape[1]:
-                raise Unsupported(f"mask {mask.name!r} is not one [seq, seq] matrix shared by all heads")
-            upper = np.triu(np.ones(m.shape, bool), 1)
+            if m is None or m.shape[1] - m.shape[0] != self.past:
+                raise Unsupported(f"mask {mask.name!r} is not one [seq, past+seq] matrix shared by all heads")
+            upper = np.triu(np.ones(m.shape, bool), 1 + self.past)
             if np.any(m[~upper] != 0) or np.any(m[upper] > -1e4):
                 raise Unsupported(f"mask {mask.name!r} is not causal (0 on and below the diagonal, "
                                   "very negative above)")

@@ -164,9 +164,10 @@ def _index(model: OnnxModel) -> None:
     g.add_nodes_from(order.values())
     for n in model.nodes:
         for name in n.inputs:
+            if name:
+                model.consumers.setdefault(name, []).append(n)
             if name in model.producer:
                 g.add_edge(order[id(model.producer[name])], order[id(n)])
-                model.consumers.setdefault(name, []).append(n)
     try:
         ranks = list(nx.lexicographical_topological_sort(g))
     except nx.NetworkXUnfeasible:

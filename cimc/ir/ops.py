@@ -181,15 +181,18 @@ def _swiglu(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
 # ---- definitions -----------------------------------------------------------------------------
 
 _IO = {"name": "str", "onnx_dtype": "str", "onnx_shape": "list"}
-_def("input", (), _from_attr, "a graph input placed in DRAM; ids become i32", _IO)
-_def("output", ("value",), _none, "a graph output, written to DRAM under its ONNX name", _IO)
+_def("input", (), _from_attr, "a graph input placed in DRAM; ids become i32; with `assume` (ones, positions) "
+     "a mask or position input whose value is checked, not used", _IO, {"assume": "str"})
+_def("output", ("value",), _none, "a graph output, written to DRAM under its ONNX name; with `heads`, a KV "
+     "cache shown as [1, heads, ctx, head_dim]", _IO, {"heads": "int"})
 _def("weight", (), _from_attr, "an ONNX initializer (optionally transposed), read lazily from the model",
      {"init": "str"}, {"transpose": "bool"})
 _def("const", (), _from_attr,
      "a constant folded at compile time; `data` is base64 of little-endian row-major values, "
      "position tables (ctx rows) stored up to max_ctx", {"data": "str"})
-_def("kv_cache", (), _from_attr, "a KV cache: state in DRAM kept from one program run to the next",
-     {"name": "str"})
+_def("kv_cache", (), _from_attr, "a KV cache: state in DRAM kept from one program run to the next; with "
+     "`onnx_shape`, also the model's past-KV input [1, heads, past, head_dim]",
+     {"name": "str"}, {"onnx_dtype": "str", "onnx_shape": "list", "heads": "int"})
 _def("kv_append", ("cache", "x"), _kv_append,
      "write x's rows at positions past .. past+seq-1 of the cache; the result is the updated cache")
 _def("embedding", ("ids", "table"), _embedding, "table rows gathered by token id")
