@@ -247,6 +247,61 @@ def cmd_hw(args: argparse.Namespace) -> None:
     print(render_text(load_hw(args.name, args.hw_set)))
 
 
+def _ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise CimcError(f"--prompt-ids {text!r}: expected comma-separated token ids, e.g. 1,5,9,2") from None
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from cimc.driver import compile_module, load_module
+    from isa.binary import read_binary
+    from runtime.generate import check_request, generate, render_text
+    from runtime.interpreter import Session
+    from runtime.trace import write_trace
+
+    prompt = _ids(args.prompt_ids)
+    if args.model.endswith(".cimb"):
+        program = read_binary(args.model, verify_dram=True)
+        hw = _hw(args, required=False)
+    else:
+        if not prompt:
+            raise CimcError("the prompt is empty: give at least one token id")
+        args.max_seq = args.max_seq or len(prompt)
+        args.max_ctx = args.max_ctx or max(args.max_seq, len(prompt) + max(args.max_new_tokens, 1) - 1)
+        opts = _options(args)
+        _log(args, f"cimc: compiling {args.model} for {opts.hw.name} (max-seq {opts.max_seq}, "
+                   f"max-ctx {opts.max_ctx}) ...")
+        module, weights = load_module(args.model, opts)
+        if weights is None:
+            raise CimcError(f"{args.model}: the IR's source model is not next to it; use the .onnx")
+        program = compile_module(module, weights, opts)[0]
+        hw = opts.hw
+    check_request(program, prompt, args.max_new_tokens, args.model)
+    session = Session(program, hw, name=args.model)
+    bar = sys.stderr.isatty() and not args.quiet
+
+    def progress(done: int, total: int) -> None:
+        width = 30
+        fill = width * done // total
+        print(f"\rcimc: [{'#' * fill}{'.' * (width - fill)}] {done}/{total} tokens", end="", file=sys.stderr,
+              flush=True)
+
+    gen = generate(session, prompt, args.max_new_tokens, progress=progress if bar else None)
+    if bar:
+        print(file=sys.stderr)
+    if args.report_json:
+        _atomic_write(args.report_json, lambda p: p.write_text(json.dumps(gen.report, indent=1) + "\n"))
+    if args.trace:
+        runs = [session.trace_run(r, "prefill" if i == 0 else f"decode step {i}") for i, r in enumerate(gen.runs)]
+        _atomic_write(args.trace, lambda p: write_trace(p, runs, session.cost.unit_names(), session.cost.f_hz))
+    if args.quiet:
+        print(" ".join(map(str, gen.tokens)))
+    else:
+        print(render_text(gen.report))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from cimc.demo import run_demo
 
@@ -288,6 +343,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_hw(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no report on stdout")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("generate", help="greedy generation on the simulator: tokens, TTFT, tokens/s, tokens/J",
+                       epilog=EPILOG)
+    p.add_argument("model", help="model .onnx (compiled first) or a .cimb from `cimc compile`")
+    p.add_argument("--prompt-ids", required=True, metavar="IDS", help="prompt token ids, comma-separated: 1,5,9,2")
+    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens to generate (default 32)")
+    p.add_argument("--report-json", metavar="FILE", help="write the generation report as JSON")
+    p.add_argument("--trace", metavar="FILE",
+                   help="write a Chrome/Perfetto trace (a track per DRAM channel, tile and SFU; open it in "
+                        "ui.perfetto.dev)")
+    p.add_argument("--max-seq", type=int, default=None, metavar="N",
+                   help="when compiling: most prompt tokens (default: the prompt's length)")
+    p.add_argument("--max-ctx", type=int, default=None, metavar="N",
+                   help="when compiling: KV cache positions (default: prompt + new tokens)")
+    p.add_argument("--weights", default="fp32", choices=["fp32"], help=argparse.SUPPRESS)
+    p.add_argument("--dim", action="append", default=[], metavar="NAME=N", help=argparse.SUPPRESS)
+    p.add_argument("--pipeline", default=None, metavar="PASSES", help="when compiling: the pass pipeline")
+    _add_hw(p)
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the generated ids")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("ir", help="print the IR of a model (optionally after a pass), or re-print a dump",
                        epilog=EPILOG)

@@ -14,7 +14,7 @@ import numpy as np
 
 from isa.cost import CostModel, InstrCosts
 from isa.diag import CimcError
-from isa.encoding import decode, decode_columns
+from isa.encoding import Columns, decode, decode_columns
 from isa.fields import REGS, Mem
 from isa.hw import FIELDS, HardwareConfig
 from isa.program import Entry, Program, Symbol
@@ -22,6 +22,7 @@ from runtime.machine import Machine, SimError
 from runtime.report import build_report
 from runtime.semantics import execute
 from runtime.timing import Timeline, schedule
+from runtime.trace import TraceRun
 
 _INT = {"int64", "int32", "int16", "int8", "uint8"}
 
@@ -154,8 +155,21 @@ class Session:
         self.cost = CostModel(self.hw)
         self.name = name
         self.machine: Machine | None = None
-        self._columns: dict[str, object] = {}
+        self._columns: dict[str, Columns] = {}
         self._instrs: dict[str, list] = {}
+
+    def columns(self, name: str) -> Columns:
+        """The decoded (column-wise) code of an entry, decoded once."""
+        if name not in self._columns:
+            self._columns[name] = decode_columns(self.entry(name).code)
+        return self._columns[name]
+
+    def trace_run(self, result: SimResult, label: str) -> TraceRun:
+        """A run's timeline as a trace run (see runtime.trace)."""
+        name = result.report["entry"]
+        assert result.costs is not None
+        return TraceRun.from_sim(label, result.timeline, result.costs, self.columns(name).opcode,
+                                 self.entry(name).debug)
 
     def entry(self, name: str | None) -> Entry:
         try:
@@ -189,9 +203,7 @@ class Session:
                             "was compiled for (recompile with a larger --max-ctx)")
         regs = np.zeros(len(REGS), np.int64)
         regs[REGS.index("seq")], regs[REGS.index("past")], regs[REGS.index("ctx")] = seq, past, past + seq
-        if entry.name not in self._columns:
-            self._columns[entry.name] = decode_columns(entry.code)
-        cols = self._columns[entry.name]
+        cols = self.columns(entry.name)
         costs = self.cost.instr_costs(cols, regs)
         tl = schedule(costs, cols.sig, cols.wait, self.cost.n_units)
         outputs: dict[str, np.ndarray] = {}
