@@ -69,7 +69,7 @@ def step_simulate(binary: Path) -> dict:
     t0 = time.perf_counter()
     program = read_binary(binary)
     t1 = time.perf_counter()
-    result = simulate(program, numerics=False, tokens=1)
+    result = simulate(program, numerics=False, tokens=1, entry="decode")
     t2 = time.perf_counter()
     r = result.report
     return {"load_binary_s": t1 - t0, "timing_step_s": t2 - t1, "sim_peak_rss_mb": _peak_rss_mb(),

@@ -75,9 +75,12 @@ def _add_frontend(p: argparse.ArgumentParser) -> None:
                    help="weight datapath of the macros (fp32: float compute, the exact functional check)")
     p.add_argument("--dim", action="append", default=[], metavar="NAME=N",
                    help="bind a named dynamic input dimension other than batch and sequence")
+    p.add_argument("--schedule", choices=["balanced", "naive"], default="balanced",
+                   help="balanced: ping-pong stages overlapping weight loads with compute (default); naive: one "
+                        "macro set, load then compute, no overlap (the baseline)")
     p.add_argument("--pipeline", default=None, metavar="PASSES",
-                   help="pass pipeline, e.g. 'lift-idioms,tile-partition,place-weights,balance-stages{rows=1},"
-                        "schedule'")
+                   help="pass pipeline (overrides --schedule), e.g. 'lift-idioms,insert-kv-cache,tile-partition,"
+                        "place-weights{sets=2},balance-stages,schedule'")
 
 
 def _hw(args: argparse.Namespace, required: bool = True):
@@ -89,7 +92,7 @@ def _hw(args: argparse.Namespace, required: bool = True):
 
 
 def _options(args: argparse.Namespace):
-    from cimc.driver import DEFAULT_PIPELINE, CompileOptions
+    from cimc.driver import SCHEDULES, CompileOptions
 
     dims = {}
     for item in args.dim:
@@ -98,7 +101,7 @@ def _options(args: argparse.Namespace):
             raise CimcError(f"--dim {item!r}: expected NAME=N with a dimension name and a positive integer N")
         dims[name] = int(value)
     return CompileOptions(max_seq=args.max_seq, max_ctx=args.max_ctx, weights=args.weights, hw=_hw(args),
-                          dims=dims, pipeline=args.pipeline or DEFAULT_PIPELINE)
+                          dims=dims, pipeline=args.pipeline or SCHEDULES[getattr(args, "schedule", "balanced")])
 
 
 # ---- commands --------------------------------------------------------------------------------
@@ -263,7 +266,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     prompt = _ids(args.prompt_ids)
     if args.model.endswith(".cimb"):
-        program = read_binary(args.model, verify_dram=True)
+        program = read_binary(args.model, verify_dram=not args.no_numerics)
         hw = _hw(args, required=False)
     else:
         if not prompt:
@@ -288,7 +291,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(f"\rcimc: [{'#' * fill}{'.' * (width - fill)}] {done}/{total} tokens", end="", file=sys.stderr,
               flush=True)
 
-    gen = generate(session, prompt, args.max_new_tokens, progress=progress if bar else None)
+    gen = generate(session, prompt, args.max_new_tokens, numerics=not args.no_numerics,
+                   progress=progress if bar else None)
     if bar:
         print(file=sys.stderr)
     if args.report_json:
@@ -297,7 +301,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         runs = [session.trace_run(r, "prefill" if i == 0 else f"decode step {i}") for i, r in enumerate(gen.runs)]
         _atomic_write(args.trace, lambda p: write_trace(p, runs, session.cost.unit_names(), session.cost.f_hz))
     if args.quiet:
-        print(" ".join(map(str, gen.tokens)))
+        print(" ".join(map(str, gen.tokens)) if gen.tokens else "")
     else:
         print(render_text(gen.report))
 
@@ -359,7 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when compiling: KV cache positions (default: prompt + new tokens)")
     p.add_argument("--weights", default="fp32", choices=["fp32"], help=argparse.SUPPRESS)
     p.add_argument("--dim", action="append", default=[], metavar="NAME=N", help=argparse.SUPPRESS)
+    p.add_argument("--schedule", choices=["balanced", "naive"], default="balanced",
+                   help="when compiling: ping-pong balanced stages (default) or the naive no-overlap baseline")
     p.add_argument("--pipeline", default=None, metavar="PASSES", help="when compiling: the pass pipeline")
+    p.add_argument("--no-numerics", action="store_true",
+                   help="timing and energy only: price prefill and every decode step without computing values "
+                        "(no tokens; for large models)")
     _add_hw(p)
     p.add_argument("-q", "--quiet", action="store_true", help="print only the generated ids")
     p.set_defaults(func=cmd_generate)

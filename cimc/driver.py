@@ -26,6 +26,10 @@ from passes.codegen import emit_program
 from passes.manager import PassContext, PassManager, parse_pipeline
 
 DEFAULT_PIPELINE = "lift-idioms,insert-kv-cache,tile-partition,place-weights,balance-stages,schedule"
+#: The baseline schedule: one macro set, so a stage's weights load only after the previous stage
+#: computed (no overlap of loading and computing), as a design without ping-pong would run.
+NAIVE_PIPELINE = DEFAULT_PIPELINE.replace("place-weights", "place-weights{sets=1}")
+SCHEDULES = {"balanced": DEFAULT_PIPELINE, "naive": NAIVE_PIPELINE}
 WEIGHT_MODES = ("fp32",)
 
 

@@ -31,6 +31,14 @@ class FieldError(ValueError):
     """A field value that does not fit its kind (raised by `check` and `parse`)."""
 
 
+class PackError(FieldError):
+    """A bad value among many packed at once; `index` says which."""
+
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(message)
+        self.index = index
+
+
 class Dim(NamedTuple):
     """A size: `imm + R[reg]` where R is a runtime register (`zero` makes it a constant)."""
 
@@ -78,6 +86,38 @@ class Kind:
         """Vectorised: which packed values (uint64 array) decode to a valid value."""
         return np.ones(raw.shape, dtype=bool)
 
+    def pack_many(self, values: list) -> np.ndarray:
+        """Vectorised `check` + `pack` of many values (uint64 array); PackError names the first bad one.
+        Kinds override `_pack_fast` for their common value types; anything else goes one by one."""
+        fast = self._pack_fast(values)
+        if fast is not None:
+            raw, ok = fast
+            if ok.all():
+                return raw
+            bad = int(np.flatnonzero(~ok)[0])
+        else:
+            raw = np.zeros(len(values), np.uint64)
+            bad = -1
+            for i, v in enumerate(values):
+                try:
+                    raw[i] = self.pack(self.check(v))
+                except FieldError:
+                    bad = i
+                    break
+            if bad < 0:
+                return raw
+        try:
+            self.check(values[bad])
+        except FieldError as e:
+            raise PackError(bad, str(e)) from None
+        raise PackError(bad, f"invalid value {values[bad]!r}")
+
+    def _pack_fast(self, values: list) -> tuple[np.ndarray, np.ndarray] | None:
+        if {type(v) for v in values} <= {int} and self.bits < 63:
+            a = np.array(values, dtype=np.int64)
+            return a.astype(np.uint64), (a >= 0) & (a < (1 << self.bits))
+        return None
+
     def format(self, value: object) -> str:
         return str(value)
 
@@ -117,6 +157,17 @@ class DimKind(Kind):
 
     def unpack(self, raw: int) -> Dim:
         return Dim(raw & 3, raw >> 2)
+
+    def _pack_fast(self, values: list) -> tuple[np.ndarray, np.ndarray] | None:
+        types = {type(v) for v in values}
+        if types <= {Dim}:
+            a = np.array(values, dtype=np.int64).reshape(-1, 2)
+        elif types <= {int}:
+            a = np.stack([np.zeros(len(values), np.int64), np.array(values, dtype=np.int64)], 1)
+        else:
+            return None
+        ok = (a[:, 0] >= 0) & (a[:, 0] < len(REGS)) & (a[:, 1] >= 0) & (a[:, 1] < (1 << self.IMM_BITS))
+        return (a[:, 0] | (a[:, 1] << 2)).astype(np.uint64), ok
 
     def format(self, value: object) -> str:
         dim = Dim.of(value)  # type: ignore[arg-type]
@@ -162,6 +213,16 @@ class MemKind(Kind):
     def pack(self, value: object) -> int:
         m: Mem = value  # type: ignore[assignment]
         return m.space | (m.roff << 2) | (m.addr << 4) | (m.stride << 40)
+
+    def _pack_fast(self, values: list) -> tuple[np.ndarray, np.ndarray] | None:
+        if not {type(v) for v in values} <= {Mem}:
+            return None
+        a = np.array(values, dtype=np.int64).reshape(-1, 4)  # space, addr, stride, roff
+        ok = ((a[:, 0] >= 0) & (a[:, 0] < len(SPACES)) & (a[:, 3] >= 0) & (a[:, 3] < len(REGS))
+              & (a[:, 1] >= 0) & (a[:, 1] < (1 << self.ADDR_BITS))
+              & (a[:, 2] >= 0) & (a[:, 2] < (1 << self.STRIDE_BITS)))
+        u = a.astype(np.uint64)
+        return u[:, 0] | (u[:, 3] << np.uint64(2)) | (u[:, 1] << np.uint64(4)) | (u[:, 2] << np.uint64(40)), ok
 
     def unpack(self, raw: int) -> Mem:
         return Mem(raw & 3, (raw >> 4) & ((1 << self.ADDR_BITS) - 1), raw >> 40, (raw >> 2) & 3)
@@ -210,6 +271,15 @@ class F32Kind(Kind):
     def valid_raw(self, raw: np.ndarray) -> np.ndarray:
         return ~np.isnan(raw.astype(np.uint32).view(np.float32))
 
+    def _pack_fast(self, values: list) -> tuple[np.ndarray, np.ndarray] | None:
+        if not {type(v) for v in values} <= {float, int}:
+            return None
+        wide = np.array(values, dtype=np.float64)
+        with np.errstate(over="ignore"):
+            narrow = wide.astype(np.float32)
+        ok = ~np.isnan(wide) & ~(np.isinf(narrow) & np.isfinite(wide))
+        return narrow.view(np.uint32).astype(np.uint64), ok
+
     def format(self, value: object) -> str:
         return repr(float(value))  # type: ignore[arg-type]
 
@@ -238,6 +308,15 @@ class EnumKind(Kind):
 
     def valid_raw(self, raw: np.ndarray) -> np.ndarray:
         return raw < len(self.names)
+
+    def pack(self, value: object) -> int:
+        return self.check(value)
+
+    def _pack_fast(self, values: list) -> tuple[np.ndarray, np.ndarray] | None:
+        if not {type(v) for v in values} <= {str}:
+            return None
+        codes = np.array([self.names.index(v) if v in self.names else -1 for v in values], dtype=np.int64)
+        return codes.astype(np.uint64), codes >= 0
 
     def _bad(self, value: object) -> int:
         raise FieldError(f"expected one of {', '.join(self.names)}, got {value!r}")

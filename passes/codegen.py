@@ -301,17 +301,20 @@ class _Codegen:
         sets = self.module.attrs["macro_sets"]
         per = len(sets[0])
         rows = self.bound_rows(out)
+        layout, slot0, nvec = self.layouts[id(op)], op.attrs["dram"]["slot0"], self.rows(out)
+        dst0, src0 = self.mem(out), self.mem(x)
+        psum = self.scratch(op, "psum") if t.kchunks > 1 else None
         for s, g0, n in op.attrs["stages"]:
+            tiles = sets[s % len(sets)]
             for g in range(g0, g0 + n):
-                kc, k0, k1, n0, n1 = t.group(g)
-                tile = sets[s % len(sets)][(op.attrs["dram"]["slot0"] + g) % per]
-                if t.kchunks == 1:
-                    dst = self.mem(out, n0)
+                kc, k0, k1, n0, n1, _ = layout[g]
+                if psum is None:
+                    dst = dst0._replace(addr=dst0.addr + n0 * F32)
                 else:
-                    base = self.scratch(op, "psum")
-                    dst = Mem(base.space, base.addr + (kc * rows * t.n + n0) * F32, t.n)
-                self.emit("mvm", sig=sig, wait=wait, tile=tile, m0=0, k=k1 - k0, n=n1 - n0, wbits=t.wbits,
-                          abits=ab, acc=0, dst=dst, src=self.mem(x, k0), nvec=self.rows(out))
+                    dst = Mem(psum.space, psum.addr + (kc * rows * t.n + n0) * F32, t.n)
+                self.emit("mvm", sig=sig, wait=wait, tile=tiles[(slot0 + g) % per], m0=0, k=k1 - k0, n=n1 - n0,
+                          wbits=t.wbits, abits=ab, acc=0, dst=dst, src=src0._replace(addr=src0.addr + k0 * F32),
+                          nvec=nvec)
                 self._finish_group(s, op)
         own = 1 << sig
         if t.kchunks > 1:

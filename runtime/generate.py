@@ -66,24 +66,24 @@ def _inputs(session: Session, entry: str, ids: np.ndarray) -> dict[str, np.ndarr
     return {needed[0]: ids}
 
 
-def generate(session: Session, prompt: Sequence[int], max_new_tokens: int, *,
+def generate(session: Session, prompt: Sequence[int], max_new_tokens: int, *, numerics: bool = True,
              progress: Callable[[int, int], None] | None = None, logits: str = "logits") -> Generation:
-    """Greedy generation of `max_new_tokens` tokens after `prompt`."""
+    """Greedy generation of `max_new_tokens` tokens after `prompt`.
+
+    Without numerics only the prompt's length matters: every run is priced (time, energy) but no
+    values are computed, so no tokens come out; this is how large models are benchmarked."""
     prompt = [int(t) for t in prompt]
     check_request(session.program, prompt, max_new_tokens, session.name)
     gen = Generation(prompt, [])
-    ids = np.array([prompt], dtype=np.int64)
-    run = session.run("prefill", _inputs(session, "prefill", ids), past=0)
-    gen.runs.append(run)
-    gen.tokens.append(int(np.argmax(run.outputs[logits][0, -1])))
-    if progress is not None:
-        progress(1, max_new_tokens)
-    for step in range(1, max_new_tokens):
-        past = len(prompt) + step - 1
-        ids = np.array([[gen.tokens[-1]]], dtype=np.int64)
-        run = session.run("decode", _inputs(session, "decode", ids), past=past)
+    for step in range(max_new_tokens):
+        entry, past = ("prefill", 0) if step == 0 else ("decode", len(prompt) + step - 1)
+        if numerics:
+            ids = np.array([prompt if step == 0 else [gen.tokens[-1]]], dtype=np.int64)
+            run = session.run(entry, _inputs(session, entry, ids), past=past)
+            gen.tokens.append(int(np.argmax(run.outputs[logits][0, -1])))
+        else:
+            run = session.run(entry, numerics=False, tokens=len(prompt) if step == 0 else 1, past=past)
         gen.runs.append(run)
-        gen.tokens.append(int(np.argmax(run.outputs[logits][0, -1])))
         if progress is not None:
             progress(step + 1, max_new_tokens)
     gen.report = summarize(session, gen)
@@ -98,8 +98,8 @@ def summarize(session: Session, gen: Generation) -> dict:
         "model": prefill["model"],
         "hardware": prefill["hardware"],
         "prompt_tokens": len(gen.prompt),
-        "new_tokens": len(gen.tokens),
-        "tokens": gen.tokens,
+        "new_tokens": len(gen.runs),
+        "tokens": gen.tokens if gen.tokens else None,
         "ttft_s": prefill["seconds"],
         "prefill": {k: prefill[k] for k in ("cycles", "seconds", "joules", "energy_pj", "dram_bytes")},
         "steps": [{"past": len(gen.prompt) + i, "cycles": r["cycles"], "seconds": r["seconds"],
@@ -148,9 +148,10 @@ def _compute_bound_cycles(run: SimResult) -> float:
 def render_text(report: dict) -> str:
     """The generation report, readable at a glance."""
     hw = report["hardware"]
+    tokens = " ".join(map(str, report["tokens"])) if report["tokens"] is not None else "(timing only: not computed)"
     lines = [f"{report['model']} on {hw['name']}: {report['prompt_tokens']} prompt token(s), "
              f"{report['new_tokens']} generated",
-             f"  tokens      {' '.join(map(str, report['tokens']))}",
+             f"  tokens      {tokens}",
              f"  prefill     time to first token {report['ttft_s'] * 1e3:.3f} ms, "
              f"{report['prefill']['joules'] * 1e3:.3f} mJ"]
     d = report.get("decode")

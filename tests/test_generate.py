@@ -117,7 +117,7 @@ def test_assumed_inputs_are_checked(programs) -> None:
     with pytest.raises(CimcError, match="'attention_mask' must be all ones"):
         Session(program).run("prefill", bad_mask)
     bad_pos = dict(inputs, position_ids=inputs["position_ids"] + 3)
-    with pytest.raises(CimcError, match="'position_ids' must be 0..7"):
+    with pytest.raises(CimcError, match=r"'position_ids' must be 0\.\.7"):
         Session(program).run("prefill", bad_pos)
 
 

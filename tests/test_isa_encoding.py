@@ -192,6 +192,31 @@ def test_field_packing_by_hand():
     assert code[44:48] == struct.pack("<f", -1.5) == bytes.fromhex("0000c0bf")
 
 
+def test_encode_checks_every_field_with_its_index():
+    """The vectorised encoder rejects exactly what validate() rejects, naming the instruction."""
+    rng = np.random.default_rng(3)
+    good = [random_instr(rng) for _ in range(50)]
+    encode(good)
+    bad_cases = [
+        ("tile", 256, "field tile: expected an integer in [0, 255], got 256"),
+        ("dst", Mem(0, 1 << 40, 1), "field dst: memory operand out of range"),
+        ("rows", Dim(0, 1 << 22), "field rows: expected a size below"),
+        ("alpha", float("nan"), "field alpha:"),
+        ("alpha", 1e39, "field alpha: 1e+39 does not fit a 32-bit float"),
+        ("dt", "f64", None),
+    ]
+    for field, value, message in bad_cases:
+        victim = next((k, i) for k, i in enumerate(good) if field in i.f)
+        k, ins = victim
+        broken = list(good)
+        broken[k] = Instr(ins.op, {**ins.f, field: value}, ins.sig, ins.wait)
+        with pytest.raises(EncodingError) as e:
+            encode(broken)
+        assert str(e.value).startswith(f"instruction {k}: {ins.op}: field {field}:")
+        if message:
+            assert message in str(e.value)
+
+
 def test_random_round_trips_and_columns():
     rng = np.random.default_rng(1234)
     instrs = [random_instr(rng) for _ in range(2000)]
