@@ -11,7 +11,9 @@ from cimc.driver import CompileOptions, compile_model
 from isa.binary import read_binary, write_binary
 from isa.diag import CimcError
 from isa.hw import load_hw
-from runtime.interpreter import simulate
+from runtime.generate import generate
+from runtime.generate import render_text as render_generation
+from runtime.interpreter import Session, simulate
 from runtime.report import render_text
 
 #: The example model shipped in the repository (built by examples/make_tiny_model.py).
@@ -32,25 +34,40 @@ def example_model(cache: Path) -> Path:
 
 
 def run_demo(hw_spec: str | None = None, overrides: list[str] | None = None, quiet: bool = False) -> float:
-    """Compile, simulate and compare; returns the max abs error against onnxruntime."""
+    """Compile, simulate a prompt and a short greedy generation, and compare both with
+    onnxruntime; returns the max abs error of the prompt's logits."""
     import onnxruntime as ort
 
     hw = load_hw(hw_spec, overrides or [])
+    new = 8
     with tempfile.TemporaryDirectory(prefix="cimc-demo-") as tmp:
         model = example_model(Path(tmp))
-        ids = np.array([[1, 17, 42, 7, 300, 5, 99, 11]], dtype=np.int64)
-        program = compile_model(model, CompileOptions(max_seq=64, hw=hw))
+        prompt = [1, 17, 42, 7, 300, 5, 99, 11]
+        ids = np.array([prompt], dtype=np.int64)
+        program = compile_model(model, CompileOptions(max_seq=64, max_ctx=64 + new, hw=hw))
         binary = Path(tmp) / "tiny_llama.cimb"
         write_binary(binary, program)
-        result = simulate(read_binary(binary, verify_dram=True), {"input_ids": ids})
+        loaded = read_binary(binary, verify_dram=True)
+        result = simulate(loaded, {"input_ids": ids})
+        gen = generate(Session(loaded), prompt, new)
         sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
         ref = sess.run(["logits"], {"input_ids": ids})[0]
+        ref_tokens = list(prompt)
+        for _ in range(new):
+            step = sess.run(["logits"], {"input_ids": np.array([ref_tokens], np.int64)})[0]
+            ref_tokens.append(int(np.argmax(step[0, -1])))
     err = float(np.abs(result.outputs["logits"] - ref).max())
+    same = gen.tokens == ref_tokens[len(prompt):]
     if not quiet:
-        print(f"cimc demo: {model.name} compiled for {hw.name} ({program.n_instrs:,} instructions) and simulated "
-              f"on 8 tokens")
+        print(f"cimc demo: {model.name} compiled for {hw.name} (prefill {program.entry('prefill').n_instrs:,} and "
+              f"decode {program.entry('decode').n_instrs:,} instructions) and simulated on {len(prompt)} tokens")
         print(render_text(result.report))
         print(f"  logits vs onnxruntime: max abs error {err:.2e} ({'OK' if err <= 1e-4 else 'MISMATCH'})")
+        print()
+        print(render_generation(gen.report))
+        print(f"  tokens vs onnxruntime greedy loop: {'identical' if same else 'DIFFERENT'}")
     if err > 1e-4:
         raise CimcError(f"demo: simulated logits differ from onnxruntime by {err:.2e} (> 1e-4)")
+    if not same:
+        raise CimcError("demo: generated tokens differ from onnxruntime's greedy loop")
     return err
