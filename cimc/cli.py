@@ -10,45 +10,23 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from isa.atomic import atomic_file
 from isa.diag import CimcError
 
 EPILOG = "Docs: README.md (CLI reference, architecture), docs/isa.md (instruction set), docs/ir.md (IR)."
-
-
-def _atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Write via a temporary file in the same folder and rename it into place."""
-    p = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    except OSError as e:
-        raise CimcError(f"cannot write {p}: {e.strerror}") from None
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
-        write(Path(tmp))
-        os.replace(tmp, p)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise CimcError(f"cannot write {p}: {e.strerror}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _text_out(path: str | None, text: str) -> None:
     if path in (None, "-"):
         sys.stdout.write(text)
     else:
-        _atomic_write(path, lambda p: p.write_text(text))
+        with atomic_file(path, "w", encoding="utf-8") as f:
+            f.write(text)
 
 
 def _log(args: argparse.Namespace, msg: str) -> None:
@@ -191,16 +169,12 @@ def cmd_run(args: argparse.Namespace) -> None:
         if big:
             print(file=sys.stderr)
         if args.outputs:
-            _atomic_write(args.outputs, lambda p: _save_npz(p, result.outputs))
+            with atomic_file(args.outputs, "wb") as f:
+                np.savez(f, **result.outputs)
     if args.report_json:
-        _atomic_write(args.report_json, lambda p: p.write_text(json.dumps(result.report, indent=1) + "\n"))
+        _text_out(args.report_json, json.dumps(result.report, indent=1) + "\n")
     if not args.quiet:
         print(render_text(result.report))
-
-
-def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
 
 
 def cmd_ir(args: argparse.Namespace) -> None:
@@ -296,10 +270,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if bar:
         print(file=sys.stderr)
     if args.report_json:
-        _atomic_write(args.report_json, lambda p: p.write_text(json.dumps(gen.report, indent=1) + "\n"))
+        _text_out(args.report_json, json.dumps(gen.report, indent=1) + "\n")
     if args.trace:
         runs = [session.trace_run(r, "prefill" if i == 0 else f"decode step {i}") for i, r in enumerate(gen.runs)]
-        _atomic_write(args.trace, lambda p: write_trace(p, runs, session.cost.unit_names(), session.cost.f_hz))
+        write_trace(args.trace, runs, session.cost.unit_names(), session.cost.f_hz)
     if args.quiet:
         print(" ".join(map(str, gen.tokens)) if gen.tokens else "")
     else:

@@ -25,7 +25,6 @@ import itertools
 import json
 import os
 import re
-import secrets
 import struct
 import zlib
 from collections.abc import Callable, Iterator
@@ -33,6 +32,7 @@ from typing import BinaryIO, NamedTuple, TypeVar
 
 import numpy as np
 
+from isa.atomic import atomic_file
 from isa.diag import CimcError
 from isa.encoding import EncodingError, code_words, decode_one
 from isa.fields import DTYPES
@@ -263,28 +263,9 @@ def write_binary(path: str | os.PathLike, program: Program) -> None:
     an existing `path` is left untouched. An invalid Program raises ValueError (a compiler bug);
     an I/O failure raises CimcError.
     """
-    path = os.fspath(path)
     small = _small_sections(program)
-    directory, base = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{base}.{secrets.token_hex(6)}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    except OSError as e:
-        raise CimcError(f"cannot write {path}: {e.strerror or e}") from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            _write(f, program, small)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(exc, OSError):
-            raise CimcError(f"cannot write {path}: {exc.strerror or exc}") from exc
-        raise
+    with atomic_file(path, "wb") as f:
+        _write(f, program, small)
 
 
 def _write(f: BinaryIO, program: Program, small: list[tuple[str, bytes]]) -> None:

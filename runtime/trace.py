@@ -32,15 +32,14 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
 import numpy as np
 
+from isa.atomic import atomic_file
 from isa.cost import InstrCosts
-from isa.diag import CimcError
 from isa.program import DebugInfo
 from isa.spec import BY_OPCODE
 from runtime.timing import Timeline
@@ -104,26 +103,8 @@ def write_trace(path: str | os.PathLike, runs: Sequence[TraceRun], unit_names: S
     budgets = _plan([int(e.sum()) for e in events], max_events - fixed)
     shown = [_prefix(e, b) for e, b in zip(events, budgets, strict=True)]
 
-    directory, base = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{base}.{secrets.token_hex(6)}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except OSError as e:
-        raise CimcError(f"cannot write {path}: {e.strerror or e}") from e
-    try:
-        with os.fdopen(fd, "w", encoding="ascii", newline="\n") as f:
-            count = _write(f, runs, shown, unit_names, used, f_clk_hz, max_events)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(exc, OSError):
-            raise CimcError(f"cannot write {path}: {exc.strerror or exc}") from exc
-        raise
+    with atomic_file(path, "w", encoding="ascii", newline="\n") as f:
+        count = _write(f, runs, shown, unit_names, used, f_clk_hz, max_events)
     return count
 
 
