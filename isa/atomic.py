@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import IO
@@ -15,25 +16,43 @@ from isa.diag import CimcError
 def atomic_file(path: str | os.PathLike, mode: str = "wb", **open_args: object) -> Iterator[IO]:
     """Open a temporary file beside `path` (usual permissions, umask applied); when the block
     ends normally it is flushed, synced and renamed over `path`. On any failure it is removed and
-    an existing `path` is left untouched; OS errors become `cannot write PATH: reason`."""
-    path = os.fspath(path)
-    directory, base = os.path.split(os.path.abspath(path))
+    an existing `path` is left untouched; OS errors become `cannot write PATH: reason`.
+
+    A symbolic link is followed (its target is replaced, not the link); a path that is not a
+    regular file (a device such as /dev/stdout, a FIFO) is written in place, since it cannot be
+    replaced."""
+    name = os.fspath(path)
+    real = os.path.realpath(name)
+    try:
+        special = not stat.S_ISREG(os.stat(real).st_mode)
+    except FileNotFoundError:
+        special = False
+    except OSError as e:
+        raise CimcError(f"cannot write {name}: {e.strerror or e}") from e
+    if special:
+        try:
+            with open(real, mode, **open_args) as f:  # type: ignore[call-overload]
+                yield f
+        except OSError as e:
+            raise CimcError(f"cannot write {name}: {e.strerror or e}") from e
+        return
+    directory, base = os.path.split(real)
     tmp = os.path.join(directory, f".{base}.{secrets.token_hex(6)}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     except OSError as e:
-        raise CimcError(f"cannot write {path}: {e.strerror or e}") from e
+        raise CimcError(f"cannot write {name}: {e.strerror or e}") from e
     try:
         with os.fdopen(fd, mode, **open_args) as f:  # type: ignore[call-overload]
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, real)
     except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
         if isinstance(exc, OSError):
-            raise CimcError(f"cannot write {path}: {exc.strerror or exc}") from exc
+            raise CimcError(f"cannot write {name}: {exc.strerror or exc}") from exc
         raise
