@@ -91,18 +91,52 @@ def clone(module: Module) -> Module:
     return parse_module(print_module(module), verify=False)
 
 
+#: Passes code generation needs, in this order (others may come between them).
+REQUIRED_PASSES = ("insert-kv-cache", "tile-partition", "place-weights", "balance-stages", "schedule")
+
+
+def check_pipeline(module: Module, pipeline: str) -> None:
+    """A pipeline that codegen can finish: every required pass, in order (done ones count)."""
+    names = [*module.attrs.get("passes", []), *(p.name for p in parse_pipeline(pipeline))]
+    at = [names.index(n) if n in names else -1 for n in REQUIRED_PASSES]
+    missing = [n for n, i in zip(REQUIRED_PASSES, at, strict=True) if i < 0]
+    if missing or at != sorted(at):
+        raise CimcError(f"--pipeline {pipeline!r} cannot produce a program: it needs "
+                        f"{', '.join(REQUIRED_PASSES)} in this order"
+                        + (f" (missing {', '.join(missing)})" if missing else ""))
+
+
 def compile_module(module: Module, weights: Callable[[str], np.ndarray], opts: CompileOptions
                    ) -> tuple[Program, PassManager]:
     """Compile a lifted module into a program with two entries over the same weights and KV cache:
     `prefill` takes up to max_seq tokens (a prompt), `decode` exactly one (a generated token);
     decode is the same model scheduled for one row, so its buffers are small and its stages are
     balanced for a matrix-vector product. Returns the program and prefill's pass manager."""
+    check_pipeline(module, opts.pipeline)
     decode = clone(module)
     decode.attrs["max_seq"] = 1
     pm = run_pipeline(module, opts)
-    quiet = replace(opts, dump_after=set(), dump_dir=None, on_dump=None)
-    run_pipeline(decode, quiet)
+    one_row = ",".join(_one_row(p) for p in _split(opts.pipeline))
+    run_pipeline(decode, replace(opts, pipeline=one_row, dump_after=set(), dump_dir=None, on_dump=None))
     return emit_program({"prefill": module, "decode": decode}, weights, opts.hw), pm
+
+
+def _split(pipeline: str) -> list[str]:
+    """Pipeline items, keeping `{...}` options whole."""
+    items, depth, cur = [], 0, ""
+    for ch in pipeline:
+        depth += (ch == "{") - (ch == "}")
+        if ch == "," and depth == 0:
+            items.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    return [*items, cur.strip()] if cur.strip() else items
+
+
+def _one_row(item: str) -> str:
+    """The decode program balances its stages for one token, whatever the pipeline says."""
+    return "balance-stages{rows=1}" if item.split("{")[0] == "balance-stages" else item
 
 
 def compile_model(path: str | os.PathLike, opts: CompileOptions | None = None) -> Program:

@@ -44,13 +44,15 @@ class BalanceStagesPass:
     def run(self, module: Module, rw: Rewriter, ctx: PassContext) -> None:
         if "macro_sets" not in module.attrs:
             raise CimcError("balance-stages needs place-weights first")
+        if self.rows < 0:
+            raise CimcError(f"balance-stages: rows must be 0 (max_seq) or more, got {self.rows}")
         sets = module.attrs["macro_sets"]
         per = len(sets[0])
         rows = self.rows or module.max_seq
         cost = ctx.cost
         load, comp, op_of, sfu_after = self._items(module, cost, rows, ctx)
         best = None
-        for cap in range(1, per + 1):
+        for cap in range(1, per + 1 if load else 1):
             for cut_at_sfu in (False, True):
                 bounds = _partition(len(load), cap, sfu_after if cut_at_sfu else None)
                 est, slowest = _estimate(bounds, load, comp, sfu_after, len(sets))
@@ -141,6 +143,8 @@ def _estimate(bounds, load, comp, sfu_after, sets: int) -> tuple[float, float]:
     linears reading the same input, like q/k/v) run in parallel on their tiles, so only the
     first group of a level counts; later levels wait for earlier ones.
     """
+    if not bounds:
+        return 0.0, 0.0
     level = comp
     dram = [x[0] for x in load]
     write = [x[1] for x in load]

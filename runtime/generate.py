@@ -37,6 +37,9 @@ def check_request(program: Program, prompt: Sequence[int], max_new_tokens: int, 
     if "prefill" not in names or "decode" not in names:
         raise CimcError(f"{name} has no prefill and decode programs (it has {', '.join(names)}); "
                         "recompile it with this cimc")
+    if not program.meta.get("kv_cache", False):
+        raise CimcError(f"{name} was compiled without a KV cache (insert-kv-cache), so decode steps cannot see "
+                        "the earlier tokens; recompile with the default pipeline")
     if not prompt:
         raise CimcError("the prompt is empty: give at least one token id")
     vocab = program.meta.get("vocab")

@@ -157,6 +157,13 @@ def test_binary_without_decode_program(programs, tmp_path: Path) -> None:
         generate(Session(program), PROMPT, 2)
 
 
+def test_binary_without_kv_cache_is_refused() -> None:
+    """Without insert-kv-cache each entry attends only to its own rows: decode would be wrong."""
+    pipeline = "lift-idioms,tile-partition,place-weights,balance-stages,schedule"
+    with pytest.raises(CimcError, match="missing insert-kv-cache"):
+        compile_model(shared("llama_a_dynamo"), CompileOptions(max_seq=8, pipeline=pipeline))
+
+
 def test_cli_generate_from_onnx_and_binary(tmp_path: Path, capsys) -> None:
     model = shared("llama_a_dynamo")
     out = tmp_path / "gen.json"
