@@ -761,3 +761,19 @@ def test_max_seq_one_shared_llama() -> None:
     ids = np.array([[7]], np.int64)
     assert max_err(simulate(program, {"input_ids": ids}).outputs["logits"],
                    ort_run(path, {"input_ids": ids})) <= TOL
+
+
+@pytest.mark.parametrize("name", ["llama_a_dynamo", "qwen2_c_optimum_kv"])
+def test_long_context_costs_no_more_than_its_position_tables(name: str) -> None:
+    """Position tables are folded at max_ctx rows; masks and the rest of the graph are not (a
+    16k-position [seq, seq] mask would take gigabytes). Compare with a short context on the
+    same machine: lifting at max_ctx 16384 stays within a few times max_ctx 32."""
+    import time
+    path = shared_model(name)
+    took = {}
+    for ctx in (32, 16384):
+        start = time.perf_counter()
+        module, _ = import_onnx(path, max_seq=8, max_ctx=ctx)
+        took[ctx] = time.perf_counter() - start
+        assert module.attrs["max_ctx"] == ctx
+    assert took[16384] < 4 * took[32] + 0.5, took

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cimc.frontend.fold import Binding, analyze, find_roles
+from cimc.frontend.fold import Binding, analyze, find_roles, position_tables
 from cimc.frontend.lift import Lifter
 from cimc.frontend.model import OnnxModel, WeightStore, open_model
 from cimc.ir.core import Module
@@ -39,9 +39,11 @@ def import_onnx(path: str | os.PathLike, *, max_seq: int = 256, max_ctx: int | N
     # with one more token and, with a cache, more cached tokens; position tables (RoPE) are
     # folded at max_ctx tokens so they cover every position.
     past = 7 if roles.caches else 0
-    bindings = {"main": Binding(5, past), "seq": Binding(6, past), "table": Binding(max(max_ctx, past + 6), 0)}
+    bindings = {"main": Binding(5, past), "seq": Binding(6, past)}
     if roles.caches:
         bindings["past"] = Binding(5, past + 4)
     facts = {k: analyze(model, weights, b, dims, roles) for k, b in bindings.items()}
+    tables = position_tables(model, facts["main"], facts["seq"])
+    facts["table"] = analyze(model, weights, Binding(max(max_ctx, past + 6), 0), dims, roles, only=tables)
     module = Lifter(model, facts, roles, max_seq, max_ctx, Path(path).stem).run()
     return module, weights

@@ -169,8 +169,11 @@ def assumed_values(roles: Roles, shapes: dict[str, tuple[int, ...]], b: Binding,
     return out
 
 
-def analyze(model: OnnxModel, weights: WeightStore, b: Binding, dims: dict[str, int], roles: Roles) -> Facts:
-    """Fold static values and infer all shapes at binding `b`."""
+def analyze(model: OnnxModel, weights: WeightStore, b: Binding, dims: dict[str, int], roles: Roles,
+            only: set[str] | None = None) -> Facts:
+    """Fold static values and infer all shapes at binding `b`; with `only`, just the nodes those
+    values depend on (a long binding would otherwise fold every [seq, seq] mask too)."""
+    nodes = model.nodes if only is None else model.upstream(only)
     data = data_values(model, roles)
     lazy = weight_derived(model, data)
     values: dict[str, np.ndarray] = {
@@ -182,11 +185,11 @@ def analyze(model: OnnxModel, weights: WeightStore, b: Binding, dims: dict[str, 
     values.update(assumed_values(roles, input_shapes, b, types))
     for name, t in model.initializers.items():
         shapes[name], types[name] = tuple(t.dims), t.data_type
-    pending = [nd for nd in model.nodes if not any(i in data or i in lazy for i in nd.inputs
+    pending = [nd for nd in nodes if not any(i in data or i in lazy for i in nd.inputs
                                                     if nd.op_type not in SHAPE_OPS)]
     for _ in range(32):
         progress = _fold_ready(model, pending, values, shapes)
-        inferred = _infer_shapes(model, values, shapes, types, input_shapes, lazy)
+        inferred = _infer_shapes(model, nodes, values, shapes, types, input_shapes, lazy)
         progress |= inferred
         if not progress:
             break
@@ -194,6 +197,19 @@ def analyze(model: OnnxModel, weights: WeightStore, b: Binding, dims: dict[str, 
         shapes[name] = v.shape
         types.setdefault(name, helper.np_dtype_to_tensor_dtype(v.dtype))
     return Facts(b, shapes, types, values)
+
+
+def position_tables(model: OnnxModel, main: Facts, seq: Facts) -> set[str]:
+    """Static values that may be per-position tables (RoPE cos/sin): exactly one axis grows with
+    the tokens, and a node combines them with data. A mask has two such axes and is left out."""
+    out = set()
+    for name, v in main.values.items():
+        w = seq.values.get(name)
+        if w is None or v.ndim != w.ndim or sum(a != b for a, b in zip(v.shape, w.shape, strict=True)) != 1:
+            continue
+        if any(i not in main.values for nd in model.consumers.get(name, []) for i in nd.inputs if i):
+            out.add(name)
+    return out
 
 
 def _fold_ready(model: OnnxModel, pending: list[Node], values: dict[str, np.ndarray],
@@ -248,10 +264,11 @@ def _proto(nd: Node) -> onnx.NodeProto:
                             **nd.attrs)
 
 
-def _infer_shapes(model: OnnxModel, values: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]],
-                  types: dict[str, int], input_shapes: dict[str, tuple[int, ...]], lazy: set[str]) -> bool:
-    """Run ONNX shape inference over the unfolded nodes; record new shapes. True if any."""
-    nodes = [nd for nd in model.nodes if not all(o in values for o in nd.outputs if o)]
+def _infer_shapes(model: OnnxModel, among: list[Node], values: dict[str, np.ndarray],
+                  shapes: dict[str, tuple[int, ...]], types: dict[str, int], input_shapes: dict[str, tuple[int, ...]],
+                  lazy: set[str]) -> bool:
+    """Run ONNX shape inference over the unfolded nodes of `among`; record new shapes. True if any."""
+    nodes = [nd for nd in among if not all(o in values for o in nd.outputs if o)]
     if not nodes:
         return False
     inputs = [helper.make_tensor_value_info(k, types[k], input_shapes[k]) for k in model.inputs]
@@ -259,9 +276,10 @@ def _infer_shapes(model: OnnxModel, values: dict[str, np.ndarray], shapes: dict[
                for k in model.initializers if k in lazy]
     consumed = {i for nd in nodes for i in nd.inputs}
     inits = [numpy_helper.from_array(v, k) for k, v in values.items() if k in consumed]
+    produced = [o for nd in nodes for o in nd.outputs if o]
+    outputs = [o for o in model.outputs if o in set(produced)] or produced[-1:]
     graph = helper.make_graph([_proto(nd) for nd in nodes], "infer", inputs,
-                              [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in model.outputs],
-                              inits)
+                              [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in outputs], inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in model.opsets.items()],
                               ir_version=model.proto.ir_version)
     try:

@@ -48,6 +48,14 @@ class OnnxModel:
     opsets: dict[str, int]
     producer: dict[str, Node] = field(default_factory=dict)
     consumers: dict[str, list[Node]] = field(default_factory=dict)
+    dag: nx.DiGraph = field(default_factory=nx.DiGraph)  # node positions in `nodes`, producer -> consumer
+
+    def upstream(self, values: set[str]) -> list[Node]:
+        """The nodes `values` depend on, in topological order."""
+        at = {id(n): i for i, n in enumerate(self.nodes)}
+        ends = {at[id(self.producer[v])] for v in values if v in self.producer}
+        keep = ends.union(*(nx.ancestors(self.dag, i) for i in ends))
+        return [self.nodes[i] for i in sorted(keep)]
 
     def is_weight(self, name: str) -> bool:
         """A float initializer with two or more non-trivial dims: a matrix to stream, not fold."""
@@ -174,6 +182,7 @@ def _index(model: OnnxModel) -> None:
         cycle = [model.nodes[u].name for u, _ in nx.find_cycle(g)]
         raise CimcError(f"{model.path}: the graph has a cycle through nodes {', '.join(cycle)}") from None
     model.nodes = [model.nodes[i] for i in ranks]
+    model.dag = nx.relabel_nodes(g, {old: new for new, old in enumerate(ranks)})
     for name in model.outputs:
         if name not in model.producer and name not in graph_in:
             raise CimcError(f"{model.path}: graph output {name!r} is not produced by any node")

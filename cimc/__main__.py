@@ -1,0 +1,7 @@
+"""`python -m cimc`: the same command line as the `cimc` script."""
+
+import sys
+
+from cimc.cli import main
+
+sys.exit(main())
