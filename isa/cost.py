@@ -156,24 +156,26 @@ class CostModel:
     def _cost_dma(self, mnemonic, idx, f, regs, out) -> None:
         esize = np.array([DTYPE_BYTES[d] for d in DTYPES])[f["dt"].astype(np.int64)]
         nbytes = self._dim(f, "rows", regs) * self._dim(f, "cols", regs) * esize
-        src_d, dst_d = (mem_parts(f[k])[0] == DRAM_SPACE for k in ("src", "dst"))
-        any_d = src_d | dst_d
-        out.unit0[idx] = np.where(any_d, 0, 1)
-        out.busy0[idx] = np.where(any_d, nbytes / self.dram_bpc, nbytes / self.noc_bpc + self.hw.noc.hop_cycles)
+        any_d = (mem_parts(f["src"])[0] == DRAM_SPACE) | (mem_parts(f["dst"])[0] == DRAM_SPACE)
         self._io(out, idx, f["src"], nbytes, False)
         self._io(out, idx, f["dst"], nbytes, True)
-        out.unit1[idx], out.busy1[idx] = -1, 0.0  # the main unit already is the DRAM channel
+        # With DRAM on either side the channel is the unit: it carries each DRAM side once (a
+        # DRAM -> DRAM copy reads and writes); buffer -> buffer copies go over the NoC.
+        out.unit0[idx] = np.where(any_d, 0, 1)
+        out.busy0[idx] = np.where(any_d, out.busy1[idx], nbytes / self.noc_bpc + self.hw.noc.hop_cycles)
+        out.unit1[idx], out.busy1[idx] = -1, 0.0
         out.energy["noc"][idx] += nbytes * self.e_noc_byte_hop
 
     def _cost_gather(self, mnemonic, idx, f, regs, out) -> None:
         rows = self._dim(f, "n", regs)
         nbytes = rows * self._dim(f, "cols", regs) * FLOAT_BYTES
-        out.unit0[idx] = 0
-        out.busy0[idx] = (nbytes + rows * 4) / self.dram_bpc
         out.dram_bytes[idx] += nbytes
         out.energy["dram"][idx] += nbytes * self.e_dram_rd
         self._io(out, idx, f["idx"], rows * 4, False)
         self._io(out, idx, f["dst"], nbytes, True)
+        # The channel reads the table rows, plus any index or destination spilled to DRAM.
+        out.unit0[idx] = 0
+        out.busy0[idx] = nbytes / self.dram_bpc + out.busy1[idx]
         out.unit1[idx], out.busy1[idx] = -1, 0.0
         out.energy["noc"][idx] += nbytes * self.e_noc_byte_hop
 

@@ -133,3 +133,29 @@ def test_balanced_schedule_decodes_faster_than_naive() -> None:
     fast, slow = reports["balanced"]["decode"], reports["naive"]["decode"]
     assert fast["dram_bytes_per_token"]["total"] == slow["dram_bytes_per_token"]["total"]
     assert fast["tokens_per_s"] > slow["tokens_per_s"]
+
+
+def test_dram_traffic_of_copies_and_gathers() -> None:
+    """The DRAM channel carries every DRAM side of a copy (a DRAM -> DRAM copy twice) and a
+    gather's table rows plus its destination when that is spilled to DRAM."""
+    from isa.encoding import Instr, encode
+    from isa.fields import Dim, Mem
+    hw = load_hw()
+    cm = CostModel(hw)
+    bpc = hw.dram.peak_gbps * 1e9 * hw.dram.efficiency / (hw.chip.f_clk_mhz * 1e6)
+    buf, dram = 0, 1
+    rows, cols = 4, 64
+    nbytes = rows * cols * 4
+
+    def copy(dst: int, src: int) -> Instr:
+        return Instr("dma", {"dst": Mem(dst, 0x100, cols), "src": Mem(src, 0x4000, cols), "rows": Dim(0, rows),
+                             "cols": Dim(0, cols), "dt": "f32"})
+
+    def gather(dst: int) -> Instr:
+        return Instr("gather", {"dst": Mem(dst, 0x100, cols), "table": Mem(dram, 0x8000, cols),
+                                "idx": Mem(buf, 0x2000, 1), "n": Dim(0, rows), "cols": Dim(0, cols), "vocab": 16})
+
+    instrs = [copy(buf, dram), copy(dram, buf), copy(dram, dram), gather(buf), gather(dram)]
+    costs = cm.instr_costs(decode_columns(encode(instrs)), np.array([0, 1, 0, 1]))
+    assert np.allclose(costs.busy0[:5], np.array([1, 1, 2, 1, 2]) * nbytes / bpc)
+    assert list(costs.dram_bytes[:5]) == [nbytes, nbytes, 2 * nbytes, nbytes, 2 * nbytes]
