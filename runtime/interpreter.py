@@ -155,6 +155,7 @@ class Session:
         self.cost = CostModel(self.hw)
         self.name = name
         self.machine: Machine | None = None
+        self.cached = 0  # KV-cache positions the machine holds valid values for (numeric runs)
         self._columns: dict[str, Columns] = {}
         self._instrs: dict[str, list] = {}
 
@@ -192,6 +193,9 @@ class Session:
             if bound.past is not None and past not in (None, bound.past):
                 raise CimcError(f"the inputs hold {bound.past} cached positions, not {past}")
             past = bound.past if bound.past is not None else (past or 0)
+            if bound.past is None and past > self.cached:
+                raise CimcError(f"past={past}, but the KV cache holds {self.cached} positions from earlier runs: "
+                                "run the prompt first, or give the past key/value inputs")
             check_assumed(entry, bound, past)
         else:
             seq, bound, past = (1 if tokens is None else tokens), Bound(1, None, {}), past or 0
@@ -220,6 +224,7 @@ class Session:
             if entry.name not in self._instrs:
                 self._instrs[entry.name] = decode(entry.code)
             _execute(entry, self._instrs[entry.name], machine, accesses, progress)
+            self.cached = past + seq
             machine.trace = None  # the host reading outputs is not part of the program
             for sym in entry.symbols:
                 if sym.kind == "output":

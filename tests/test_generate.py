@@ -121,6 +121,18 @@ def test_assumed_inputs_are_checked(programs) -> None:
         Session(program).run("prefill", bad_pos)
 
 
+def test_decode_cannot_read_cache_positions_no_run_wrote() -> None:
+    """Without past key/value inputs, a run may only attend to positions earlier runs cached."""
+    session = Session(compile_model(shared("llama_a_dynamo"), CompileOptions(max_seq=8, max_ctx=16)))
+    one = {"input_ids": np.array([[3]], dtype=np.int64)}
+    with pytest.raises(CimcError, match="past=4, but the KV cache holds 0 positions"):
+        session.run("decode", one, past=4)
+    session.run("prefill", {"input_ids": np.array([PROMPT[:4]], dtype=np.int64)})
+    session.run("decode", one, past=4)
+    with pytest.raises(CimcError, match="past=6, but the KV cache holds 5 positions"):
+        session.run("decode", one, past=6)
+
+
 def test_report_has_the_decode_figures(programs) -> None:
     program = programs("llama_a_dynamo")
     r = generate(Session(program), PROMPT, 6).report
