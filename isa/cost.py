@@ -100,9 +100,12 @@ class CostModel:
         return nbytes / self.dram_bpc
 
     def write_cycles(self, k, n, wbits):
-        """Cycles to write a weight group into its macros (macros of a tile write in parallel)."""
-        port = self.hw.macro.write_port_bits
-        return np.minimum(k, self.macro_rows) * -(-np.minimum(n * wbits, self.macro_cols) // port)
+        """Cycles to write a weight group into its macros (macros of a tile write in parallel):
+        `write_cycles_full` for a whole macro, scaled by the rows and write-port beats used."""
+        m = self.hw.macro
+        beats = np.minimum(k, self.macro_rows) * -(-np.minimum(n * wbits, self.macro_cols) // m.write_port_bits)
+        full = self.macro_rows * -(-self.macro_cols // m.write_port_bits)
+        return np.ceil(beats * (m.write_cycles_full / full))
 
     def mvm_cycles(self, nvec, abits):
         """Bit-serial MVM: one input bit per cycle per vector, pipelined across vectors."""

@@ -185,6 +185,25 @@ SCHEMA: tuple[FieldSpec, ...] = (
 )
 FIELDS: dict[str, FieldSpec] = {spec.key: spec for spec in SCHEMA}
 
+#: Keys the simulator does not use (yet), and why; `cimc hw show` marks them.
+NOT_MODELLED: dict[str, str] = {
+    "chip.tech_nm": "label: the energies are given for it",
+    "chip.vdd_v": "label: the energies are given for it",
+    "macro.weight_bits": "the fp32 datapath stores 32-bit weights; INT4/INT8 will check it",
+    "macro.accum_bits": "the fp32 datapath accumulates in fp32",
+    "buffer.tile_act.size_kb": "activations are staged in the global buffer",
+    "dram.type": "label", "dram.channels_x16": "label: peak_gbps is charged", "dram.mts": "label: peak_gbps is charged",
+    "sfu.dtype": "the fp32 datapath uses the fp32 energies", "sfu.e_add_pj": "the fp32 datapath uses e_add_fp32_pj",
+    "sfu.e_mul_pj": "the fp32 datapath uses e_mul_fp32_pj", "sfu.e_int8_add_pj": "no integer SFU ops yet",
+    "sfu.e_int32_add_pj": "no integer SFU ops yet",
+}
+#: Values the simulator cannot model: asking for them is an error, not a silently ignored knob.
+UNSUPPORTED: dict[str, tuple[object, str]] = {
+    "macro.write_while_compute": (True, "a tile either loads or computes; ping-pong across tiles overlaps them"),
+    "macro.input_bit_serial": (False, "MVM time is bit-serial (act_bits x cycles_per_input_bit)"),
+    "dram.kv_cache_in_dram": (False, "the KV cache always lives in DRAM"),
+}
+
 
 @dataclass(frozen=True)
 class ChipConfig:
@@ -324,6 +343,12 @@ class HardwareConfig:
         return self.dram.peak_gbps * self.dram.efficiency
 
     @property
+    def area_mm2(self) -> float:
+        """Area of the macros and buffers (SFUs, NoC and DRAM PHY not included)."""
+        c = self.chip
+        return c.tiles * (c.macros_per_tile * self.macro.area_mm2 + self.tile_buf.area_mm2) + self.global_buf.area_mm2
+
+    @property
     def cycle_ns(self) -> float:
         """Clock period in ns."""
         return 1000.0 / self.chip.f_clk_mhz
@@ -394,14 +419,15 @@ def render_text(hw: HardwareConfig) -> str:
         for spec in SCHEMA:
             if spec.section == section:
                 value = shown[spec.key]
+                note = f"[not modelled: {NOT_MODELLED[spec.key]}] " if spec.key in NOT_MODELLED else ""
                 lines.append(
-                    f"  {spec.name:<{kw}} = {value:<{vw}} {spec.unit:<{uw}} # {hw.sources[spec.key]}"
+                    f"  {spec.name:<{kw}} = {value:<{vw}} {spec.unit:<{uw}} # {note}{hw.sources[spec.key]}"
                 )
     lines += [
         "",
         f"derived: {hw.total_macros} macros, {hw.weight_storage_kb:g} KB weight storage, "
         f"DRAM {hw.dram_effective_gbps:g} GB/s effective ({hw.dram.peak_gbps:g} x {hw.dram.efficiency:g}), "
-        f"cycle {hw.cycle_ns:g} ns",
+        f"cycle {hw.cycle_ns:g} ns, area {hw.area_mm2:.4g} mm2 (macros, buffers)",
     ]
     return "\n".join(lines) + "\n"
 
@@ -570,6 +596,10 @@ def _merge(layers: list[_Layer], overrides: list[tuple[str, object]], origin: st
     def where(*keys: str) -> str:
         return labels[max(set_by[key] for key in keys)]
 
+    for key, (value, why) in UNSUPPORTED.items():
+        if values[key] == value:
+            raise CimcError(f"{where(key)}: key '{key}' = {_toml_repr(value)} is not modelled by this simulator "
+                            f"({why}); set it to {_toml_repr(not value)}")
     if hw.macro.cols < max(hw.macro.weight_bits):
         raise CimcError(
             f"{where('macro.cols', 'macro.weight_bits')}: key 'macro.cols' ({hw.macro.cols}) must be >= "

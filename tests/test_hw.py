@@ -133,7 +133,23 @@ def test_fingerprint_tracks_structural_fields_only() -> None:
     assert load_hw(overrides=["macro.e_slice_w4_fj=105.3", "chip.f_clk_mhz=100"]).fingerprint() == fp
     assert load_hw("edgecim-28nm").fingerprint() == fp  # same shapes, different costs
     assert load_hw(overrides=["macro.rows=256"]).fingerprint() != fp
-    assert load_hw(overrides=["dram.kv_cache_in_dram=false"]).fingerprint() != fp
+    assert load_hw(overrides=["buffer.global.size_kb=512"]).fingerprint() != fp
+
+
+@pytest.mark.parametrize("setting", ["macro.write_while_compute=true", "dram.kv_cache_in_dram=false",
+                                     "macro.input_bit_serial=false"])
+def test_unmodelled_values_are_refused(setting: str) -> None:
+    key = setting.split("=")[0]
+    with pytest.raises(CimcError, match=rf"--set: key '{key}' = .* is not modelled by this simulator"):
+        load_hw(overrides=[setting])
+
+
+def test_write_time_follows_write_cycles_full() -> None:
+    """A whole-macro write takes write_cycles_full; half the rows take half as long."""
+    from isa.cost import CostModel
+    for full in (128, 300):
+        cm = CostModel(load_hw(overrides=[f"macro.write_cycles_full={full}"]))
+        assert cm.write_cycles(128, 32, 4) == full and cm.write_cycles(64, 32, 4) == -(-full // 2)
 
 
 def test_dict_round_trip(tmp_path: Path) -> None:
@@ -293,7 +309,8 @@ def test_render_text() -> None:
     assert len({line.index("=") for line in body}) == 1 and len({line.index("#") for line in body}) == 1
     assert lines[-1] == (
         "derived: 256 macros, 1024 KB weight storage, "
-        "DRAM 102.375 GB/s effective (136.5 x 0.75), cycle 2.5 ns"
+        "DRAM 102.375 GB/s effective (136.5 x 0.75), cycle 2.5 ns, "
+        f"area {256 * 0.067 + 16 * 0.067 + 0.44:.4g} mm2 (macros, buffers)"
     )
 
 
