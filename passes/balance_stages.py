@@ -12,6 +12,10 @@ The pass tries every stage size from 1 to `tiles_per_set` groups, each either sp
 work or cutting at it, and keeps the partition with the smallest estimated makespan (on ties, the
 fewer stages). `rows` is the number of tokens the estimate assumes (default: max_seq).
 
+The estimate is the compiler's, not the simulation: vector work is counted per IR op from its
+element count (`sfu_estimate`), and activations that `schedule` later spills to DRAM are not
+charged; the simulator charges both exactly.
+
 Adds `stages = [[stage, first_group, count], ...]` to each linear and a `balance` summary to the
 module (stage count, estimated cycles, slowest stage).
 """
