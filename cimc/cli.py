@@ -45,8 +45,9 @@ def _add_hw(p: argparse.ArgumentParser) -> None:
 
 
 def _add_frontend(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-seq", type=int, default=256, metavar="N",
-                   help="most tokens one run takes (a prompt); any length 1..N runs (default 256)")
+    p.add_argument("--max-seq", type=int, default=None, metavar="N",
+                   help="most tokens one run takes (a prompt); any length 1..N runs (default 256, or --max-ctx "
+                        "if smaller)")
     p.add_argument("--max-ctx", type=int, default=None, metavar="N",
                    help="positions the KV cache holds: prompt plus generated tokens (default: --max-seq)")
     p.add_argument("--weights", default="fp32", choices=["fp32"],
@@ -96,11 +97,13 @@ def cmd_compile(args: argparse.Namespace) -> None:
         if opts.dump_dir is None:
             opts.on_dump = lambda name, text: sys.stdout.write(f"// ---- IR after {name} ----\n{text}")
     t0 = time.perf_counter()
-    _log(args, f"cimc: importing {args.model} (max-seq {opts.max_seq}, weights {opts.weights}) ...")
+    _log(args, f"cimc: importing {args.model} ...")
     module, weights = load_module(args.model, opts)
     if weights is None:
         raise CimcError(f"{args.model}: the IR's source model is not next to it; compile the .onnx instead")
     t1 = time.perf_counter()
+    _log(args, f"cimc: lifted for max-seq {module.max_seq}, max-ctx {module.attrs.get('max_ctx', module.max_seq)}, "
+               f"weights {module.attrs.get('weights', 'fp32')}")
     _log(args, f"cimc: running passes and generating code for {opts.hw.name} (prefill and decode) ...")
     program, pm = compile_module(module, weights, opts)
     t2 = time.perf_counter()

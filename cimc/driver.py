@@ -23,7 +23,7 @@ from isa.diag import CimcError
 from isa.hw import HardwareConfig, load_hw
 from isa.program import Program
 from passes.codegen import emit_program
-from passes.manager import PassContext, PassManager, parse_pipeline
+from passes.manager import PassContext, PassManager, check_hw, parse_pipeline
 
 DEFAULT_PIPELINE = "lift-idioms,insert-kv-cache,tile-partition,place-weights,balance-stages,schedule"
 #: The baseline schedule: one macro set, so a stage's weights load only after the previous stage
@@ -31,13 +31,14 @@ DEFAULT_PIPELINE = "lift-idioms,insert-kv-cache,tile-partition,place-weights,bal
 NAIVE_PIPELINE = DEFAULT_PIPELINE.replace("place-weights", "place-weights{sets=1}")
 SCHEDULES = {"balanced": DEFAULT_PIPELINE, "naive": NAIVE_PIPELINE}
 WEIGHT_MODES = ("fp32",)
+DEFAULT_MAX_SEQ = 256
 
 
 @dataclass
 class CompileOptions:
     """Options of `cimc compile` / `cimc ir` (see `cimc compile --help`)."""
 
-    max_seq: int = 256
+    max_seq: int | None = None  # tokens per prefill run; default 256, or max_ctx if that is smaller
     max_ctx: int | None = None  # positions the KV cache holds (prompt + generated); default max_seq
     weights: str = "fp32"
     hw: HardwareConfig = field(default_factory=load_hw)
@@ -62,10 +63,22 @@ def load_module(path: str | os.PathLike, opts: CompileOptions) -> tuple[Module, 
         except UnicodeDecodeError:
             raise CimcError(f"{p}: not an IR text file (not UTF-8)") from None
         module = parse_module(text, str(p))
+        fixed = {"--max-seq": (opts.max_seq, module.max_seq),
+                 "--max-ctx": (opts.max_ctx, module.attrs.get("max_ctx", module.max_seq))}
+        for flag, (asked, lifted) in fixed.items():
+            if asked is not None and asked != lifted:
+                raise CimcError(f"{p}: the IR was lifted with {flag} {lifted}, not {asked}; lift the .onnx again "
+                                f"with {flag} {asked} (or leave {flag} out)")
+        if opts.dims:
+            raise CimcError(f"{p}: --dim applies when lifting an .onnx; the IR's dimensions are already bound")
+        check_hw(module, opts.hw, str(p))
         src = p.parent / str(module.attrs.get("source", ""))
         weights = open_model(src)[1].get if src.is_file() and src.suffix == ".onnx" else None
         return module, weights
-    module, store = import_onnx(p, max_seq=opts.max_seq, max_ctx=opts.max_ctx, dims=opts.dims)
+    max_seq = opts.max_seq
+    if max_seq is None:
+        max_seq = min(DEFAULT_MAX_SEQ, opts.max_ctx or DEFAULT_MAX_SEQ)
+    module, store = import_onnx(p, max_seq=max_seq, max_ctx=opts.max_ctx, dims=opts.dims)
     module.attrs["weights"] = opts.weights
     return module, store.get
 

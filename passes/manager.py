@@ -39,6 +39,15 @@ class Pass(Protocol):
     def run(self, module: Module, rw: Rewriter, ctx: PassContext) -> None: ...
 
 
+def check_hw(module: Module, hw: HardwareConfig, where: str = "the IR") -> None:
+    """IR that tile-partition has run on fits only hardware of the same structure."""
+    made_for = module.attrs.get("hw")
+    if made_for and made_for["fingerprint"] != hw.fingerprint():
+        raise CimcError(f"{where} was partitioned for {made_for['name']} (structure {made_for['fingerprint']}), "
+                        f"not for {hw.name} (structure {hw.fingerprint()}): its tiles and buffers would not fit; "
+                        "run the passes again from the .onnx (or an IR dump from before tile-partition)")
+
+
 REGISTRY: dict[str, type] = {}
 
 
@@ -114,6 +123,7 @@ class PassManager:
     def run(self, module: Module, ctx: PassContext) -> Module:
         if self.verify:
             self._verify(module, "the frontend")
+        check_hw(module, ctx.hw)
         for i, p in enumerate(self.passes, 1):
             rw = Rewriter(module)
             t0 = time.perf_counter()

@@ -35,3 +35,4 @@ class TilePartitionPass:
             k, n = op.operands[1].type.shape
             t = Tiling.plan(int(k), int(n), wbits, m.rows, m.cols, c.macros_per_tile)
             rw.set_attr(op, "tiling", t.to_attr())
+        rw.set_module_attr("hw", {"name": ctx.hw.name, "fingerprint": ctx.hw.fingerprint()})

@@ -29,7 +29,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from cimc.driver import DEFAULT_PIPELINE
-from isa.binary import read_sections
+from isa.binary import read_binary, read_sections
 from isa.hw import NOT_MODELLED, SCHEMA, load_hw
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -245,6 +245,7 @@ def bad(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
     # IR: plant mistakes in the embedding op
     _ok("ir", example, "--max-seq", "4", "-o", d / "tiny.cimir")
+    _ok("ir", example, "--max-seq", "4", "--after", "tile-partition", "-o", d / "tiled.cimir")
     ir = (d / "tiny.cimir").read_text().split("\n")
     k = next(i for i, line in enumerate(ir) if re.match(r"%\d+ = embedding\(", line))
     m = re.match(r"%\d+ = embedding\(", ir[k])
@@ -611,6 +612,15 @@ ERROR_CASES = [
     pytest.param(_compile("{bad}/erf_layernorm.onnx"), ["{bad}/erf_layernorm.onnx: ", "2 node"],
                  ["my_erf [Erf]", "my_layernorm [LayerNormalization]"], id="compile-two-unsupported-ops"),
     pytest.param(_compile("{bad}/binary.cimir"), ["{bad}/binary.cimir"], None, id="compile-non-utf8-cimir"),
+    pytest.param(_compile("{bad}/tiny.cimir", "--max-seq", "8"), ["{bad}/tiny.cimir: ", "--max-seq 4, not 8"], None,
+                 id="compile-cimir-other-max-seq"),
+    pytest.param(_ir("{bad}/tiny.cimir", "--max-ctx", "64"), ["{bad}/tiny.cimir: ", "--max-ctx 4, not 64"], None,
+                 id="ir-cimir-other-max-ctx"),
+    pytest.param(_compile("{bad}/tiny.cimir", "--dim", "batch=1"), ["{bad}/tiny.cimir: ", "--dim"], None,
+                 id="compile-cimir-dim"),
+    pytest.param(_compile("{bad}/tiled.cimir", "--set", "macro.rows=64"),
+                 ["{bad}/tiled.cimir was partitioned for edgecim-65nm", "run the passes again"], None,
+                 id="compile-cimir-other-hardware"),
     # compile: options
     pytest.param(_compile("{example}", "--max-seq", "0"), ["--max-seq", "0"], None, id="compile-max-seq-0"),
     pytest.param(_compile("{example}", "--max-seq", "-2"), ["--max-seq", "-2"], None, id="compile-max-seq-negative"),
@@ -750,6 +760,16 @@ def test_bad_input_is_one_line_user_error(cli, bad, tmp_path: Path, argv: list[s
     for p, data in existing.items():
         assert p.read_bytes() == data, f"{p.name} was modified"
     assert sorted(os.listdir(out)) == sorted(p.name for p in existing)
+
+
+def test_max_ctx_alone_bounds_max_seq(cli, bad, tmp_path: Path) -> None:
+    """--max-ctx 16 alone gives prefill runs of up to 16 tokens (not the default 256 > 16)."""
+    out = tmp_path / "c.cimb"
+    res = cli("compile", bad["example"], "-o", str(out), "--max-ctx", "16")
+    assert res.status == 0, res.err
+    assert "max-seq 16, max-ctx 16" in res.err
+    program = read_binary(out)
+    assert program.entry("prefill").meta["max_seq"] == 16 and program.meta["max_ctx"] == 16
 
 
 def test_handmade_graph_without_unsupported_op_compiles(cli, tmp_path: Path) -> None:
