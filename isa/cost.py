@@ -33,6 +33,11 @@ DRAM_SPACE = 1
 FLOAT_BYTES = 4
 
 
+def macros_used(k: int, n: int, wbits: int, rows: int, cols: int) -> int:
+    """CIM macros of `rows` x `cols` bitcells a k x n group of `wbits`-bit weights occupies."""
+    return -(-k // rows) * -(-(n * wbits) // cols)
+
+
 @dataclass
 class InstrCosts:
     """Per-instruction costs of a program (arrays indexed by instruction)."""
@@ -91,10 +96,6 @@ class CostModel:
         return 1 + tile % self.side + tile // self.side
 
     # ---- formulas shared by compiler and simulator (work on scalars or arrays) -----------
-
-    def macros_used(self, k, n, wbits):
-        """CIM macros a k x n weight group of `wbits`-bit weights occupies."""
-        return -(-k // self.macro_rows) * -(-(n * wbits) // self.macro_cols)
 
     def dram_cycles(self, nbytes):
         return nbytes / self.dram_bpc

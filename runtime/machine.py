@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from isa.cost import macros_used
 from isa.diag import CimcError
 from isa.fields import REGS, SPACES, Mem
 from isa.program import Program
@@ -31,7 +32,8 @@ class Machine:
     rw: np.ndarray
     rw_base: int
     regs: np.ndarray
-    macros: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
+    array: tuple[int, int, int, int]  # tiles, macros per tile, macro rows, macro cols
+    macros: dict[tuple[int, int], tuple[np.ndarray, int]] = field(default_factory=dict)  # (tile, m0) -> group, macros
     trace: list | None = None  # when set: (instr, space, lo, hi, write, row pitch, row bytes) per access
     current: int = 0
 
@@ -43,11 +45,26 @@ class Machine:
         gbuf_cap = int(program.hw["buffer"]["global"]["size_kb"]) * 1024
         if gbuf > gbuf_cap:
             raise SimError(f"program needs {gbuf} bytes of global buffer; the hardware has {gbuf_cap}")
+        chip, macro = program.hw["chip"], program.hw["macro"]
         return cls(np.zeros(max(gbuf, 64), np.uint8), program.dram.array(),
                    np.zeros(max(int(meta["rw_bytes"]), 64), np.uint8), int(meta["rw_base"]),
-                   np.zeros(len(REGS), np.int64))
+                   np.zeros(len(REGS), np.int64),
+                   (int(chip["tiles"]), int(chip["macros_per_tile"]), int(macro["rows"]), int(macro["cols"])))
 
-    def _memory(self, m: Mem, nbytes_needed: int, write: bool) -> tuple[np.ndarray, int]:
+    def load_group(self, tile: int, m0: int, weights: np.ndarray, wbits: int) -> None:
+        """Write a weight group into macros m0.. of a tile; groups it overlaps are overwritten."""
+        tiles, per_tile, rows, cols = self.array
+        used = macros_used(*weights.shape, wbits, rows, cols)
+        if tile >= tiles or m0 + used > per_tile:
+            raise SimError(f"a {weights.shape[0]} x {weights.shape[1]} group of {wbits}-bit weights needs {used} "
+                           f"macros from tile {tile} macro {m0}; the chip has {tiles} tiles of {per_tile} macros")
+        for key in [key for key, (_, n) in self.macros.items() if key[0] == tile and m0 < key[1] + n
+                    and key[1] < m0 + used]:
+            del self.macros[key]
+        self.macros[(tile, m0)] = weights, used
+        self.touch_macros(tile, m0, used, write=True)
+
+    def _memory(self, m: Mem, write: bool) -> tuple[np.ndarray, int]:
         if m.space == G:
             return self.gbuf, m.addr
         if m.addr >= self.rw_base:
@@ -60,7 +77,7 @@ class Machine:
              write: bool = False) -> np.ndarray:
         """The [rows, cols] operand at `m` (row stride m.stride elements; stride 0 broadcasts a row)."""
         esize = np.dtype(dtype).itemsize
-        mem, off = self._memory(m, 0, write)
+        mem, off = self._memory(m, write)
         off += int(self.regs[m.roff]) * m.stride * esize
         rstride, cstride = m.stride * esize, 0 if col_bcast else esize
         last = off + (rows - 1) * rstride + (cols - 1) * cstride + esize if rows and cols else off
@@ -77,11 +94,8 @@ class Machine:
             arr.flags.writeable = True
         return arr
 
-    def touch_macros(self, tile: int, m0: int, write: bool) -> None:
-        """Record a macro-group access (space 2) for the hazard checker."""
+    def touch_macros(self, tile: int, m0: int, count: int, write: bool) -> None:
+        """Record an access to macros m0 .. m0+count-1 of a tile (space 2) for the hazard checker."""
         if self.trace is not None:
-            key = tile * 256 + m0
-            self.trace.append((self.current, 2, key, key + 1, write, 0, 1))
-
-    def reg(self, name: str) -> int:
-        return int(self.regs[REGS.index(name)])
+            key = tile * self.array[1] + m0
+            self.trace.append((self.current, 2, key, key + count, write, 0, count))

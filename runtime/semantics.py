@@ -61,19 +61,18 @@ def _gather(m: Machine, f: dict) -> None:
 
 @sem("wload")
 def _wload(m: Machine, f: dict) -> None:
-    k, n = f["k"], f["n"]
-    m.macros[(f["tile"], f["m0"])] = np.array(m.view(f["src"], k, n), dtype=F32)
-    m.touch_macros(f["tile"], f["m0"], write=True)
+    m.load_group(f["tile"], f["m0"], np.array(m.view(f["src"], f["k"], f["n"]), dtype=F32), f["wbits"])
 
 
 @sem("mvm")
 def _mvm(m: Machine, f: dict) -> None:
-    w = m.macros.get((f["tile"], f["m0"]))
-    if w is None or w.shape != (f["k"], f["n"]):
-        got = "nothing" if w is None else f"a {w.shape[0]} x {w.shape[1]} group"
+    group = m.macros.get((f["tile"], f["m0"]))
+    if group is None or group[0].shape != (f["k"], f["n"]):
+        got = "nothing" if group is None else f"a {group[0].shape[0]} x {group[0].shape[1]} group"
         raise SimError(f"mvm on tile {f['tile']} macro {f['m0']} expects a {f['k']} x {f['n']} weight group, "
                        f"but {got} is loaded there")
-    m.touch_macros(f["tile"], f["m0"], write=False)
+    w, used = group
+    m.touch_macros(f["tile"], f["m0"], used, write=False)
     nvec = dim(m, f["nvec"])
     x = m.view(f["src"], nvec, f["k"])
     y = np.matmul(x, w)

@@ -22,7 +22,7 @@ RW = 0x10000  # DRAM read-write region base
 def _machine(seq: int = R) -> Machine:
     image = RNG.standard_normal(256).astype("<f4").view(np.uint8)
     m = Machine(np.zeros(0x1000, np.uint8), image, np.zeros(0x400, np.uint8), RW,
-                np.array([0, seq, 0, seq], np.int64))
+                np.array([0, seq, 0, seq], np.int64), (8, 4, C, 128))
     for addr in (A, B):
         m.view(Mem(0, addr, C), R, C, write=True)[...] = RNG.standard_normal((R, C)).astype(np.float32) + 0.5
     return m
@@ -122,6 +122,22 @@ def test_wload_then_mvm_with_accumulate() -> None:
         run(m, "mvm", tile=5, m0=0, k=C, n=2, wbits=32, abits=32, acc=0, dst=g(OUT, 4), src=g(A), nvec=R)
     with pytest.raises(SimError, match="but nothing is loaded"):
         run(m, "mvm", tile=6, m0=0, k=C, n=4, wbits=32, abits=32, acc=0, dst=g(OUT, 4), src=g(A), nvec=R)
+
+
+def test_weight_groups_occupy_macros() -> None:
+    """A group takes ceil(k/rows) * ceil(n*wbits/cols) macros: it must fit its tile, and loading
+    over part of an earlier group overwrites that group."""
+    m = _machine()  # 8 tiles of 4 macros of C rows x 128 columns
+    run(m, "wload", tile=1, m0=0, k=C, n=8, wbits=32, src=Mem(1, 0, 8))  # macros 0-1
+    run(m, "wload", tile=1, m0=2, k=C, n=8, wbits=32, src=Mem(1, 0, 8))  # macros 2-3
+    with pytest.raises(SimError, match="needs 2 macros from tile 1 macro 3; the chip has 8 tiles of 4 macros"):
+        run(m, "wload", tile=1, m0=3, k=C, n=8, wbits=32, src=Mem(1, 0, 8))
+    with pytest.raises(SimError, match="from tile 8 macro 0"):
+        run(m, "wload", tile=8, m0=0, k=C, n=4, wbits=32, src=Mem(1, 0, 4))
+    run(m, "wload", tile=1, m0=1, k=C, n=4, wbits=32, src=Mem(1, 0, 4))  # macro 1: overwrites the first group
+    with pytest.raises(SimError, match="tile 1 macro 0 expects a 8 x 8 weight group, but nothing is loaded"):
+        run(m, "mvm", tile=1, m0=0, k=C, n=8, wbits=32, abits=32, acc=0, dst=g(OUT, 8), src=g(A), nvec=R)
+    run(m, "mvm", tile=1, m0=2, k=C, n=8, wbits=32, abits=32, acc=0, dst=g(OUT, 8), src=g(A), nvec=R)
 
 
 def test_rope_rotates_halves_per_head() -> None:
