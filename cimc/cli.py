@@ -120,7 +120,11 @@ def cmd_compile(args: argparse.Namespace) -> None:
                f"in {t3 - t0:.2f} s")
 
 
-def _load_inputs(path: str, program) -> dict[str, np.ndarray]:
+def _load_inputs(path: str, entry) -> dict[str, np.ndarray]:
+    """An .npz's arrays under the entry's input names (keys NAME or input.NAME, as in the
+    reference files), checked against the entry: errors name the file."""
+    from runtime.interpreter import bind_inputs
+
     try:
         with open(path, "rb") as f:
             is_zip = f.read(4) == b"PK\x03\x04"
@@ -130,45 +134,43 @@ def _load_inputs(path: str, program) -> dict[str, np.ndarray]:
     if data is None:
         raise CimcError(f"{path}: not an .npz file (save inputs with numpy.savez(path, input_ids=ids))")
     with data:
-        keys = list(data.keys())
-        names = [s.name for s in program.entry().symbols if s.kind == "input"]
+        names = [s.name for s in entry.symbols if s.kind == "input"]
         arrays = {}
-        for name in names:
-            for key in (name, f"input.{name}"):
-                if key in keys:
-                    arrays[name] = data[key]
-                    break
-        stray = [k for k in keys if "." not in k and k not in names]
-        if stray:
-            raise CimcError(f"{path}: unknown input(s) {', '.join(stray)} (the program takes {', '.join(names)})")
-    missing = [n for n in names if n not in arrays]
-    if missing:
-        raise CimcError(f"{path}: missing input(s) {', '.join(missing)} (keys may be NAME or input.NAME; "
-                        f"found {', '.join(keys) or 'none'})")
+        for key in data.keys():
+            name = key[6:] if key.startswith("input.") else key
+            if name in names:
+                arrays[name] = data[key]
+            elif "." not in key:
+                raise CimcError(f"{path}: unknown input {key} (the program takes {', '.join(names)})")
+    try:
+        bind_inputs(entry, arrays)
+    except CimcError as e:
+        raise CimcError(f"{path}: {e}") from None
     return arrays
 
 
 def cmd_run(args: argparse.Namespace) -> None:
     from isa.binary import read_binary
-    from runtime.interpreter import simulate
+    from runtime.interpreter import Session
     from runtime.report import render_text
 
     program = read_binary(args.binary, verify_dram=not args.no_numerics)
-    hw = _hw(args, required=False)
+    session = Session(program, _hw(args, required=False), name=args.binary)
+    entry = session.entry(args.entry)
     if args.no_numerics:
         if args.inputs or args.outputs:
             raise CimcError("--no-numerics computes no values: drop --inputs/--outputs or drop --no-numerics")
-        result = simulate(program, numerics=False, tokens=args.tokens, hw=hw, name=args.binary)
+        result = session.run(entry.name, numerics=False, tokens=args.tokens, past=args.past)
     else:
         if not args.inputs:
             raise CimcError("--inputs FILE.npz is required (or use --no-numerics for timing and energy only)")
-        inputs = _load_inputs(args.inputs, program)
-        big = program.entry().n_instrs > 20000 and not args.quiet
+        inputs = _load_inputs(args.inputs, entry)
+        big = entry.n_instrs > 20000 and not args.quiet
 
         def progress(i: int, n: int) -> None:
             print(f"\rcimc: executing {i:,}/{n:,} instructions", end="", file=sys.stderr, flush=True)
 
-        result = simulate(program, inputs, hw=hw, progress=progress if big else None, name=args.binary)
+        result = session.run(entry.name, inputs, past=args.past, progress=progress if big else None)
         if big:
             print(file=sys.stderr)
         if args.outputs:
@@ -317,10 +319,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inputs", metavar="NPZ", help="inputs keyed by ONNX input name (or input.NAME)")
     p.add_argument("--outputs", metavar="NPZ", help="write the outputs under their ONNX names")
     p.add_argument("--report-json", metavar="FILE", help="write the full report as JSON")
+    p.add_argument("--entry", default="prefill", metavar="NAME",
+                   help="program to run: prefill (up to --max-seq tokens, default) or decode (one token)")
+    p.add_argument("--past", type=int, default=None, metavar="N",
+                   help="tokens already in the KV cache (default: as many as the past key/value inputs hold, "
+                        "else 0); with --no-numerics, prices a run at that context length")
     p.add_argument("--no-numerics", action="store_true",
                    help="timing and energy only (no values computed; fast on any model size)")
     p.add_argument("--tokens", type=int, default=1, metavar="N",
-                   help="tokens to price with --no-numerics (default 1: one decode-sized step)")
+                   help="tokens the run takes with --no-numerics (default 1; the decode entry takes exactly 1)")
     _add_hw(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no report on stdout")
     p.set_defaults(func=cmd_run)

@@ -229,17 +229,17 @@ class Session:
             for sym in entry.symbols:
                 if sym.kind == "output":
                     outputs[sym.name] = _read_output(machine, sym, seq, past)
-        report = build_report(self.program, entry, self.cost, costs, tl, seq)
+        report = build_report(self.program, entry, self.cost, costs, tl, seq, past)
         return SimResult(outputs, report, tl, accesses, costs)
 
 
 def simulate(program: Program, inputs: Mapping[str, np.ndarray] | None = None, *, tokens: int | None = None,
-             numerics: bool = True, hw: HardwareConfig | None = None, trace_accesses: bool = False,
-             progress: Callable[[int, int], None] | None = None, name: str = "the binary",
-             entry: str | None = None) -> SimResult:
-    """Simulate one run of an entry (default: the first) on a fresh machine.
+             past: int | None = None, numerics: bool = True, hw: HardwareConfig | None = None,
+             trace_accesses: bool = False, progress: Callable[[int, int], None] | None = None,
+             name: str = "the binary", entry: str | None = None) -> SimResult:
+    """Simulate one run of an entry (default: the first) on a fresh machine (see `Session.run`).
     `name` (the binary's path) only labels errors."""
-    return Session(program, hw, name=name).run(entry, inputs, tokens=tokens, numerics=numerics,
+    return Session(program, hw, name=name).run(entry, inputs, tokens=tokens, past=past, numerics=numerics,
                                                 trace_accesses=trace_accesses, progress=progress)
 
 

@@ -21,8 +21,10 @@ def _group(keys: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
     return np.bincount(keys, weights=values, minlength=n)[:n] if len(keys) else np.zeros(n)
 
 
-def build_report(program: Program, entry: Entry, cost: CostModel, costs: InstrCosts, tl: Timeline, seq: int) -> dict:
-    """All figures of one run as JSON-able data (cycles, seconds, picojoules, bytes)."""
+def build_report(program: Program, entry: Entry, cost: CostModel, costs: InstrCosts, tl: Timeline, seq: int,
+                 past: int = 0) -> dict:
+    """All figures of one run of `seq` tokens after `past` cached ones, as JSON-able data
+    (cycles, seconds, picojoules, bytes)."""
     hw = cost.hw
     cycles = float(tl.total)
     seconds = cycles / cost.f_hz
@@ -40,9 +42,10 @@ def build_report(program: Program, entry: Entry, cost: CostModel, costs: InstrCo
 
     ops = entry.debug.ops
     op_idx = entry.debug.instr_op.astype(np.int64)
-    # weight loads are issued ahead (prefetch); a layer's span is that of its compute
+    # weight loads are issued ahead (prefetch) and halt/sync wait for everything: a layer's span
+    # starts at its first other (compute) instruction
     opcodes = np.frombuffer(entry.code, dtype="<u8")[::INSTR_WORDS] & 0xFF
-    is_load = np.isin(opcodes, [BY_NAME[m].opcode for m in ("wload", "halt", "sync")])
+    not_work = np.isin(opcodes, [BY_NAME[m].opcode for m in ("wload", "halt", "sync")])
     layers: dict[str, dict] = {}
     kinds: dict[str, dict] = {}
     for key, table in (("layer", layers), ("op", kinds)):
@@ -55,7 +58,7 @@ def build_report(program: Program, entry: Entry, cost: CostModel, costs: InstrCo
             if not cnt[i]:
                 continue
             mask = lab == i
-            work = mask & ~is_load if (mask & ~is_load).any() else mask
+            work = mask & ~not_work if (mask & ~not_work).any() else mask
             table[name or "-"] = {
                 "instructions": int(cnt[i]), "energy_pj": float(e[i]),
                 "start_cycle": float(tl.start[work].min()), "end_cycle": float(tl.end[mask].max()),
@@ -67,6 +70,7 @@ def build_report(program: Program, entry: Entry, cost: CostModel, costs: InstrCo
         "hardware": {"name": hw.name, "fingerprint": hw.fingerprint(), "f_clk_mhz": hw.chip.f_clk_mhz,
                      "tiles": hw.chip.tiles, "macros_per_tile": hw.chip.macros_per_tile},
         "tokens": seq,
+        "past": past,
         "instructions": len(costs.busy0),
         "cycles": cycles,
         "seconds": seconds,
@@ -104,7 +108,8 @@ def render_text(r: dict) -> str:
     tot = r["joules"] * 1e12 or 1.0
     lines = [
         f"{r['model']} on {hw['name']} ({hw['tiles']} tiles x {hw['macros_per_tile']} macros, "
-        f"{hw['f_clk_mhz']:g} MHz): {r['tokens']} token(s), {r['instructions']:,} instructions",
+        f"{hw['f_clk_mhz']:g} MHz): {r['entry']}, {r['tokens']} token(s)"
+        + (f" after {r['past']:,} cached" if r.get("past") else "") + f", {r['instructions']:,} instructions",
         f"  time    {r['cycles']:,.0f} cycles = {_si(r['seconds'], 's')}"
         + (f"   (compiler's estimate {est['cycles']:,.0f} cycles)"
            if est.get("cycles") and est.get("tokens") == r["tokens"] else ""),

@@ -794,3 +794,50 @@ def test_compile_error_without_quiet_ends_with_the_one_error_line(cli, bad, tmp_
     tail = res.err.splitlines()[errors[0] + 1:]
     assert len(tail) == 1 and "my_erf [Erf]" in tail[0]
     assert "Traceback" not in res.err and os.listdir(tmp_path) == []
+
+
+def test_run_decode_entry_with_past_inputs_and_partial_inputs(cli, shared_models: Path, tmp_path: Path) -> None:
+    """`cimc run --entry decode` on the reference's second step (past key/values given) matches
+    onnxruntime's outputs; a prompt given as input_ids alone runs (mask and positions optional)."""
+    model = shared_models / "llama_c_optimum_kv.onnx"
+    ref = np.load(shared_models / "llama_c_optimum_kv.npz")
+    binary = tmp_path / "kv.cimb"
+    assert cli("compile", str(model), "-o", str(binary), "--max-seq", "8", "--max-ctx", "32", "-q").status == 0
+
+    np.savez(tmp_path / "ids.npz", input_ids=ref["input.input_ids"])
+    res = cli("run", str(binary), "--inputs", str(tmp_path / "ids.npz"), "--outputs", str(tmp_path / "p.npz"))
+    assert res.status == 0, res.err
+    assert np.abs(np.load(tmp_path / "p.npz")["logits"] - ref["output.logits"]).max() < 1e-4
+
+    np.savez(tmp_path / "step2.npz", **{k[6:]: ref[k] for k in ref if k.startswith("step2.input.")})
+    res = cli("run", str(binary), "--entry", "decode", "--inputs", str(tmp_path / "step2.npz"),
+              "--outputs", str(tmp_path / "d.npz"), "--report-json", str(tmp_path / "d.json"))
+    assert res.status == 0, res.err
+    assert "decode, 1 token(s) after 8 cached" in res.out
+    got = np.load(tmp_path / "d.npz")
+    for key in got:
+        assert np.abs(got[key] - ref[f"step2.output.{key}"]).max() < 1e-4, key
+    assert json.loads((tmp_path / "d.json").read_text())["past"] == 8
+
+    res = cli("run", str(binary), "--entry", "decode", "--inputs", str(tmp_path / "ids.npz"))
+    assert res.status == 2 and "ids.npz: " in res.err and "1..1" in res.err
+    res = cli("run", str(binary), "--entry", "decode", "--past", "3",
+              "--inputs", str(tmp_path / "step2.npz"))
+    assert res.status == 2 and "the inputs hold 8 cached positions, not 3" in res.err
+    res = cli("run", str(binary), "--entry", "sample", "--no-numerics")
+    assert res.status == 2 and "has no entry 'sample' (it has prefill, decode)" in res.err
+
+
+def test_run_no_numerics_prices_decode_at_a_context_length(cli, bad, tmp_path: Path) -> None:
+    """A decode step reads every cached row: more past means more DRAM traffic and time."""
+    out = tmp_path / "c.cimb"
+    assert cli("compile", bad["example"], "-o", str(out), "--max-seq", "8", "--max-ctx", "64", "-q").status == 0
+    reports = []
+    for past in (0, 60):
+        res = cli("run", str(out), "--entry", "decode", "--no-numerics", "--past", str(past),
+                  "--report-json", str(tmp_path / f"r{past}.json"))
+        assert res.status == 0, res.err
+        reports.append(json.loads((tmp_path / f"r{past}.json").read_text()))
+    assert reports[1]["dram_bytes"] > reports[0]["dram_bytes"] and reports[1]["cycles"] > reports[0]["cycles"]
+    res = cli("run", str(out), "--entry", "decode", "--no-numerics", "--past", "64")
+    assert res.status == 2 and "64 cached + 1 new tokens exceed the context of 64" in res.err
