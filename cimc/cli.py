@@ -91,10 +91,20 @@ def cmd_compile(args: argparse.Namespace) -> None:
     from isa.binary import write_binary
 
     opts = _options(args)
-    if args.dump_after:
-        opts.dump_after = set(args.dump_after)
-        opts.dump_dir = Path(args.dump_dir) if args.dump_dir else None
-        if opts.dump_dir is None:
+    if args.dump_after or args.dump_dir:
+        from passes.manager import parse_pipeline
+
+        passes = [p.name for p in parse_pipeline(opts.pipeline)]
+        for name in args.dump_after or []:
+            if name != "all" and name not in passes:
+                raise CimcError(f"--dump-after {name}: not in the pipeline (passes: {', '.join(passes)}, or all)")
+        opts.dump_after = set(args.dump_after or ["all"])
+        if args.dump_dir:
+            opts.dump_dir = Path(args.dump_dir)
+            existing = next(p for p in (opts.dump_dir, *opts.dump_dir.absolute().parents) if p.exists())
+            if not existing.is_dir():
+                raise CimcError(f"--dump-dir {args.dump_dir}: {existing} is not a folder")
+        else:
             opts.on_dump = lambda name, text: sys.stdout.write(f"// ---- IR after {name} ----\n{text}")
     t0 = time.perf_counter()
     _log(args, f"cimc: importing {args.model} ...")
@@ -106,6 +116,8 @@ def cmd_compile(args: argparse.Namespace) -> None:
                f"weights {module.attrs.get('weights', 'fp32')}")
     _log(args, f"cimc: running passes and generating code for {opts.hw.name} (prefill and decode) ...")
     program, pm = compile_module(module, weights, opts)
+    for note in pm.notes:
+        _log(args, f"cimc: note: {note}")
     t2 = time.perf_counter()
     _log(args, "cimc: writing the binary ...")
     write_binary(args.output, program)
@@ -309,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_hw(p)
     p.add_argument("--dump-after", action="append", metavar="PASS|all",
                    help="print the IR after this pass (repeatable), or write it to --dump-dir")
-    p.add_argument("--dump-dir", metavar="DIR", help="write NN-<pass>.cimir files here instead of printing")
+    p.add_argument("--dump-dir", metavar="DIR", help="write NN-<pass>.cimir files here instead of printing "
+                   "(alone: after every pass)")
     p.add_argument("--time-passes", action="store_true", help="print how long each pass took")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     p.set_defaults(func=cmd_compile)

@@ -19,6 +19,7 @@ from typing import ClassVar, Protocol
 from cimc.ir.core import Module, Rewriter
 from cimc.ir.printer import print_module
 from cimc.ir.verifier import VerifyError, verify_module
+from isa.atomic import atomic_file
 from isa.cost import CostModel
 from isa.diag import CimcError
 from isa.hw import HardwareConfig
@@ -119,6 +120,7 @@ class PassManager:
     dump_dir: Path | None = None
     on_dump: Callable[[str, str], None] | None = None  # (pass name, IR text) for printing
     stats: list[PassStat] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # the passes' notes (PassContext.notes) of the last run
 
     def run(self, module: Module, ctx: PassContext) -> Module:
         if self.verify:
@@ -135,10 +137,15 @@ class PassManager:
             if "all" in self.dump_after or p.name in self.dump_after:
                 text = print_module(module)
                 if self.dump_dir is not None:
-                    self.dump_dir.mkdir(parents=True, exist_ok=True)
-                    (self.dump_dir / f"{i:02d}-{p.name}.cimir").write_text(text)
+                    try:
+                        self.dump_dir.mkdir(parents=True, exist_ok=True)
+                    except OSError as e:
+                        raise CimcError(f"cannot create {self.dump_dir}: {e.strerror or e}") from None
+                    with atomic_file(self.dump_dir / f"{i:02d}-{p.name}.cimir", "w", encoding="utf-8") as f:
+                        f.write(text)
                 if self.on_dump is not None:
                     self.on_dump(p.name, text)
+        self.notes = ctx.notes
         return module
 
     def _verify(self, module: Module, who: str) -> None:

@@ -425,11 +425,10 @@ def test_ir_dump_parses_back_identically(cli, shared_models: Path, tmp_path: Pat
     assert (tmp_path / "again.cimir").read_text() == res.out
 
 
-def test_compile_dump_after_all_and_time_passes(cli, shared_models: Path, tmp_path: Path) -> None:
+def test_compile_dump_dir_has_every_pass_and_time_passes(cli, shared_models: Path, tmp_path: Path) -> None:
     model = shared_models / "qwen2_a_dynamo.onnx"
     dumps = tmp_path / "dumps"
-    res = cli("compile", model, "-o", tmp_path / "q.cimb", "--max-seq", "16", "--dump-after", "all",
-              "--dump-dir", dumps, "--time-passes")
+    res = cli("compile", model, "-o", tmp_path / "q.cimb", "--max-seq", "16", "--dump-dir", dumps, "--time-passes")
     assert res.status == 0, res.err
     assert sorted(os.listdir(dumps)) == [f"{i:02d}-{p}.cimir" for i, p in enumerate(PASSES, 1)]
     for line_pass in PASSES:
@@ -637,6 +636,11 @@ ERROR_CASES = [
     pytest.param(_compile("{example}", "--pipeline",
                           "lift-idioms,insert-kv-cache,tile-partition,place-weights,balance-stages{rows=-1},schedule"),
                  ["rows", "-1"], None, id="compile-balance-negative-rows"),
+    pytest.param(_compile("{example}", "--dump-after", "lift-idiom"), ["--dump-after lift-idiom", "lift-idioms"],
+                 None, id="compile-dump-after-unknown-pass"),
+    pytest.param(_compile("{example}", "--dump-dir", "{bad}/notes.npz/ir"),
+                 ["--dump-dir {bad}/notes.npz/ir: ", "notes.npz is not a folder"], None,
+                 id="compile-dump-dir-in-a-file"),
     pytest.param(_compile("{example}", "--set", "chip.tiles=many"), ["chip.tiles", "many"], None,
                  id="compile-set-bad-value"),
     pytest.param(_compile("{example}", "--set", "chip.tiles=0"), ["chip.tiles", "0"], None,
@@ -760,6 +764,12 @@ def test_bad_input_is_one_line_user_error(cli, bad, tmp_path: Path, argv: list[s
     for p, data in existing.items():
         assert p.read_bytes() == data, f"{p.name} was modified"
     assert sorted(os.listdir(out)) == sorted(p.name for p in existing)
+
+
+def test_compile_prints_pass_notes(cli, bad, tmp_path: Path) -> None:
+    res = cli("compile", bad["example"], "-o", str(tmp_path / "one.cimb"), "--max-seq", "4", "--set", "chip.tiles=1")
+    assert res.status == 0, res.err
+    assert "cimc: note: place-weights: 1 tile(s) cannot form 2 macro sets; using 1" in res.err
 
 
 def test_max_ctx_alone_bounds_max_seq(cli, bad, tmp_path: Path) -> None:
