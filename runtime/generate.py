@@ -109,7 +109,7 @@ def summarize(session: Session, gen: Generation) -> dict:
                    "joules": r["joules"]} for i, r in enumerate(steps)],
     }
     if not steps:
-        out["decode"] = None
+        out["decode"] = out["bounds"] = None
         return out
     n = len(steps)
     seconds = sum(r["seconds"] for r in steps)
@@ -131,11 +131,14 @@ def summarize(session: Session, gen: Generation) -> dict:
         "dram_bytes_per_token": {"total": dram_bytes, "weights": weight_bytes, "kv_cache": kv_bytes,
                                  "other": dram_bytes - weight_bytes - kv_bytes},
     }
+    compute_bound = 1 / compute_s if compute_s else float("inf")
     out["bounds"] = {
         "dram_bandwidth_gbps": bandwidth / 1e9,
         "dram_bound_tokens_per_s": dram_bound,
-        "compute_bound_tokens_per_s": 1 / compute_s if compute_s else float("inf"),
+        "compute_bound_tokens_per_s": compute_bound,
+        "limited_by": "dram" if dram_bound <= compute_bound else "compute",
         "fraction_of_dram_bound": rate / dram_bound,
+        "fraction_of_bound": rate / min(dram_bound, compute_bound),
     }
     return out
 
@@ -170,8 +173,8 @@ def render_text(report: dict) -> str:
             f"  per token   {tot * 1e-6:,.3f} uJ: {parts}",
             f"  DRAM/token  {by['total'] / 1e6:,.3f} MB (weights {by['weights'] / 1e6:,.3f}, "
             f"KV cache {by['kv_cache'] / 1e6:,.3f}, other {by['other'] / 1e6:,.3f})",
-            f"  bounds      DRAM {b['dram_bound_tokens_per_s']:,.2f} tokens/s at {b['dram_bandwidth_gbps']:.1f} GB/s "
-            f"(decode reached {b['fraction_of_dram_bound']:.1%}); compute {b['compute_bound_tokens_per_s']:,.2f} "
-            "tokens/s",
+            f"  bounds      DRAM {b['dram_bound_tokens_per_s']:,.2f} tokens/s at {b['dram_bandwidth_gbps']:.1f} GB/s, "
+            f"compute {b['compute_bound_tokens_per_s']:,.2f} tokens/s: limited by "
+            f"{'DRAM' if b['limited_by'] == 'dram' else 'compute'}, decode reached {b['fraction_of_bound']:.1%}",
         ]
     return "\n".join(lines)

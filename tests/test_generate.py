@@ -143,7 +143,11 @@ def test_report_has_the_decode_figures(programs) -> None:
     by = d["dram_bytes_per_token"]
     assert by["weights"] > 0 and by["kv_cache"] > 0 and by["total"] == pytest.approx(
         by["weights"] + by["kv_cache"] + by["other"])
-    assert 0 < b["fraction_of_dram_bound"] <= 1.0
+    assert 0 < b["fraction_of_dram_bound"] <= 1.0 and 0 < b["fraction_of_bound"] <= 1.0
+    limit = min(b["dram_bound_tokens_per_s"], b["compute_bound_tokens_per_s"])
+    assert b[f"{b['limited_by']}_bound_tokens_per_s"] == limit
+    one = generate(Session(program), PROMPT, 1).report
+    assert one["decode"] is None and one["bounds"] is None and len(one["tokens"]) == 1
     assert b["dram_bound_tokens_per_s"] == pytest.approx(b["dram_bandwidth_gbps"] * 1e9 / by["total"])
     # the cache grows: later decode steps read more KV bytes, so they cost at least as much
     cycles = [s["cycles"] for s in r["steps"]]
