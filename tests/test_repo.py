@@ -30,3 +30,15 @@ def test_ruff_clean() -> None:
 
 def test_example_model_is_small() -> None:
     assert (ROOT / "examples" / "tiny_llama.onnx").stat().st_size < 1_000_000
+
+
+def test_python_api_is_reexported() -> None:
+    """`import cimc` offers the documented API (the same objects as their home modules)."""
+    import cimc
+    from cimc.driver import compile_model
+    from runtime.generate import generate
+    for name in cimc.__all__:
+        assert callable(getattr(cimc, name)), name
+    assert cimc.compile_model is compile_model and cimc.generate is generate
+    with pytest.raises(AttributeError):
+        _ = cimc.no_such_thing
