@@ -1,7 +1,7 @@
 """`schedule`: place every activation in memory and pick the SFU each vector op runs on.
 
 Program order is the IR order (a topological order the frontend produced). Activations go to
-the global buffer when they fit, first-fit by address over their live range; what does not fit
+the global buffer when they fit, next-fit by address over their live range; what does not fit
 spills to a DRAM read-write region, and every access to it is charged as DRAM traffic. Graph
 inputs and outputs always live in that DRAM region (the host reads and writes them there).
 Ops that need scratch space (partial sums of a K-split linear, attention scores, norm
@@ -82,9 +82,8 @@ class _Pool:
 
     def alloc(self, size: int) -> int | None:
         size = align(max(size, DRAM_ALIGN))
-        order = sorted(range(len(self.free)), key=lambda i: (self.free[i][0] < self.cursor, self.free[i][0]))
-        if self.capacity is None:
-            order = list(range(len(self.free)))
+        order = range(len(self.free)) if self.capacity is None else \
+            sorted(range(len(self.free)), key=lambda i: (self.free[i][0] < self.cursor, self.free[i][0]))
         for i in order:
             start, length = self.free[i]
             if length >= size:
