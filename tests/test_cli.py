@@ -206,6 +206,7 @@ def bad(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     (d / "truncated.onnx").write_bytes(data[: len(data) // 2])
     _unsupported_model(d / "erf.onnx", ["Erf"])
     _unsupported_model(d / "erf_layernorm.onnx", ["Erf", "LayerNormalization"])
+    _unsupported_model(d / "made_up.onnx", ["Frobnicate"])
 
     # hardware files
     (d / "syntax.toml").write_text('extends = "edgecim-28nm"\n[chip\nf_clk_mhz = 300\n')
@@ -610,6 +611,8 @@ ERROR_CASES = [
                  id="compile-unsupported-op"),
     pytest.param(_compile("{bad}/erf_layernorm.onnx"), ["{bad}/erf_layernorm.onnx: ", "2 node"],
                  ["my_erf [Erf]", "my_layernorm [LayerNormalization]"], id="compile-two-unsupported-ops"),
+    pytest.param(_compile("{bad}/made_up.onnx"), ["{bad}/made_up.onnx: ", "1 node"],
+                 ["my_frobnicate [Frobnicate]: not a standard ONNX operator"], id="compile-non-standard-op"),
     pytest.param(_compile("{bad}/binary.cimir"), ["{bad}/binary.cimir"], None, id="compile-non-utf8-cimir"),
     pytest.param(_compile("{bad}/tiny.cimir", "--max-seq", "8"), ["{bad}/tiny.cimir: ", "--max-seq 4, not 8"], None,
                  id="compile-cimir-other-max-seq"),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import onnx
+
 from cimc.frontend.fold import Binding, analyze, find_roles, position_tables
 from cimc.frontend.lift import Lifter
 from cimc.frontend.model import OnnxModel, WeightStore, open_model
@@ -28,9 +30,11 @@ def import_onnx(path: str | os.PathLike, *, max_seq: int = 256, max_ctx: int | N
     if max_ctx < max_seq:
         raise CimcError(f"--max-ctx ({max_ctx}) must be at least --max-seq ({max_seq})")
     model, weights = open_model(path)
-    foreign = [n for n in model.nodes if n.domain not in ("", "ai.onnx")]
+    foreign = [n for n in model.nodes if n.domain not in ("", "ai.onnx") or not onnx.defs.has(n.op_type)]
     if foreign:
-        lines = [f"  {n.name} [{n.op_type} (domain {n.domain})]: operator not supported yet" for n in foreign]
+        lines = [f"  {n.name} [{n.op_type} (domain {n.domain})]: operator not supported yet" if n.domain
+                 not in ("", "ai.onnx") else f"  {n.name} [{n.op_type}]: not a standard ONNX operator"
+                 for n in foreign]
         raise CimcError(f"{model.path}: cannot compile {len(lines)} node(s); nothing was written",
                         detail="\n".join(lines))
     dims = dict(dims or {})
