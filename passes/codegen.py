@@ -174,6 +174,9 @@ class _Codegen:
         for i, op in enumerate(self.module.ops):
             for v in op.operands:
                 last_use[id(v)] = (i, v)
+            for v in op.results:  # a result nobody reads dies where it is made
+                if not v.users:
+                    last_use[id(v)] = (i, v)
         dying: dict[int, list[Value]] = {}
         for i, v in last_use.values():
             dying.setdefault(i, []).append(v)
