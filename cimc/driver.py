@@ -22,8 +22,9 @@ from isa.cost import CostModel
 from isa.diag import CimcError
 from isa.hw import HardwareConfig, load_hw
 from isa.program import Program
+from passes.balance_stages import BalanceStagesPass
 from passes.codegen import emit_program
-from passes.manager import PassContext, PassManager, check_hw, parse_pipeline
+from passes.manager import Pass, PassContext, PassManager, check_hw, parse_pipeline
 
 DEFAULT_PIPELINE = "lift-idioms,insert-kv-cache,tile-partition,place-weights,balance-stages,schedule"
 #: The baseline schedule: one macro set, so a stage's weights load only after the previous stage
@@ -83,9 +84,11 @@ def load_module(path: str | os.PathLike, opts: CompileOptions) -> tuple[Module, 
     return module, store.get
 
 
-def run_pipeline(module: Module, opts: CompileOptions, until: str | None = None) -> PassManager:
-    """Run the pass pipeline (up to and including `until`) on `module` in place."""
-    pipeline = parse_pipeline(opts.pipeline)
+def run_pipeline(module: Module, opts: CompileOptions, until: str | None = None,
+                 steps: list[Pass] | None = None) -> PassManager:
+    """Run the pass pipeline (`steps`, default `opts.pipeline`), up to and including `until`, on
+    `module` in place."""
+    pipeline = parse_pipeline(opts.pipeline) if steps is None else steps
     if until is not None:
         names = [p.name for p in pipeline]
         if until not in names:
@@ -129,27 +132,11 @@ def compile_module(module: Module, weights: Callable[[str], np.ndarray], opts: C
     decode = clone(module)
     decode.attrs["max_seq"] = 1
     pm = run_pipeline(module, opts)
-    one_row = ",".join(_one_row(p) for p in _split(opts.pipeline))
-    run_pipeline(decode, replace(opts, pipeline=one_row, dump_after=set(), dump_dir=None, on_dump=None))
+    # the decode program balances its stages for one token, whatever the pipeline says
+    one_row = [BalanceStagesPass(rows=1) if p.name == BalanceStagesPass.name else p
+               for p in parse_pipeline(opts.pipeline)]
+    run_pipeline(decode, replace(opts, dump_after=set(), dump_dir=None, on_dump=None), steps=one_row)
     return emit_program({"prefill": module, "decode": decode}, weights, opts.hw), pm
-
-
-def _split(pipeline: str) -> list[str]:
-    """Pipeline items, keeping `{...}` options whole."""
-    items, depth, cur = [], 0, ""
-    for ch in pipeline:
-        depth += (ch == "{") - (ch == "}")
-        if ch == "," and depth == 0:
-            items.append(cur.strip())
-            cur = ""
-        else:
-            cur += ch
-    return [*items, cur.strip()] if cur.strip() else items
-
-
-def _one_row(item: str) -> str:
-    """The decode program balances its stages for one token, whatever the pipeline says."""
-    return "balance-stages{rows=1}" if item.split("{")[0] == "balance-stages" else item
 
 
 def compile_model(path: str | os.PathLike, opts: CompileOptions | None = None) -> Program:
