@@ -44,22 +44,29 @@ def _add_hw(p: argparse.ArgumentParser) -> None:
                    help="override one hardware field, e.g. --set dram.peak_gbps=136.5 (repeatable)")
 
 
-def _add_frontend(p: argparse.ArgumentParser) -> None:
+def _add_frontend(p: argparse.ArgumentParser, helps: dict[str, str] | None = None) -> None:
+    """The compile options; `helps` replaces the help of some (by option name, without dashes)."""
+    def help_(name: str, text: str) -> str:
+        return (helps or {}).get(name, text)
+
     p.add_argument("--max-seq", type=int, default=None, metavar="N",
-                   help="most tokens one run takes (a prompt); any length 1..N runs (default 256, or --max-ctx "
-                        "if smaller)")
+                   help=help_("max-seq", "most tokens one run takes (a prompt); any length 1..N runs (default 256, "
+                                         "or --max-ctx if smaller)"))
     p.add_argument("--max-ctx", type=int, default=None, metavar="N",
-                   help="positions the KV cache holds: prompt plus generated tokens (default: --max-seq)")
+                   help=help_("max-ctx", "positions the KV cache holds: prompt plus generated tokens "
+                                         "(default: --max-seq)"))
     p.add_argument("--weights", default="fp32", choices=["fp32"],
-                   help="weight datapath of the macros (fp32: float compute, the exact functional check)")
+                   help=help_("weights", "weight datapath of the macros (fp32: float compute, the exact functional "
+                                         "check)"))
     p.add_argument("--dim", action="append", default=[], metavar="NAME=N",
-                   help="bind a named dynamic input dimension other than batch and sequence")
+                   help=help_("dim", "bind a named dynamic input dimension other than batch and sequence"))
     p.add_argument("--schedule", choices=["balanced", "naive"], default="balanced",
-                   help="balanced: ping-pong stages overlapping weight loads with compute (default); naive: one "
-                        "macro set, load then compute, no overlap (the baseline)")
+                   help=help_("schedule", "balanced: ping-pong stages overlapping weight loads with compute "
+                                          "(default); naive: one macro set, load then compute, no overlap (the "
+                                          "baseline)"))
     p.add_argument("--pipeline", default=None, metavar="PASSES",
-                   help="pass pipeline (overrides --schedule), e.g. 'lift-idioms,insert-kv-cache,tile-partition,"
-                        "place-weights{sets=2},balance-stages,schedule'")
+                   help=help_("pipeline", "pass pipeline (overrides --schedule), e.g. 'lift-idioms,insert-kv-cache,"
+                                          "tile-partition,place-weights{sets=2},balance-stages,schedule'"))
 
 
 def _hw(args: argparse.Namespace, required: bool = True):
@@ -92,12 +99,6 @@ def cmd_compile(args: argparse.Namespace) -> None:
 
     opts = _options(args)
     if args.dump_after or args.dump_dir:
-        from passes.manager import parse_pipeline
-
-        passes = [p.name for p in parse_pipeline(opts.pipeline)]
-        for name in args.dump_after or []:
-            if name != "all" and name not in passes:
-                raise CimcError(f"--dump-after {name}: not in the pipeline (passes: {', '.join(passes)}, or all)")
         opts.dump_after = set(args.dump_after or ["all"])
         if args.dump_dir:
             opts.dump_dir = Path(args.dump_dir)
@@ -108,11 +109,10 @@ def cmd_compile(args: argparse.Namespace) -> None:
             opts.on_dump = lambda name, text: sys.stdout.write(f"// ---- IR after {name} ----\n{text}")
     t0 = time.perf_counter()
     _log(args, f"cimc: importing {args.model} ...")
-    module, weights = load_module(args.model, opts)
-    if weights is None:
-        raise CimcError(f"{args.model}: the IR's source model is not next to it; compile the .onnx instead")
+    module, weights = load_module(args.model, opts, need_weights=True)
+    assert weights is not None
     t1 = time.perf_counter()
-    _log(args, f"cimc: lifted for max-seq {module.max_seq}, max-ctx {module.attrs.get('max_ctx', module.max_seq)}, "
+    _log(args, f"cimc: lifted for max-seq {module.max_seq}, max-ctx {module.max_ctx}, "
                f"weights {module.attrs.get('weights', 'fp32')}")
     _log(args, f"cimc: running passes and generating code for {opts.hw.name} (prefill and decode) ...")
     program, pm = compile_module(module, weights, opts)
@@ -249,9 +249,9 @@ def _ids(text: str) -> list[int]:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from cimc.driver import compile_module, load_module
+    from cimc.driver import compile_model
     from isa.binary import read_binary
-    from runtime.generate import check_request, generate, render_text
+    from runtime.generate import generate, render_text
     from runtime.interpreter import Session
     from runtime.trace import write_trace
 
@@ -267,12 +267,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         opts = _options(args)
         _log(args, f"cimc: compiling {args.model} for {opts.hw.name} (max-seq {opts.max_seq}, "
                    f"max-ctx {opts.max_ctx}) ...")
-        module, weights = load_module(args.model, opts)
-        if weights is None:
-            raise CimcError(f"{args.model}: the IR's source model is not next to it; use the .onnx")
-        program = compile_module(module, weights, opts)[0]
+        program = compile_model(args.model, opts)
         hw = opts.hw
-    check_request(program, prompt, args.max_new_tokens, args.model)
     session = Session(program, hw, name=args.model)
     bar = sys.stderr.isatty() and not args.quiet
 
@@ -354,15 +350,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace", metavar="FILE",
                    help="write a Chrome/Perfetto trace (a track per DRAM channel, tile and SFU; open it in "
                         "ui.perfetto.dev)")
-    p.add_argument("--max-seq", type=int, default=None, metavar="N",
-                   help="when compiling: most prompt tokens (default: the prompt's length)")
-    p.add_argument("--max-ctx", type=int, default=None, metavar="N",
-                   help="when compiling: KV cache positions (default: prompt + new tokens)")
-    p.add_argument("--weights", default="fp32", choices=["fp32"], help=argparse.SUPPRESS)
-    p.add_argument("--dim", action="append", default=[], metavar="NAME=N", help=argparse.SUPPRESS)
-    p.add_argument("--schedule", choices=["balanced", "naive"], default="balanced",
-                   help="when compiling: ping-pong balanced stages (default) or the naive no-overlap baseline")
-    p.add_argument("--pipeline", default=None, metavar="PASSES", help="when compiling: the pass pipeline")
+    _add_frontend(p, {
+        "max-seq": "when compiling: most prompt tokens (default: the prompt's length)",
+        "max-ctx": "when compiling: KV cache positions (default: prompt + new tokens)",
+        "weights": argparse.SUPPRESS, "dim": argparse.SUPPRESS,
+        "schedule": "when compiling: ping-pong balanced stages (default) or the naive no-overlap baseline",
+        "pipeline": "when compiling: the pass pipeline",
+    })
     p.add_argument("--no-numerics", action="store_true",
                    help="timing and energy only: price prefill and every decode step without computing values "
                         "(no tokens; for large models)")

@@ -51,8 +51,10 @@ class CompileOptions:
     on_dump: Callable[[str, str], None] | None = None
 
 
-def load_module(path: str | os.PathLike, opts: CompileOptions) -> tuple[Module, Callable[[str], np.ndarray] | None]:
-    """Read a model (.onnx) or an IR dump (.cimir); returns the module and its weight source."""
+def load_module(path: str | os.PathLike, opts: CompileOptions, need_weights: bool = False
+                ) -> tuple[Module, Callable[[str], np.ndarray] | None]:
+    """Read a model (.onnx) or an IR dump (.cimir); returns the module and its weight source
+    (None for a dump whose model is not next to it, an error with `need_weights`)."""
     p = Path(path)
     if opts.weights not in WEIGHT_MODES:
         raise CimcError(f"--weights {opts.weights}: not supported yet (supported: {', '.join(WEIGHT_MODES)})")
@@ -65,7 +67,7 @@ def load_module(path: str | os.PathLike, opts: CompileOptions) -> tuple[Module, 
             raise CimcError(f"{p}: not an IR text file (not UTF-8)") from None
         module = parse_module(text, str(p))
         fixed = {"--max-seq": (opts.max_seq, module.max_seq),
-                 "--max-ctx": (opts.max_ctx, module.attrs.get("max_ctx", module.max_seq))}
+                 "--max-ctx": (opts.max_ctx, module.max_ctx)}
         for flag, (asked, lifted) in fixed.items():
             if asked is not None and asked != lifted:
                 raise CimcError(f"{p}: the IR was lifted with {flag} {lifted}, not {asked}; lift the .onnx again "
@@ -74,8 +76,12 @@ def load_module(path: str | os.PathLike, opts: CompileOptions) -> tuple[Module, 
             raise CimcError(f"{p}: --dim applies when lifting an .onnx; the IR's dimensions are already bound")
         check_hw(module, opts.hw, str(p))
         src = p.parent / str(module.attrs.get("source", ""))
-        weights = open_model(src)[1].get if src.is_file() and src.suffix == ".onnx" else None
-        return module, weights
+        if src.is_file() and src.suffix == ".onnx":
+            return module, open_model(src)[1].get
+        if need_weights:
+            raise CimcError(f"{p}: the IR's source model {module.attrs.get('source')!r} is not next to it; "
+                            "compile the .onnx instead")
+        return module, None
     max_seq = opts.max_seq
     if max_seq is None:
         max_seq = min(DEFAULT_MAX_SEQ, opts.max_ctx or DEFAULT_MAX_SEQ)
@@ -89,8 +95,11 @@ def run_pipeline(module: Module, opts: CompileOptions, until: str | None = None,
     """Run the pass pipeline (`steps`, default `opts.pipeline`), up to and including `until`, on
     `module` in place."""
     pipeline = parse_pipeline(opts.pipeline) if steps is None else steps
+    names = [p.name for p in pipeline]
+    unknown = sorted(opts.dump_after - {"all"} - set(names))
+    if unknown:
+        raise CimcError(f"--dump-after {unknown[0]}: not in the pipeline (passes: {', '.join(names)}, or all)")
     if until is not None:
-        names = [p.name for p in pipeline]
         if until not in names:
             raise CimcError(f"--after {until}: not in the pipeline ({', '.join(names)})")
         pipeline = pipeline[: names.index(until) + 1]
@@ -111,9 +120,10 @@ def clone(module: Module) -> Module:
 REQUIRED_PASSES = ("insert-kv-cache", "tile-partition", "place-weights", "balance-stages", "schedule")
 
 
-def check_pipeline(module: Module, pipeline: str) -> None:
-    """A pipeline that codegen can finish: every required pass, in order (done ones count)."""
-    names = [*module.attrs.get("passes", []), *(p.name for p in parse_pipeline(pipeline))]
+def check_pipeline(module: Module, steps: list[Pass], pipeline: str) -> None:
+    """A pipeline (`steps`, parsed from the text `pipeline`) that codegen can finish: every
+    required pass, in order (done ones count)."""
+    names = [*module.attrs.get("passes", []), *(p.name for p in steps)]
     at = [names.index(n) if n in names else -1 for n in REQUIRED_PASSES]
     missing = [n for n, i in zip(REQUIRED_PASSES, at, strict=True) if i < 0]
     if missing or at != sorted(at):
@@ -128,13 +138,13 @@ def compile_module(module: Module, weights: Callable[[str], np.ndarray], opts: C
     `prefill` takes up to max_seq tokens (a prompt), `decode` exactly one (a generated token);
     decode is the same model scheduled for one row, so its buffers are small and its stages are
     balanced for a matrix-vector product. Returns the program and prefill's pass manager."""
-    check_pipeline(module, opts.pipeline)
+    steps = parse_pipeline(opts.pipeline)
+    check_pipeline(module, steps, opts.pipeline)
     decode = clone(module)
     decode.attrs["max_seq"] = 1
-    pm = run_pipeline(module, opts)
+    pm = run_pipeline(module, opts, steps=steps)
     # the decode program balances its stages for one token, whatever the pipeline says
-    one_row = [BalanceStagesPass(rows=1) if p.name == BalanceStagesPass.name else p
-               for p in parse_pipeline(opts.pipeline)]
+    one_row = [replace(p, rows=1) if isinstance(p, BalanceStagesPass) else p for p in steps]
     run_pipeline(decode, replace(opts, dump_after=set(), dump_dir=None, on_dump=None), steps=one_row)
     return emit_program({"prefill": module, "decode": decode}, weights, opts.hw), pm
 
@@ -142,8 +152,6 @@ def compile_module(module: Module, weights: Callable[[str], np.ndarray], opts: C
 def compile_model(path: str | os.PathLike, opts: CompileOptions | None = None) -> Program:
     """Compile an ONNX model (or a .cimir dump of it) to a program for `opts.hw`."""
     opts = opts or CompileOptions()
-    module, weights = load_module(path, opts)
-    if weights is None:
-        raise CimcError(f"{path}: the IR's source model {module.attrs.get('source')!r} is not next to it; "
-                        "compile the .onnx instead")
+    module, weights = load_module(path, opts, need_weights=True)
+    assert weights is not None
     return compile_module(module, weights, opts)[0]

@@ -503,6 +503,6 @@ def emit_program(modules: dict[str, Module], weight: WeightSource, hw: HardwareC
     meta = {"model": module.name, "source": module.attrs.get("source", ""),
             "vocab": int(embedding.operands[1].type.shape[0]) if embedding is not None else None,
             "kv_cache": cached,
-            "weights": module.attrs.get("weights", "fp32"), "max_ctx": module.attrs.get("max_ctx", module.max_seq),
+            "weights": module.attrs.get("weights", "fp32"), "max_ctx": module.max_ctx,
             "rw_base": align(first.size, 4096), "rw_bytes": max(e.meta["rw_bytes"] for e in entries)}
     return Program(entries, first, hw.to_dict(), hw.fingerprint(), meta)
