@@ -19,6 +19,7 @@ from isa.cost import COMPONENTS
 from isa.diag import CimcError
 from isa.program import Program
 from runtime.interpreter import Session, SimResult
+from runtime.report import group_sum
 
 
 @dataclass
@@ -147,8 +148,8 @@ def _compute_bound_cycles(run: SimResult) -> float:
     """Cycles of the busiest unit other than DRAM if DRAM were infinitely fast."""
     c = run.costs
     assert c is not None
-    busy = np.bincount(c.unit0[c.unit0 > 0], weights=c.compute0[c.unit0 > 0]) if (c.unit0 > 0).any() else [0.0]
-    return float(np.max(busy))
+    on_chip = c.unit0 > 0
+    return float(group_sum(c.unit0[on_chip], c.compute0[on_chip], int(c.unit0.max(initial=0)) + 1).max())
 
 
 def render_text(report: dict) -> str:

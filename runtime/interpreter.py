@@ -101,11 +101,11 @@ def bind_inputs(entry: Entry, arrays: Mapping[str, np.ndarray]) -> Bound:
     seq = sizes.get("seq", 1)
     if seq < 1:
         raise CimcError("inputs have 0 tokens; give at least one")
-    if not 1 <= seq <= max_seq:
+    if seq > max_seq:
         raise CimcError(f"inputs have {seq} tokens; this program was compiled for 1..{max_seq} "
                         "(recompile with a larger --max-seq)")
     past = sizes.get("past")
-    if "ctx" in sizes and sizes["ctx"] != (past or 0) + seq and past is not None:
+    if past is not None and "ctx" in sizes and sizes["ctx"] != past + seq:
         raise CimcError(f"inputs cover {sizes['ctx']} positions, but past ({past}) + seq ({seq}) is {past + seq}")
     if past is None and "ctx" in sizes:
         past = sizes["ctx"] - seq
@@ -229,7 +229,7 @@ class Session:
             for sym in entry.symbols:
                 if sym.kind == "output":
                     outputs[sym.name] = _read_output(machine, sym, seq, past)
-        report = build_report(self.program, entry, self.cost, costs, tl, seq, past)
+        report = build_report(self.program, entry, self.cost, costs, tl, cols.opcode, seq, past)
         return SimResult(outputs, report, tl, accesses, costs)
 
 

@@ -16,7 +16,7 @@ from isa.diag import CimcError
 from isa.fields import REGS, SPACES, Mem
 from isa.program import Program
 
-G, D = SPACES.index("g"), SPACES.index("d")
+G = SPACES.index("g")
 
 
 class SimError(CimcError):

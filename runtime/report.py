@@ -10,21 +10,22 @@ import numpy as np
 
 from isa.cost import COMPONENTS, CostModel, InstrCosts
 from isa.program import Entry, Program
-from isa.spec import BY_NAME, INSTR_WORDS
+from isa.spec import BY_NAME
 from runtime.timing import Timeline
 
 LABELS = {"dram": "DRAM", "macro_write": "macro writes", "mvm": "MVM", "sfu": "SFU", "buffer": "buffers",
           "noc": "NoC", "leakage": "leakage"}
 
 
-def _group(keys: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
+def group_sum(keys: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
+    """Sum of `values` per key 0..n-1."""
     return np.bincount(keys, weights=values, minlength=n)[:n] if len(keys) else np.zeros(n)
 
 
-def build_report(program: Program, entry: Entry, cost: CostModel, costs: InstrCosts, tl: Timeline, seq: int,
-                 past: int = 0) -> dict:
+def build_report(program: Program, entry: Entry, cost: CostModel, costs: InstrCosts, tl: Timeline,
+                 opcode: np.ndarray, seq: int, past: int = 0) -> dict:
     """All figures of one run of `seq` tokens after `past` cached ones, as JSON-able data
-    (cycles, seconds, picojoules, bytes)."""
+    (cycles, seconds, picojoules, bytes). `opcode` is the entry's decoded opcode column."""
     hw = cost.hw
     cycles = float(tl.total)
     seconds = cycles / cost.f_hz
@@ -35,8 +36,8 @@ def build_report(program: Program, entry: Entry, cost: CostModel, costs: InstrCo
     per_instr = sum(costs.energy[c] for c in COMPONENTS)
 
     names = cost.unit_names()
-    busy = _group(costs.unit0[costs.unit0 >= 0], costs.busy0[costs.unit0 >= 0], len(names)) + \
-        _group(costs.unit1[costs.unit1 >= 0], costs.busy1[costs.unit1 >= 0], len(names))
+    busy = group_sum(costs.unit0[costs.unit0 >= 0], costs.busy0[costs.unit0 >= 0], len(names)) + \
+        group_sum(costs.unit1[costs.unit1 >= 0], costs.busy1[costs.unit1 >= 0], len(names))
     units = {name: {"busy_cycles": float(b), "utilization": float(b / cycles) if cycles else 0.0}
              for name, b in zip(names, busy, strict=True)}
 
@@ -44,15 +45,14 @@ def build_report(program: Program, entry: Entry, cost: CostModel, costs: InstrCo
     op_idx = entry.debug.instr_op.astype(np.int64)
     # weight loads are issued ahead (prefetch) and halt/sync wait for everything: a layer's span
     # starts at its first other (compute) instruction
-    opcodes = np.frombuffer(entry.code, dtype="<u8")[::INSTR_WORDS] & 0xFF
-    not_work = np.isin(opcodes, [BY_NAME[m].opcode for m in ("wload", "halt", "sync")])
+    not_work = np.isin(opcode, [BY_NAME[m].opcode for m in ("wload", "halt", "sync")])
     layers: dict[str, dict] = {}
     kinds: dict[str, dict] = {}
     for key, table in (("layer", layers), ("op", kinds)):
         labels = sorted({o[key] for o in ops}, key=_layer_order) if key == "layer" else sorted({o[key] for o in ops})
         lab_of_op = np.array([labels.index(o[key]) for o in ops], dtype=np.int64)
         lab = lab_of_op[op_idx] if len(op_idx) else np.zeros(0, np.int64)
-        e = _group(lab, per_instr, len(labels))
+        e = group_sum(lab, per_instr, len(labels))
         cnt = np.bincount(lab, minlength=len(labels))
         for i, name in enumerate(labels):
             if not cnt[i]:

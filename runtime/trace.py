@@ -104,7 +104,7 @@ def write_trace(path: str | os.PathLike, runs: Sequence[TraceRun], unit_names: S
     shown = [_prefix(e, b) for e, b in zip(events, budgets, strict=True)]
 
     with atomic_file(path, "w", encoding="ascii", newline="\n") as f:
-        count = _write(f, runs, shown, unit_names, used, f_clk_hz, max_events)
+        count = _write(f, runs, masks, shown, unit_names, used, f_clk_hz, max_events)
     return count
 
 
@@ -159,8 +159,8 @@ def _dumps(x: object) -> str:
     return json.dumps(x, separators=(",", ":"), sort_keys=True)
 
 
-def _write(f: TextIO, runs: Sequence[TraceRun], shown: list[int], unit_names: Sequence[str], used: list[int],
-           f_clk_hz: float, max_events: int) -> int:
+def _write(f: TextIO, runs: Sequence[TraceRun], masks: list[tuple[np.ndarray, np.ndarray]], shown: list[int],
+           unit_names: Sequence[str], used: list[int], f_clk_hz: float, max_events: int) -> int:
     """The whole document: header, metadata, run slices, then each run's instruction events."""
     ns_per_cycle = 1e9 / f_clk_hz
     f.write('{"displayTimeUnit":"ns","otherData":' + _dumps({"generator": "cimc", "f_clk_hz": float(f_clk_hz)})
@@ -184,13 +184,15 @@ def _write(f: TextIO, runs: Sequence[TraceRun], shown: list[int], unit_names: Se
                 f'"args":{_dumps(args)}}}')
         count += 1
     for k, run in enumerate(runs):
-        count += _write_run(f, run, shown[k], offsets[k], ns_per_cycle, head)
+        count += _write_run(f, run, masks[k], shown[k], offsets[k], ns_per_cycle, head)
     f.write("\n]}\n")
     return count
 
 
-def _write_run(f: TextIO, run: TraceRun, m: int, offset: float, ns_per_cycle: float, head: str) -> int:
-    """Events of the first `m` instructions of `run`, offset by `offset` cycles."""
+def _write_run(f: TextIO, run: TraceRun, mask: tuple[np.ndarray, np.ndarray], m: int, offset: float,
+               ns_per_cycle: float, head: str) -> int:
+    """Events (where `mask` says, see `_event_mask`) of the first `m` instructions of `run`,
+    offset by `offset` cycles."""
     start = np.asarray(run.start[:m], dtype=np.float64)
 
     def ns(t: np.ndarray) -> list[int]:
@@ -200,7 +202,7 @@ def _write_run(f: TextIO, run: TraceRun, m: int, offset: float, ns_per_cycle: fl
     busy1 = np.asarray(run.busy1[:m], dtype=np.float64)
     t_start, t_end0, t_end1 = ns(start), ns(start + busy0), ns(start + busy1)
     cycles0, cycles1 = busy0.tolist(), busy1.tolist()
-    draw0, draw1 = (d[:m].tolist() for d in _event_mask(run))
+    draw0, draw1 = (d[:m].tolist() for d in mask)
     unit0, unit1 = np.asarray(run.unit0[:m]).tolist(), np.asarray(run.unit1[:m]).tolist()
     names = np.asarray(run.names[:m]).tolist()
     op_of = np.asarray(run.instr_op[:m]).tolist()
