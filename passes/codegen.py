@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -25,10 +26,15 @@ from isa.fields import Dim, Mem
 from isa.hw import HardwareConfig
 from isa.program import ArraySegment, DebugInfo, DramImage, Entry, Program, Symbol
 from passes.balance_stages import act_bits
-from passes.schedule import scratch_bytes, scratch_layout
+from passes.schedule import scratch_bytes, scratch_layout, value_bytes
 from passes.tiling import Tiling, align
 
 G, D = 0, 1  # memory spaces
+
+
+def _space(attr: dict) -> int:
+    """The memory space of a `mem` or `scratch` attribute."""
+    return G if attr["space"] == "g" else D
 SEQ_DIM, PAST_DIM, CTX_DIM = Dim(1, 0), Dim(2, 0), Dim(3, 0)  # sizes read from runtime registers
 PAST = 2  # register offsetting the rows of position-indexed operands
 DATA_BARRIERS = range(1, 48)
@@ -112,14 +118,14 @@ class _Codegen:
             base, space, st = self.const_addr[id(v)], D, self.cols(v)
         else:
             m = op.attrs["mem"]
-            space = G if m["space"] == "g" else D
+            space = _space(m)
             base = m["addr"] + (self.rw_base if space == D else 0)
             st = m["stride"]
         return Mem(space, base + col * F32, st if stride is None else stride)
 
     def scratch(self, op: Op, name: str, col: int = 0) -> Mem:
         s = op.attrs["scratch"]
-        space = G if s["space"] == "g" else D
+        space = _space(s)
         base = s["addr"] + (self.rw_base if space == D else 0)
         for n, off, _, cols in scratch_layout(op, self.bounds):
             if n == name:
@@ -143,7 +149,7 @@ class _Codegen:
         out = []
         if "mem" in op.attrs and op.results:
             m = op.attrs["mem"]
-            out.append((G if m["space"] == "g" else D, m["addr"], m["addr"] + self._bytes(op.results[0])))
+            out.append((_space(m), m["addr"], m["addr"] + value_bytes(op.results[0], self.bounds)))
         scratch = self._scratch_region(op)
         return out + ([scratch] if scratch is not None else [])
 
@@ -152,10 +158,7 @@ class _Codegen:
             return None
         s = op.attrs["scratch"]
         size = scratch_bytes(op, self.bounds)
-        return (G if s["space"] == "g" else D, s["addr"], s["addr"] + size)
-
-    def _bytes(self, v: Value) -> int:
-        return F32 * self.bound_rows(v) * self.cols(v) if v.type.rank else F32
+        return (_space(s), s["addr"], s["addr"] + size)
 
     # ---- driver --------------------------------------------------------------------------
 
@@ -184,6 +187,7 @@ class _Codegen:
             self.op_index = i
             if op.name not in ("input", "output", "weight", "const", "kv_cache"):
                 self.barrier[id(op)] = DATA_BARRIERS[i % len(DATA_BARRIERS)]
+                self.op_wait = self.waits(op)  # fixed while the op is emitted (nothing retires meanwhile)
                 getattr(self, f"_op_{op.name}")(op)
                 bit = 1 << self.barrier[id(op)]
                 for v in op.operands:
@@ -204,7 +208,7 @@ class _Codegen:
             return
         mask = self.readers.get(id(v), 0) | (1 << self.barrier[id(owner)] if id(owner) in self.barrier else 0)
         m = owner.attrs["mem"]
-        self.retired.append((G if m["space"] == "g" else D, m["addr"], m["addr"] + self._bytes(v), mask))
+        self.retired.append((_space(m), m["addr"], m["addr"] + value_bytes(v, self.bounds), mask))
 
     # ---- DRAM image ----------------------------------------------------------------------
 
@@ -230,13 +234,12 @@ class _Codegen:
             if users and all(u.name == "linear" and u.operands[1] is op.result for u in users):
                 continue  # streamed through the macros, already in the weight region
             v = op.result
-            shape = v.type.bound_shape(self.bounds)
-            size = F32 * int(np.prod(shape))
+            size = value_bytes(v, self.bounds)
             self.const_addr[id(v)] = addr
             if op.name == "const":
                 data = np.frombuffer(base64.b64decode(op.attrs["data"]), dtype="<f4")
                 if data.size * F32 != size:
-                    raise ValueError(f"const {op.loc}: {data.size} values for shape {shape}")
+                    raise ValueError(f"const {op.loc}: {data.size} values for shape {v.type.bound_shape(self.bounds)}")
                 image.add(ArraySegment(addr, size, lambda d=data: d))
             else:
                 image.add(ArraySegment(addr, size, self._matrix(op)))
@@ -286,7 +289,7 @@ class _Codegen:
     def _op_embedding(self, op: Op) -> None:
         ids, table = op.operands
         out = op.result
-        self.emit("gather", sig=self.barrier[id(op)], wait=self.waits(op), dst=self.mem(out),
+        self.emit("gather", sig=self.barrier[id(op)], wait=self.op_wait, dst=self.mem(out),
                   table=self.mem(table), idx=self.mem(ids), n=self.rows(out), cols=self.cols(out),
                   vocab=int(table.type.shape[0]))
 
@@ -299,7 +302,7 @@ class _Codegen:
                 self._emit_loads(s)
         x, out = op.operands[0], op.result
         t = self.tilings[id(op)]
-        sig, wait = self.barrier[id(op)], self.waits(op)
+        sig, wait = self.barrier[id(op)], self.op_wait
         ab = act_bits(t.wbits, self.hw.macro.act_bits)
         sets = self.module.attrs["macro_sets"]
         per = len(sets[0])
@@ -329,7 +332,7 @@ class _Codegen:
                       cols=self.cols(out), abc=0, bbc=0)
 
     def _vec(self, op: Op, mnemonic: str, **fields: object) -> None:
-        self.emit(mnemonic, sig=self.barrier[id(op)], wait=self.waits(op) | (1 << self.barrier[id(op)]),
+        self.emit(mnemonic, sig=self.barrier[id(op)], wait=self.op_wait | (1 << self.barrier[id(op)]),
                   tile=op.attrs["sfu"], **fields)
 
     def _operand(self, v: Value, rows: int | str, cols: int) -> tuple[Mem, int]:
@@ -379,20 +382,22 @@ class _Codegen:
         self._vec(op, "vaffine", dst=self.mem(out), src=self.mem(out), rows=self.rows(out), cols=1,
                   alpha=1.0 / self.cols(op.operands[0]), beta=0.0)
 
-    def _softmax_rows(self, op: Op, s: Mem, m: Mem, l_: Mem, rows: Dim, cols: Dim | int) -> None:
-        """In-place row softmax of s using column scratch m and l."""
-        self._vec(op, "vrmax", dst=m, src=s, rows=rows, cols=cols)
-        self._vec(op, "vsub", dst=s, a=s, b=m, rows=rows, cols=cols, abc=0, bbc=1)
-        self._vec(op, "vexp", dst=s, src=s, rows=rows, cols=cols)
-        self._vec(op, "vrsum", dst=l_, src=s, rows=rows, cols=cols)
-        self._vec(op, "vrecip", dst=l_, src=l_, rows=rows, cols=1)
-        self._vec(op, "vmul", dst=s, a=s, b=l_, rows=rows, cols=cols, abc=0, bbc=1)
+    @staticmethod
+    def _softmax_rows(vec: Callable[..., None], s: Mem, m: Mem, l_: Mem, rows: Dim, cols: Dim | int) -> None:
+        """In-place row softmax of s using column scratch m and l; `vec(mnemonic, **fields)` emits."""
+        vec("vrmax", dst=m, src=s, rows=rows, cols=cols)
+        vec("vsub", dst=s, a=s, b=m, rows=rows, cols=cols, abc=0, bbc=1)
+        vec("vexp", dst=s, src=s, rows=rows, cols=cols)
+        vec("vrsum", dst=l_, src=s, rows=rows, cols=cols)
+        vec("vrecip", dst=l_, src=l_, rows=rows, cols=1)
+        vec("vmul", dst=s, a=s, b=l_, rows=rows, cols=cols, abc=0, bbc=1)
 
     def _op_softmax(self, op: Op) -> None:
         x, out = op.operands[0], op.result
         rows, cols = self.rows(out), self.cols(out)
         self._vec(op, "vcopy", dst=self.mem(out), src=self.mem(x), rows=rows, cols=cols)
-        self._softmax_rows(op, self.mem(out), self.scratch(op, "t"), self.scratch(op, "s"), rows, cols)
+        self._softmax_rows(partial(self._vec, op), self.mem(out), self.scratch(op, "t"), self.scratch(op, "s"), rows,
+                           cols)
 
     def _op_rms_norm(self, op: Op) -> None:
         x, w = op.operands
@@ -423,7 +428,7 @@ class _Codegen:
 
     def _op_kv_append(self, op: Op) -> None:
         cache, x = op.operands
-        self.emit("dma", sig=self.barrier[id(op)], wait=self.waits(op), dst=self.mem(cache)._replace(roff=PAST),
+        self.emit("dma", sig=self.barrier[id(op)], wait=self.op_wait, dst=self.mem(cache)._replace(roff=PAST),
                   src=self.mem(x), rows=self.rows(x), cols=self.cols(x), dt="f32")
 
     def _op_attention(self, op: Op) -> None:
@@ -437,7 +442,7 @@ class _Codegen:
         slots = op.attrs["slots"]
         # Heads are independent: each runs in order on its own SFU, waiting only on q, k, v and
         # on memory reuse; a head that reuses a score slot runs on the same SFU as its previous user.
-        sig, wait = self.barrier[id(op)], self.waits(op)
+        sig, wait = self.barrier[id(op)], self.op_wait
         for head in range(h):
             slot, kv = head % slots, head // group
             tile = (op.attrs["sfu"] + slot) % self.tiles  # heads sharing a slot share its SFU, in order
@@ -449,12 +454,7 @@ class _Codegen:
             vec("vmm", dst=s, a=self.mem(q, head * hd), b=self.mem(k, kv * hd), m=rows, k=hd, n=keys, tb=1,
                 alpha=op.attrs["scale"])
             vec("vcausal", dst=s, rows=rows, cols=keys, diag=diag)
-            vec("vrmax", dst=m, src=s, rows=rows, cols=keys)
-            vec("vsub", dst=s, a=s, b=m, rows=rows, cols=keys, abc=0, bbc=1)
-            vec("vexp", dst=s, src=s, rows=rows, cols=keys)
-            vec("vrsum", dst=l_, src=s, rows=rows, cols=keys)
-            vec("vrecip", dst=l_, src=l_, rows=rows, cols=1)
-            vec("vmul", dst=s, a=s, b=l_, rows=rows, cols=keys, abc=0, bbc=1)
+            self._softmax_rows(vec, s, m, l_, rows, keys)
             vec("vmm", dst=self.mem(out, head * hd), a=s, b=self.mem(v, kv * hd), m=rows, k=keys, n=hd, tb=0,
                 alpha=1.0)
 
