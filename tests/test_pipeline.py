@@ -54,12 +54,14 @@ class _BreakTypes:
 
 def test_verifier_names_the_pass_and_underlines_the_op() -> None:
     opts = CompileOptions(max_seq=8, pipeline="lift-idioms,test-break-types")
+    module = _module()
     with pytest.raises(VerifyError) as e:
-        run_pipeline(_module(), opts)
+        run_pipeline(module, opts)
     assert "pass 'test-break-types' produced invalid IR" in e.value.message
     assert "linear" in e.value.message and "node_" in e.value.message
     lines = e.value.detail.splitlines()
     assert "linear(" in lines[0] and set(lines[1].strip()) == {"^"}
+    assert lines[0].strip() in print_module(module).splitlines()  # the op as the dump prints it, same %names
     REGISTRY.pop("test-break-types")
 
 

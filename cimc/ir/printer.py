@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 
-from cimc.ir.core import Module, Op, Value
+from cimc.ir.core import Module, Op
 
 VERSION = 1
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -38,9 +38,10 @@ def format_attrs(attrs: dict) -> str:
 
 
 def print_op(op: Op, names: dict[int, str]) -> str:
-    """One op as a line; `names` maps id(value) to its %N name and is extended with the results."""
+    """One op as a line; `names` maps id(value) to its %N name and is extended with the results
+    (results already named, as by `value_names`, keep their names)."""
     for r in op.results:
-        names[id(r)] = f"%{len(names)}"
+        names.setdefault(id(r), f"%{len(names)}")
     head = ", ".join(names[id(r)] for r in op.results)
     text = (f"{head} = " if head else "") + op.name
     text += "(" + ", ".join(names.get(id(v), "%?") for v in op.operands) + ")"
@@ -68,6 +69,3 @@ def value_names(module: Module) -> dict[int, str]:
             names[id(r)] = f"%{len(names)}"
     return names
 
-
-def describe(value: Value, names: dict[int, str]) -> str:
-    return f"{names.get(id(value), '%?')} : {value.type}"

@@ -7,7 +7,7 @@ underlined; the pass manager adds which pass broke it.
 from __future__ import annotations
 
 from cimc.ir.core import Module, Op
-from cimc.ir.ops import ANNOTATIONS, ATTR_TYPES, OPS, TypeRuleError
+from cimc.ir.ops import ANNOTATIONS, ATTR_TYPES, OPS, TypeRuleError, from_attr
 from cimc.ir.printer import print_op, value_names
 from isa.diag import CimcError
 
@@ -20,7 +20,7 @@ class VerifyError(CimcError):
 
 
 def _fail(op: Op, names: dict[int, str], message: str) -> None:
-    text = print_op(op, dict(names))
+    text = print_op(op, names)
     err = VerifyError(f"invalid IR at {op.name} (ONNX node {op.loc!r}): {message}",
                       detail=f"  {text}\n  {'^' * len(text)}")
     err.op, err.reason = op, message
@@ -59,7 +59,7 @@ def verify_module(module: Module) -> None:
                 _fail(op, names, f"unknown attribute {key!r}")
             if not isinstance(value, ATTR_TYPES[tname]) or (tname != "bool" and isinstance(value, bool)):
                 _fail(op, names, f"attribute {key!r} must be {tname}, got {value!r}")
-        if d.infer.__name__ != "_from_attr":
+        if d.infer is not from_attr:
             try:
                 expected = d.infer([v.type for v in op.operands], op.attrs)
             except TypeRuleError as e:
