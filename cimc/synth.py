@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -44,6 +43,8 @@ from typing import BinaryIO
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from isa.atomic import atomic_file
 
 OPSET = 20
 IR_VERSION = 10
@@ -147,7 +148,7 @@ def build_decoder_onnx(
         raise ValueError(f"{cfg.name}: {weight_bytes} bytes of weights need external_data=True")
     if external_data:
         data_path = path.with_name(path.name + ".data")
-        with _atomic_write(data_path) as f:
+        with atomic_file(data_path) as f:
             graph = _Graph(seed, _DataFile(f, data_path.name))
             _decoder(graph, cfg)
     else:
@@ -161,21 +162,9 @@ def build_decoder_onnx(
     )
     provenance = {"cimc.synth.config": json.dumps(asdict(cfg)), "cimc.synth.seed": str(seed)}
     helper.set_model_props(model, provenance)
-    with _atomic_write(path) as f:
+    with atomic_file(path) as f:
         f.write(model.SerializeToString())
     return path
-
-
-@contextmanager
-def _atomic_write(path: Path) -> Iterator[BinaryIO]:
-    """Yield a file that replaces ``path`` only once the block finishes without error."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _normal_chunks(rng: np.random.Generator, n: int, std: float, mean: float) -> Iterator[np.ndarray]:

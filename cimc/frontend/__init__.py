@@ -7,8 +7,8 @@ from pathlib import Path
 
 import onnx
 
-from cimc.frontend.fold import Binding, analyze, find_roles, position_tables
-from cimc.frontend.lift import Lifter
+from cimc.frontend.fold import Binding, analyze, find_roles, position_tables, prepare
+from cimc.frontend.lift import Lifter, cannot_compile
 from cimc.frontend.model import OnnxModel, WeightStore, open_model
 from cimc.ir.core import Module
 from isa.diag import CimcError
@@ -30,13 +30,11 @@ def import_onnx(path: str | os.PathLike, *, max_seq: int = 256, max_ctx: int | N
     if max_ctx < max_seq:
         raise CimcError(f"--max-ctx ({max_ctx}) must be at least --max-seq ({max_seq})")
     model, weights = open_model(path)
-    foreign = [n for n in model.nodes if n.domain not in ("", "ai.onnx") or not onnx.defs.has(n.op_type)]
+    standard = ("", "ai.onnx")
+    foreign = [(n, "operator not supported yet" if n.domain not in standard else "not a standard ONNX operator")
+               for n in model.nodes if n.domain not in standard or not onnx.defs.has(n.op_type)]
     if foreign:
-        lines = [f"  {n.name} [{n.op_type} (domain {n.domain})]: operator not supported yet" if n.domain
-                 not in ("", "ai.onnx") else f"  {n.name} [{n.op_type}]: not a standard ONNX operator"
-                 for n in foreign]
-        raise CimcError(f"{model.path}: cannot compile {len(lines)} node(s); nothing was written",
-                        detail="\n".join(lines))
+        raise cannot_compile(model, foreign)
     dims = dict(dims or {})
     roles = find_roles(model)
     # The graph is lifted at small, distinct lengths (no axis of interest has size 1), compared
@@ -46,8 +44,9 @@ def import_onnx(path: str | os.PathLike, *, max_seq: int = 256, max_ctx: int | N
     bindings = {"main": Binding(5, past), "seq": Binding(6, past)}
     if roles.caches:
         bindings["past"] = Binding(5, past + 4)
-    facts = {k: analyze(model, weights, b, dims, roles) for k, b in bindings.items()}
+    prep = prepare(model, weights, roles)
+    facts = {k: analyze(model, prep, b, dims, roles) for k, b in bindings.items()}
     tables = position_tables(model, facts["main"], facts["seq"])
-    facts["table"] = analyze(model, weights, Binding(max(max_ctx, past + 6), 0), dims, roles, only=tables)
+    facts["table"] = analyze(model, prep, Binding(max(max_ctx, past + 6), 0), dims, roles, only=tables)
     module = Lifter(model, facts, roles, max_seq, max_ctx, Path(path).stem).run()
     return module, weights

@@ -53,10 +53,6 @@ class Facts:
     elem_types: dict[str, int]
     values: dict[str, np.ndarray]
 
-    @property
-    def n(self) -> int:
-        return self.binding.seq
-
 
 @dataclass
 class Roles:
@@ -169,16 +165,30 @@ def assumed_values(roles: Roles, shapes: dict[str, tuple[int, ...]], b: Binding,
     return out
 
 
-def analyze(model: OnnxModel, weights: WeightStore, b: Binding, dims: dict[str, int], roles: Roles,
+@dataclass
+class Folding:
+    """What folding needs that no binding changes: the data-dependent values, the lazy
+    (weight-derived) ones, and the initializers folding may read."""
+
+    data: set[str]
+    lazy: set[str]
+    consts: dict[str, np.ndarray]
+
+
+def prepare(model: OnnxModel, weights: WeightStore, roles: Roles) -> Folding:
+    data = data_values(model, roles)
+    lazy = weight_derived(model, data)
+    consts = {name: np.asarray(weights.get(name)) for name in model.initializers if name not in lazy}
+    return Folding(data, lazy, consts)
+
+
+def analyze(model: OnnxModel, prep: Folding, b: Binding, dims: dict[str, int], roles: Roles,
             only: set[str] | None = None) -> Facts:
     """Fold static values and infer all shapes at binding `b`; with `only`, just the nodes those
     values depend on (a long binding would otherwise fold every [seq, seq] mask too)."""
     nodes = model.nodes if only is None else model.upstream(only)
-    data = data_values(model, roles)
-    lazy = weight_derived(model, data)
-    values: dict[str, np.ndarray] = {
-        name: np.asarray(weights.get(name)) for name in model.initializers if name not in lazy
-    }
+    data, lazy = prep.data, prep.lazy
+    values: dict[str, np.ndarray] = dict(prep.consts)
     input_shapes = bind_inputs(model, roles, b, dims)
     shapes: dict[str, tuple[int, ...]] = dict(input_shapes)
     types: dict[str, int] = {k: v.type.tensor_type.elem_type for k, v in model.inputs.items()}
@@ -232,7 +242,7 @@ def _fold_ready(model: OnnxModel, pending: list[Node], values: dict[str, np.ndar
     needed = {i for nd in batch for i in nd.inputs if i in values}
     produced = [o for nd in batch for o in nd.outputs if o]
     graph = helper.make_graph(
-        [_proto(nd) for nd in batch], "fold", [],
+        [nd.proto for nd in batch], "fold", [],
         [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in produced],
         [numpy_helper.from_array(values[i], i) for i in sorted(needed)],
     )
@@ -259,11 +269,6 @@ def _shape_op(nd: Node, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
     return {nd.outputs[0]: np.array(shape[max(0, start):min(rank, end)], dtype=np.int64)}
 
 
-def _proto(nd: Node) -> onnx.NodeProto:
-    return helper.make_node(nd.op_type, nd.inputs, nd.outputs, name=nd.name, domain=nd.domain or None,
-                            **nd.attrs)
-
-
 def _infer_shapes(model: OnnxModel, among: list[Node], values: dict[str, np.ndarray],
                   shapes: dict[str, tuple[int, ...]], types: dict[str, int], input_shapes: dict[str, tuple[int, ...]],
                   lazy: set[str]) -> bool:
@@ -278,7 +283,7 @@ def _infer_shapes(model: OnnxModel, among: list[Node], values: dict[str, np.ndar
     inits = [numpy_helper.from_array(v, k) for k, v in values.items() if k in consumed]
     produced = [o for nd in nodes for o in nd.outputs if o]
     outputs = [o for o in model.outputs if o in set(produced)] or produced[-1:]
-    graph = helper.make_graph([_proto(nd) for nd in nodes], "infer", inputs,
+    graph = helper.make_graph([nd.proto for nd in nodes], "infer", inputs,
                               [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in outputs], inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in model.opsets.items()],
                               ir_version=model.proto.ir_version)

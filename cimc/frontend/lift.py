@@ -76,6 +76,13 @@ _BINARY = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Max": "max"}
 _REDUCE = {"ReduceMean": "reduce_mean", "ReduceSum": "reduce_sum", "ReduceMax": "reduce_max"}
 
 
+def cannot_compile(model: OnnxModel, failures: list[tuple[Node, str]]) -> CimcError:
+    """The one error listing every node that cannot be compiled, and why."""
+    lines = [f"  {n.name} [{n.op_type}" + (f" (domain {n.domain})" if n.domain not in ("", "ai.onnx") else "")
+             + f"]: {reason}" for n, reason in failures]
+    return CimcError(f"{model.path}: cannot compile {len(lines)} node(s); nothing was written", detail="\n".join(lines))
+
+
 class Lifter:
     """Builds the IR module for one model; see the module docstring."""
 
@@ -88,7 +95,6 @@ class Lifter:
         self.f1, self.f2, self.fpast, self.ftab = facts["main"], facts["seq"], facts.get("past"), facts["table"]
         self.n, self.past = self.f1.binding.seq, self.f1.binding.past
         self.module = Module(name, {"max_seq": max_seq, "max_ctx": max_ctx, "source": model.path.name})
-        self.poisoned = 0
         self.rw = Rewriter(self.module)
         self.env: dict[str, Term] = {}
         self.reasons: dict[str, str] = {}  # node name -> why it could not be compiled
@@ -111,13 +117,7 @@ class Lifter:
 
     def _fail(self) -> None:
         by_node = {n.name: n for n in self.model.nodes}
-        lines = []
-        for name, reason in self.reasons.items():
-            node = by_node.get(name)
-            what = f"{node.op_type}" + (f" (domain {node.domain})" if node and node.domain else "") if node else "?"
-            lines.append(f"  {name} [{what}]: {reason}")
-        raise CimcError(f"{self.model.path}: cannot compile {len(lines)} node(s); nothing was written",
-                        detail="\n".join(lines))
+        raise cannot_compile(self.model, [(by_node[name], reason) for name, reason in self.reasons.items()])
 
     # ---- helpers -------------------------------------------------------------------------
 
@@ -283,7 +283,7 @@ class Lifter:
                 result: Term = self._weight_expr(node, args)
             else:
                 handler = getattr(self, f"_on_{node.op_type}", None)
-                if handler is None or node.domain not in ("", "ai.onnx"):
+                if handler is None:
                     raise Unsupported(f"op {node.op_type} is not supported on activations")
                 result = handler(node, args)
         except Poisoned:
@@ -307,7 +307,6 @@ class Lifter:
         if any(d != 1 for d in lead) or len([d for d in rest if d != 1]) > 1:
             return None
         cols = int(np.prod(rest)) if rest else 1
-        self.poisoned += 1
         base = self.rw.create("const", [], [TensorType("f32", (SEQ, cols))], {"data": ""}, node.name).result
         return self._view_of(base, shape)
 
@@ -715,8 +714,6 @@ class Lifter:
         idx[seq_ax] = slice(None)
         idx[-1] = slice(None)
         table = full[tuple(idx)]
-        if seq_ax > len(x.shape) - 1:
-            table = table.T
         ref = np.broadcast_to(table.reshape([x.shape[i] if i in (seq_ax, len(x.shape) - 1) else 1
                                              for i in range(len(x.shape))]), x.shape)
         if not np.array_equal(ref, full):

@@ -33,6 +33,7 @@ class Node:
     inputs: list[str]
     outputs: list[str]
     attrs: dict
+    proto: onnx.NodeProto  # the node as in the file (named like `name`), for folding and inference
 
 
 @dataclass
@@ -142,8 +143,8 @@ def open_model(path: str | os.PathLike) -> tuple[OnnxModel, WeightStore]:
     nodes = []
     for i, n in enumerate(g.node):
         attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-        nodes.append(Node(n.name or f"{n.op_type}_{i}", n.op_type, n.domain or "", list(n.input),
-                          list(n.output), attrs))
+        n.name = n.name or f"{n.op_type}_{i}"
+        nodes.append(Node(n.name, n.op_type, n.domain or "", list(n.input), list(n.output), attrs, n))
     model = OnnxModel(p, proto, nodes, inputs, [o.name for o in g.output], inits,
                       {o.domain or "": o.version for o in proto.opset_import})
     _index(model)

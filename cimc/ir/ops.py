@@ -75,7 +75,7 @@ def _float(t: TensorType, what: str) -> None:
     _need(t.dtype == "f32", f"{what} must be f32, got {t}")
 
 
-def _from_attr(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
+def from_attr(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
     raise TypeRuleError("result type is given, not inferred")
 
 
@@ -181,16 +181,16 @@ def _swiglu(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
 # ---- definitions -----------------------------------------------------------------------------
 
 _IO = {"name": "str", "onnx_dtype": "str", "onnx_shape": "list"}
-_def("input", (), _from_attr, "a graph input placed in DRAM; ids become i32; with `assume` (ones, positions) "
+_def("input", (), from_attr, "a graph input placed in DRAM; ids become i32; with `assume` (ones, positions) "
      "a mask or position input whose value is checked, not used", _IO, {"assume": "str"})
 _def("output", ("value",), _none, "a graph output, written to DRAM under its ONNX name; with `heads`, a KV "
      "cache shown as [1, heads, ctx, head_dim]", _IO, {"heads": "int"})
-_def("weight", (), _from_attr, "an ONNX initializer (optionally transposed), read lazily from the model",
+_def("weight", (), from_attr, "an ONNX initializer (optionally transposed), read lazily from the model",
      {"init": "str"}, {"transpose": "bool"})
-_def("const", (), _from_attr,
+_def("const", (), from_attr,
      "a constant folded at compile time; `data` is base64 of little-endian row-major values, "
      "position tables (ctx rows) stored up to max_ctx", {"data": "str"})
-_def("kv_cache", (), _from_attr, "a KV cache: state in DRAM kept from one program run to the next; with "
+_def("kv_cache", (), from_attr, "a KV cache: state in DRAM kept from one program run to the next; with "
      "`onnx_shape`, also the model's past-KV input [1, heads, past, head_dim]",
      {"name": "str"}, {"onnx_dtype": "str", "onnx_shape": "list", "heads": "int"})
 _def("kv_append", ("cache", "x"), _kv_append,
@@ -213,7 +213,3 @@ for _name, _doc in (("neg", "-x"), ("exp", "exp(x)"), ("sqrt", "sqrt(x)"), ("rsq
 _def("affine", ("x",), _same, "x * alpha + beta", {"alpha": "float", "beta": "float"})
 for _name, _doc in (("reduce_sum", "sum"), ("reduce_max", "maximum"), ("reduce_mean", "mean")):
     _def(_name, ("x",), _reduce, f"row {_doc}, keeping a column: [rows, 1]")
-
-#: Elementwise ops by arity, for passes and codegen.
-UNARY = ("neg", "exp", "sqrt", "rsqrt", "reciprocal", "sigmoid", "silu", "tanh", "gelu")
-BINARY = ("add", "sub", "mul", "div", "max")
