@@ -245,8 +245,7 @@ class _Assembler:
 
     def _reset_entry(self) -> None:
         """State of the entry being read (its `.entry` clears it)."""
-        self.entry_tree: Tree | None = None
-        self.entry_name = ""
+        self.entry_name = ""  # "" until a .entry opens one (entry names are non-empty)
         self.entry_meta: dict = {}
         self.symbols: list[Symbol] = []
         self.ops: list[dict] = []
@@ -305,7 +304,7 @@ class _Assembler:
                        meta=self.meta)
 
     def _close_entry(self, at: Tree | tuple[int, int]) -> None:
-        if self.entry_tree is None:
+        if not self.entry_name:
             return
         if not self.in_text:
             raise self.error(at, f"entry {self.entry_name!r}: missing .text (the instructions section)")
@@ -317,9 +316,9 @@ class _Assembler:
         name = str(tree.data)
         if name != "format" and "format" not in self.seen:
             raise self.error(tree, "expected .format as the first directive")
-        if name in _PROGRAM and self.entries + ([self.entry_tree] if self.entry_tree is not None else []):
+        if name in _PROGRAM and "entry" in self.seen:
             raise self.error(tree, f".{name} after an .entry (program directives come first)")
-        if name not in _PROGRAM and name != "entry" and self.entry_tree is None:
+        if name not in _PROGRAM and name != "entry" and not self.entry_name:
             raise self.error(tree, f".{name} before .entry (it belongs to an entry)")
         if self.in_text and name != "entry":
             raise self.error(tree, f".{name} after .text (directives come before the instructions)")
@@ -337,7 +336,7 @@ class _Assembler:
         name = self._string(name_tok)
         if not name or name in (e.name for e in self.entries):
             raise self.error(name_tok, f"entry name {name!r} is empty or used twice")
-        self.entry_tree, self.entry_name, self.entry_meta = tree, name, self._json(meta_tok)
+        self.entry_name, self.entry_meta = name, self._json(meta_tok)
 
     def _format(self, tree: Tree, major: Token, minor: Token) -> None:
         if _int(major) != FORMAT_VERSION[0]:

@@ -6,7 +6,7 @@ import os
 import secrets
 import stat
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import IO
 
 from isa.diag import CimcError
@@ -22,37 +22,28 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", **open_args: object) 
     regular file (a device such as /dev/stdout, a FIFO) is written in place, since it cannot be
     replaced."""
     name = os.fspath(path)
-    real = os.path.realpath(name)
     try:
-        special = not stat.S_ISREG(os.stat(real).st_mode)
-    except FileNotFoundError:
-        special = False
-    except OSError as e:
-        raise CimcError(f"cannot write {name}: {e.strerror or e}") from e
-    if special:
+        real = os.path.realpath(name)
         try:
+            special = not stat.S_ISREG(os.stat(real).st_mode)
+        except FileNotFoundError:
+            special = False
+        if special:
             with open(real, mode, **open_args) as f:  # type: ignore[call-overload]
                 yield f
-        except OSError as e:
-            raise CimcError(f"cannot write {name}: {e.strerror or e}") from e
-        return
-    directory, base = os.path.split(real)
-    tmp = os.path.join(directory, f".{base}.{secrets.token_hex(6)}.tmp")
-    try:
+            return
+        directory, base = os.path.split(real)
+        tmp = os.path.join(directory, f".{base}.{secrets.token_hex(6)}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        try:
+            with os.fdopen(fd, mode, **open_args) as f:  # type: ignore[call-overload]
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, real)
+        except BaseException:
+            with suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
     except OSError as e:
         raise CimcError(f"cannot write {name}: {e.strerror or e}") from e
-    try:
-        with os.fdopen(fd, mode, **open_args) as f:  # type: ignore[call-overload]
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, real)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(exc, OSError):
-            raise CimcError(f"cannot write {name}: {exc.strerror or exc}") from exc
-        raise

@@ -48,6 +48,13 @@ SECTION_ALIGN, DRAM_ALIGN = 64, 4096
 _CHUNK = 1 << 24  # bytes per read/write when streaming the DRAM image
 _T = TypeVar("_T")
 _SYMBOL_KEYS = frozenset(("name", "kind", "dtype", "mtype", "shape", "addr", "stride", "heads", "check"))
+_ENTRY_TAG = re.compile(r"[CX][0-9]{3}")  # per-entry sections: code C000.., debug map X000..
+
+
+def _entry_tags(k: int) -> tuple[str, str]:
+    """The code and debug-map section tags of entry `k`."""
+    return f"C{k:03d}", f"X{k:03d}"
+
 
 
 class Section(NamedTuple):
@@ -225,11 +232,10 @@ def _small_sections(program: Program) -> list[tuple[str, bytes]]:
     for k, entry in enumerate(program.entries):
         where = f"entry {entry.name!r}"
         syms = [s.to_json() for s in entry.symbols]
-        for i, s in enumerate(syms):
-            try:
-                symbol_from_json(s)
-            except ValueError as e:
-                raise ValueError(f"{where}: symbol {i}: {e}") from None
+        try:
+            _parse_symbols(syms)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
         ops = entry.debug.ops
         if not isinstance(ops, list) or not all(isinstance(o, dict) for o in ops):
             raise ValueError(f"{where}: DebugInfo.ops must be a list of dicts")
@@ -246,7 +252,8 @@ def _small_sections(program: Program) -> list[tuple[str, bytes]]:
         if len(idx) and (idx.min() < 0 or idx.max() >= len(ops)):
             raise ValueError(f"{where}: DebugInfo.instr_op has indices outside [0, {len(ops)})")
         table.append({"name": entry.name, "meta": entry.meta, "symbols": syms, "ops": ops})
-        code += [(f"C{k:03d}", bytes(entry.code)), (f"X{k:03d}", idx.astype("<u4").tobytes())]
+        ctag, xtag = _entry_tags(k)
+        code += [(ctag, bytes(entry.code)), (xtag, idx.astype("<u4").tobytes())]
     return [("META", _dumps(program.meta)), ("HWCF", _dumps(program.hw)), ("ENTS", _dumps(table)), *code]
 
 
@@ -364,7 +371,7 @@ def read_binary(path: str | os.PathLike, *, verify_dram: bool = False) -> Progra
             fingerprint, sections = _read_header(f, name, os.fstat(f.fileno()).st_size)
             data = {}
             for tag, sec in sections.items():
-                if tag == "DRAM" or not (tag in TAGS or re.fullmatch(r"[CX][0-9]{3}", tag)):
+                if tag == "DRAM" or not (tag in TAGS or _ENTRY_TAG.fullmatch(tag)):
                     continue
                 f.seek(sec.offset)
                 data[tag] = f.read(sec.size)
@@ -382,7 +389,7 @@ def read_binary(path: str | os.PathLike, *, verify_dram: bool = False) -> Progra
     table = _section(name, "ENTS", _parse_entries, data["ENTS"])
     entries = []
     for k, (ename, emeta, symbols, ops) in enumerate(table):
-        ctag, xtag = f"C{k:03d}", f"X{k:03d}"
+        ctag, xtag = _entry_tags(k)
         if ctag not in data or xtag not in data:
             raise CimcError(f"{name}: entry {ename!r} has no section {ctag if ctag not in data else xtag}")
         code = _section(name, ctag, _parse_code, data[ctag])
@@ -415,20 +422,25 @@ def _parse_json(raw: bytes) -> object:
         raise ValueError(f"invalid JSON: {e}") from None
 
 
-def parse_symbols(items: object) -> list[Symbol]:
-    """Validate a JSON list of symbols."""
-    if not isinstance(items, list):
-        raise ValueError(f"expected a JSON list, got {type(items).__name__}")
+def _parse_each(items: list, parse: Callable[[object], _T], what: str) -> list[_T]:
+    """`parse` applied to each item; an error names the item (`what` i)."""
     out = []
     for i, item in enumerate(items):
         try:
-            out.append(symbol_from_json(item))
+            out.append(parse(item))
         except ValueError as e:
-            raise ValueError(f"symbol {i}: {e}") from None
+            raise ValueError(f"{what} {i}: {e}") from None
     return out
 
 
-def parse_entry_header(obj: object) -> tuple[str, dict, list[Symbol], list[dict]]:
+def _parse_symbols(items: object) -> list[Symbol]:
+    """Validate a JSON list of symbols."""
+    if not isinstance(items, list):
+        raise ValueError(f"expected a JSON list, got {type(items).__name__}")
+    return _parse_each(items, symbol_from_json, "symbol")
+
+
+def _parse_entry_header(obj: object) -> tuple[str, dict, list[Symbol], list[dict]]:
     """Validate one entry of the ENTS table: (name, meta, symbols, debug ops)."""
     if not isinstance(obj, dict) or set(obj) != {"name", "meta", "symbols", "ops"}:
         raise ValueError("expected an object with keys name, meta, symbols, ops")
@@ -436,19 +448,14 @@ def parse_entry_header(obj: object) -> tuple[str, dict, list[Symbol], list[dict]
         raise ValueError("name must be a non-empty string")
     if not isinstance(obj["meta"], dict):
         raise ValueError("meta must be an object")
-    return obj["name"], obj["meta"], parse_symbols(obj["symbols"]), parse_ops(obj["ops"])
+    return obj["name"], obj["meta"], _parse_symbols(obj["symbols"]), _parse_ops(obj["ops"])
 
 
 def _parse_entries(raw: bytes) -> list[tuple[str, dict, list[Symbol], list[dict]]]:
     items = _parse_json(raw)
     if not isinstance(items, list) or not items:
         raise ValueError("expected a non-empty JSON list of entries")
-    out = []
-    for i, item in enumerate(items):
-        try:
-            out.append(parse_entry_header(item))
-        except ValueError as e:
-            raise ValueError(f"entry {i}: {e}") from None
+    out = _parse_each(items, _parse_entry_header, "entry")
     if len({e[0] for e in out}) != len(out):
         raise ValueError("entry names are not distinct")
     return out
@@ -459,7 +466,7 @@ def _parse_code(raw: bytes) -> bytes:
     return raw
 
 
-def parse_ops(ops: object) -> list[dict]:
+def _parse_ops(ops: object) -> list[dict]:
     """Validate a JSON list of debug ops."""
     if not isinstance(ops, list):
         raise ValueError(f"expected a JSON list, got {type(ops).__name__}")

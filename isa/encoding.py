@@ -51,11 +51,20 @@ class Instr:
                 self.f[fd.name] = fd.kind.check(self.f[fd.name])
             except FieldError as e:
                 raise EncodingError(f"{self.op}: field {fd.name}: {e}") from None
-        if not 0 <= self.sig < N_BARRIERS:
+        if not _sig_ok(self.sig):
             raise EncodingError(f"{self.op}: sig must be a barrier in [0, {N_BARRIERS - 1}]")
-        if not 0 <= self.wait < (1 << N_BARRIERS) or self.wait & 1:
+        if not _wait_ok(self.wait):
             raise EncodingError(f"{self.op}: wait mask must name barriers 1..{N_BARRIERS - 1}")
         return self
+
+
+def _sig_ok(sig: int) -> bool:
+    return 0 <= sig < N_BARRIERS
+
+
+def _wait_ok(wait: int) -> bool:
+    """A wait mask names barriers 1.. (barrier 0 is "none")."""
+    return 0 <= wait < (1 << N_BARRIERS) and not wait & 1
 
 
 def encode(instrs: list[Instr]) -> bytes:
@@ -73,8 +82,7 @@ def encode(instrs: list[Instr]) -> bytes:
         sub = [instrs[i] for i in idx]
         names = set(spec.field_names) if spec is not None else set()
         for k, ins in zip(idx, sub, strict=True):
-            if spec is None or ins.f.keys() != names or not 0 <= ins.sig < N_BARRIERS \
-                    or not 0 <= ins.wait < (1 << N_BARRIERS) or ins.wait & 1:
+            if spec is None or ins.f.keys() != names or not _sig_ok(ins.sig) or not _wait_ok(ins.wait):
                 try:
                     Instr(ins.op, dict(ins.f), ins.sig, ins.wait).validate()
                 except EncodingError as e:

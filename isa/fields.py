@@ -90,22 +90,18 @@ class Kind:
         """Vectorised `check` + `pack` of many values (uint64 array); PackError names the first bad one.
         Kinds override `_pack_fast` for their common value types; anything else goes one by one."""
         fast = self._pack_fast(values)
-        if fast is not None:
-            raw, ok = fast
-            if ok.all():
-                return raw
-            bad = int(np.flatnonzero(~ok)[0])
-        else:
+        if fast is None:
             raw = np.zeros(len(values), np.uint64)
-            bad = -1
             for i, v in enumerate(values):
                 try:
                     raw[i] = self.pack(self.check(v))
-                except FieldError:
-                    bad = i
-                    break
-            if bad < 0:
-                return raw
+                except FieldError as e:
+                    raise PackError(i, str(e)) from None
+            return raw
+        raw, ok = fast
+        if ok.all():
+            return raw
+        bad = int(np.flatnonzero(~ok)[0])
         try:
             self.check(values[bad])
         except FieldError as e:
