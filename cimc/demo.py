@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from cimc.driver import CompileOptions, compile_model
+from cimc.synth import DecoderConfig, build_decoder_onnx
 from isa.binary import read_binary, write_binary
 from isa.diag import CimcError
 from isa.hw import load_hw
@@ -16,8 +17,12 @@ from runtime.generate import render_text as render_generation
 from runtime.interpreter import Session, simulate
 from runtime.report import render_text
 
-#: The example model shipped in the repository (built by examples/make_tiny_model.py).
+#: The example model shipped in the repository, and its recipe (examples/make_tiny_model.py
+#: builds it from these; a test checks the bundled file is what they build today).
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tiny_llama.onnx"
+EXAMPLE_CONFIG = DecoderConfig(name="tiny-llama", vocab=512, hidden=64, layers=2, heads=4, kv_heads=2,
+                               intermediate=128, rope_theta=10000.0, rms_eps=1e-6)
+EXAMPLE_SEED = 0
 
 
 def example_model(cache: Path) -> Path:
@@ -25,11 +30,8 @@ def example_model(cache: Path) -> Path:
     without the repository's examples/ folder."""
     if EXAMPLE.is_file():
         return EXAMPLE
-    from cimc.synth import DecoderConfig, build_decoder_onnx
-
     path = cache / "tiny_llama.onnx"
-    build_decoder_onnx(DecoderConfig(name="tiny-llama", vocab=512, hidden=64, layers=2, heads=4, kv_heads=2,
-                                     intermediate=128), path, seed=0)
+    build_decoder_onnx(EXAMPLE_CONFIG, path, seed=EXAMPLE_SEED, external_data=False)
     return path
 
 

@@ -19,20 +19,10 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone without installing
 
-from cimc.synth import DecoderConfig, build_decoder_onnx
+from cimc.demo import EXAMPLE_CONFIG as CONFIG
+from cimc.demo import EXAMPLE_SEED as SEED
+from cimc.synth import build_decoder_onnx
 
-CONFIG = DecoderConfig(
-    name="tiny-llama",
-    vocab=512,
-    hidden=64,
-    layers=2,
-    heads=4,
-    kv_heads=2,
-    intermediate=128,
-    rope_theta=10000.0,
-    rms_eps=1e-6,
-)
-SEED = 0
 PROMPT = np.array([[1, 17, 42, 99, 256, 7, 311, 500]], dtype=np.int64)
 MAX_BYTES = 1_000_000
 
