@@ -398,13 +398,9 @@ def test_run_on_other_hardware_of_same_structure(cli, zoo, shared_models: Path, 
 
 
 def test_run_on_structurally_different_hardware_is_an_error(cli, bad) -> None:
+    """The error says what differs, naming the binary and the key."""
     res = cli("run", bad["tiny"], "--inputs", bad["ids"], "--set", "chip.tiles=8")
-    assert_user_error(res, ["different hardware structure", "chip.tiles"])
-
-
-def test_structural_mismatch_error_names_binary_and_key(cli, bad) -> None:
-    res = cli("run", bad["tiny"], "--inputs", bad["ids"], "--set", "chip.tiles=8")
-    assert_user_error(res, [bad["tiny"], "chip.tiles"])
+    assert_user_error(res, ["different hardware structure", "chip.tiles", bad["tiny"]])
 
 
 # ---- ir, compile dumps, determinism, disasm/asm ----------------------------------------------

@@ -166,7 +166,7 @@ def test_bad_requests(prompt, new, message, programs) -> None:
         generate(Session(programs("llama_a_dynamo")), prompt, new)
 
 
-def test_binary_without_decode_program(programs, tmp_path: Path) -> None:
+def test_binary_without_decode_program(programs) -> None:
     program = programs("llama_a_dynamo")
     program = type(program)(program.entries[:1], program.dram, program.hw, program.hw_fingerprint, program.meta)
     with pytest.raises(CimcError, match="has no prefill and decode programs"):

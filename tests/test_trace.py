@@ -136,26 +136,13 @@ def test_max_events_samples_runs_and_marks_all(tmp_path: Path) -> None:
     assert 0 < _slices(events, "runs")[0]["args"]["instructions_drawn"] < 7
 
 
-def _program_parts(program) -> tuple[bytes, object]:
-    """Code and debug map of the program's first entry (or of the program, before entries existed)."""
-    target = program.entry()
-    return target.code, target.debug
-
-
 def test_real_pipeline_shows_weight_loads_overlapping_mvms(tmp_path: Path) -> None:
     from cimc.driver import CompileOptions, compile_model
-    from isa.cost import CostModel
-    from isa.encoding import decode_columns
-    from isa.hw import HardwareConfig
-    from runtime.interpreter import simulate
+    from runtime.interpreter import Session
 
-    program = compile_model(ROOT / "examples" / "tiny_llama.onnx", CompileOptions(max_seq=16))
-    sim = simulate(program, numerics=False, tokens=8)
-    cost = CostModel(HardwareConfig.from_dict(program.hw, "x"))
-    code, debug = _program_parts(program)
-    cols = decode_columns(code)
-    costs = cost.instr_costs(cols, np.array([0, 8, 0, 8]))
-    run = TraceRun.from_sim("prefill (8 tokens)", sim.timeline, costs, cols.opcode, debug)
+    session = Session(compile_model(ROOT / "examples" / "tiny_llama.onnx", CompileOptions(max_seq=16)))
+    run = session.trace_run(session.run(numerics=False, tokens=8), "prefill (8 tokens)")
+    cost = session.cost
     out = tmp_path / "tiny.json"
     write_trace(out, [run], cost.unit_names(), cost.f_hz)
     events = _load(out)
