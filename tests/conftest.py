@@ -7,10 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-#: The shared model zoo sits beside the clone (also in CI): <repo>/../shared/models.
-SHARED_MODELS = REPO.parent / "shared" / "models"
+from model_fixtures import SHARED_MODELS
 
 
 @pytest.fixture(scope="session")

@@ -24,15 +24,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
+from model_fixtures import EXAMPLE, max_err, ort_logits
 from onnx import TensorProto, helper, numpy_helper
 
 from cimc.driver import DEFAULT_PIPELINE
 from isa.binary import read_binary, read_sections
 from isa.hw import NOT_MODELLED, SCHEMA, load_hw
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 PASSES = [p.split("{")[0] for p in DEFAULT_PIPELINE.split(",")]
 ZOO = ["llama_a_dynamo", "qwen2_a_dynamo"]
 LAYERS = ["embed", "layer0", "layer1", "head"]
@@ -96,16 +95,6 @@ def run_exe(*argv: object, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "CIMC_DEBUG"}
     return subprocess.run([str(_cimc_exe()), *map(str, argv)], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300, check=False)
-
-
-def ort_logits(model: Path, ids: np.ndarray) -> np.ndarray:
-    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    return sess.run(["logits"], {"input_ids": ids.astype(np.int64)})[0]
-
-
-def max_abs(a: np.ndarray, b: np.ndarray) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
 
 
 def _graph_outputs(model: Path) -> dict[str, list]:
@@ -174,10 +163,10 @@ def bad(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     the positions of the planted assembly / IR mistakes.
     """
     d = tmp_path_factory.mktemp("bad")
-    example = EXAMPLES / "tiny_llama.onnx"
+    example = EXAMPLE
     tiny = d / "tiny.cimb"
     _ok("compile", example, "-o", tiny, "--max-seq", "4", "-q")
-    ref = np.load(EXAMPLES / "tiny_llama.npz")
+    ref = np.load(EXAMPLE.with_suffix(".npz"))
     ids = ref["input.input_ids"]
     vocab = ref["output.logits"].shape[-1]
     ctx = {"bad": str(d), "tiny": str(tiny), "example": str(example), "ids": str(d / "ids.npz"),
@@ -278,7 +267,7 @@ def test_user_workflow_as_typed(cli, shared_models: Path, tmp_path: Path, monkey
     assert res.status == 0, res.err
     ref = np.load(models / "llama_a_dynamo.npz")["output.logits"]
     with np.load("out.npz") as out:
-        assert max_abs(out["logits"], ref) <= TOL
+        assert max_err(out["logits"], ref) <= TOL
     assert json.loads(Path("report.json").read_text())["tokens"] == ref.shape[1]
 
     res = cli("ir", model, "--after", "balance-stages")
@@ -318,7 +307,7 @@ def test_run_outputs_match_onnxruntime_and_report_is_complete(cli, zoo, shared_m
         got = out["logits"]
     assert got.dtype == np.float32
     assert got.shape == want.shape == (*ref["input.input_ids"].shape, graph_outputs["logits"][-1])
-    assert max_abs(got, want) <= TOL
+    assert max_err(got, want) <= TOL
 
     report = json.loads((tmp_path / "report.json").read_text())
     for key in ("cycles", "seconds", "joules", "energy_pj", "units", "layers"):
@@ -356,7 +345,7 @@ def test_run_plain_key_and_shorter_sequence_match_live_onnxruntime(cli, zoo, sha
     with np.load(tmp_path / "out.npz") as out:
         got = out["logits"]
     assert got.shape == want.shape == (1, 3, want.shape[-1])
-    assert max_abs(got, want) <= TOL
+    assert max_err(got, want) <= TOL
 
 
 def test_run_no_numerics_needs_no_inputs(cli, zoo, tmp_path: Path) -> None:
@@ -791,7 +780,7 @@ def test_handmade_graph_without_unsupported_op_compiles(cli, tmp_path: Path) -> 
     res = cli("run", tmp_path / "ok.cimb", "--inputs", tmp_path / "ids.npz", "--outputs", tmp_path / "out.npz", "-q")
     assert res.status == 0, res.err
     with np.load(tmp_path / "out.npz") as out:
-        assert max_abs(out["logits"], ort_logits(tmp_path / "ok.onnx", ids)) <= TOL
+        assert max_err(out["logits"], ort_logits(tmp_path / "ok.onnx", ids)) <= TOL
 
 
 def test_compile_error_without_quiet_ends_with_the_one_error_line(cli, bad, tmp_path: Path) -> None:

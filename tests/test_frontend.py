@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
+from model_fixtures import max_err, shared_model
+from model_fixtures import ort_logits as ort_run
 from onnx import TensorProto, helper, numpy_helper
 
 from cimc.driver import CompileOptions, compile_model
@@ -26,7 +27,6 @@ from cimc.synth import DecoderConfig, build_decoder_onnx
 from isa.diag import CimcError
 from runtime.interpreter import simulate
 
-MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
 TOL = 1e-4
 CFG = DecoderConfig(name="tiny", vocab=256, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)
 
@@ -99,16 +99,6 @@ def error_lines(err: CimcError) -> dict[str, str]:
     return out
 
 
-def ort_run(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(["logits"], feeds)[0]
-
-
-def max_err(got: np.ndarray, want: np.ndarray) -> float:
-    assert got.shape == want.shape, (got.shape, want.shape)
-    return float(np.abs(got.astype(np.float64) - want.astype(np.float64)).max())
-
-
 # ---- unsupported models: one error listing every offending node ------------------------------
 
 
@@ -154,13 +144,6 @@ def test_unsupported_op_in_every_layer_is_listed(tmp_path: Path) -> None:
     assert len(names) == CFG.layers
     err = compile_error(save(model, tmp_path / "erf.onnx"))
     assert set(error_lines(err)) == set(names), err.render()
-
-
-def shared_model(name: str) -> Path:
-    path = MODELS / f"{name}.onnx"
-    if not path.is_file():
-        pytest.skip(f"shared model {path} is not available")
-    return path
 
 
 @pytest.mark.parametrize(("name", "needle"), [
@@ -725,9 +708,7 @@ def test_max_seq_one_synth(tmp_path: Path) -> None:
 
 
 def test_max_seq_one_shared_llama() -> None:
-    path = MODELS / "llama_a_dynamo.onnx"
-    if not path.is_file():
-        pytest.skip(f"{path} is not available")
+    path = shared_model("llama_a_dynamo")
     program = compile_model(path, CompileOptions(max_seq=1))
     ids = np.array([[7]], np.int64)
     assert max_err(simulate(program, {"input_ids": ids}).outputs["logits"],

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from model_fixtures import SHARED_MODELS
+from model_fixtures import shared_model as shared
 
 from cimc.cli import main
 from cimc.driver import CompileOptions, compile_model
@@ -16,18 +18,10 @@ from isa.diag import CimcError
 from runtime.generate import generate
 from runtime.interpreter import Session
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "models"
+SHARED = SHARED_MODELS
 PROMPT = [1, 5, 9, 2, 77, 14]
 NEW = 32
 FLOAT_MODELS = ["llama_a_dynamo", "qwen2_a_dynamo", "llama_c_optimum_kv", "qwen2_c_optimum_kv"]
-
-
-def shared(name: str) -> Path:
-    path = SHARED / f"{name}.onnx"
-    if not path.is_file():
-        pytest.skip(f"{path} not available")
-    return path
 
 
 def ort_greedy(path: Path, prompt: list[int], new: int) -> tuple[list[int], list[np.ndarray]]:

@@ -12,17 +12,16 @@ import os
 from pathlib import Path
 
 import pytest
+from model_fixtures import EXAMPLE, REPO, SHARED_MODELS
 
 from cimc.driver import DEFAULT_PIPELINE, CompileOptions, load_module, run_pipeline
 from cimc.ir.parser import parse_module
 from cimc.ir.printer import print_module
 
-ROOT = Path(__file__).resolve().parents[1]
-GOLDEN = ROOT / "tests" / "golden"
-SHARED = ROOT.parent / "shared" / "models"
-MODELS = {"tiny_llama": ROOT / "examples" / "tiny_llama.onnx",
-          "llama_a_dynamo": SHARED / "llama_a_dynamo.onnx",
-          "qwen2_a_dynamo": SHARED / "qwen2_a_dynamo.onnx"}
+GOLDEN = REPO / "tests" / "golden"
+MODELS = {"tiny_llama": EXAMPLE,
+          "llama_a_dynamo": SHARED_MODELS / "llama_a_dynamo.onnx",
+          "qwen2_a_dynamo": SHARED_MODELS / "qwen2_a_dynamo.onnx"}
 PASSES = ["frontend", *(p.split("{")[0] for p in DEFAULT_PIPELINE.split(","))]
 
 

@@ -14,37 +14,19 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from model_fixtures import max_err, ort_logits, shared_model
 
 from cimc.driver import CompileOptions, compile_model, load_module, run_pipeline
 from cimc.synth import DecoderConfig, build_decoder_onnx
 from isa.hw import load_hw
 from runtime.interpreter import simulate
 
-MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
 SHARED = ["llama_a_dynamo", "qwen2_a_dynamo"]
 TOL = 1e-4
 
 
-def shared_model(name: str) -> Path:
-    path = MODELS / f"{name}.onnx"
-    if not path.is_file() or not path.with_suffix(".npz").is_file():
-        pytest.skip(f"shared model {path} (or its .npz) is not available")
-    return path
-
-
-def ort_logits(path: Path, ids: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(["logits"], {"input_ids": ids.astype(np.int64)})[0]
-
-
 def cimc_logits(program, ids: np.ndarray) -> np.ndarray:
     return simulate(program, {"input_ids": ids.astype(np.int64)}).outputs["logits"]
-
-
-def max_err(got: np.ndarray, want: np.ndarray) -> float:
-    assert got.shape == want.shape, (got.shape, want.shape)
-    assert np.isfinite(got).all()
-    return float(np.abs(got.astype(np.float64) - want.astype(np.float64)).max())
 
 
 def random_ids(vocab: int, n: int, seed: int) -> np.ndarray:
@@ -63,7 +45,7 @@ def shared_programs() -> dict:
         key = (name, max_seq)
         if key not in cache:
             opts = CompileOptions() if max_seq is None else CompileOptions(max_seq=max_seq)
-            cache[key] = compile_model(shared_model(name), opts)
+            cache[key] = compile_model(shared_model(name, with_npz=True), opts)
         return cache[key]
 
     return get
@@ -72,7 +54,7 @@ def shared_programs() -> dict:
 @pytest.mark.parametrize("max_seq", [16, None], ids=["max_seq16", "default"])
 @pytest.mark.parametrize("name", SHARED)
 def test_shared_model_matches_reference_npz(shared_programs, name: str, max_seq: int | None) -> None:
-    path = shared_model(name)
+    path = shared_model(name, with_npz=True)
     ref = np.load(path.with_suffix(".npz"))
     program = shared_programs(name, max_seq)
     assert int(program.entry().meta["max_seq"]) == (max_seq or 256)
@@ -83,7 +65,7 @@ def test_shared_model_matches_reference_npz(shared_programs, name: str, max_seq:
 @pytest.mark.parametrize("max_seq", [16, None], ids=["max_seq16", "default"])
 @pytest.mark.parametrize("name", SHARED)
 def test_shared_model_matches_onnxruntime_at_lengths(shared_programs, name: str, max_seq: int | None) -> None:
-    path = shared_model(name)
+    path = shared_model(name, with_npz=True)
     program = shared_programs(name, max_seq)
     bound = int(program.entry().meta["max_seq"])
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

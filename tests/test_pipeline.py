@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
+from model_fixtures import EXAMPLE
 
 from cimc.driver import CompileOptions, load_module, run_pipeline
 from cimc.ir.core import Module, Rewriter, TensorType
@@ -15,8 +16,6 @@ from cimc.ir.printer import print_module
 from cimc.ir.verifier import VerifyError, verify_module
 from isa.diag import CimcError, SourceError
 from passes.manager import REGISTRY, PassContext, PassManager, parse_pipeline, register
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny_llama.onnx"
 
 
 def _module() -> Module:

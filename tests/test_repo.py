@@ -8,13 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from model_fixtures import REPO
 
 
 def test_ci_runs_the_readme_test_command() -> None:
-    readme = (ROOT / "README.md").read_text()
-    command = next(line for line in (ROOT / ".ci" / "run").read_text().splitlines()
+    readme = (REPO / "README.md").read_text()
+    command = next(line for line in (REPO / ".ci" / "run").read_text().splitlines()
                    if "pytest" in line and not line.startswith("#"))
     assert f"\n{command}\n" in readme
     assert "cimc demo" in readme
@@ -24,7 +23,7 @@ def test_ruff_clean() -> None:
     ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
     if not Path(ruff).exists():
         pytest.skip("ruff is not installed")
-    out = subprocess.run([ruff, "check", str(ROOT)], capture_output=True, text=True)
+    out = subprocess.run([ruff, "check", str(REPO)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 
 

@@ -10,14 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
+from model_fixtures import REPO, SHARED_MODELS, ort_logits
 from onnx import numpy_helper
 
 from cimc.synth import DecoderConfig, build_decoder_onnx
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"  # beside the clone, as in CI
+SHARED = SHARED_MODELS.parent  # beside the clone, as in CI
 
 CONFIGS = {
     "llama-gqa": DecoderConfig(name="llama-gqa"),
@@ -45,11 +44,6 @@ IDIOM_OPS = {
 }
 
 
-def run(path: Path, ids: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(["logits"], {"input_ids": ids})[0]
-
-
 def float_inits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     floats = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
     return {t.name: numpy_helper.to_array(t) for t in floats}
@@ -70,7 +64,7 @@ def test_checker_and_onnxruntime(built: dict[str, Path], key: str) -> None:
     onnx.checker.check_model(str(built[key]), full_check=True)  # full_check: value_info agrees with inference
     rng = np.random.default_rng(0)
     for seq in (1, 7):
-        logits = run(built[key], rng.integers(0, cfg.vocab, size=(1, seq), dtype=np.int64))
+        logits = ort_logits(built[key], rng.integers(0, cfg.vocab, size=(1, seq), dtype=np.int64))
         assert logits.shape == (1, seq, cfg.vocab)
         assert logits.dtype == np.float32 and np.isfinite(logits).all()
         assert 0.1 < logits.std() < 10
@@ -81,7 +75,7 @@ def test_causal(built: dict[str, Path], key: str) -> None:
     ids = np.random.default_rng(1).integers(0, CONFIGS[key].vocab, size=(1, 7), dtype=np.int64)
     changed = ids.copy()
     changed[0, 4:] = (changed[0, 4:] + 1) % CONFIGS[key].vocab
-    before, after = run(built[key], ids), run(built[key], changed)
+    before, after = ort_logits(built[key], ids), ort_logits(built[key], changed)
     np.testing.assert_array_equal(before[:, :4], after[:, :4])
     assert not np.allclose(before[:, 4:], after[:, 4:])
 
@@ -149,7 +143,7 @@ def test_external_data_layout(built: dict[str, Path]) -> None:
     assert end == data.stat().st_size
     # same weights, hence same logits, as the inline build with the same seed
     ids = np.arange(5, dtype=np.int64)[None]
-    np.testing.assert_array_equal(run(path, ids), run(built["llama-gqa"], ids))
+    np.testing.assert_array_equal(ort_logits(path, ids), ort_logits(built["llama-gqa"], ids))
 
 
 def test_config_validation_and_head_dim() -> None:
@@ -222,7 +216,7 @@ def test_matches_real_export(tmp_path: Path, export: str, cfg: DecoderConfig) ->
     onnx.save(ours, tmp_path / "swapped.onnx")
 
     expected = np.load(SHARED / "models" / f"{export}.npz")
-    logits = run(tmp_path / "swapped.onnx", expected["input.input_ids"])
+    logits = ort_logits(tmp_path / "swapped.onnx", expected["input.input_ids"])
     np.testing.assert_allclose(logits, expected["output.logits"], atol=1e-5, rtol=0)
 
 
@@ -238,5 +232,5 @@ def test_bundled_example_is_current(tmp_path: Path) -> None:
     assert bundled.stat().st_size < 1_000_000
     ref = np.load(bundled.with_suffix(".npz"))
     assert set(ref) == {"input.input_ids", "output.logits"} and ref["input.input_ids"].shape == (1, 8)
-    logits = run(bundled, ref["input.input_ids"])
+    logits = ort_logits(bundled, ref["input.input_ids"])
     np.testing.assert_allclose(logits, ref["output.logits"], atol=1e-5, rtol=0)

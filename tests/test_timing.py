@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from model_fixtures import EXAMPLE
 
 from cimc.driver import CompileOptions, compile_model
 from isa.binary import read_binary, write_binary
@@ -15,9 +16,7 @@ from isa.hw import load_hw
 from runtime.hazards import find_hazards
 from runtime.interpreter import simulate
 
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "examples" / "tiny_llama.onnx"
-IDS = np.load(ROOT / "examples" / "tiny_llama.npz")["input.input_ids"]
+IDS = np.load(EXAMPLE.with_suffix(".npz"))["input.input_ids"]
 
 HW_VARIANTS = {
     "default": [],

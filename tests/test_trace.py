@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from model_fixtures import EXAMPLE
 
 from isa.diag import CimcError
 from runtime.trace import TraceRun, write_trace
 
-ROOT = Path(__file__).resolve().parents[1]
 UNITS = ["dram", "noc", "tile0", "tile1", "sfu0", "sfu1"]
 F_CLK = 1e9  # 1 cycle = 1 ns = 0.001 us
 OPS = [{"op": "linear", "loc": "node_linear_3", "layer": "layer0"},
@@ -140,7 +140,7 @@ def test_real_pipeline_shows_weight_loads_overlapping_mvms(tmp_path: Path) -> No
     from cimc.driver import CompileOptions, compile_model
     from runtime.interpreter import Session
 
-    session = Session(compile_model(ROOT / "examples" / "tiny_llama.onnx", CompileOptions(max_seq=16)))
+    session = Session(compile_model(EXAMPLE, CompileOptions(max_seq=16)))
     run = session.trace_run(session.run(numerics=False, tokens=8), "prefill (8 tokens)")
     cost = session.cost
     out = tmp_path / "tiny.json"
