@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from scale import CONFIG, step_build  # noqa: E402  (the benchmark scripts share the model builder)
+from scale import CONFIG, DEFAULT_CACHE, cached_model, step_build  # noqa: E402  (the benchmark scripts share the model builder)
 
 from cimc.driver import SCHEDULES, CompileOptions, compile_model  # noqa: E402
 from isa.hw import load_hw  # noqa: E402
@@ -33,16 +32,12 @@ from runtime.interpreter import Session  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cache", type=Path, default=Path(os.environ.get("CIMC_BENCH_CACHE", HERE / ".cache")))
+    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--prompt", type=int, default=64, help="prompt tokens (default 64)")
     ap.add_argument("--new-tokens", type=int, default=8, help="tokens generated (default 8)")
     ap.add_argument("--presets", default="edgecim-65nm,edgecim-28nm")
     a = ap.parse_args()
-    a.cache.mkdir(parents=True, exist_ok=True)
-    model = a.cache / "llama-3.2-1b-shape.onnx"
-    if not model.is_file():
-        print(f"building {model} (once; ~5 GB) ...", flush=True)
-        step_build(model)
+    model = cached_model(a.cache, step_build)
     results: dict = {"config": CONFIG, "prompt": a.prompt, "new_tokens": a.new_tokens, "runs": {}}
     print(f"{'preset':<14} {'schedule':<9} {'tok/s':>8} {'tok/J':>7} {'DRAM bound':>10} {'of bound':>8} "
           f"{'TTFT ms':>8} {'compile s':>9} {'price s':>7}", flush=True)

@@ -11,7 +11,7 @@ measures on this machine in one run:
 
 The last line printed is all figures as JSON.
 
-    python benchmarks/scale.py [--cache DIR] [--max-seq N] [--keep]
+    python benchmarks/scale.py [--cache DIR] [--max-seq N]
 """
 
 from __future__ import annotations
@@ -23,11 +23,25 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CONFIG = dict(name="llama-3.2-1b-shape", vocab=128256, hidden=2048, layers=16, heads=32, kv_heads=8, head_dim=64,
               intermediate=8192, rope_theta=500000.0, rms_eps=1e-5, tie_embeddings=True)
+
+
+DEFAULT_CACHE = Path(os.environ.get("CIMC_BENCH_CACHE", HERE / ".cache"))
+
+
+def cached_model(cache: Path, build: Callable[[Path], object]) -> Path:
+    """The 1B-shaped model in `cache`, built once (by `build(path)`) when it is not there."""
+    cache.mkdir(parents=True, exist_ok=True)
+    model = cache / f"{CONFIG['name']}.onnx"
+    if not model.is_file():
+        print(f"building {model} (once; ~5 GB) ...", flush=True)
+        build(model)
+    return model
 
 
 def _peak_rss_mb() -> float:
@@ -85,7 +99,7 @@ def _child(step: str, *args: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cache", type=Path, default=Path(os.environ.get("CIMC_BENCH_CACHE", HERE / ".cache")))
+    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--max-seq", type=int, default=256)
     ap.add_argument("--step", help=argparse.SUPPRESS)
     ap.add_argument("args", nargs="*", help=argparse.SUPPRESS)
@@ -95,13 +109,9 @@ def main() -> None:
         conv = [Path(x) if i < 2 else int(x) for i, x in enumerate(a.args)]
         print(json.dumps(fn(*conv)))
         return
-    a.cache.mkdir(parents=True, exist_ok=True)
-    model = a.cache / "llama-3.2-1b-shape.onnx"
-    binary = a.cache / "llama-3.2-1b-shape.cimb"
     figures: dict = {"config": CONFIG, "max_seq": a.max_seq}
-    if not model.is_file():
-        print(f"building {model} (once; ~5 GB) ...", flush=True)
-        figures.update(_child("build", str(model)))
+    model = cached_model(a.cache, lambda path: figures.update(_child("build", str(path))))
+    binary = model.with_suffix(".cimb")
     print("compiling with cimc ...", flush=True)
     figures.update(_child("compile", str(model), str(binary), str(a.max_seq)))
     print(f"  compile {figures['compile_s']:.1f} s, peak RSS {figures['compile_peak_rss_mb']:,.0f} MB, "
