@@ -53,32 +53,34 @@ class BalanceStagesPass:
         sets = module.attrs["macro_sets"]
         per = len(sets[0])
         rows = self.rows or module.max_seq
-        cost = ctx.cost
-        load, comp, op_of, sfu_after = self._items(module, cost, rows, ctx)
+        dram, write, comp, op_of, sfu_after = self._items(module, rows, ctx)
+        if not op_of:  # no weights to stream
+            rw.set_module_attr("balance", {"stages": 0, "est_cycles": 0.0, "slowest_stage_cycles": 0.0})
+            return
         best = None
-        for cap in range(1, per + 1 if load else 1):
+        for cap in range(1, per + 1):
             for cut_at_sfu in (False, True):
-                bounds = _partition(len(load), cap, sfu_after if cut_at_sfu else None)
-                est, slowest = _estimate(bounds, load, comp, sfu_after, len(sets))
+                bounds = _partition(len(op_of), cap, sfu_after if cut_at_sfu else None)
+                est, slowest = _estimate(bounds, dram, write, comp, sfu_after, len(sets))
                 key = (round(est, 6), len(bounds))
                 if best is None or key < best[0]:
                     best = (key, bounds, est, slowest, cap)
-        if best is None:
-            rw.set_module_attr("balance", {"stages": 0, "est_cycles": 0.0, "slowest_stage_cycles": 0.0})
-            return
+        assert best is not None
         _, bounds, est, slowest, cap = best
         self._annotate(module, rw, bounds, op_of)
         rw.set_module_attr("balance", {"stages": len(bounds), "est_cycles": float(round(est, 3)),
                                        "slowest_stage_cycles": float(round(slowest, 3)), "max_groups": cap,
                                        "rows": rows})
 
-    def _items(self, module: Module, cost: CostModel, rows: int, ctx: PassContext):
-        """Per group: load and compute cycles, owning linear; per group: vector work after it."""
-        load, comp, op_of, sfu_after = [], [], [], []
+    def _items(self, module: Module, rows: int, ctx: PassContext):
+        """Per weight group in stream order: DRAM cycles, macro write cycles, MVM cycles, owning
+        linear, and the vector work after it."""
+        cost = ctx.cost
+        dram, write, comp, op_of, sfu_after = [], [], [], [], []
         pending_sfu = 0.0
         for op in module.ops:
             if op.name != "linear":
-                pending_sfu += sfu_estimate(op, rows, cost, ctx.hw.chip.tiles)
+                pending_sfu += sfu_estimate(op, rows, cost)
                 continue
             if sfu_after:
                 sfu_after[-1] += pending_sfu
@@ -89,14 +91,15 @@ class BalanceStagesPass:
             for g in range(t.groups):
                 _, k0, k1, n0, n1 = t.group(g)
                 k, n = k1 - k0, n1 - n0
-                load.append((cost.dram_cycles(k * n * t.wbits / 8), float(cost.write_cycles(k, n, t.wbits))))
+                dram.append(cost.dram_cycles(k * n * t.wbits / 8))
+                write.append(float(cost.write_cycles(k, n, t.wbits)))
                 first_of_level = g == 0 and not same_level
                 comp.append(float(cost.mvm_cycles(rows, ab)) if first_of_level else 0.0)
                 op_of.append(op)
                 sfu_after.append(0.0)
         if sfu_after:
             sfu_after[-1] += pending_sfu
-        return load, comp, op_of, sfu_after
+        return dram, write, comp, op_of, sfu_after
 
     def _annotate(self, module: Module, rw: Rewriter, bounds: list[tuple[int, int]], op_of: list[Op]) -> None:
         first: dict[int, int] = {}
@@ -116,7 +119,7 @@ class BalanceStagesPass:
             rw.set_attr(op, "stages", per_op.get(id(op), []))
 
 
-def sfu_estimate(op: Op, rows: int, cost: CostModel, tiles: int) -> float:
+def sfu_estimate(op: Op, rows: int, cost: CostModel) -> float:
     """Rough SFU cycles of a non-linear op (the compiler's estimate, not the simulation)."""
     if not op.results or op.name in ("weight", "const", "input", "embedding", "kv_cache", "kv_append"):
         return 0.0
@@ -126,7 +129,7 @@ def sfu_estimate(op: Op, rows: int, cost: CostModel, tiles: int) -> float:
     if op.name == "attention":
         h, hd = op.attrs["heads"], op.attrs["head_dim"]
         per_head = 2 * float(cost.sfu_cycles(r * r * hd, 2.0)) + float(cost.sfu_cycles(r * r, 8.0))
-        return per_head * -(-h // min(h, tiles))
+        return per_head * -(-h // min(h, cost.tiles))
     ops = {"rms_norm": 6.0, "softmax": 8.0, "rope": 3.0, "swiglu": 5.0}.get(op.name, 1.0)
     return float(cost.sfu_cycles(elems, ops))
 
@@ -140,24 +143,19 @@ def _partition(n: int, cap: int, sfu_after: list[float] | None) -> list[tuple[in
     return bounds
 
 
-def _estimate(bounds, load, comp, sfu_after, sets: int) -> tuple[float, float]:
+def _estimate(bounds, dram, write, comp, sfu_after, sets: int) -> tuple[float, float]:
     """Makespan of the two-resource pipeline and its slowest stage (max of load, compute).
 
     `comp[i]` is the MVM time group i adds to its stage: groups of one dependency level (the
     linears reading the same input, like q/k/v) run in parallel on their tiles, so only the
     first group of a level counts; later levels wait for earlier ones.
     """
-    if not bounds:
-        return 0.0, 0.0
-    level = comp
-    dram = [x[0] for x in load]
-    write = [x[1] for x in load]
     load_end = [0.0] * len(bounds)
     comp_end = [0.0] * len(bounds)
     slowest = 0.0
     for s, (a, b) in enumerate(bounds):
         ls = max(sum(dram[a:b]), max(write[a:b]))
-        cs = sum(level[a:b]) + sum(sfu_after[a:b])
+        cs = sum(comp[a:b]) + sum(sfu_after[a:b])
         prev_load = load_end[s - 1] if s else 0.0
         free = comp_end[s - sets] if s >= sets else 0.0
         load_end[s] = max(prev_load, free) + ls

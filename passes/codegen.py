@@ -22,26 +22,27 @@ import numpy as np
 
 from cimc.ir.core import CTX, SEQ, Module, Op, Value
 from isa.encoding import Instr, encode
-from isa.fields import Dim, Mem
+from isa.fields import REGS, SPACES, Dim, Mem
 from isa.hw import HardwareConfig
 from isa.program import ArraySegment, DebugInfo, DramImage, Entry, Program, Symbol
+from isa.spec import N_BARRIERS
 from passes.balance_stages import act_bits
-from passes.schedule import scratch_bytes, scratch_layout, value_bytes
+from passes.schedule import last_uses, scratch_bytes, scratch_layout, value_bytes
 from passes.tiling import Tiling, align
 
-G, D = 0, 1  # memory spaces
+G, D = SPACES.index("g"), SPACES.index("d")  # memory spaces
+PAST = REGS.index("past")  # register offsetting the rows of position-indexed operands
+SEQ_DIM, PAST_DIM, CTX_DIM = (Dim(REGS.index(r), 0) for r in ("seq", "past", "ctx"))  # sizes from registers
+DATA_BARRIERS = range(1, 48)
+STAGE_BARRIERS = range(48, N_BARRIERS)
+F32 = 4
+
+WeightSource = Callable[[str], np.ndarray]
 
 
 def _space(attr: dict) -> int:
     """The memory space of a `mem` or `scratch` attribute."""
     return G if attr["space"] == "g" else D
-SEQ_DIM, PAST_DIM, CTX_DIM = Dim(1, 0), Dim(2, 0), Dim(3, 0)  # sizes read from runtime registers
-PAST = 2  # register offsetting the rows of position-indexed operands
-DATA_BARRIERS = range(1, 48)
-STAGE_BARRIERS = range(48, 64)
-F32 = 4
-
-WeightSource = Callable[[str], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -173,16 +174,11 @@ class _Codegen:
         self.stages = self._plan_stages()
         self.stage_left = [len(s) for s in self.stages]
         self.prefetched = False
-        last_use: dict[int, tuple[int, Value]] = {}
-        for i, op in enumerate(self.module.ops):
-            for v in op.operands:
-                last_use[id(v)] = (i, v)
-            for v in op.results:  # a result nobody reads dies where it is made
-                if not v.users:
-                    last_use[id(v)] = (i, v)
+        last = last_uses(self.module)
         dying: dict[int, list[Value]] = {}
-        for i, v in last_use.values():
-            dying.setdefault(i, []).append(v)
+        for op in self.module.ops:
+            for v in op.results:
+                dying.setdefault(last[id(v)], []).append(v)
         for i, op in enumerate(self.module.ops):
             self.op_index = i
             if op.name not in ("input", "output", "weight", "const", "kv_cache"):

@@ -40,7 +40,7 @@ def scratch_layout(op: Op, bounds: dict[str, int]) -> list[tuple[str, int, int, 
     elif op.name == "attention":
         keys = op.operands[1].type.bound_shape(bounds)[0]
         for slot in range(op.attrs.get("slots", 1)):
-            parts += [(f"s{slot}", rows, keys), (f"m{slot}", rows, 1), (f"l{slot}", rows, 1)]
+            parts += _attention_parts(slot, rows, keys)
     elif op.name in ("rms_norm", "softmax"):
         cols = int(op.results[0].type.shape[1])
         parts += [("t", rows, cols if op.name == "rms_norm" else 1), ("s", rows, 1)]
@@ -49,6 +49,11 @@ def scratch_layout(op: Op, bounds: dict[str, int]) -> list[tuple[str, int, int, 
         out.append((name, off, r, c))
         off = align(off + r * c * ELEM)
     return out
+
+
+def _attention_parts(slot: int, rows: int, keys: int) -> list[tuple[str, int, int]]:
+    """The scratch of one attention slot: scores s [rows, keys], row max m and row sum l."""
+    return [(f"s{slot}", rows, keys), (f"m{slot}", rows, 1), (f"l{slot}", rows, 1)]
 
 
 def scratch_bytes(op: Op, bounds: dict[str, int]) -> int:
@@ -61,7 +66,7 @@ def attention_slots(op: Op, bounds: dict[str, int], tiles: int, budget: int) -> 
     there are tiles, but no more than fit in `budget` bytes (long contexts), at least one."""
     rows = op.results[0].type.bound_shape(bounds)[0]
     keys = op.operands[1].type.bound_shape(bounds)[0]
-    per_slot = align(rows * keys * ELEM) + 2 * align(rows * ELEM)
+    per_slot = sum(align(r * c * ELEM) for _, r, c in _attention_parts(0, rows, keys))
     return max(1, min(op.attrs["heads"], tiles, budget // per_slot))
 
 
@@ -112,6 +117,22 @@ def value_bytes(v: Value, bounds: dict[str, int]) -> int:
     return ELEM * math.prod(v.type.bound_shape(bounds))
 
 
+def last_uses(module: Module) -> dict[int, int]:
+    """For every value (by id), the index of the last op reading it; a result nobody reads dies
+    where it is made."""
+    last: dict[int, int] = {}
+    for i, op in enumerate(module.ops):
+        for v in (*op.operands, *(r for r in op.results if not r.users)):
+            last[id(v)] = i
+    return last
+
+
+def _place(pools: dict[str, _Pool], size: int) -> tuple[str, int]:
+    """The global buffer if `size` bytes fit there now, else the DRAM spill region."""
+    addr = pools["g"].alloc(size)
+    return ("g", addr) if addr is not None else ("rw", pools["rw"].alloc(size))
+
+
 @register
 @dataclass(frozen=True)
 class SchedulePass:
@@ -125,11 +146,7 @@ class SchedulePass:
             v = op.result
             rw.set_attr(op, "mem", {"space": "rw", "addr": pools["rw"].alloc(value_bytes(v, bounds)),
                                     "stride": _stride(v)})
-        pos = {id(op): i for i, op in enumerate(module.ops)}
-        last_use: dict[int, int] = {}
-        for op in module.ops:
-            for v in op.operands:
-                last_use[id(v)] = pos[id(op)]
+        last_use = last_uses(module)
         io_values = {id(op.operands[0]) for op in module.outputs()}
         dying: dict[int, list[tuple[str, int, int]]] = {}
         next_sfu = 0
@@ -145,19 +162,13 @@ class SchedulePass:
                 v = op.results[0]
                 size = value_bytes(v, bounds)
                 forever = op.name == "input" or id(v) in io_values
-                space = "rw" if forever else "g"
-                addr = pools[space].alloc(size)
-                if addr is None:
-                    space, addr = "rw", pools["rw"].alloc(size)
+                space, addr = ("rw", pools["rw"].alloc(size)) if forever else _place(pools, size)
                 rw.set_attr(op, "mem", {"space": space, "addr": addr, "stride": _stride(v)})
                 if not forever:
-                    dying.setdefault(last_use.get(id(v), i), []).append((space, addr, size))
+                    dying.setdefault(last_use[id(v)], []).append((space, addr, size))
             need = scratch_bytes(op, bounds)
             if need:
-                space = "g"
-                addr = pools["g"].alloc(need)
-                if addr is None:
-                    space, addr = "rw", pools["rw"].alloc(need)
+                space, addr = _place(pools, need)
                 rw.set_attr(op, "scratch", {"space": space, "addr": addr})
                 dying.setdefault(i, []).append((space, addr, need))
             for space, addr, size in dying.pop(i, []):
