@@ -171,6 +171,8 @@ class _Codegen:
         self.rw_base = align(image.size, 4096)
         self.op_pos = {id(op): i for i, op in enumerate(self.module.ops)}
         self.stage_ops: dict[int, set[int]] = {}
+        self.n_sets = len(self.module.attrs["macro_sets"])
+        self.op_groups: dict[int, list[tuple[int, int, int]]] = {}  # id(linear) -> its (stage, group, tile)
         self.stages = self._plan_stages()
         self.stage_left = [len(s) for s in self.stages]
         self.prefetched = False
@@ -244,19 +246,21 @@ class _Codegen:
     # ---- stages --------------------------------------------------------------------------
 
     def _plan_stages(self) -> list[list[tuple[Op, int, int]]]:
-        """Per stage, its (linear, group, tile) in order; tiles from place-weights' slots."""
+        """Per stage, its (linear, group, tile) in order; tiles from place-weights' slots. Also
+        fills `op_groups`, the same per linear."""
         sets = self.module.attrs["macro_sets"]
         per = len(sets[0])
         stages: dict[int, list[tuple[Op, int, int]]] = {}
         for op in self.module.walk("linear"):
             slot0 = op.attrs["dram"]["slot0"]
-            for s, g0, n in op.attrs["stages"]:
-                tiles = sets[s % len(sets)]
-                stages.setdefault(s, []).extend((op, g, tiles[(slot0 + g) % per]) for g in range(g0, g0 + n))
+            groups = self.op_groups[id(op)] = [(s, g, sets[s % len(sets)][(slot0 + g) % per])
+                                               for s, g0, n in op.attrs["stages"] for g in range(g0, g0 + n)]
+            for s, g, tile in groups:
+                stages.setdefault(s, []).append((op, g, tile))
         return [stages[s] for s in sorted(stages)]
 
     def _emit_loads(self, s: int) -> None:
-        sets = len(self.module.attrs["macro_sets"])
+        sets = self.n_sets
         wait = 1 << STAGE_BARRIERS[(s - sets) % len(STAGE_BARRIERS)] if s >= sets else 0
         saved = self.op_index
         for op, g, tile in self.stages[s]:
@@ -272,13 +276,12 @@ class _Codegen:
         self.stage_left[s] -= 1
         if self.stage_left[s]:
             return
-        sets = len(self.module.attrs["macro_sets"])
         mask = 0
         for b in self.stage_ops.pop(s):
             mask |= 1 << b
         self.emit("sync", sig=STAGE_BARRIERS[s % len(STAGE_BARRIERS)], wait=mask)
-        if s + sets < len(self.stage_left):
-            self._emit_loads(s + sets)
+        if s + self.n_sets < len(self.stage_left):
+            self._emit_loads(s + self.n_sets)
 
     # ---- ops -----------------------------------------------------------------------------
 
@@ -294,38 +297,32 @@ class _Codegen:
             # The first `sets` stages load as early as the DRAM queue allows; issuing them here,
             # not at program start, keeps the embedding gather ahead of them in that queue.
             self.prefetched = True
-            for s in range(min(len(self.module.attrs["macro_sets"]), len(self.stages))):
+            for s in range(min(self.n_sets, len(self.stages))):
                 self._emit_loads(s)
         x, out = op.operands[0], op.result
         t = self.tilings[id(op)]
         sig, wait = self.barrier[id(op)], self.op_wait
         ab = act_bits(t.wbits, self.hw.macro.act_bits)
-        sets = self.module.attrs["macro_sets"]
-        per = len(sets[0])
         rows = self.bound_rows(out)
-        layout, slot0, nvec = self.layouts[id(op)], op.attrs["dram"]["slot0"], self.rows(out)
+        layout, nvec = self.layouts[id(op)], self.rows(out)
         dst0, src0 = self.mem(out), self.mem(x)
         psum = self.scratch(op, "psum") if t.kchunks > 1 else None
-        for s, g0, n in op.attrs["stages"]:
-            tiles = sets[s % len(sets)]
-            for g in range(g0, g0 + n):
-                kc, k0, k1, n0, n1, _ = layout[g]
-                if psum is None:
-                    dst = dst0._replace(addr=dst0.addr + n0 * F32)
-                else:
-                    dst = Mem(psum.space, psum.addr + (kc * rows * t.n + n0) * F32, t.n)
-                self.emit("mvm", sig=sig, wait=wait, tile=tiles[(slot0 + g) % per], m0=0, k=k1 - k0, n=n1 - n0,
-                          wbits=t.wbits, abits=ab, acc=0, dst=dst, src=src0._replace(addr=src0.addr + k0 * F32),
-                          nvec=nvec)
-                self._finish_group(s, op)
+        for s, g, tile in self.op_groups[id(op)]:
+            kc, k0, k1, n0, n1, _ = layout[g]
+            if psum is None:
+                dst = dst0._replace(addr=dst0.addr + n0 * F32)
+            else:
+                dst = Mem(psum.space, psum.addr + (kc * rows * t.n + n0) * F32, t.n)
+            self.emit("mvm", sig=sig, wait=wait, tile=tile, m0=0, k=k1 - k0, n=n1 - n0, wbits=t.wbits, abits=ab,
+                      acc=0, dst=dst, src=src0._replace(addr=src0.addr + k0 * F32), nvec=nvec)
+            self._finish_group(s, op)
         own = 1 << sig
-        if t.kchunks > 1:
-            self.emit("tred", sig=sig, wait=own | wait, dst=self.mem(out), src=self.scratch(op, "psum"),
-                      rows=self.rows(out), cols=t.n, count=t.kchunks, pstride=rows * t.n * F32)
+        if psum is not None:
+            self.emit("tred", sig=sig, wait=own | wait, dst=dst0, src=psum, rows=nvec, cols=t.n, count=t.kchunks,
+                      pstride=rows * t.n * F32)
         if len(op.operands) == 3:
-            self.emit("vadd", sig=sig, wait=own | wait, tile=op.attrs.get("sfu", 0), dst=self.mem(out),
-                      a=self.mem(out), b=self.mem(op.operands[2], stride=0), rows=self.rows(out),
-                      cols=self.cols(out), abc=0, bbc=0)
+            self.emit("vadd", sig=sig, wait=own | wait, tile=op.attrs.get("sfu", 0), dst=dst0, a=dst0,
+                      b=self.mem(op.operands[2], stride=0), rows=nvec, cols=self.cols(out), abc=0, bbc=0)
 
     def _vec(self, op: Op, mnemonic: str, **fields: object) -> None:
         self.emit(mnemonic, sig=self.barrier[id(op)], wait=self.op_wait | (1 << self.barrier[id(op)]),
