@@ -199,7 +199,7 @@ def analyze(model: OnnxModel, prep: Folding, b: Binding, dims: dict[str, int], r
                                                     if nd.op_type not in SHAPE_OPS)]
     for _ in range(32):
         progress = _fold_ready(model, pending, values, shapes)
-        inferred = _infer_shapes(model, nodes, values, shapes, types, input_shapes, lazy)
+        inferred = _infer_shapes(model, nodes, values, shapes, types, lazy)
         progress |= inferred
         if not progress:
             break
@@ -270,13 +270,12 @@ def _shape_op(nd: Node, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
 
 
 def _infer_shapes(model: OnnxModel, among: list[Node], values: dict[str, np.ndarray],
-                  shapes: dict[str, tuple[int, ...]], types: dict[str, int], input_shapes: dict[str, tuple[int, ...]],
-                  lazy: set[str]) -> bool:
+                  shapes: dict[str, tuple[int, ...]], types: dict[str, int], lazy: set[str]) -> bool:
     """Run ONNX shape inference over the unfolded nodes of `among`; record new shapes. True if any."""
     nodes = [nd for nd in among if not all(o in values for o in nd.outputs if o)]
     if not nodes:
         return False
-    inputs = [helper.make_tensor_value_info(k, types[k], input_shapes[k]) for k in model.inputs]
+    inputs = [helper.make_tensor_value_info(k, types[k], shapes[k]) for k in model.inputs]
     inputs += [helper.make_tensor_value_info(k, model.initializers[k].data_type, shapes[k])
                for k in model.initializers if k in lazy]
     consumed = {i for nd in nodes for i in nd.inputs}

@@ -24,7 +24,7 @@ from onnx import TensorProto
 
 from cimc.frontend import views as V
 from cimc.frontend.fold import Facts, Roles
-from cimc.frontend.model import Node, OnnxModel
+from cimc.frontend.model import FLOAT_TYPES, Node, OnnxModel
 from cimc.frontend.views import Axis, View, ViewError
 from cimc.ir.core import CTX, SEQ, Module, Rewriter, TensorType, Value
 from cimc.ir.ops import OPS
@@ -68,7 +68,6 @@ class Bad:
 
 Term = View | Static | Lazy | Expr | Bad
 
-_FLOAT = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
 _INT = {TensorProto.INT64, TensorProto.INT32}
 _UNARY = {"Neg": "neg", "Exp": "exp", "Sqrt": "sqrt", "Reciprocal": "reciprocal", "Sigmoid": "sigmoid",
           "Tanh": "tanh"}
@@ -151,8 +150,7 @@ class Lifter:
         return self.rw.create(name, operands, types, attrs, loc).result
 
     def _view_of(self, base: Value, onnx_shape: tuple[int, ...]) -> View:
-        axes = [Axis(self._rows(base), 1, 0)] + ([Axis(int(base.type.shape[1]), 0, 1)] if base.type.rank == 2 else [])
-        return V.reshape(View(base, tuple(axes)), onnx_shape)
+        return V.reshape(View(base, tuple(V.base_axes(base, self._rows(base)))), onnx_shape)
 
     def _is_plain(self, v: View) -> bool:
         return V.is_canonical(v, self._rows(v.base))
@@ -300,7 +298,7 @@ class Lifter:
         and every unsupported node is reported at once (the module is discarded on failure)."""
         name = node.outputs[0]
         shape, seq = self.f1.shapes.get(name), self.seq_axes(name)
-        if shape is None or len(seq) != 1 or self.f1.elem_types.get(name) not in _FLOAT:
+        if shape is None or len(seq) != 1 or self.f1.elem_types.get(name) not in FLOAT_TYPES:
             return None
         lead = [d for i, d in enumerate(shape) if i < seq[0]]
         rest = [d for i, d in enumerate(shape) if i > seq[0]]
@@ -388,7 +386,7 @@ class Lifter:
 
     def _on_Cast(self, node: Node, args: list) -> Term:
         et = self.f1.elem_types.get(node.inputs[0])
-        if node.attrs.get("to") == TensorProto.FLOAT and et in _FLOAT:
+        if node.attrs.get("to") == TensorProto.FLOAT and et in FLOAT_TYPES:
             return args[0]
         raise Unsupported("Cast of an activation to another element type is not supported")
 
@@ -869,5 +867,5 @@ def _strip_nan_guard(t: Term) -> Term:
 
 
 def _dtype_name(et: int) -> str:
-    return {TensorProto.FLOAT: "float", TensorProto.INT64: "int64", TensorProto.INT32: "int32"}.get(
-        et, TensorProto.DataType.Name(et).lower())
+    """"float", "int64", ...: the ONNX element type's name."""
+    return TensorProto.DataType.Name(et).lower()

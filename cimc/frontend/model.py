@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from isa.diag import CimcError
 
-_FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 
 
 @dataclass
@@ -61,7 +61,7 @@ class OnnxModel:
     def is_weight(self, name: str) -> bool:
         """A float initializer with two or more non-trivial dims: a matrix to stream, not fold."""
         t = self.initializers.get(name)
-        return t is not None and t.data_type in _FLOAT_TYPES and sum(d > 1 for d in t.dims) >= 2
+        return t is not None and t.data_type in FLOAT_TYPES and sum(d > 1 for d in t.dims) >= 2
 
 
 class WeightStore:

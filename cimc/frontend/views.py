@@ -50,10 +50,15 @@ class View:
         return [a for a in self.axes if a.size != 1]
 
 
+def base_axes(base: Value, rows: int) -> list[Axis]:
+    """The axes of a `[rows, cols]` (or `[rows]`) base in row-major order."""
+    shape = base.type.shape
+    return [Axis(rows, 1, 0)] + ([Axis(int(shape[1]), 0, 1)] if len(shape) == 2 else [])
+
+
 def canonical(base: Value, rows: int, onnx_rank: int) -> View:
     """The view of a `[rows, cols]` (or `[rows]`) base as an ONNX `[1, .., rows, cols]` tensor."""
-    shape = base.type.shape
-    axes = [Axis(rows, 1, 0)] + ([Axis(int(shape[1]), 0, 1)] if len(shape) == 2 else [])
+    axes = base_axes(base, rows)
     lead = onnx_rank - len(axes)
     if lead < 0:
         raise ViewError(f"rank {onnx_rank} is too small for {base.type}")
@@ -62,9 +67,7 @@ def canonical(base: Value, rows: int, onnx_rank: int) -> View:
 
 def is_canonical(v: View, rows: int) -> bool:
     """True if the view enumerates its base exactly in row-major order."""
-    shape = v.base.type.shape
-    want = [Axis(rows, 1, 0)] + ([Axis(int(shape[1]), 0, 1)] if len(shape) == 2 else [])
-    return v.r0 == 0 and v.c0 == 0 and v.core() == [a for a in want if a.size != 1]
+    return v.r0 == 0 and v.c0 == 0 and v.core() == [a for a in base_axes(v.base, rows) if a.size != 1]
 
 
 def transpose(v: View, perm: list[int]) -> View:
