@@ -66,6 +66,14 @@ def programs() -> dict:
     return get
 
 
+@pytest.fixture(scope="module")
+def llama_binary(programs, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """llama_a_dynamo compiled by `programs`, written to a file."""
+    binary = tmp_path_factory.mktemp("gen") / "m.cimb"
+    write_binary(binary, programs("llama_a_dynamo"))
+    return binary
+
+
 @pytest.mark.parametrize("name", FLOAT_MODELS)
 def test_greedy_generation_matches_onnxruntime(name: str, programs) -> None:
     program = programs(name)
@@ -115,9 +123,9 @@ def test_assumed_inputs_are_checked(programs) -> None:
         Session(program).run("prefill", bad_pos)
 
 
-def test_decode_cannot_read_cache_positions_no_run_wrote() -> None:
+def test_decode_cannot_read_cache_positions_no_run_wrote(programs) -> None:
     """Without past key/value inputs, a run may only attend to positions earlier runs cached."""
-    session = Session(compile_model(shared("llama_a_dynamo"), CompileOptions(max_seq=8, max_ctx=16)))
+    session = Session(programs("llama_a_dynamo"))
     one = {"input_ids": np.array([[3]], dtype=np.int64)}
     with pytest.raises(CimcError, match="past=4, but the KV cache holds 0 positions"):
         session.run("decode", one, past=4)
@@ -201,9 +209,8 @@ def test_cli_generate_from_onnx_and_binary(tmp_path: Path, capsys) -> None:
     (["--prompt-ids", "1,2", "--max-new-tokens", "40"], "cached positions"),
     (["--prompt-ids", "5000"], "outside the vocabulary"),
 ])
-def test_cli_generate_errors(args: list[str], message: str, tmp_path: Path, capsys) -> None:
-    binary = tmp_path / "m.cimb"
-    write_binary(binary, compile_model(shared("llama_a_dynamo"), CompileOptions(max_seq=8, max_ctx=16)))
+def test_cli_generate_errors(args: list[str], message: str, llama_binary: Path, capsys) -> None:
+    binary = llama_binary
     assert main(["generate", str(binary), *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("cimc: error: ") and message in err and "Traceback" not in err
