@@ -1,19 +1,36 @@
-"""The cost model: cycles and picojoules of every instruction on a given hardware description.
+"""The cost model: what every instruction holds, for how long, and its picojoules.
 
-One `CostModel` object serves both the compiler (stage balancing estimates load and compute time
-with the scalar helpers) and the simulator (`instr_costs` prices a whole decoded program at once,
-vectorised with numpy). Both go through the same formulas, so the compiler's estimate and the
-simulator's measurement can be compared.
+One `CostModel` object serves both the compiler (stage balancing prices weight groups with the
+scalar formulas) and the simulator (`instr_costs` prices a whole decoded program at once,
+vectorised with numpy), so the compiler's estimate and the simulator's measurement come from
+the same figures.
 
-Units are numbered: 0 = DRAM channel, 1 = interconnect, 2.. = tiles (macro arrays), then one SFU
-per tile. An instruction occupies its main unit for `busy0` cycles, and the DRAM channel for
-`busy1` cycles when it moves bytes to or from DRAM as a side effect (weight loads, operands
-spilled to DRAM).
+Resources ("units"), each serving one thing at a time, in program order:
 
-Energy components: `dram` (DRAM reads and writes), `macro_write` (writing weights into CIM
-cells), `mvm` (bit-serial multiply-accumulate in the macros), `sfu` (vector unit arithmetic),
-`buffer` (global and tile buffer accesses), `noc` (bits moved times distance). Leakage is
-charged by the simulator: `leakage_mw` times elapsed time.
+- `dram0 ..`: the DRAM channels. Byte addresses interleave across them every
+  `dram.interleave_bytes`; each carries `peak_gbps / channels x efficiency`. Every access is
+  rounded up to whole bursts (`dram.burst_bytes`) per contiguous row.
+- the interconnect from the DRAM controller and global buffer (at tile 0's corner) to the tiles:
+  a `bus` (one unit per direction) or a `mesh` (one unit per directed link, XY-routed), links of
+  `noc.link_bits` at `noc.f_clk_mhz`;
+- `gbuf.rd`, `gbuf.wr`: the global buffer's ports, `buffer.global.width_bits` per cycle each;
+- per tile: `tile<t>` (its macros), `sfu<t>` (its vector unit), `port<t>.in` and `port<t>.out`
+  (its ports on the interconnect, `noc.link_bits` wide).
+
+A transfer holds every resource on its path, each for the time it needs (bytes over its width);
+the slowest sets its duration, and `runtime.timing` serialises transfers that share a resource.
+A transfer that touches DRAM completes `dram.latency_ns` later, one that crosses the interconnect
+`hops x noc.hop_cycles` later; up to `dram.max_outstanding` DRAM transfers are in flight.
+
+Code is fetched from DRAM into the instruction buffer (`buffer.instr`, two halves: one is
+dispatched while the other is refilled) in blocks of half its size; dispatch takes one
+instruction per `64 B / buffer.instr.width_bits` cycles.
+
+Energy components: `dram` (bytes moved, including code), `macro_write` (weight bits written into
+CIM cells), `mvm` (bit-serial multiply-accumulate in the macros), `sfu` (vector arithmetic),
+`buffer` (global, tile and instruction buffer accesses), `noc` (bits x distance). Leakage is
+charged by the simulator: `leakage_mw` times elapsed time. DRAM bytes are also counted by kind
+(`DRAM_KINDS`), from where each address lies in the program's DRAM layout (`DramMap`).
 """
 
 from __future__ import annotations
@@ -26,11 +43,16 @@ import numpy as np
 from isa.encoding import Columns, dim_values, mem_parts
 from isa.fields import DTYPE_BYTES, DTYPES
 from isa.hw import HardwareConfig
-from isa.spec import BY_NAME
+from isa.spec import BY_NAME, INSTR_BYTES
 
 COMPONENTS = ("dram", "macro_write", "mvm", "sfu", "buffer", "noc")
+#: What DRAM bytes are for (key) and how reports name it; `code` is instruction fetch, `other`
+#: bytes outside the program's map.
+DRAM_KINDS: dict[str, str] = {"weights": "weights", "constants": "constants", "kv_cache": "KV cache",
+                              "io": "inputs/outputs", "spills": "spills", "code": "code", "other": "other"}
+_KIND_INDEX = {k: i for i, k in enumerate(DRAM_KINDS)}
 DRAM_SPACE = 1
-FLOAT_BYTES = 4
+ELEM_BYTES = 4  # every operand element type (f32, i32) is 4 bytes
 
 
 def macros_used(k: int, n: int, wbits: int, rows: int, cols: int) -> int:
@@ -38,66 +60,180 @@ def macros_used(k: int, n: int, wbits: int, rows: int, cols: int) -> int:
     return -(-k // rows) * -(-(n * wbits) // cols)
 
 
+@dataclass(frozen=True)
+class DramMap:
+    """Where a program keeps what in DRAM: `kinds[i]` from byte `starts[i]` (sorted) to the
+    next start, and the code (fetched by the control unit) from `code_base`."""
+
+    starts: tuple[int, ...]
+    kinds: tuple[str, ...]
+    code_base: int
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> DramMap:
+        """The map a program records in its metadata (`dram_map`, `code_base`)."""
+        regions = meta.get("dram_map") or [[0, "other"]]
+        return cls(tuple(int(s) for s, _ in regions), tuple(str(k) for _, k in regions),
+                   int(meta.get("code_base", 0)))
+
+    def kind_index(self, addr: np.ndarray) -> np.ndarray:
+        """Index into DRAM_KINDS of the region holding each address."""
+        codes = np.array([_KIND_INDEX[k] for k in self.kinds], dtype=np.int64)
+        at = np.searchsorted(np.array(self.starts, dtype=np.int64), addr, side="right") - 1
+        return np.where(at >= 0, codes[np.maximum(at, 0)], _KIND_INDEX["other"])
+
+
 @dataclass
 class InstrCosts:
-    """Per-instruction costs of a program (arrays indexed by instruction)."""
+    """Per-instruction costs of a program run (arrays indexed by instruction).
 
-    unit0: np.ndarray
-    busy0: np.ndarray
-    unit1: np.ndarray
-    busy1: np.ndarray
+    `ptr`, `unit`, `busy`, `compute` list the resources each instruction holds: instruction i
+    holds unit[ptr[i]:ptr[i+1]] for busy[...] cycles; `compute` is that time if DRAM were
+    infinitely fast (0 on DRAM channels, a weight load's macro writes on its tile). The unit
+    that executes an instruction (`main`) is held until the instruction completes, so the next
+    instruction it runs sees the results.
+    """
+
+    ptr: np.ndarray
+    unit: np.ndarray
+    busy: np.ndarray
+    compute: np.ndarray
+    main: np.ndarray  # the unit that executes the instruction (held until it completes), or -1
+    latency: np.ndarray  # cycles from the last resource's release to completion
+    uses_dram: np.ndarray  # counts against dram.max_outstanding
     energy: dict[str, np.ndarray]  # component -> pJ
     dram_bytes: np.ndarray
+    dram_kind_bytes: dict[str, np.ndarray]  # DRAM_KINDS -> bytes per instruction
     macs: np.ndarray
-    #: cycles on unit0 if DRAM were infinitely fast (a weight load's macro writes; 0 on the DRAM
-    #: channel itself): the basis of the compute bound
-    compute0: np.ndarray
+    fetch: FetchCosts
+
+    def __len__(self) -> int:
+        return len(self.latency)
+
+    def instr_of(self) -> np.ndarray:
+        """The instruction of every (unit, busy) entry."""
+        return np.repeat(np.arange(len(self), dtype=np.int64), np.diff(self.ptr))
+
+    def duration(self) -> np.ndarray:
+        """Per instruction: its slowest resource's time (0 if it holds none)."""
+        out = np.zeros(len(self))
+        if len(self.busy):
+            np.maximum.at(out, self.instr_of(), self.busy)
+        return out
+
+
+@dataclass
+class FetchCosts:
+    """Instruction fetch of a run: block b holds instructions [b*per_block, (b+1)*per_block) and
+    occupies DRAM channel c for `busy[b, c]` cycles; `dispatch` is the cycles per instruction."""
+
+    per_block: int
+    busy: np.ndarray  # [blocks, channels]
+    latency: float
+    dispatch: float
+
 
 class CostModel:
     """Cycle and energy formulas for one hardware description."""
 
     def __init__(self, hw: HardwareConfig) -> None:
         self.hw = hw
-        c, m, d = hw.chip, hw.macro, hw.dram
+        c, m, d, noc = hw.chip, hw.macro, hw.dram, hw.noc
         self.f_hz = c.f_clk_mhz * 1e6
         self.tiles = c.tiles
-        self.dram_bpc = d.peak_gbps * 1e9 * d.efficiency / self.f_hz  # bytes per cycle
-        self.noc_bpc = hw.noc.link_bits / 8
-        self.side = max(1, math.ceil(math.sqrt(c.tiles)))
+        self.channels = d.channels_x16
+        self.dram_bpc = d.peak_gbps * 1e9 * d.efficiency / self.f_hz  # bytes per cycle, all channels
+        self.chan_bpc = self.dram_bpc / self.channels
+        self.dram_latency = d.latency_ns * c.f_clk_mhz / 1e3
+        self.link_bpc = noc.link_bits / 8 * noc.f_clk_mhz / c.f_clk_mhz
+        self.hop_latency = noc.hop_cycles * c.f_clk_mhz / noc.f_clk_mhz
+        self.gbuf_bpc = hw.global_buf.width_bits / 8
+        self.side = hw.grid_side
         self.e_dram_rd = d.e_read_pj_per_bit * 8  # pJ per byte
         self.e_dram_wr = d.e_write_pj_per_bit * 8
         self.e_gbuf_rd = hw.global_buf.e_read_pj / (hw.global_buf.width_bits / 8)
         self.e_gbuf_wr = hw.global_buf.e_write_pj / (hw.global_buf.width_bits / 8)
         self.e_tbuf = (hw.tile_buf.e_read_pj + hw.tile_buf.e_write_pj) / (hw.tile_buf.width_bits / 8)
-        self.e_noc_byte_hop = hw.noc.e_pj_per_bit_mm * 8 * hw.noc.hop_mm
+        ib = hw.instr_buf
+        self.e_fetch = INSTR_BYTES * (self.e_dram_rd + (ib.e_read_pj + ib.e_write_pj) / (ib.width_bits / 8))
+        self.e_noc_byte_hop = noc.e_pj_per_bit_mm * 8 * noc.hop_mm
         self.e_sfu = {"add": hw.sfu.e_add_fp32_pj, "mul": hw.sfu.e_mul_fp32_pj, "exp": hw.sfu.e_exp_pj,
                       "recip": hw.sfu.e_recip_rsqrt_pj}
         self.macro_rows, self.macro_cols = m.rows, m.cols
         self.leakage_mw = (c.tiles * c.macros_per_tile * m.leak_mw + c.tiles * hw.tile_buf.leak_mw
-                           + hw.global_buf.leak_mw + c.tiles * hw.sfu.leak_mw)
+                           + hw.global_buf.leak_mw + ib.leak_mw + c.tiles * hw.sfu.leak_mw)
+        self._build_units()
 
     # ---- units ---------------------------------------------------------------------------
 
+    def _build_units(self) -> None:
+        """Name every unit and the interconnect path between the controller and each tile."""
+        names = [f"dram{ch}" for ch in range(self.channels)]
+        side, tiles = self.side, self.tiles
+        xy = [(t % side, t // side) for t in range(tiles)]
+        if self.hw.noc.topology == "bus":
+            names += ["bus.down", "bus.up"]
+            down = [[self.channels] for _ in range(tiles)]
+            up = [[self.channels + 1] for _ in range(tiles)]
+        else:
+            links: dict[tuple, int] = {}
+
+            def link(a: tuple, b: tuple) -> int:
+                if (a, b) not in links:
+                    links[(a, b)] = len(names)
+                    label = "ctrl" if a == "ctrl" else f"x{a[0]}y{a[1]}"
+                    to = "ctrl" if b == "ctrl" else f"x{b[0]}y{b[1]}"
+                    names.append(f"link {label}>{to}")
+                return links[(a, b)]
+
+            down, up = [], []
+            for x, y in xy:  # XY routing out of the corner; back along the row first, then the column
+                path = [link("ctrl", (0, 0))]
+                path += [link((i, 0), (i + 1, 0)) for i in range(x)] + [link((x, j), (x, j + 1)) for j in range(y)]
+                down.append(path)
+                back = [link((i, y), (i - 1, y)) for i in range(x, 0, -1)]
+                back += [link((0, j), (0, j - 1)) for j in range(y, 0, -1)] + [link((0, 0), "ctrl")]
+                up.append(back)
+        self.gbuf_rd_unit, self.gbuf_wr_unit = len(names), len(names) + 1
+        names += ["gbuf.rd", "gbuf.wr"]
+        self.tile0 = len(names)
+        names += [f"tile{t}" for t in range(tiles)] + [f"sfu{t}" for t in range(tiles)]
+        names += [f"port{t}.in" for t in range(tiles)] + [f"port{t}.out" for t in range(tiles)]
+        self.names = names
+        width = max(len(p) for p in down + up)
+        self.down_path = np.array([p + [-1] * (width - len(p)) for p in down], dtype=np.int64)
+        self.up_path = np.array([p + [-1] * (width - len(p)) for p in up], dtype=np.int64)
+        self.hop_count = np.array([1 + x + y for x, y in xy], dtype=np.float64)
+
     @property
     def n_units(self) -> int:
-        return 2 + 2 * self.tiles
+        return len(self.names)
 
     def unit_names(self) -> list[str]:
-        return ["dram", "noc"] + [f"tile{t}" for t in range(self.tiles)] + [f"sfu{t}" for t in range(self.tiles)]
+        return list(self.names)
+
+    def unit_kinds(self) -> list[str]:
+        """Per unit: dram, noc, gbuf, tile, sfu or port (the report groups units by kind)."""
+        return ["dram"] * self.channels + ["noc"] * (self.gbuf_rd_unit - self.channels) + ["gbuf"] * 2 + \
+            [k for k in ("tile", "sfu", "port", "port") for _ in range(self.tiles)]
 
     def tile_unit(self, tile: np.ndarray | int) -> np.ndarray | int:
-        return 2 + tile
+        return self.tile0 + tile
 
     def sfu_unit(self, tile: np.ndarray | int) -> np.ndarray | int:
-        return 2 + self.tiles + tile
+        return self.tile0 + self.tiles + tile
 
-    def hops(self, tile: np.ndarray | int) -> np.ndarray | int:
-        """Mesh hops from the global buffer / DRAM port (at tile 0's corner) to a tile."""
-        return 1 + tile % self.side + tile // self.side
+    def port_unit(self, tile: np.ndarray | int, out: bool) -> np.ndarray | int:
+        return self.tile0 + (3 if out else 2) * self.tiles + tile
+
+    def hops(self, tile: np.ndarray | int) -> np.ndarray | float:
+        """Hops from the controller / global buffer (at tile 0's corner) to a tile."""
+        return self.hop_count[tile]
 
     # ---- formulas shared by compiler and simulator (work on scalars or arrays) -----------
 
     def dram_cycles(self, nbytes):
+        """Cycles all channels together take to stream `nbytes` (no latency)."""
         return nbytes / self.dram_bpc
 
     def write_cycles(self, k, n, wbits):
@@ -126,125 +262,268 @@ class CostModel:
     def sfu_energy_per_element(self, mnemonic: str) -> float:
         return sum(self.e_sfu[op] * k for op, k in BY_NAME[mnemonic].sfu_ops.items())
 
-    # ---- whole programs ------------------------------------------------------------------
-
-    def instr_costs(self, cols: Columns, regs: np.ndarray) -> InstrCosts:
-        """Price every instruction of a decoded program, with runtime registers `regs`."""
-        n = len(cols)
-        out = InstrCosts(np.full(n, -1), np.zeros(n), np.full(n, -1), np.zeros(n),
-                         {c: np.zeros(n) for c in COMPONENTS}, np.zeros(n), np.zeros(n), np.zeros(n))
-        for mnemonic, idx in cols.rows.items():
-            spec = BY_NAME[mnemonic]
-            f = cols.fields[mnemonic]
-            fn = getattr(self, f"_cost_{spec.cost}")
-            fn(mnemonic, idx, f, regs, out)
-        out.compute0 = np.where(out.unit0 == 0, 0.0, np.where(out.compute0 > 0, out.compute0, out.busy0))
+    def channel_bytes(self, base: np.ndarray, rows: np.ndarray, row_bytes: np.ndarray,
+                      pitch: np.ndarray) -> np.ndarray:
+        """Bytes each DRAM channel moves ([n, channels]) for `rows` rows of `row_bytes` bytes,
+        `pitch` bytes apart from byte address `base`: every row rounded out to whole bursts,
+        then split by the channel interleaving. Rows a pitch apart repeat their channel pattern
+        every `interleave x channels / gcd(pitch, interleave x channels)` rows, which bounds the
+        work. (Rows are assumed to share the first row's alignment within a burst.)"""
+        d = self.hw.dram
+        burst, stripe = d.burst_bytes, d.interleave_bytes * self.channels
+        base, rows, row_bytes, pitch = (np.asarray(a, dtype=np.int64) for a in (base, rows, row_bytes, pitch))
+        whole = (rows <= 1) | (pitch == row_bytes)
+        span = np.where(whole, rows * row_bytes, row_bytes)
+        nrow = np.where(whole, (rows > 0).astype(np.int64), rows)
+        lo = base // burst * burst
+        length = np.where(span > 0, -(-(base + span) // burst) * burst - lo, 0)
+        period = stripe // np.gcd(np.where(whole, stripe, pitch % stripe), stripe)
+        take = np.minimum(nrow, period)  # distinct row patterns to evaluate
+        owner = np.repeat(np.arange(len(base)), take)
+        k = np.arange(len(owner)) - np.repeat(np.cumsum(take) - take, take)
+        weight = nrow[owner] // period[owner] + (k < nrow[owner] % period[owner])
+        start = lo[owner] + k * np.where(whole, 0, pitch)[owner]
+        per_row = self._stripe_split(start, length[owner]) * weight[:, None]
+        if (take == 1).all():  # one pattern per transfer (the common case)
+            return per_row
+        out = np.zeros((len(base), self.channels))
+        np.add.at(out, owner, per_row)
         return out
 
-    def _dim(self, f: dict, name: str, regs: np.ndarray) -> np.ndarray:
-        return dim_values(f[name], regs).astype(np.float64)
+    def _stripe_split(self, start: np.ndarray, length: np.ndarray) -> np.ndarray:
+        """[n, channels] bytes of each contiguous range [start, start + length) per channel."""
+        g = self.hw.dram.interleave_bytes
+        stripe = g * self.channels
+        ch = np.arange(self.channels) * g
 
-    def _io(self, out: InstrCosts, idx: np.ndarray, raw: np.ndarray, nbytes: np.ndarray, write: bool) -> None:
-        """Charge an operand of `nbytes` in its memory space: DRAM (channel time) or buffer."""
-        in_dram = mem_parts(raw)[0] == DRAM_SPACE
-        out.busy1[idx] += np.where(in_dram, nbytes / self.dram_bpc, 0.0)
-        out.unit1[idx] = np.where(in_dram | (out.unit1[idx] >= 0), 0, -1)
-        out.dram_bytes[idx] += np.where(in_dram, nbytes, 0.0)
-        e_dram, e_buf = (self.e_dram_wr, self.e_gbuf_wr) if write else (self.e_dram_rd, self.e_gbuf_rd)
-        out.energy["dram"][idx] += np.where(in_dram, nbytes * e_dram, 0.0)
-        out.energy["buffer"][idx] += np.where(in_dram, 0.0, nbytes * e_buf)
+        def below(x: np.ndarray) -> np.ndarray:  # bytes of [0, x) on each channel
+            return (x // stripe)[:, None] * g + np.clip((x % stripe)[:, None] - ch[None, :], 0, g)
 
-    def _cost_ctrl(self, mnemonic, idx, f, regs, out) -> None:
+        return (below(start + length) - below(start)).astype(np.float64)
+
+    # ---- whole programs ------------------------------------------------------------------
+
+    def instr_costs(self, cols: Columns, regs: np.ndarray, dram_map: DramMap | None = None) -> InstrCosts:
+        """Price every instruction of a decoded program, with runtime registers `regs`."""
+        acc = _Acc(self, len(cols), regs, dram_map or DramMap((0,), ("other",), 0))
+        for mnemonic, idx in cols.rows.items():
+            spec = BY_NAME[mnemonic]
+            getattr(self, f"_cost_{spec.cost}")(mnemonic, idx, cols.fields[mnemonic], acc)
+        return acc.finish()
+
+    def _dim(self, f: dict, name: str, acc: _Acc) -> np.ndarray:
+        return dim_values(f[name], acc.regs).astype(np.float64)
+
+    def _cost_ctrl(self, mnemonic, idx, f, acc: _Acc) -> None:
         return None
 
-    def _cost_dma(self, mnemonic, idx, f, regs, out) -> None:
+    def _cost_dma(self, mnemonic, idx, f, acc: _Acc) -> None:
         esize = np.array([DTYPE_BYTES[d] for d in DTYPES])[f["dt"].astype(np.int64)]
-        nbytes = self._dim(f, "rows", regs) * self._dim(f, "cols", regs) * esize
-        any_d = (mem_parts(f["src"])[0] == DRAM_SPACE) | (mem_parts(f["dst"])[0] == DRAM_SPACE)
-        self._io(out, idx, f["src"], nbytes, False)
-        self._io(out, idx, f["dst"], nbytes, True)
-        # With DRAM on either side the channel is the unit: it carries each DRAM side once (a
-        # DRAM -> DRAM copy reads and writes); buffer -> buffer copies go over the NoC.
-        out.unit0[idx] = np.where(any_d, 0, 1)
-        out.busy0[idx] = np.where(any_d, out.busy1[idx], nbytes / self.noc_bpc + self.hw.noc.hop_cycles)
-        out.unit1[idx], out.busy1[idx] = -1, 0.0
-        out.energy["noc"][idx] += nbytes * self.e_noc_byte_hop
+        rows, cols = self._dim(f, "rows", acc), self._dim(f, "cols", acc)
+        acc.move(idx, f["src"], rows, cols * esize, write=False)
+        acc.move(idx, f["dst"], rows, cols * esize, write=True)
+        acc.energy["noc"][idx] += rows * cols * esize * self.e_noc_byte_hop  # controller <-> buffer
 
-    def _cost_gather(self, mnemonic, idx, f, regs, out) -> None:
-        rows = self._dim(f, "n", regs)
-        nbytes = rows * self._dim(f, "cols", regs) * FLOAT_BYTES
-        out.dram_bytes[idx] += nbytes
-        out.energy["dram"][idx] += nbytes * self.e_dram_rd
-        self._io(out, idx, f["idx"], rows * 4, False)
-        self._io(out, idx, f["dst"], nbytes, True)
-        # The channel reads the table rows, plus any index or destination spilled to DRAM.
-        out.unit0[idx] = 0
-        out.busy0[idx] = nbytes / self.dram_bpc + out.busy1[idx]
-        out.unit1[idx], out.busy1[idx] = -1, 0.0
-        out.energy["noc"][idx] += nbytes * self.e_noc_byte_hop
+    def _cost_gather(self, mnemonic, idx, f, acc: _Acc) -> None:
+        rows, cols = self._dim(f, "n", acc), self._dim(f, "cols", acc)
+        acc.move(idx, f["idx"], rows, np.full(len(idx), 4.0), write=False)
+        acc.gather_rows(idx, f["table"], rows, cols * ELEM_BYTES)
+        acc.move(idx, f["dst"], rows, cols * ELEM_BYTES, write=True)
+        acc.energy["noc"][idx] += rows * cols * ELEM_BYTES * self.e_noc_byte_hop
 
-    def _cost_macro_write(self, mnemonic, idx, f, regs, out) -> None:
+    def _cost_macro_write(self, mnemonic, idx, f, acc: _Acc) -> None:
         k, n, wbits = (f[x].astype(np.float64) for x in ("k", "n", "wbits"))
         tile = f["tile"].astype(np.int64)
         nbytes = k * n * wbits / 8
-        dram = nbytes / self.dram_bpc
-        out.unit0[idx] = self.tile_unit(tile)
-        out.compute0[idx] = self.write_cycles(k, n, wbits)
-        out.busy0[idx] = np.maximum(dram, out.compute0[idx])
-        out.unit1[idx], out.busy1[idx] = 0, dram
-        out.dram_bytes[idx] += nbytes
-        out.energy["dram"][idx] += nbytes * self.e_dram_rd
-        out.energy["macro_write"][idx] += k * n * wbits * self.hw.macro.e_write_fj_per_bit / 1000
-        out.energy["noc"][idx] += nbytes * self.e_noc_byte_hop * self.hops(tile)
+        acc.move(idx, f["src"], np.ones(len(idx)), nbytes, write=False, tile=tile)
+        write = self.write_cycles(k, n, wbits)
+        # the macros are written as the bytes arrive: the tile is held until the last of them
+        acc.main(idx, self.tile_unit(tile), write, hold_transfer=True)
+        acc.energy["macro_write"][idx] += k * n * wbits * self.hw.macro.e_write_fj_per_bit / 1000
 
-    def _cost_mvm(self, mnemonic, idx, f, regs, out) -> None:
+    def _cost_mvm(self, mnemonic, idx, f, acc: _Acc) -> None:
         k, n, wbits, abits = (f[x].astype(np.float64) for x in ("k", "n", "wbits", "abits"))
         tile = f["tile"].astype(np.int64)
-        nvec = self._dim(f, "nvec", regs)
-        out.unit0[idx] = self.tile_unit(tile)
-        out.busy0[idx] = self.mvm_cycles(nvec, abits)
-        out.macs[idx] += nvec * k * n
-        out.energy["mvm"][idx] += nvec * abits * k * n * self.e_slice_fj(wbits) / 1000
-        in_b, out_b = nvec * k * FLOAT_BYTES, nvec * n * FLOAT_BYTES
-        acc = f["acc"].astype(bool)
-        self._io(out, idx, f["src"], in_b, False)
-        self._io(out, idx, f["dst"], out_b, True)
-        self._io(out, idx, np.where(acc, f["dst"], np.uint64(0)), np.where(acc, out_b, 0.0), False)
-        out.energy["buffer"][idx] += (in_b + out_b) * self.e_tbuf
-        out.energy["noc"][idx] += (in_b + out_b) * self.e_noc_byte_hop * self.hops(tile)
+        nvec = self._dim(f, "nvec", acc)
+        acc.main(idx, self.tile_unit(tile), self.mvm_cycles(nvec, abits))
+        acc.macs[idx] += nvec * k * n
+        acc.energy["mvm"][idx] += nvec * abits * k * n * self.e_slice_fj(wbits) / 1000
+        acc.move(idx, f["src"], nvec, k * ELEM_BYTES, write=False, tile=tile)
+        acc.move(idx, f["dst"], nvec, n * ELEM_BYTES, write=True, tile=tile)
+        accumulate = f["acc"].astype(bool)
+        if accumulate.any():
+            acc.move(idx[accumulate], f["dst"][accumulate], nvec[accumulate], n[accumulate] * ELEM_BYTES,
+                     write=False, tile=tile[accumulate])
+        acc.energy["buffer"][idx] += nvec * (k + n) * ELEM_BYTES * self.e_tbuf
 
-    def _cost_reduce(self, mnemonic, idx, f, regs, out) -> None:
-        elems = self._dim(f, "rows", regs) * self._dim(f, "cols", regs)
-        count = f["count"].astype(np.float64)
-        moved = elems * count * FLOAT_BYTES
-        out.unit0[idx] = 1
-        out.busy0[idx] = moved / self.noc_bpc + self.hw.noc.hop_cycles
-        self._io(out, idx, f["src"], moved, False)
-        self._io(out, idx, f["dst"], elems * FLOAT_BYTES, True)
-        out.energy["noc"][idx] += moved * self.e_noc_byte_hop
-        out.energy["sfu"][idx] += elems * np.maximum(count - 1, 0) * self.e_sfu["add"]
+    def _cost_reduce(self, mnemonic, idx, f, acc: _Acc) -> None:
+        """Partial sums are added where they are stored (next to the global buffer)."""
+        rows, cols = self._dim(f, "rows", acc), self._dim(f, "cols", acc)
+        count = f["count"].astype(np.int64)
+        pstride = f["pstride"].astype(np.int64)
+        for i in range(int(count.max(initial=0))):
+            sel = np.flatnonzero(count > i)
+            acc.move(idx[sel], f["src"][sel], rows[sel], cols[sel] * ELEM_BYTES, write=False, offset=i * pstride[sel])
+        acc.move(idx, f["dst"], rows, cols * ELEM_BYTES, write=True)
+        acc.energy["noc"][idx] += rows * cols * count * ELEM_BYTES * self.e_noc_byte_hop
+        acc.energy["sfu"][idx] += rows * cols * np.maximum(count - 1, 0) * self.e_sfu["add"]
 
-    def _cost_sfu(self, mnemonic, idx, f, regs, out) -> None:
+    def _cost_sfu(self, mnemonic, idx, f, acc: _Acc) -> None:
         spec = BY_NAME[mnemonic]
         tile = f["tile"].astype(np.int64)
+        ones = np.ones(len(idx))
         if mnemonic == "vmm":
-            m, k, n = (self._dim(f, x, regs) for x in ("m", "k", "n"))
-            elems, reads = m * k * n, [("a", m * k), ("b", k * n)]
-            written = m * n
-            out.macs[idx] += elems
+            m, k, n = (self._dim(f, x, acc) for x in ("m", "k", "n"))
+            elems = m * k * n
+            tb = f["tb"].astype(bool)
+            reads = [("a", m, k), ("b", np.where(tb, n, k), np.where(tb, k, n))]
+            if f["acc"].astype(bool).any():
+                reads.append(("dst", np.where(f["acc"].astype(bool), m, 0.0), n))
+            written = (m, n)
+            acc.macs[idx] += elems
         else:
-            rows, cols = self._dim(f, "rows", regs), self._dim(f, "cols", regs)
+            rows, cols = self._dim(f, "rows", acc), self._dim(f, "cols", acc)
             elems = rows * cols
-            written = rows if mnemonic in ("vrsum", "vrmax") else elems
-            reads = [(name, elems) for name in ("a", "b", "src", "cos", "sin") if name in spec.field_names]
+            written = (rows, ones) if mnemonic in ("vrsum", "vrmax") else (rows, cols)
             if mnemonic == "vcausal":
-                reads = [("dst", elems)]
+                reads = [("dst", rows, cols)]
+            elif mnemonic == "vrope":  # one table row of head_dim per row, not per head
+                hd = f["hd"].astype(np.float64)
+                reads = [("src", rows, cols), ("cos", rows, hd), ("sin", rows, hd)]
+            else:
+                reads = []
+                for name in ("a", "b", "src"):
+                    if name in spec.field_names:
+                        bcast = f[name[0] + "bc"].astype(bool) if name in ("a", "b") else np.zeros(len(idx), bool)
+                        reads.append((name, rows, np.where(bcast, 1.0, cols)))
         ops = float(sum(spec.sfu_ops.values()))
-        out.unit0[idx] = self.sfu_unit(tile)
-        out.busy0[idx] = self.sfu_cycles(elems, ops)
-        out.energy["sfu"][idx] += elems * self.sfu_energy_per_element(mnemonic)
-        for name, count in reads:
-            self._io(out, idx, f[name], count * FLOAT_BYTES, False)
-        self._io(out, idx, f["dst"], written * FLOAT_BYTES, True)
-        out.energy["noc"][idx] += (sum(c for _, c in reads) + written) * FLOAT_BYTES * self.e_noc_byte_hop \
-            * self.hops(tile)
+        acc.main(idx, self.sfu_unit(tile), self.sfu_cycles(elems, ops))
+        acc.energy["sfu"][idx] += elems * self.sfu_energy_per_element(mnemonic)
+        for name, r, c in reads:
+            _, _, _, stride = mem_parts(f[name])
+            r = np.where(stride == 0, np.minimum(r, 1.0), r)  # a broadcast row is read once
+            acc.move(idx, f[name], r, c * ELEM_BYTES, write=False, tile=tile)
+        acc.move(idx, f["dst"], written[0], written[1] * ELEM_BYTES, write=True, tile=tile)
+
+    # ---- instruction fetch ---------------------------------------------------------------
+
+    def fetch_costs(self, n_instrs: int, code_base: int) -> FetchCosts:
+        """Blocks of half the instruction buffer, fetched from `code_base` on the DRAM channels."""
+        ib = self.hw.instr_buf
+        per = max(1, ib.size_kb * 1024 // 2 // INSTR_BYTES)
+        blocks = -(-n_instrs // per)
+        first = np.arange(blocks, dtype=np.int64) * per
+        nbytes = np.minimum(per, n_instrs - first) * INSTR_BYTES
+        busy = self.channel_bytes(code_base + first * INSTR_BYTES, np.ones(blocks), nbytes, nbytes) / self.chan_bpc
+        return FetchCosts(per, busy, self.dram_latency, math.ceil(INSTR_BYTES * 8 / ib.width_bits))
+
+
+class _Acc:
+    """Accumulates one program's costs: dense per-resource bytes and cycles, then `finish`
+    turns them into the per-instruction resource lists of `InstrCosts`."""
+
+    def __init__(self, cm: CostModel, n: int, regs: np.ndarray, dram_map: DramMap) -> None:
+        self.cm, self.n, self.regs, self.map = cm, n, regs, dram_map
+        self.main_unit = np.full(n, -1, dtype=np.int64)
+        self.main_busy = np.zeros(n)
+        self.hold = np.zeros(n, dtype=bool)
+        self.chan = np.zeros((n, cm.channels))  # bytes
+        self.gbuf = np.zeros((n, 2))  # bytes read, written
+        self.down = np.zeros(n)  # bytes into the instruction's tile
+        self.up = np.zeros(n)  # bytes out of it
+        self.tile = np.full(n, -1, dtype=np.int64)
+        self.energy = {c: np.zeros(n) for c in COMPONENTS}
+        self.kind_bytes = np.zeros((n, len(DRAM_KINDS)))
+        self.macs = np.zeros(n)
+
+    def main(self, idx: np.ndarray, unit: np.ndarray, cycles: np.ndarray, hold_transfer: bool = False) -> None:
+        """The unit that executes the instructions, for `cycles`; with `hold_transfer`, also until
+        the instruction's transfers end."""
+        self.main_unit[idx] = unit
+        self.main_busy[idx] = cycles
+        self.hold[idx] = hold_transfer
+
+    def move(self, idx: np.ndarray, raw: np.ndarray, rows: np.ndarray, row_bytes: np.ndarray, *, write: bool,
+             tile: np.ndarray | None = None, offset: np.ndarray | int = 0) -> None:
+        """Charge moving `rows` rows of `row_bytes` between the memory operand `raw` (plus `offset`
+        bytes) and the instruction's tile (or, without `tile`, the controller / global buffer side).
+        `idx` holds each instruction at most once."""
+        cm = self.cm
+        space, roff, addr, stride = mem_parts(raw)
+        rows = np.asarray(rows, dtype=np.float64) * np.ones(len(idx))
+        row_bytes = np.asarray(row_bytes, dtype=np.float64) * np.ones(len(idx))
+        pitch = stride * ELEM_BYTES
+        base = addr + self.regs[roff] * pitch + offset
+        nbytes = rows * row_bytes
+        in_dram = space == DRAM_SPACE
+        if in_dram.any():
+            d = np.flatnonzero(in_dram)
+            per_chan = cm.channel_bytes(base[d], rows[d], np.ceil(row_bytes[d]), pitch[d])
+            self.chan[idx[d]] += per_chan
+            moved = per_chan.sum(axis=1)
+            self.kind_bytes[idx[d], self.map.kind_index(base[d])] += moved
+            self.energy["dram"][idx[d]] += moved * (cm.e_dram_wr if write else cm.e_dram_rd)
+        g = np.flatnonzero(~in_dram)
+        self.gbuf[idx[g], int(write)] += nbytes[g]
+        self.energy["buffer"][idx[g]] += nbytes[g] * (cm.e_gbuf_wr if write else cm.e_gbuf_rd)
+        if tile is not None:
+            self.tile[idx] = tile
+            (self.up if write else self.down)[idx] += nbytes
+            self.energy["noc"][idx] += nbytes * cm.e_noc_byte_hop * cm.hops(tile)
+
+    def gather_rows(self, idx: np.ndarray, raw: np.ndarray, rows: np.ndarray, row_bytes: np.ndarray) -> None:
+        """Table rows read at data-dependent addresses: each rounded to bursts, spread evenly over
+        the channels (the addresses are not known before the run)."""
+        cm = self.cm
+        _, _, addr, _ = mem_parts(raw)
+        burst = cm.hw.dram.burst_bytes
+        moved = rows * np.ceil(row_bytes / burst) * burst
+        self.chan[idx] += (moved / cm.channels)[:, None]
+        self.kind_bytes[idx, self.map.kind_index(addr)] += moved
+        self.energy["dram"][idx] += moved * cm.e_dram_rd
+
+    def finish(self) -> InstrCosts:
+        cm, n = self.cm, self.n
+        chan_busy = self.chan / cm.chan_bpc
+        port_busy = np.stack([self.down, self.up], axis=1) / cm.link_bpc
+        gbuf_busy = self.gbuf / cm.gbuf_bpc
+        transfer = np.maximum.reduce([chan_busy.max(axis=1, initial=0.0), port_busy.max(axis=1),
+                                      gbuf_busy.max(axis=1)])
+        busy_main = np.where(self.hold, np.maximum(self.main_busy, transfer), self.main_busy)
+        # (instr, unit, busy, compute) entries, class by class
+        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+
+        def add(instr: np.ndarray, unit: np.ndarray, busy: np.ndarray, compute: np.ndarray) -> None:
+            keep = busy > 0
+            parts.append((instr[keep], unit[keep], busy[keep], compute[keep]))
+
+        ar = np.arange(n, dtype=np.int64)
+        has_main = self.main_unit >= 0
+        add(ar[has_main], self.main_unit[has_main], busy_main[has_main],
+            np.where(self.hold, self.main_busy, busy_main)[has_main])
+        rows, chans = np.nonzero(chan_busy)
+        add(rows, chans, chan_busy[rows, chans], np.zeros(len(rows)))
+        for j, unit in ((0, cm.gbuf_rd_unit), (1, cm.gbuf_wr_unit)):
+            add(ar, np.full(n, unit), gbuf_busy[:, j], gbuf_busy[:, j])
+        for j, paths in ((0, cm.down_path), (1, cm.up_path)):
+            sel = np.flatnonzero((port_busy[:, j] > 0) & (self.tile >= 0))
+            add(sel, cm.port_unit(self.tile[sel], out=bool(j)), port_busy[sel, j], port_busy[sel, j])
+            links = paths[self.tile[sel]]
+            r, c = np.nonzero(links >= 0)
+            add(sel[r], links[r, c], port_busy[sel[r], j], port_busy[sel[r], j])
+        instr = np.concatenate([p[0] for p in parts])
+        order = np.argsort(instr, kind="stable")
+        unit, busy, compute = (np.concatenate([p[k] for p in parts])[order] for k in (1, 2, 3))
+        ptr = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(np.bincount(instr, minlength=n), out=ptr[1:])
+        uses_dram = chan_busy.max(axis=1, initial=0.0) > 0
+        latency = np.where(uses_dram, cm.dram_latency, 0.0)
+        crosses = (self.tile >= 0) & ((self.down > 0) | (self.up > 0))
+        latency += np.where(crosses, cm.hop_latency * cm.hop_count[np.maximum(self.tile, 0)], 0.0)
+        kinds = {k: self.kind_bytes[:, i] for i, k in enumerate(DRAM_KINDS)}
+        kinds["code"] = np.full(n, float(INSTR_BYTES))
+        self.energy["dram"] += INSTR_BYTES * cm.e_dram_rd
+        self.energy["buffer"] += cm.e_fetch - INSTR_BYTES * cm.e_dram_rd
+        return InstrCosts(ptr, unit, busy, compute, self.main_unit, latency, uses_dram, self.energy,
+                          self.kind_bytes.sum(axis=1) + INSTR_BYTES, kinds, self.macs,
+                          cm.fetch_costs(n, self.map.code_base))

@@ -1,7 +1,7 @@
 """The hardware description: what the accelerator is made of and what each action costs.
 
 A description is TOML with the sections `[chip]`, `[macro]`, `[buffer.tile_act]`,
-`[buffer.global]`, `[noc]`, `[dram]` and `[sfu]`, plus `[sources]`, which maps each dotted key
+`[buffer.global]`, `[buffer.instr]`, `[noc]`, `[dram]` and `[sfu]`, plus `[sources]`, which maps each dotted key
 (`"macro.rows"`) to a note saying where its figure comes from (TOML keeps no comments).
 `SCHEMA` lists every key once, with its type, unit, allowed range and whether it is structural.
 
@@ -31,11 +31,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from isa.diag import CimcError
+from isa.spec import INSTR_BYTES
 
 PRESET_DIR = Path(__file__).with_name("presets")
 DEFAULT_PRESET = "edgecim-65nm"
 
 Kind = Literal["int", "float", "bool", "str", "int_list"]
+TOPOLOGIES = ("bus", "mesh")
 
 
 @dataclass(frozen=True)
@@ -121,9 +123,10 @@ def _str(key: str, doc: str, choices: tuple[str, ...] | None = None) -> FieldSpe
     return FieldSpec(key, "str", "", None, None, choices, False, doc)
 
 
-def _buffer(section: str, what: str) -> list[FieldSpec]:
+def _buffer(section: str, what: str, structural: bool = True) -> list[FieldSpec]:
+    """The keys of an SRAM buffer; its capacity is structural where code is placed in it."""
     return [
-        _int(f"{section}.size_kb", "KB", 1, 1 << 20, f"capacity of the {what}", structural=True),
+        _int(f"{section}.size_kb", "KB", 1, 1 << 20, f"capacity of the {what}", structural=structural),
         _int(f"{section}.width_bits", "bits", 8, 4096, f"access width of the {what}"),
         _float(f"{section}.e_read_pj", "pJ", 0, None, f"energy of one {what} read access"),
         _float(f"{section}.e_write_pj", "pJ", 0, None, f"energy of one {what} write access"),
@@ -158,15 +161,24 @@ SCHEMA: tuple[FieldSpec, ...] = (
     _bool("macro.write_while_compute", "a macro can load weights while it computes"),
     *_buffer("buffer.tile_act", "per-tile activation / partial-sum buffer"),
     *_buffer("buffer.global", "global buffer (activations, KV staging)"),
-    _int("noc.link_bits", "bits", 1, 4096, "NoC link width"),
+    *_buffer("buffer.instr", "instruction buffer (code fetched from DRAM)", structural=False),
+    _str("noc.topology", "interconnect from the DRAM controller and global buffer to the tiles: a shared "
+         "bus (a tree, one transfer at a time per direction) or a mesh (XY-routed links)", TOPOLOGIES),
+    _int("noc.link_bits", "bits", 8, 65536, "width of a link (and of a tile's ports), bits per NoC cycle"),
+    _float("noc.f_clk_mhz", "MHz", 1, 100000, "clock of the links and tile ports"),
     _float("noc.e_pj_per_bit_mm", "pJ/bit/mm", 0, None, "wire energy per bit per mm"),
     _float("noc.hop_mm", "mm", 0, None, "wire length of one hop (tile pitch)"),
     _int("noc.hop_cycles", "cycles", 0, 1024, "latency of one hop"),
+    _float("noc.wire_pitch_um", "um", 0, None, "routing pitch of one interconnect wire (for its area)"),
     _str("dram.type", "DRAM standard (label only; the figures below are what is charged)"),
-    _int("dram.channels_x16", "channels", 1, 256, "number of x16 DRAM channels"),
+    _int("dram.channels_x16", "channels", 1, 256, "x16 DRAM channels; addresses interleave across them"),
     _int("dram.mts", "MT/s", 1, 100000, "per-pin transfer rate"),
-    _float("dram.peak_gbps", "GB/s", 0.001, 100000, "peak DRAM bandwidth"),
+    _float("dram.peak_gbps", "GB/s", 0.001, 100000, "peak DRAM bandwidth of all channels together"),
     _float("dram.efficiency", "", 0.01, 1, "fraction of peak bandwidth achieved when streaming"),
+    _float("dram.latency_ns", "ns", 0, 100000, "first-access latency of a transfer (activate + read latency)"),
+    _int("dram.max_outstanding", "transfers", 1, 4096, "transfers the controller keeps in flight"),
+    _int("dram.burst_bytes", "bytes", 1, 4096, "smallest transfer of a channel; every access is rounded up to it"),
+    _int("dram.interleave_bytes", "bytes", 1, 1 << 20, "consecutive bytes mapped to one channel"),
     _float("dram.e_read_pj_per_bit", "pJ/bit", 0, None, "DRAM read energy per bit"),
     _float("dram.e_write_pj_per_bit", "pJ/bit", 0, None, "DRAM write energy per bit"),
     _bool("dram.kv_cache_in_dram", "the KV cache lives in DRAM, not on chip", structural=True),
@@ -192,11 +204,24 @@ NOT_MODELLED: dict[str, str] = {
     "macro.weight_bits": "the fp32 datapath stores 32-bit weights; INT4/INT8 will check it",
     "macro.accum_bits": "the fp32 datapath accumulates in fp32",
     "buffer.tile_act.size_kb": "activations are staged in the global buffer",
-    "dram.type": "label", "dram.channels_x16": "label: peak_gbps is charged", "dram.mts": "label: peak_gbps is charged",
+    "buffer.tile_act.width_bits": "operands enter and leave a tile through its ports (noc.link_bits); the tile "
+                                  "buffer is charged energy per byte, not time",
+    "dram.type": "label",
+    "dram.mts": "label: each channel carries peak_gbps / channels_x16",
     "sfu.dtype": "the fp32 datapath uses the fp32 energies", "sfu.e_add_pj": "the fp32 datapath uses e_add_fp32_pj",
     "sfu.e_mul_pj": "the fp32 datapath uses e_mul_fp32_pj", "sfu.e_int8_add_pj": "no integer SFU ops yet",
     "sfu.e_int32_add_pj": "no integer SFU ops yet",
 }
+#: Effects no key controls, listed by `cimc hw show` and docs/numerics-and-timing.md.
+NOT_MODELLED_EFFECTS: tuple[str, ...] = (
+    "DRAM row-buffer hits and misses, bank conflicts and refresh (folded into dram.efficiency); the DRAM "
+    "controller's and PHY's own latency (dram.latency_ns is the device's)",
+    "reordering in the DRAM controller: each channel serves transfers in program order",
+    "multicast: a value sent to several tiles crosses the interconnect once per instruction that reads it",
+    "bank conflicts inside the buffers; tile-buffer capacity and port time",
+    "router and repeater energy and area beyond the wires' pJ/bit/mm and pitch",
+    "area and leakage of the SFUs, the control unit and the DRAM PHY",
+)
 #: Values the simulator cannot model: asking for them is an error, not a silently ignored knob.
 UNSUPPORTED: dict[str, tuple[object, str]] = {
     "macro.write_while_compute": (True, "a tile either loads or computes; ping-pong across tiles overlaps them"),
@@ -254,12 +279,15 @@ class BufferConfig:
 
 @dataclass(frozen=True)
 class NocConfig:
-    """[noc]: the on-chip network between tiles."""
+    """[noc]: the interconnect between the DRAM controller / global buffer and the tiles."""
 
+    topology: str
     link_bits: int
+    f_clk_mhz: float
     e_pj_per_bit_mm: float
     hop_mm: float
     hop_cycles: int
+    wire_pitch_um: float
 
 
 @dataclass(frozen=True)
@@ -271,6 +299,10 @@ class DramConfig:
     mts: int
     peak_gbps: float
     efficiency: float
+    latency_ns: float
+    max_outstanding: int
+    burst_bytes: int
+    interleave_bytes: int
     e_read_pj_per_bit: float
     e_write_pj_per_bit: float
     kv_cache_in_dram: bool
@@ -300,6 +332,7 @@ _SECTIONS: tuple[tuple[str, str, type], ...] = (
     ("macro", "macro", MacroConfig),
     ("buffer.tile_act", "tile_buf", BufferConfig),
     ("buffer.global", "global_buf", BufferConfig),
+    ("buffer.instr", "instr_buf", BufferConfig),
     ("noc", "noc", NocConfig),
     ("dram", "dram", DramConfig),
     ("sfu", "sfu", SfuConfig),
@@ -316,6 +349,7 @@ class HardwareConfig:
     macro: MacroConfig
     tile_buf: BufferConfig
     global_buf: BufferConfig
+    instr_buf: BufferConfig
     noc: NocConfig
     dram: DramConfig
     sfu: SfuConfig
@@ -343,10 +377,33 @@ class HardwareConfig:
         return self.dram.peak_gbps * self.dram.efficiency
 
     @property
+    def grid_side(self) -> int:
+        """Tiles per row of the square grid they sit on (the last row may be partial)."""
+        return max(1, math.isqrt(self.chip.tiles - 1) + 1)
+
+    @property
+    def noc_wire_mm(self) -> float:
+        """Length of the interconnect's links, both directions, in mm of `link_bits`-wide link.
+
+        Per direction, a bus is a comb from the controller (at tile 0's corner) through every grid
+        position: side x side hops of `hop_mm`; a mesh has 2 x side x (side - 1) links between
+        neighbours plus the controller's link to tile 0.
+        """
+        side = self.grid_side
+        hops = side * side if self.noc.topology == "bus" else 2 * side * (side - 1) + 1
+        return 2 * hops * self.noc.hop_mm
+
+    @property
+    def noc_area_mm2(self) -> float:
+        """Routing area of the interconnect's wires: length x link_bits tracks x wire pitch."""
+        return self.noc_wire_mm * self.noc.link_bits * self.noc.wire_pitch_um * 1e-3
+
+    @property
     def area_mm2(self) -> float:
-        """Area of the macros and buffers (SFUs, NoC and DRAM PHY not included)."""
+        """Area of the macros, buffers and interconnect wires (SFUs, control and DRAM PHY not included)."""
         c = self.chip
-        return c.tiles * (c.macros_per_tile * self.macro.area_mm2 + self.tile_buf.area_mm2) + self.global_buf.area_mm2
+        return (c.tiles * (c.macros_per_tile * self.macro.area_mm2 + self.tile_buf.area_mm2)
+                + self.global_buf.area_mm2 + self.instr_buf.area_mm2 + self.noc_area_mm2)
 
     @property
     def cycle_ns(self) -> float:
@@ -423,11 +480,26 @@ def render_text(hw: HardwareConfig) -> str:
                 lines.append(
                     f"  {spec.name:<{kw}} = {value:<{vw}} {spec.unit:<{uw}} # {note}{hw.sources[spec.key]}"
                 )
+    c, d, n = hw.chip, hw.dram, hw.noc
+    macros = c.tiles * c.macros_per_tile * hw.macro.area_mm2
+    buffers = c.tiles * hw.tile_buf.area_mm2 + hw.global_buf.area_mm2 + hw.instr_buf.area_mm2
     lines += [
         "",
-        f"derived: {hw.total_macros} macros, {hw.weight_storage_kb:g} KB weight storage, "
-        f"DRAM {hw.dram_effective_gbps:g} GB/s effective ({hw.dram.peak_gbps:g} x {hw.dram.efficiency:g}), "
-        f"cycle {hw.cycle_ns:g} ns, area {hw.area_mm2:.4g} mm2 (macros, buffers)",
+        "derived:",
+        f"  array         {hw.total_macros} macros ({c.tiles} tiles x {c.macros_per_tile}), "
+        f"{hw.weight_storage_kb:g} KB of weights at once; clock {c.f_clk_mhz:g} MHz ({hw.cycle_ns:g} ns)",
+        f"  DRAM          {d.channels_x16} channels x {d.peak_gbps / d.channels_x16:.4g} GB/s = {d.peak_gbps:g} GB/s "
+        f"peak, {hw.dram_effective_gbps:.4g} GB/s sustained; {d.latency_ns:g} ns first access, "
+        f"up to {d.max_outstanding} transfers in flight",
+        f"  interconnect  {n.topology}, {n.link_bits}-bit links at {n.f_clk_mhz:g} MHz = "
+        f"{n.link_bits / 8 * n.f_clk_mhz / 1e3:.4g} GB/s per link; {hw.noc_wire_mm:.4g} mm of links",
+        f"  global buffer {hw.global_buf.width_bits}-bit read and write ports = "
+        f"{hw.global_buf.width_bits / 8 * c.f_clk_mhz / 1e3:.4g} GB/s each",
+        f"  area          {hw.area_mm2:.4g} mm2: macros {macros:.4g}, buffers {buffers:.4g}, "
+        f"interconnect wires {hw.noc_area_mm2:.4g} (SFUs, control and DRAM PHY not included)",
+        "",
+        "not modelled (by any key):",
+        *(f"  - {effect}" for effect in NOT_MODELLED_EFFECTS),
     ]
     return "\n".join(lines) + "\n"
 
@@ -600,6 +672,18 @@ def _merge(layers: list[_Layer], overrides: list[tuple[str, object]], origin: st
         if values[key] == value:
             raise CimcError(f"{where(key)}: key '{key}' = {_toml_repr(value)} is not modelled by this simulator "
                             f"({why}); set it to {_toml_repr(not value)}")
+    if hw.dram.interleave_bytes % hw.dram.burst_bytes:
+        raise CimcError(
+            f"{where('dram.interleave_bytes', 'dram.burst_bytes')}: key 'dram.interleave_bytes' "
+            f"({hw.dram.interleave_bytes}) must be a multiple of 'dram.burst_bytes' ({hw.dram.burst_bytes})"
+        )
+    for section, buf in (("buffer.global", hw.global_buf), ("buffer.instr", hw.instr_buf)):
+        if buf.width_bits % 8:
+            raise CimcError(f"{where(section + '.width_bits')}: key '{section}.width_bits' ({buf.width_bits}) "
+                            "must be a whole number of bytes (a multiple of 8)")
+    if hw.instr_buf.size_kb * 1024 < 2 * INSTR_BYTES:
+        raise CimcError(f"{where('buffer.instr.size_kb')}: key 'buffer.instr.size_kb' must hold at least two "
+                        f"{INSTR_BYTES}-byte instructions (it is double-buffered)")
     if hw.macro.cols < max(hw.macro.weight_bits):
         raise CimcError(
             f"{where('macro.cols', 'macro.weight_bits')}: key 'macro.cols' ({hw.macro.cols}) must be >= "

@@ -18,7 +18,7 @@ from typing import ClassVar, Protocol
 import numpy as np
 
 #: Version of the binary container and of the program semantics; bump on incompatible change.
-FORMAT_VERSION = (2, 0)
+FORMAT_VERSION = (3, 0)
 
 
 class Segment(Protocol):

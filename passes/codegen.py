@@ -27,8 +27,9 @@ from isa.hw import HardwareConfig
 from isa.program import ArraySegment, DebugInfo, DramImage, Entry, Program, Symbol
 from isa.spec import N_BARRIERS
 from passes.balance_stages import act_bits
-from passes.schedule import last_uses, scratch_bytes, scratch_layout, value_bytes
+from passes.schedule import attention_shape, last_uses, reads, scratch_bytes, scratch_layout, value_bytes
 from passes.tiling import Tiling, align
+from passes.traffic import min_traffic
 
 G, D = SPACES.index("g"), SPACES.index("d")  # memory spaces
 PAST = REGS.index("past")  # register offsetting the rows of position-indexed operands
@@ -136,7 +137,7 @@ class _Codegen:
     def waits(self, op: Op) -> int:
         """Barriers an op waits on: its producers (RAW) and the readers of memory it reuses (WAR)."""
         mask = 0
-        for v in op.operands:
+        for v in reads(op):
             if v.owner is not None and id(v.owner) in self.barrier:
                 mask |= 1 << self.barrier[id(v.owner)]
         for space, lo, hi in self._regions(op):
@@ -188,7 +189,7 @@ class _Codegen:
                 self.op_wait = self.waits(op)  # fixed while the op is emitted (nothing retires meanwhile)
                 getattr(self, f"_op_{op.name}")(op)
                 bit = 1 << self.barrier[id(op)]
-                for v in op.operands:
+                for v in reads(op):
                     self.readers[id(v)] = self.readers.get(id(v), 0) | bit
                 scratch = self._scratch_region(op)
                 if scratch is not None:
@@ -224,7 +225,7 @@ class _Codegen:
         return lambda: self.weight(init).T if tr else self.weight(init)
 
     def _layout_consts(self, image: DramImage) -> None:
-        addr = align(image.size, 4096)
+        addr = self.const_base = align(image.size, 4096)
         for op in self.module.ops:
             if op.name not in ("weight", "const"):
                 continue
@@ -425,33 +426,82 @@ class _Codegen:
                   src=self.mem(x), rows=self.rows(x), cols=self.cols(x), dt="f32")
 
     def _op_attention(self, op: Op) -> None:
+        """Softmax attention per KV group (one token) or per query head, over the cached keys
+        (positions 0 .. past-1, read from DRAM) and the run's new ones (still on chip); the two
+        score blocks share one row maximum and one row sum, as one softmax over all keys."""
         q, k, v = op.operands
         out = op.result
         h, kvh, hd = op.attrs["heads"], op.attrs["kv_heads"], op.attrs["head_dim"]
         group = h // kvh
+        grouped, *_ = attention_shape(op, self.bounds)
+        cached = k.type.shape[0] == CTX
+        new_k, new_v = (x.owner.operands[1] if cached else x for x in (k, v))  # type: ignore[union-attr]
         rows = self.rows(out)
-        cached = k.type.shape[0] == CTX  # keys are positions 0 .. past+seq-1 of the KV cache
-        keys, diag = (CTX_DIM, PAST_DIM) if cached else (rows, Dim(0, 0))
         slots = op.attrs["slots"]
-        # Heads are independent: each runs in order on its own SFU, waiting only on q, k, v and
-        # on memory reuse; a head that reuses a score slot runs on the same SFU as its previous user.
+        # Jobs are independent: each runs in order on its own SFU, waiting only on q, k, v and on
+        # memory reuse; a job that reuses a score slot runs on the same SFU as its previous user.
         sig, wait = self.barrier[id(op)], self.op_wait
-        for head in range(h):
-            slot, kv = head % slots, head // group
-            tile = (op.attrs["sfu"] + slot) % self.tiles  # heads sharing a slot share its SFU, in order
-            s, m, l_ = (self.scratch(op, f"{p}{slot}") for p in "sml")
+        for job in range(kvh if grouped else h):
+            slot, kv = job % slots, (job if grouped else job // group)
+            tile = (op.attrs["sfu"] + slot) % self.tiles
 
             def vec(mn: str, **f: object) -> None:
                 self.emit(mn, sig=sig, wait=wait, tile=tile, **f)  # noqa: B023
 
-            vec("vmm", dst=s, a=self.mem(q, head * hd), b=self.mem(k, kv * hd), m=rows, k=hd, n=keys, tb=1,
-                alpha=op.attrs["scale"])
-            vec("vcausal", dst=s, rows=rows, cols=keys, diag=diag)
-            self._softmax_rows(vec, s, m, l_, rows, keys)
-            vec("vmm", dst=self.mem(out, head * hd), a=s, b=self.mem(v, kv * hd), m=rows, k=keys, n=hd, tb=0,
-                alpha=1.0)
+            if grouped:  # the group's query heads are consecutive hd-wide blocks of the one row
+                qm, m = self.mem(q, kv * group * hd, stride=hd), Dim(0, group)
+                om = self.mem(out, kv * group * hd, stride=hd)
+            else:
+                qm, m, om = self.mem(q, job * hd), rows, self.mem(out, job * hd)
+            blocks = [(self.mem(new_k, kv * hd), self.mem(new_v, kv * hd), rows, "sml")]
+            if cached:
+                blocks.insert(0, (self.mem(k, kv * hd), self.mem(v, kv * hd), PAST_DIM, "pnk"))
+            # per block of keys: keys, values, key count, scores, row maximum, row sum
+            parts = [(keys, vals, n, *(self.scratch(op, f"{c}{slot}") for c in names))
+                     for keys, vals, n, names in blocks]
+            for keys, _, n, s, _, _ in parts:
+                vec("vmm", dst=s, a=qm, b=keys, m=m, k=hd, n=n, tb=1, acc=0, alpha=op.attrs["scale"])
+            if op.attrs["causal"] and not grouped:  # new key c is position past + c, query r past + r
+                vec("vcausal", dst=parts[-1][3], rows=rows, cols=rows, diag=Dim(0, 0))
+            mx, total = parts[0][4], parts[0][5]
+            for i, (_, _, n, s, mi, _) in enumerate(parts):
+                vec("vrmax", dst=mi, src=s, rows=m, cols=n)
+                if i:
+                    vec("vmax", dst=mx, a=mx, b=mi, rows=m, cols=1, abc=0, bbc=0)
+            for i, (_, _, n, s, _, li) in enumerate(parts):
+                vec("vsub", dst=s, a=s, b=mx, rows=m, cols=n, abc=0, bbc=1)
+                vec("vexp", dst=s, src=s, rows=m, cols=n)
+                vec("vrsum", dst=li, src=s, rows=m, cols=n)
+                if i:
+                    vec("vadd", dst=total, a=total, b=li, rows=m, cols=1, abc=0, bbc=0)
+            vec("vrecip", dst=total, src=total, rows=m, cols=1)
+            for i, (_, vals, n, s, _, _) in enumerate(parts):
+                vec("vmul", dst=s, a=s, b=total, rows=m, cols=n, abc=0, bbc=1)
+                vec("vmm", dst=om, a=s, b=vals, m=m, k=n, n=hd, tb=0, acc=int(i > 0), alpha=1.0)
 
     # ---- program -------------------------------------------------------------------------
+
+    def _dram_map(self) -> list[list]:
+        """[start, kind] regions of DRAM (isa.cost.DramMap): weights, constants, then the
+        read-write region, where KV caches and graph inputs and outputs sit for good and spills
+        take the rest."""
+        io_values = {id(o.operands[0]) for o in self.module.outputs()}
+        kinds: dict[int, str] = {0: "weights", self.const_base: "constants", self.rw_base: "spills"}
+        fixed = []
+        for op in self.module.ops:
+            m = op.attrs.get("mem")
+            if m is None or m["space"] != "rw" or op.name == "kv_append":
+                continue
+            kind = "kv_cache" if op.name == "kv_cache" else \
+                "io" if op.name == "input" or id(op.result) in io_values else None
+            if kind is not None:
+                lo = self.rw_base + m["addr"]
+                fixed.append((lo, lo + value_bytes(op.result, self.bounds), kind))
+        for _, hi, _ in fixed:
+            kinds.setdefault(hi, "spills")
+        for lo, _, kind in fixed:
+            kinds[lo] = kind
+        return [[start, kinds[start]] for start in sorted(kinds)]
 
     def _entry(self) -> Entry:
         symbols = []
@@ -470,7 +520,8 @@ class _Codegen:
         ops = [{"op": op.name, "loc": op.loc, "layer": op.attrs.get("layer", "")} for op in self.module.ops]
         mem = self.module.attrs.get("memory", {})
         meta = {"max_seq": self.max_seq, "gbuf_bytes": mem.get("gbuf_bytes", 0), "rw_bytes": mem.get("rw_bytes", 0),
-                "stages": len(self.stages), "balance": self.module.attrs.get("balance", {})}
+                "stages": len(self.stages), "balance": self.module.attrs.get("balance", {}),
+                "dram_map": self._dram_map(), "min_dram": min_traffic(self.module, self.hw).to_meta()}
         return Entry(self.name, encode(self.instrs), symbols, DebugInfo(ops, np.array(self.dbg, dtype=np.uint32)),
                      meta)
 
@@ -490,6 +541,11 @@ def emit_program(modules: dict[str, Module], weight: WeightSource, hw: HardwareC
     for name, image in zip(modules, images, strict=True):
         if [(s.offset, s.size) for s in image.segments] != [(s.offset, s.size) for s in first.segments]:
             raise ValueError(f"entry {name!r} lays out DRAM differently from {next(iter(modules))!r}")
+    rw_base, rw_bytes = align(first.size, 4096), max(e.meta["rw_bytes"] for e in entries)
+    code = align(rw_base + rw_bytes, 4096)  # the code sits after the data, one entry after another
+    for entry in entries:
+        entry.meta["code_base"] = code
+        code = align(code + len(entry.code), 4096)
     module = next(iter(modules.values()))
     embedding = next(module.walk("embedding"), None)
     cached = all(att.operands[1].type.shape[0] == CTX for att in module.walk("attention"))
@@ -497,5 +553,5 @@ def emit_program(modules: dict[str, Module], weight: WeightSource, hw: HardwareC
             "vocab": int(embedding.operands[1].type.shape[0]) if embedding is not None else None,
             "kv_cache": cached,
             "weights": module.attrs.get("weights", "fp32"), "max_ctx": module.max_ctx,
-            "rw_base": align(first.size, 4096), "rw_bytes": max(e.meta["rw_bytes"] for e in entries)}
+            "rw_base": rw_base, "rw_bytes": rw_bytes}
     return Program(entries, first, hw.to_dict(), hw.fingerprint(), meta)

@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from cimc.ir.core import Module, Op, Rewriter, Value
+from cimc.ir.core import CTX, Module, Op, Rewriter, Value
 from passes.manager import PassContext, register
 from passes.tiling import DRAM_ALIGN, Tiling, align
 
@@ -38,9 +38,8 @@ def scratch_layout(op: Op, bounds: dict[str, int]) -> list[tuple[str, int, int, 
         if t.kchunks > 1:
             parts.append(("psum", rows * t.kchunks, t.n))
     elif op.name == "attention":
-        keys = op.operands[1].type.bound_shape(bounds)[0]
         for slot in range(op.attrs.get("slots", 1)):
-            parts += _attention_parts(slot, rows, keys)
+            parts += _attention_parts(slot, *attention_shape(op, bounds))
     elif op.name in ("rms_norm", "softmax"):
         cols = int(op.results[0].type.shape[1])
         parts += [("t", rows, cols if op.name == "rms_norm" else 1), ("s", rows, 1)]
@@ -51,9 +50,29 @@ def scratch_layout(op: Op, bounds: dict[str, int]) -> list[tuple[str, int, int, 
     return out
 
 
-def _attention_parts(slot: int, rows: int, keys: int) -> list[tuple[str, int, int]]:
-    """The scratch of one attention slot: scores s [rows, keys], row max m and row sum l."""
-    return [(f"s{slot}", rows, keys), (f"m{slot}", rows, 1), (f"l{slot}", rows, 1)]
+def attention_shape(op: Op, bounds: dict[str, int]) -> tuple[bool, int, int, int]:
+    """How codegen splits an attention: (grouped, query rows, past keys, new keys), bounds.
+
+    With a KV cache, the keys are the cached positions 0 .. past-1, read from DRAM, followed by
+    the run's own rows, still on chip. Grouped (one token per run): the query heads sharing a
+    KV head are the rows of one matrix, so each KV head is read once per step; otherwise each
+    query head attends on its own over its `rows` tokens.
+    """
+    rows = op.results[0].type.bound_shape(bounds)[0]
+    cached = op.operands[1].type.shape[0] == CTX
+    grouped = cached and rows == 1
+    queries = op.attrs["heads"] // op.attrs["kv_heads"] if grouped else rows
+    past = bounds[CTX] if cached else 0
+    return grouped, queries, past, rows
+
+
+def _attention_parts(slot: int, grouped: bool, queries: int, past: int, new: int) -> list[tuple[str, int, int]]:
+    """The scratch of one attention slot: scores over the past keys (p) and the new ones (s),
+    their row maxima (m, n) and row sums (l, k)."""
+    parts = [(f"s{slot}", queries, new), (f"m{slot}", queries, 1), (f"l{slot}", queries, 1)]
+    if past:
+        parts += [(f"p{slot}", queries, past), (f"n{slot}", queries, 1), (f"k{slot}", queries, 1)]
+    return parts
 
 
 def scratch_bytes(op: Op, bounds: dict[str, int]) -> int:
@@ -62,12 +81,12 @@ def scratch_bytes(op: Op, bounds: dict[str, int]) -> int:
 
 
 def attention_slots(op: Op, bounds: dict[str, int], tiles: int, budget: int) -> int:
-    """Heads computed concurrently, one per SFU, each with its own score buffer: as many as
-    there are tiles, but no more than fit in `budget` bytes (long contexts), at least one."""
-    rows = op.results[0].type.bound_shape(bounds)[0]
-    keys = op.operands[1].type.bound_shape(bounds)[0]
-    per_slot = sum(align(r * c * ELEM) for _, r, c in _attention_parts(0, rows, keys))
-    return max(1, min(op.attrs["heads"], tiles, budget // per_slot))
+    """Heads (or KV groups) computed concurrently, one per SFU, each with its own score buffer:
+    as many as there are tiles, but no more than fit in `budget` bytes (long contexts), at least one."""
+    grouped, queries, past, new = attention_shape(op, bounds)
+    jobs = op.attrs["kv_heads"] if grouped else op.attrs["heads"]
+    per_slot = sum(align(r * c * ELEM) for _, r, c in _attention_parts(0, grouped, queries, past, new))
+    return max(1, min(jobs, tiles, budget // per_slot))
 
 
 class _Pool:
@@ -117,12 +136,20 @@ def value_bytes(v: Value, bounds: dict[str, int]) -> int:
     return ELEM * math.prod(v.type.bound_shape(bounds))
 
 
+def reads(op: Op) -> list[Value]:
+    """The values an op reads: its operands and, for an attention over a KV cache, the rows its
+    `kv_append`s add (attention takes them from where they were computed, not back from DRAM)."""
+    extra = [v.owner.operands[1] for v in op.operands[1:] if op.name == "attention" and v.owner is not None
+             and v.owner.name == "kv_append"]
+    return [*op.operands, *extra]
+
+
 def last_uses(module: Module) -> dict[int, int]:
     """For every value (by id), the index of the last op reading it; a result nobody reads dies
     where it is made."""
     last: dict[int, int] = {}
     for i, op in enumerate(module.ops):
-        for v in (*op.operands, *(r for r in op.results if not r.users)):
+        for v in (*reads(op), *(r for r in op.results if not r.users)):
             last[id(v)] = i
     return last
 

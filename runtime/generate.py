@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from isa.cost import COMPONENTS
+from isa.cost import COMPONENTS, DRAM_KINDS
 from isa.diag import CimcError
 from isa.program import Program
 from runtime.interpreter import Session, SimResult
@@ -116,11 +116,12 @@ def summarize(session: Session, gen: Generation) -> dict:
     seconds = sum(r["seconds"] for r in steps)
     joules = sum(r["joules"] for r in steps)
     dram_bytes = sum(r["dram_bytes"] for r in steps) / n
-    weight_bytes = sum(r["ops"].get("linear", {}).get("dram_bytes", 0.0) for r in steps) / n
-    kv_bytes = sum(r["ops"].get(k, {}).get("dram_bytes", 0.0) for r in steps for k in ("kv_append", "attention")) / n
-    compute_s = sum(_compute_bound_cycles(run) for run in gen.runs[1:]) / n / cost.f_hz
+    by_kind = {k: sum(r["dram_bytes_by_kind"][k] for r in steps) / n for k in steps[0]["dram_bytes_by_kind"]}
+    least = {k: sum(r["min_dram_bytes_by_kind"][k] for r in steps) / n for k in steps[0]["min_dram_bytes_by_kind"]}
+    min_bytes = sum(least.values())
+    compute_s = sum(_compute_bound_cycles(run, cost.channels) for run in gen.runs[1:]) / n / cost.f_hz
     bandwidth = hw.dram.peak_gbps * 1e9 * hw.dram.efficiency
-    dram_bound = bandwidth / dram_bytes if dram_bytes else float("inf")
+    dram_bound = bandwidth / min_bytes if min_bytes else float("inf")
     rate = n / seconds
     out["decode"] = {
         "steps": n,
@@ -129,27 +130,41 @@ def summarize(session: Session, gen: Generation) -> dict:
         "tokens_per_s": rate,
         "tokens_per_j": n / joules,
         "energy_per_token_pj": {c: sum(r["energy_pj"][c] for r in steps) / n for c in (*COMPONENTS, "leakage")},
-        "dram_bytes_per_token": {"total": dram_bytes, "weights": weight_bytes, "kv_cache": kv_bytes,
-                                 "other": dram_bytes - weight_bytes - kv_bytes},
+        "dram_bytes_per_token": {"total": dram_bytes, **by_kind},
     }
     compute_bound = 1 / compute_s if compute_s else float("inf")
+    extra = {k: by_kind[k] - least.get(k, 0.0) for k in by_kind}
     out["bounds"] = {
+        "min_dram_bytes_per_token": min_bytes,
+        "min_dram_bytes_per_token_by_kind": least,
         "dram_bandwidth_gbps": bandwidth / 1e9,
         "dram_bound_tokens_per_s": dram_bound,
         "compute_bound_tokens_per_s": compute_bound,
         "limited_by": "dram" if dram_bound <= compute_bound else "compute",
         "fraction_of_dram_bound": rate / dram_bound,
         "fraction_of_bound": rate / min(dram_bound, compute_bound),
+        "dram_overhead": {"bytes_per_token": dram_bytes - min_bytes,
+                          "fraction": (dram_bytes - min_bytes) / min_bytes if min_bytes else 0.0,
+                          "by_cause": {OVERHEAD_CAUSES[k]: v for k, v in extra.items() if v > 0}},
     }
     return out
 
 
-def _compute_bound_cycles(run: SimResult) -> float:
-    """Cycles of the busiest unit other than DRAM if DRAM were infinitely fast."""
+#: What simulated DRAM bytes above the minimum of each kind are (the report names the cause).
+OVERHEAD_CAUSES = {"weights": "weight padding and bursts", "constants": "constants re-read",
+                   "kv_cache": "KV cache re-read", "io": "inputs/outputs rounded to bursts", "spills": "spills",
+                   "code": "instruction fetch", "other": "other"}
+#: Overhead above the minimum DRAM bytes that the text report spells out.
+OVERHEAD_SHOWN = 0.02
+
+
+def _compute_bound_cycles(run: SimResult, channels: int) -> float:
+    """Cycles of the busiest unit other than the DRAM channels (units 0 .. channels-1) if DRAM
+    were infinitely fast."""
     c = run.costs
     assert c is not None
-    on_chip = c.unit0 > 0
-    return float(group_sum(c.unit0[on_chip], c.compute0[on_chip], int(c.unit0.max(initial=0)) + 1).max())
+    on_chip = c.unit >= channels
+    return float(group_sum(c.unit[on_chip], c.compute[on_chip], int(c.unit.max(initial=0)) + 1).max(initial=0.0))
 
 
 def render_text(report: dict) -> str:
@@ -168,14 +183,19 @@ def render_text(report: dict) -> str:
         tot = sum(e.values()) or 1.0
         parts = ", ".join(f"{k.replace('_', ' ')} {v / tot:.1%}" for k, v in e.items() if v > 0)
         by = d["dram_bytes_per_token"]
+        kinds = ", ".join(f"{DRAM_KINDS[k]} {v / 1e6:,.3f}" for k, v in by.items() if k != "total" and v > 0)
         lines += [
             f"  decode      {d['tokens_per_s']:,.2f} tokens/s, {d['tokens_per_j']:,.2f} tokens/J "
             f"over {d['steps']} step(s)",
             f"  per token   {tot * 1e-6:,.3f} uJ: {parts}",
-            f"  DRAM/token  {by['total'] / 1e6:,.3f} MB (weights {by['weights'] / 1e6:,.3f}, "
-            f"KV cache {by['kv_cache'] / 1e6:,.3f}, other {by['other'] / 1e6:,.3f})",
-            f"  bounds      DRAM {b['dram_bound_tokens_per_s']:,.2f} tokens/s at {b['dram_bandwidth_gbps']:.1f} GB/s, "
+            f"  DRAM/token  {by['total'] / 1e6:,.3f} MB ({kinds})",
+            f"  bounds      DRAM {b['dram_bound_tokens_per_s']:,.2f} tokens/s "
+            f"({b['min_dram_bytes_per_token'] / 1e6:,.3f} MB at least, at {b['dram_bandwidth_gbps']:.1f} GB/s), "
             f"compute {b['compute_bound_tokens_per_s']:,.2f} tokens/s: limited by "
             f"{'DRAM' if b['limited_by'] == 'dram' else 'compute'}, decode reached {b['fraction_of_bound']:.1%}",
         ]
+        over = b["dram_overhead"]
+        if over["fraction"] > OVERHEAD_SHOWN:
+            causes = ", ".join(f"{k} {v / 1e6:,.3f}" for k, v in sorted(over["by_cause"].items(), key=lambda x: -x[1]))
+            lines.append(f"  overhead    {over['fraction']:.1%} more DRAM bytes than the least: {causes} MB")
     return "\n".join(lines)

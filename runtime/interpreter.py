@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from isa.cost import CostModel, InstrCosts
+from isa.cost import CostModel, DramMap, InstrCosts
 from isa.diag import CimcError
 from isa.encoding import Columns, decode, decode_columns
 from isa.fields import REGS, Mem
@@ -208,8 +208,8 @@ class Session:
         regs = np.zeros(len(REGS), np.int64)
         regs[REGS.index("seq")], regs[REGS.index("past")], regs[REGS.index("ctx")] = seq, past, past + seq
         cols = self.columns(entry.name)
-        costs = self.cost.instr_costs(cols, regs)
-        tl = schedule(costs, cols.sig, cols.wait, self.cost.n_units)
+        costs = self.cost.instr_costs(cols, regs, DramMap.from_meta(entry.meta))
+        tl = schedule(costs, cols.sig, cols.wait, self.cost.n_units, self.hw.dram.max_outstanding)
         outputs: dict[str, np.ndarray] = {}
         accesses = None
         if numerics:

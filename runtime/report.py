@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from isa.cost import COMPONENTS, CostModel, InstrCosts
+from isa.cost import COMPONENTS, DRAM_KINDS, CostModel, InstrCosts
 from isa.program import Entry, Program
 from isa.spec import BY_NAME
+from isa.traffic import MinTraffic
 from runtime.timing import Timeline
 
+#: Unit kinds (CostModel.unit_kinds) in report order, with what one unit of each is.
+UNIT_KINDS = {"dram": "channels", "noc": "links", "gbuf": "ports", "tile": "tiles", "sfu": "SFUs",
+              "port": "tile ports"}
 LABELS = {"dram": "DRAM", "macro_write": "macro writes", "mvm": "MVM", "sfu": "SFU", "buffer": "buffers",
           "noc": "NoC", "leakage": "leakage"}
 
@@ -27,6 +31,7 @@ def build_report(program: Program, entry: Entry, cost: CostModel, costs: InstrCo
     """All figures of one run of `seq` tokens after `past` cached ones, as JSON-able data
     (cycles, seconds, picojoules, bytes). `opcode` is the entry's decoded opcode column."""
     hw = cost.hw
+    least = MinTraffic.from_meta(entry.meta["min_dram"]).at(seq, past)
     cycles = float(tl.total)
     seconds = cycles / cost.f_hz
     leak_pj = cost.leakage_mw * 1e-3 * seconds * 1e12
@@ -36,8 +41,7 @@ def build_report(program: Program, entry: Entry, cost: CostModel, costs: InstrCo
     per_instr = sum(costs.energy[c] for c in COMPONENTS)
 
     names = cost.unit_names()
-    busy = group_sum(costs.unit0[costs.unit0 >= 0], costs.busy0[costs.unit0 >= 0], len(names)) + \
-        group_sum(costs.unit1[costs.unit1 >= 0], costs.busy1[costs.unit1 >= 0], len(names))
+    busy = group_sum(costs.unit, costs.busy, len(names))
     units = {name: {"busy_cycles": float(b), "utilization": float(b / cycles) if cycles else 0.0}
              for name, b in zip(names, busy, strict=True)}
 
@@ -71,14 +75,18 @@ def build_report(program: Program, entry: Entry, cost: CostModel, costs: InstrCo
                      "tiles": hw.chip.tiles, "macros_per_tile": hw.chip.macros_per_tile},
         "tokens": seq,
         "past": past,
-        "instructions": len(costs.busy0),
+        "instructions": len(costs),
         "cycles": cycles,
         "seconds": seconds,
         "joules": total_pj * 1e-12,
         "energy_pj": energy,
         "dram_bytes": float(costs.dram_bytes.sum()),
+        "dram_bytes_by_kind": {k: float(v.sum()) for k, v in costs.dram_kind_bytes.items()},
+        "min_dram_bytes_by_kind": least,
+        "min_dram_bytes": sum(least.values()),
         "macs": float(costs.macs.sum()),
         "units": units,
+        "unit_kinds": dict(zip(names, cost.unit_kinds(), strict=True)),
         "layers": layers,
         "ops": kinds,
         "compiler_estimate": {"cycles": entry.meta.get("balance", {}).get("est_cycles"),
@@ -116,17 +124,20 @@ def render_text(r: dict) -> str:
         f"  energy  {_si(r['joules'], 'J')}   DRAM traffic {r['dram_bytes'] / 1e6:,.2f} MB   "
         f"MACs {r['macs']:,.0f}",
         "          " + ", ".join(f"{LABELS[k]} {v / tot:.1%}" for k, v in r["energy_pj"].items() if v > 0),
+        "  DRAM    " + ", ".join(f"{DRAM_KINDS[k]} {v / 1e6:,.3f} MB" for k, v in r["dram_bytes_by_kind"].items()
+                                 if v > 0),
         "  units   busy cycles   utilization",
     ]
-    units = r["units"]
-    for name in ("dram", "noc"):
-        lines.append(f"    {name:<8}{units[name]['busy_cycles']:>12,.0f}   {units[name]['utilization']:>6.1%}")
-    for kind in ("tile", "sfu"):
-        group = [u for n, u in units.items() if n.startswith(kind)]
-        if group:
-            util = [u["utilization"] for u in group]
-            lines.append(f"    {kind + 's':<8}{sum(u['busy_cycles'] for u in group):>12,.0f}   "
-                         f"{np.mean(util):>6.1%} mean, {max(util):.1%} max over {len(group)}")
+    kinds = r["unit_kinds"]
+    for kind, label in UNIT_KINDS.items():
+        group = [u for n, u in r["units"].items() if kinds[n] == kind]
+        used = [u for u in group if u["busy_cycles"] > 0] or group[:1]
+        if not group:
+            continue
+        util = [u["utilization"] for u in group]
+        lines.append(f"    {kind:<8}{sum(u['busy_cycles'] for u in group):>12,.0f}   {np.mean(util):>6.1%} mean, "
+                     f"{max(util):.1%} max over {len(group)} {label}" + ("" if len(used) == len(group) else
+                                                                        f" ({len(used)} used)"))
     lines.append("  layer     from cycle   to cycle       energy   share   DRAM MB   instrs")
     for name, d in r["layers"].items():
         lines.append(f"    {name:<8}{d['start_cycle']:>10,.0f} {d['end_cycle']:>10,.0f}  "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 
@@ -161,7 +162,7 @@ def _reduce(fn: Callable) -> Semantics:
 
 
 SEMANTICS["vrsum"] = _reduce(np.sum)
-SEMANTICS["vrmax"] = _reduce(np.max)
+SEMANTICS["vrmax"] = _reduce(partial(np.max, initial=-np.inf))  # over no columns: -inf
 
 
 @sem("vrope")
@@ -185,7 +186,11 @@ def _vmm(m: Machine, f: dict) -> None:
     res = np.matmul(a, b)
     if f["alpha"] != 1.0:
         res = res * F32(f["alpha"])
-    m.view(f["dst"], mm, n, write=True)[...] = res
+    dst = m.view(f["dst"], mm, n, write=True)
+    if f["acc"]:
+        dst += res
+    else:
+        dst[...] = res
 
 
 @sem("vcausal")

@@ -116,7 +116,7 @@ def test_incbin_checks_the_file(cwd):
 
 
 HEAD = """\
-.format 2 0
+.format 3 0
 .fingerprint "0123456789abcdef"
 .hw {}
 .meta {}
@@ -141,7 +141,7 @@ def check_error(text: str, line: int, col: int, message: str) -> None:
 @pytest.mark.parametrize(("text", "line", "col", "message"), [
     # syntax (lark)
     (HEAD + "    vexp tile=0 $\n", 9, 17, "unexpected character '$'"),
-    (".format 2\n", 1, 10, "unexpected end of line; expected an integer"),
+    (".format 3\n", 1, 10, "unexpected end of line; expected an integer"),
     (HEAD + "    vexp tile=0 dst=g:0x0/4\n", 9, 17, "unexpected 'dst'; expected ',', @N, end of line"),
     # instructions
     (HEAD + "    vad tile=0\n", 9, 5, "unknown instruction 'vad' (did you mean vadd?)"),
@@ -171,8 +171,8 @@ def check_error(text: str, line: int, col: int, message: str) -> None:
     (HEAD.replace(".meta {}\n", ".meta {}\n.meta {}\n"), 5, 1, "duplicate .meta directive (first on line 4)"),
     (HEAD + "    halt\n.hw {}\n", 10, 1, ".hw after an .entry (program directives come first)"),
     (HEAD + "    halt\n.op 1 {}\n", 10, 1, ".op after .text (directives come before the instructions)"),
-    (HEAD.replace(".format 2 0", ".format 3 0"), 1, 9,
-     "assembly format 3.0 is not supported by this cimc (reads 2.x)"),
+    (HEAD.replace(".format 3 0", ".format 4 0"), 1, 9,
+     "assembly format 4.0 is not supported by this cimc (reads 3.x)"),
     (HEAD.replace("0123456789abcdef", "0123"), 2, 14,
      "hardware fingerprint must be 16 hex characters, got '0123'"),
     (HEAD.replace('.op 0 {"op": "x"}', '.symbol {"name": "x"}'), 7, 9,

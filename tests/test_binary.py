@@ -63,7 +63,7 @@ def test_deterministic(cwd):
 def test_layout(cwd):
     data = written()
     magic, major, minor, flags, count, fp = struct.unpack_from("<4sHHII16s", data)
-    assert (magic, major, minor, flags, count, fp) == (b"CIMB", 2, 0, 0, len(SECTIONS), b"00112233aabbccdd")
+    assert (magic, major, minor, flags, count, fp) == (b"CIMB", 3, 0, 0, len(SECTIONS), b"00112233aabbccdd")
     assert struct.unpack_from("<I", data, 60)[0] == zlib.crc32(data[:60])
     secs = read_sections("x.cimb")
     assert list(secs) == list(SECTIONS) and set(TAGS) <= set(SECTIONS)
@@ -140,11 +140,11 @@ def test_bad_magic(cwd):
 
 def test_version(cwd):
     data = bytearray(written())
-    data[4:8] = struct.pack("<HH", 3, 0)
+    data[4:8] = struct.pack("<HH", 4, 0)
     rewrite("x.cimb", data)
-    assert error() == ("x.cimb: binary format 3.0 is not supported by this cimc (reads 2.x); "
+    assert error() == ("x.cimb: binary format 4.0 is not supported by this cimc (reads 3.x); "
                        "recompile the model")
-    data[4:8] = struct.pack("<HH", 2, 7)  # a newer minor version of the same major reads fine
+    data[4:8] = struct.pack("<HH", 3, 7)  # a newer minor version of the same major reads fine
     data[60:64] = struct.pack("<I", zlib.crc32(data[:60]))
     rewrite("x.cimb", data)
     assert read_binary("x.cimb").n_instrs == 7

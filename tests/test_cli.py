@@ -320,7 +320,7 @@ def test_run_outputs_match_onnxruntime_and_report_is_complete(cli, zoo, shared_m
     assert energy and all(v >= 0 for v in energy.values()) and {"dram", "mvm", "leakage"} <= energy.keys()
     assert report["joules"] == pytest.approx(sum(energy.values()) * 1e-12, rel=1e-9)
     units = report["units"]
-    assert {"dram", "noc", "tile0", "sfu0"} <= units.keys()
+    assert {"dram0", "gbuf.rd", "tile0", "sfu0", "port0.in"} <= units.keys()
     for unit, u in units.items():
         assert 0 <= u["busy_cycles"] <= report["cycles"] * (1 + 1e-9), unit
     assert list(report["layers"]) == LAYERS

@@ -32,9 +32,13 @@ def test_default_is_65nm_with_section_7_figures() -> None:
     assert hw.macro.e_slice_w4_fj == 26.0 and hw.macro.e_write_fj_per_bit == 97.0
     assert hw.macro.area_mm2 == 0.2272 and hw.macro.write_while_compute is False
     assert (hw.tile_buf.size_kb, hw.tile_buf.e_read_pj, hw.tile_buf.e_write_pj) == (32, 13.8, 11.4)
-    assert (hw.global_buf.size_kb, hw.global_buf.e_read_pj, hw.global_buf.leak_mw) == (256, 40.3, 12.3)
-    assert (hw.noc.link_bits, hw.noc.e_pj_per_bit_mm, hw.noc.hop_mm) == (256, 0.10, 2.0)
+    assert (hw.global_buf.size_kb, hw.global_buf.width_bits, hw.global_buf.leak_mw) == (256, 2048, 12.3)
+    assert hw.global_buf.e_read_pj / (hw.global_buf.width_bits / 64) == pytest.approx(40.3)  # §3.1 per 64 bits
+    assert (hw.instr_buf.size_kb, hw.instr_buf.width_bits) == (16, 512)
+    assert (hw.noc.topology, hw.noc.link_bits, hw.noc.f_clk_mhz, hw.noc.e_pj_per_bit_mm, hw.noc.hop_mm) == (
+        "bus", 1024, 800, 0.10, 2.0)
     assert (hw.dram.type, hw.dram.mts, hw.dram.peak_gbps, hw.dram.efficiency) == ("LPDDR5", 6400, 102.4, 0.75)
+    assert (hw.dram.channels_x16, hw.dram.latency_ns, hw.dram.burst_bytes, hw.dram.max_outstanding) == (8, 44, 32, 16)
     assert hw.dram.e_read_pj_per_bit == 8.0 and hw.dram.kv_cache_in_dram is True
     assert (hw.sfu.lanes, hw.sfu.dtype, hw.sfu.e_add_pj, hw.sfu.e_exp_pj) == (32, "fp16", 0.71, 12.6)
     assert (hw.sfu.e_add_fp32_pj, hw.sfu.e_mul_fp32_pj) == (1.60, 6.60)
@@ -45,8 +49,8 @@ def test_28nm_overrides_and_inherits() -> None:
     assert hw.name == "edgecim-28nm"
     assert hw.chip.tech_nm == 28 and hw.chip.f_clk_mhz == 400 and hw.chip.vdd_v == 0.9
     assert hw.macro.e_slice_w4_fj == 6.0 and hw.macro.e_write_fj_per_bit == 23.3
-    assert hw.tile_buf.e_read_pj == 2.58 and hw.global_buf.e_write_pj == 5.90
-    assert (hw.noc.e_pj_per_bit_mm, hw.noc.hop_mm) == (0.081, 1.0)
+    assert hw.tile_buf.e_read_pj == 2.58 and hw.global_buf.e_write_pj / 32 == pytest.approx(5.90)
+    assert (hw.noc.e_pj_per_bit_mm, hw.noc.hop_mm, hw.noc.link_bits) == (0.081, 1.0, 2048)
     assert (hw.dram.type, hw.dram.mts, hw.dram.peak_gbps) == ("LPDDR5X", 8533, 136.5)
     assert (hw.sfu.e_exp_pj, hw.sfu.e_add_fp32_pj, hw.sfu.e_mul_fp32_pj) == (4.4, 0.56, 2.30)
     # inherited from edgecim-65nm, with the 65 nm source notes
@@ -155,7 +159,7 @@ def test_write_time_follows_write_cycles_full() -> None:
 def test_dict_round_trip(tmp_path: Path) -> None:
     hw = load_hw("edgecim-28nm", ["macro.weight_bits=[8, 4]"])
     d = json.loads(json.dumps(hw.to_dict()))
-    assert d["buffer"]["global"]["e_read_pj"] == 8.34 and d["macro"]["weight_bits"] == [8, 4]
+    assert d["buffer"]["global"]["e_read_pj"] == 266.9 and d["macro"]["weight_bits"] == [8, 4]
     back = HardwareConfig.from_dict(d, "prog.cimb")
     assert back == hw and back.to_dict() == hw.to_dict() and back.sources == hw.sources
     assert back.origin == "prog.cimb" and back.fingerprint() == hw.fingerprint()
@@ -208,7 +212,7 @@ BAD_FILES = [
     ("[macro.rows]\nx = 1\n", r"key 'macro\.rows' must be an integer .*got a table", "macro.rows"),
     ("[gpu]\ncores = 3\n", r"unknown table \[gpu\] \(tables: chip, macro, buffer\.tile_act", None),
     ("[macr]\nrows = 3\n", r"unknown table \[macr\] \(did you mean \[macro\]\?\)", None),
-    ("[noc]\nzzz = 3\n", r"unknown key 'noc\.zzz' \(keys of \[noc\]: link_bits, e_pj_per_bit_mm", "noc.zzz"),
+    ("[noc]\nzzz = 3\n", r"unknown key 'noc\.zzz' \(keys of \[noc\]: topology, link_bits, f_clk_mhz", "noc.zzz"),
     ('[sources]\n"macro.rowz" = "x"\n', r"source note for unknown key 'macro\.rowz'", "macro.rowz"),
     ('[sources]\n"macro.rows" = 3\n', r"source note for 'macro\.rows' must be a string", "macro.rows"),
     ("extends = 3\n", r"key 'extends' must be a preset name or a path", "extends"),
@@ -305,13 +309,19 @@ def test_render_text() -> None:
     assert "MHz" in f_clk and "# M7 (28 nm DCIM, 400 MHz)" in f_clk
     assert "e_write_fj_per_bit" in text and "fJ/bit" in text and "W3: CACTI 32 nm" in text
     # values and comments line up
-    body = [line for line in lines if line.startswith("  ")]
+    derived = lines.index("derived:")
+    body = [line for line in lines[:derived] if line.startswith("  ")]
     assert len({line.index("=") for line in body}) == 1 and len({line.index("#") for line in body}) == 1
-    assert lines[-1] == (
-        "derived: 256 macros, 1024 KB weight storage, "
-        "DRAM 102.375 GB/s effective (136.5 x 0.75), cycle 2.5 ns, "
-        f"area {256 * 0.067 + 16 * 0.067 + 0.44:.4g} mm2 (macros, buffers)"
-    )
+    assert "  DRAM          8 channels x 17.06 GB/s = 136.5 GB/s peak, 102.4 GB/s sustained; 44 ns first access, " \
+           "up to 16 transfers in flight" in lines
+    assert "  interconnect  bus, 2048-bit links at 800 MHz = 204.8 GB/s per link; 32 mm of links" in lines
+    wires = 32 * 2048 * 0.2e-3
+    assert next(line for line in lines if line.startswith("  area ")) == (
+        f"  area          {256 * 0.067 + 16 * 0.067 + 0.44 + 0.034 + wires:.4g} mm2: macros {256 * 0.067:.4g}, "
+        f"buffers {16 * 0.067 + 0.44 + 0.034:.4g}, interconnect wires {wires:.4g} "
+        "(SFUs, control and DRAM PHY not included)")
+    # what no key models is listed after the keys
+    assert lines[lines.index("not modelled (by any key):") + 1].startswith("  - DRAM row-buffer")
 
 
 def test_derived_figures() -> None:

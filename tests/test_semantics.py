@@ -155,7 +155,7 @@ def test_rope_rotates_halves_per_head() -> None:
 def test_vmm_causal_softmax_pieces() -> None:
     m = _machine()
     q, k = _get(m, A), _get(m, B)
-    run(m, "vmm", tile=0, dst=g(OUT, R), a=g(A), b=g(B), m=R, k=C, n=R, tb=1, alpha=0.25)
+    run(m, "vmm", tile=0, dst=g(OUT, R), a=g(A), b=g(B), m=R, k=C, n=R, tb=1, acc=0, alpha=0.25)
     s = _get(m, OUT, R, R, R)
     np.testing.assert_allclose(s, 0.25 * q @ k.T, rtol=1e-5)
     run(m, "vcausal", tile=0, dst=g(OUT, R), rows=R, cols=R, diag=0)
@@ -163,8 +163,23 @@ def test_vmm_causal_softmax_pieces() -> None:
     assert np.isneginf(masked[np.triu_indices(R, 1)]).all()
     np.testing.assert_array_equal(masked[np.tril_indices(R)], s[np.tril_indices(R)])
     m.view(g(OUT, R), R, R, write=True)[...] = p = np.tril(np.full((R, R), 1.0 / R, np.float32))
-    run(m, "vmm", tile=0, dst=g(EXTRA), a=g(OUT, R), b=g(B), m=R, k=R, n=C, tb=0, alpha=1.0)
+    run(m, "vmm", tile=0, dst=g(EXTRA), a=g(OUT, R), b=g(B), m=R, k=R, n=C, tb=0, acc=0, alpha=1.0)
     np.testing.assert_allclose(_get(m, EXTRA), p @ k, rtol=1e-5)
+    run(m, "vmm", tile=0, dst=g(EXTRA), a=g(OUT, R), b=g(B), m=R, k=R, n=C, tb=0, acc=1, alpha=0.5)
+    np.testing.assert_allclose(_get(m, EXTRA), 1.5 * (p @ k), rtol=1e-5)
+
+
+def test_attention_pieces_over_no_keys() -> None:
+    """With nothing cached, the past-key block of an attention has no columns: its row maximum
+    is -inf, its row sum 0, and its product adds nothing."""
+    m = _machine()
+    run(m, "vrmax", tile=0, dst=g(EXTRA, 1), src=g(A), rows=R, cols=0)
+    assert np.isneginf(_get(m, EXTRA, R, 1, 1)).all()
+    run(m, "vrsum", tile=0, dst=g(EXTRA, 1), src=g(A), rows=R, cols=0)
+    assert not _get(m, EXTRA, R, 1, 1).any()
+    before = _get(m, OUT).copy()
+    run(m, "vmm", tile=0, dst=g(OUT), a=g(A), b=g(B), m=R, k=0, n=C, tb=0, acc=1, alpha=1.0)
+    np.testing.assert_array_equal(_get(m, OUT), before)
 
 
 def test_sizes_follow_the_runtime_length() -> None:

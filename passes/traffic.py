@@ -1,0 +1,95 @@
+"""The least DRAM traffic of a run, from the IR alone (see `isa.traffic.MinTraffic`).
+
+What any program for this model must move, whatever its code: every weight streamed through
+the macros once at its bit width; each constant the run reads once (norm weights and biases,
+the embedding rows of its tokens, the RoPE table rows of its positions); the KV cache once (the
+cached positions read, the new ones written); the graph inputs it reads and the outputs it
+writes; and every activation larger than the global buffer written out and read back once.
+"""
+
+from __future__ import annotations
+
+from cimc.ir.core import CTX, SEQ, Module, Value
+from isa.hw import HardwareConfig
+from isa.traffic import BOUND_KINDS, MinTraffic
+from passes.tiling import Tiling
+
+ELEM = 4
+#: Ops whose results are not activations (data in DRAM, or the cache itself).
+_NOT_ACTIVATION = {"input", "weight", "const", "kv_cache", "kv_append"}
+
+
+def min_traffic(module: Module, hw: HardwareConfig) -> MinTraffic:
+    """The bound for runs of this module on `hw` (only the global buffer's size matters)."""
+    terms = {k: [0.0, 0.0, 0.0] for k in BOUND_KINDS}  # fixed, per seq, per past
+
+    def rows_term(kind: str, v: Value, row_bytes: float) -> None:
+        """`v`'s rows (seq, ctx = past + seq, or a count) of `row_bytes` each, once per run."""
+        rows = v.type.shape[0] if v.type.rank == 2 else 1
+        t = terms[kind]
+        if rows == SEQ:
+            t[1] += row_bytes
+        elif rows == CTX:
+            t[1] += row_bytes
+            t[2] += row_bytes
+        else:
+            t[0] += int(rows) * row_bytes
+
+    seen: set[int] = set()
+    large: list[tuple[str, float, float]] = []
+    buffer = hw.global_buf.size_kb * 1024
+    outputs = {id(o.operands[0]) for o in module.outputs()}
+    for op in module.ops:
+        if op.name == "linear":
+            t = Tiling.from_attr(op.attrs["tiling"])
+            terms["weights"][0] += t.k * t.n * t.wbits / 8
+            if len(op.operands) == 3:
+                _once(seen, op.operands[2], terms)
+        elif op.name == "embedding":
+            table = op.operands[1]
+            terms["io"][1] += ELEM  # one id per token
+            terms["constants"][1] += int(table.type.shape[1]) * ELEM  # the table row of each token
+        elif op.name == "kv_append":
+            rows_term("kv_cache", op.result, _row_bytes(op.result))  # past rows read, new ones written
+        elif op.name == "output":
+            v = op.operands[0]
+            if v.owner is not None and v.owner.name not in ("kv_append", "kv_cache"):
+                rows_term("io", v, _row_bytes(v))
+        else:
+            for v in op.operands:
+                if v.owner is not None and v.owner.name in ("weight", "const"):
+                    _once(seen, v, terms)
+        if op.results and op.name not in _NOT_ACTIVATION and id(op.results[0]) not in outputs:
+            v = op.results[0]
+            bound = ELEM * _count(v, module.bounds)
+            if bound > buffer:
+                rows = v.type.shape[0] if v.type.rank == 2 else 1
+                large.append((str(rows), float(_row_bytes(v)), 2.0))
+    return MinTraffic({k: (a, b, c) for k, (a, b, c) in terms.items()}, tuple(large), buffer)
+
+
+def _once(seen: set[int], w: Value, terms: dict[str, list[float]]) -> None:
+    """Charge a constant the first time the run reads it: a position table by the run's rows
+    (positions past .. past+seq-1), anything else whole."""
+    if id(w) in seen:
+        return
+    seen.add(id(w))
+    if w.type.rank == 2 and w.type.shape[0] == CTX:
+        terms["constants"][1] += _row_bytes(w)
+    else:
+        terms["constants"][0] += _bytes(w)
+
+
+def _row_bytes(v: Value) -> float:
+    return float(ELEM * (int(v.type.shape[1]) if v.type.rank == 2 else 1))
+
+
+def _bytes(v: Value) -> float:
+    return float(ELEM * _count(v, {}))
+
+
+def _count(v: Value, bounds: dict[str, int]) -> int:
+    n = 1
+    for d in v.type.bound_shape(bounds):
+        n *= d
+    return n
