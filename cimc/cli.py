@@ -66,7 +66,7 @@ def _add_frontend(p: argparse.ArgumentParser, helps: dict[str, str] | None = Non
                                           "baseline)"))
     p.add_argument("--pipeline", default=None, metavar="PASSES",
                    help=help_("pipeline", "pass pipeline (overrides --schedule), e.g. 'lift-idioms,insert-kv-cache,"
-                                          "tile-partition,place-weights{sets=2},balance-stages,schedule'"))
+                                          "tile-partition,place-weights{sets=2},schedule,balance-stages'"))
 
 
 def _hw(args: argparse.Namespace, required: bool = True):

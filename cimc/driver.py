@@ -26,7 +26,7 @@ from passes.balance_stages import BalanceStagesPass
 from passes.codegen import emit_program
 from passes.manager import Pass, PassContext, PassManager, check_hw, parse_pipeline
 
-DEFAULT_PIPELINE = "lift-idioms,insert-kv-cache,tile-partition,place-weights,balance-stages,schedule"
+DEFAULT_PIPELINE = "lift-idioms,insert-kv-cache,tile-partition,place-weights,schedule,balance-stages"
 #: The baseline schedule: one macro set, so a stage's weights load only after the previous stage
 #: computed (no overlap of loading and computing), as a design without ping-pong would run.
 NAIVE_PIPELINE = DEFAULT_PIPELINE.replace("place-weights", "place-weights{sets=1}")
@@ -117,7 +117,7 @@ def clone(module: Module) -> Module:
 
 
 #: Passes code generation needs, in this order (others may come between them).
-REQUIRED_PASSES = ("insert-kv-cache", "tile-partition", "place-weights", "balance-stages", "schedule")
+REQUIRED_PASSES = ("insert-kv-cache", "tile-partition", "place-weights", "schedule", "balance-stages")
 
 
 def check_pipeline(module: Module, steps: list[Pass], pipeline: str) -> None:
@@ -143,8 +143,10 @@ def compile_module(module: Module, weights: Callable[[str], np.ndarray], opts: C
     decode = clone(module)
     decode.attrs["max_seq"] = 1
     pm = run_pipeline(module, opts, steps=steps)
-    # the decode program balances its stages for one token, whatever the pipeline says
-    one_row = [replace(p, rows=1) if isinstance(p, BalanceStagesPass) else p for p in steps]
+    # the decode program balances its stages for one token half-way into the context, whatever the
+    # pipeline says
+    one_row = [replace(p, rows=1, past=(decode.max_ctx - 1) // 2) if isinstance(p, BalanceStagesPass) else p
+               for p in steps]
     run_pipeline(decode, replace(opts, dump_after=set(), dump_dir=None, on_dump=None), steps=one_row)
     return emit_program({"prefill": module, "decode": decode}, weights, opts.hw), pm
 

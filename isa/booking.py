@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from bisect import bisect_right
 
-#: Idle gaps remembered per shared resource, and rounds spent looking for a gap every resource
-#: of a transfer shares; beyond them a transfer waits until all its resources are free
-#: (pessimistic, and it bounds the work per instruction).
-MAX_GAPS = 8
-SEARCH_ROUNDS = 3
+#: Idle gaps remembered per shared resource (the latest), and rounds spent looking for a gap
+#: every resource of a transfer shares; beyond them a transfer waits until all its resources are
+#: free (pessimistic, and it bounds the work per instruction).
+MAX_GAPS = 32
+SEARCH_ROUNDS = 8
 
 
 class Bookings:
@@ -39,6 +39,15 @@ class Bookings:
                 return s
         return self.horizon[u]
 
+    def add_gap(self, u: int, a: float, b: float) -> None:
+        """Remember the idle time [a, b) just before unit u's horizon; when too many are kept,
+        forget the oldest."""
+        starts, ends = self.gap_start[u], self.gap_end[u]
+        starts.append(a)
+        ends.append(b)
+        if len(ends) > MAX_GAPS:
+            del starts[0], ends[0]
+
     def book(self, u: int, s: float, d: float) -> None:
         """Book [s, s + d) on unit u: after its horizon, or inside a gap `earliest` found."""
         e = s + d
@@ -46,10 +55,7 @@ class Bookings:
         starts, ends = self.gap_start[u], self.gap_end[u]
         if s >= h:
             if s > h:
-                starts.append(h)
-                ends.append(s)
-                if len(ends) > MAX_GAPS:
-                    del starts[0], ends[0]
+                self.add_gap(u, h, s)
             self.horizon[u] = e
             return
         g = bisect_right(ends, s)
@@ -79,15 +85,14 @@ class Bookings:
                     break
             else:
                 t = latest
-        for u, d in uses:  # book; the common case (at or after the horizon) inline
+        for u, d in uses:  # book; the common cases (at or after the horizon) inline
             h = horizon[u]
             if t > h:
-                gs, ge = self.gap_start[u], self.gap_end[u]
-                gs.append(h)
-                ge.append(t)
-                if len(ge) > MAX_GAPS:
-                    del gs[0]
-                    del ge[0]
+                starts, ends = self.gap_start[u], self.gap_end[u]
+                starts.append(h)
+                ends.append(t)
+                if len(ends) > MAX_GAPS:
+                    del starts[0], ends[0]
                 horizon[u] = t + d
             elif t == h:
                 horizon[u] = t + d

@@ -1,23 +1,19 @@
 """`balance-stages`: group the weight stream into pipeline stages that ping-pong between sets.
 
 Stage s loads its weight groups into macro set `s mod sets` while earlier stages compute on the
-other set(s). With the cost model, a stage's load time is max(DRAM time of its bytes, the
-slowest macro write), and its compute time is its MVMs (tiles in parallel) plus the vector work
-(norms, attention, ...) between linears that falls in it. The pipeline then runs as
-
-    load_end[s]    = max(load_end[s-1], compute_end[s-sets]) + load[s]
-    compute_end[s] = max(load_end[s], compute_end[s-1]) + compute[s]
-
-The pass tries every stage size from 1 to `tiles_per_set` groups, each either spanning vector
-work or cutting at it, and keeps the partition with the smallest estimated makespan (on ties, the
-fewer stages). `rows` is the number of tokens the estimate assumes (default: max_seq).
-
-The estimate is the compiler's, not the simulation: vector work is counted per IR op from its
-element count (`sfu_estimate`), and activations that `schedule` later spills to DRAM are not
-charged; the simulator charges both exactly.
+other set(s): codegen issues the loads of stage s + sets right after stage s's MVMs are done.
+Which partition is best depends on everything the program does, so the pass prices candidates
+with the compiler's estimate (`isa.estimate`) over the instructions codegen emits: it generates
+the module's code once, prices every instruction with the cost model at `rows` tokens after
+`past` cached ones, and for each candidate re-orders those priced instructions as codegen would
+emit them (a sync after each stage's last group, then the next loads of that macro set) and
+plays them. Candidates: every stage size from 1 to `tiles_per_set` groups, each either spanning
+vector work or cutting at it; the smallest estimate wins (on ties, the fewer stages). Programs
+longer than `FULL_SEARCH_INSTRS` instructions search from the largest stages down, while the
+estimate improves.
 
 Adds `stages = [[stage, first_group, count], ...]` to each linear and a `balance` summary to the
-module (stage count, estimated cycles, slowest stage).
+module (stage count, estimated cycles, the candidate chosen, rows and past it assumes).
 """
 
 from __future__ import annotations
@@ -25,18 +21,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from cimc.ir.core import CTX, SEQ, Module, Op, Rewriter
-from isa.cost import CostModel
+import numpy as np
+
+from cimc.ir.core import Module, Op, Rewriter
+from isa.cost import DramMap
 from isa.diag import CimcError
+from isa.encoding import decode_columns
+from isa.estimate import JOIN, LOAD, Stream, estimate, first_fetch
+from isa.fields import REGS
+from isa.spec import BY_NAME
+from passes.codegen import _Codegen, group_tile, load_wait, stage_barrier
 from passes.manager import PassContext, register
 from passes.tiling import Tiling
 
-#: Input bits fed serially per weight mode (fp32 inputs are aligned to a 32-bit significand).
-ACT_BITS = {32: 32}
-
-
-def act_bits(wbits: int, hw_act_bits: int) -> int:
-    return ACT_BITS.get(wbits, hw_act_bits)
+#: Programs up to this many instructions try every candidate; longer ones search from the largest
+#: stages down while that lowers the estimate (each estimate of a 1B-parameter model takes seconds).
+FULL_SEARCH_INSTRS = 50000
 
 
 @register
@@ -44,121 +44,179 @@ def act_bits(wbits: int, hw_act_bits: int) -> int:
 class BalanceStagesPass:
     name: ClassVar[str] = "balance-stages"
     rows: int = 0
+    past: int = 0
 
     def run(self, module: Module, rw: Rewriter, ctx: PassContext) -> None:
-        if "macro_sets" not in module.attrs:
-            raise CimcError("balance-stages needs place-weights first")
-        if self.rows < 0:
-            raise CimcError(f"balance-stages: rows must be 0 (max_seq) or more, got {self.rows}")
-        sets = module.attrs["macro_sets"]
-        per = len(sets[0])
+        if "macro_sets" not in module.attrs or "memory" not in module.attrs:
+            raise CimcError("balance-stages needs place-weights and schedule first")
         rows = self.rows or module.max_seq
-        dram, write, comp, op_of, sfu_after = self._items(module, rows, ctx)
-        if not op_of:  # no weights to stream
-            rw.set_module_attr("balance", {"stages": 0, "est_cycles": 0.0, "slowest_stage_cycles": 0.0})
+        if not 1 <= rows <= module.max_seq:
+            raise CimcError(f"balance-stages: rows must be 0 (max_seq) or 1..{module.max_seq}, got {self.rows}")
+        if not 0 <= self.past <= module.max_ctx - rows:
+            raise CimcError(f"balance-stages: past must be in 0..{module.max_ctx - rows} (max_ctx - rows), "
+                            f"got {self.past}")
+        linears = list(module.walk("linear"))
+        groups = [Tiling.from_attr(op.attrs["tiling"]).groups for op in linears]
+        if not linears:  # no weights to stream
+            rw.set_module_attr("balance", {"stages": 0, "est_cycles": 0.0, "rows": rows, "past": self.past})
             return
-        best = None
-        for cap in range(1, per + 1):
-            for cut_at_sfu in (False, True):
-                bounds = _partition(len(op_of), cap, sfu_after if cut_at_sfu else None)
-                est, slowest = _estimate(bounds, dram, write, comp, sfu_after, len(sets))
-                key = (round(est, 6), len(bounds))
-                if best is None or key < best[0]:
-                    best = (key, bounds, est, slowest, cap)
-        assert best is not None
-        _, bounds, est, slowest, cap = best
-        self._annotate(module, rw, bounds, op_of)
-        rw.set_module_attr("balance", {"stages": len(bounds), "est_cycles": float(round(est, 3)),
-                                       "slowest_stage_cycles": float(round(slowest, 3)), "max_groups": cap,
-                                       "rows": rows})
+        vector_after = _vector_work_after(module, linears, groups)
+        per = len(module.attrs["macro_sets"][0])
+        plan = _Plan(module, rw, ctx, linears, groups, rows, self.past)
+        tried: dict[tuple[int, bool], tuple[tuple[float, int], list[tuple[int, int]]]] = {}
+        known: dict[tuple[tuple[int, int], ...], float] = {}  # candidates often coincide
 
-    def _items(self, module: Module, rows: int, ctx: PassContext):
-        """Per weight group in stream order: DRAM cycles, macro write cycles, MVM cycles, owning
-        linear, and the vector work after it."""
-        cost = ctx.cost
-        dram, write, comp, op_of, sfu_after = [], [], [], [], []
-        pending_sfu = 0.0
-        for op in module.ops:
-            if op.name != "linear":
-                pending_sfu += sfu_estimate(op, rows, cost)
-                continue
-            if sfu_after:
-                sfu_after[-1] += pending_sfu
-            pending_sfu = 0.0
-            t = Tiling.from_attr(op.attrs["tiling"])
-            ab = act_bits(t.wbits, ctx.hw.macro.act_bits)
-            same_level = bool(op_of) and op_of[-1].operands[0] is op.operands[0]
-            for g in range(t.groups):
-                _, k0, k1, n0, n1 = t.group(g)
-                k, n = k1 - k0, n1 - n0
-                dram.append(cost.dram_cycles(k * n * t.wbits / 8))
-                write.append(float(cost.write_cycles(k, n, t.wbits)))
-                first_of_level = g == 0 and not same_level
-                comp.append(float(cost.mvm_cycles(rows, ab)) if first_of_level else 0.0)
-                op_of.append(op)
-                sfu_after.append(0.0)
-        if sfu_after:
-            sfu_after[-1] += pending_sfu
-        return dram, write, comp, op_of, sfu_after
+        def price(cap: int, cut: bool) -> tuple[float, int]:
+            if (cap, cut) not in tried:
+                bounds = _partition(sum(groups), cap, vector_after if cut else None)
+                key = tuple(bounds)
+                if key not in known:
+                    known[key] = round(plan.estimate(bounds), 6)
+                tried[(cap, cut)] = ((known[key], len(bounds)), bounds)
+            return tried[(cap, cut)][0]
 
-    def _annotate(self, module: Module, rw: Rewriter, bounds: list[tuple[int, int]], op_of: list[Op]) -> None:
-        first: dict[int, int] = {}
-        for i, op in enumerate(op_of):
-            first.setdefault(id(op), i)
-        per_op: dict[int, list] = {}
-        for s, (a, b) in enumerate(bounds):
-            i = a
-            while i < b:
-                op = op_of[i]
-                j = i
-                while j < b and op_of[j] is op:
-                    j += 1
-                per_op.setdefault(id(op), []).append([s, i - first[id(op)], j - i])
-                i = j
-        for op in module.walk("linear"):
-            rw.set_attr(op, "stages", per_op.get(id(op), []))
+        if len(plan.stream.op) <= FULL_SEARCH_INSTRS:
+            for cap in range(1, per + 1):
+                for cut in (False, True):
+                    price(cap, cut)
+        else:  # descend from the largest stages while that helps
+            cut = min((False, True), key=lambda c: price(per, c))
+            for cap in range(per - 1, 0, -1):
+                if price(cap, cut) >= price(cap + 1, cut):
+                    break
+        (cap, cut), ((est, _), bounds) = min(tried.items(), key=lambda kv: kv[1][0])
+        _annotate(rw, linears, groups, bounds)
+        rw.set_module_attr("balance", {"stages": len(bounds), "est_cycles": float(round(est, 3)), "max_groups": cap,
+                                       "cut_at_vector_work": cut, "rows": rows, "past": self.past})
 
 
-def sfu_estimate(op: Op, rows: int, cost: CostModel) -> float:
-    """Rough SFU cycles of a non-linear op (the compiler's estimate, not the simulation)."""
-    if not op.results or op.name in ("weight", "const", "input", "embedding", "kv_cache", "kv_append"):
-        return 0.0
-    shape = op.results[0].type.shape
-    r = rows if shape and shape[0] in (SEQ, CTX) else (int(shape[0]) if shape else 1)
-    elems = r * (int(shape[1]) if len(shape) > 1 else 1)
-    if op.name == "attention":
-        h, hd = op.attrs["heads"], op.attrs["head_dim"]
-        per_head = 2 * float(cost.sfu_cycles(r * r * hd, 2.0)) + float(cost.sfu_cycles(r * r, 8.0))
-        return per_head * -(-h // min(h, cost.tiles))
-    ops = {"rms_norm": 6.0, "softmax": 8.0, "rope": 3.0, "swiglu": 5.0}.get(op.name, 1.0)
-    return float(cost.sfu_cycles(elems, ops))
+def _vector_work_after(module: Module, linears: list[Op], groups: list[int]) -> list[bool]:
+    """Per weight group in stream order: whether vector work (an op on an SFU) follows it before
+    the next linear's groups."""
+    after = [False] * sum(groups)
+    last, seen = -1, 0
+    index = {id(op): i for i, op in enumerate(linears)}
+    for op in module.ops:
+        if id(op) in index:
+            seen += groups[index[id(op)]]
+            last = seen - 1
+        elif "sfu" in op.attrs and last >= 0:
+            after[last] = True
+    return after
 
 
-def _partition(n: int, cap: int, sfu_after: list[float] | None) -> list[tuple[int, int]]:
+def _partition(n: int, cap: int, cut_after: list[bool] | None) -> list[tuple[int, int]]:
+    """Stages as [first, end) ranges of the group stream: `cap` groups at most, and (with
+    `cut_after`) ending where vector work follows."""
     bounds, start = [], 0
     for i in range(n):
-        if i - start + 1 == cap or i == n - 1 or (sfu_after is not None and sfu_after[i] > 0):
+        if i - start + 1 == cap or i == n - 1 or (cut_after is not None and cut_after[i]):
             bounds.append((start, i + 1))
             start = i + 1
     return bounds
 
 
-def _estimate(bounds, dram, write, comp, sfu_after, sets: int) -> tuple[float, float]:
-    """Makespan of the two-resource pipeline and its slowest stage (max of load, compute).
+def _annotate(rw: Rewriter, linears: list[Op], groups: list[int], bounds: list[tuple[int, int]]) -> None:
+    """`stages = [[stage, first group, count], ...]` on each linear."""
+    first = np.concatenate([[0], np.cumsum(groups)]).tolist()
+    for op, g0, g1 in zip(linears, first, first[1:], strict=False):
+        rw.set_attr(op, "stages", [[s, max(a, g0) - g0, min(b, g1) - max(a, g0)]
+                                   for s, (a, b) in enumerate(bounds) if a < g1 and b > g0])
 
-    `comp[i]` is the MVM time group i adds to its stage: groups of one dependency level (the
-    linears reading the same input, like q/k/v) run in parallel on their tiles, so only the
-    first group of a level counts; later levels wait for earlier ones.
-    """
-    load_end = [0.0] * len(bounds)
-    comp_end = [0.0] * len(bounds)
-    slowest = 0.0
-    for s, (a, b) in enumerate(bounds):
-        ls = max(sum(dram[a:b]), max(write[a:b]))
-        cs = sum(comp[a:b]) + sum(sfu_after[a:b])
-        prev_load = load_end[s - 1] if s else 0.0
-        free = comp_end[s - sets] if s >= sets else 0.0
-        load_end[s] = max(prev_load, free) + ls
-        comp_end[s] = max(load_end[s], comp_end[s - 1] if s else 0.0) + cs
-        slowest = max(slowest, ls, cs)
-    return comp_end[-1], slowest
+
+class _Plan:
+    """The module's code, generated once and priced, cut into the pieces a partition re-orders:
+    per linear, its MVMs and weight loads (one per group) and the instructions after them; the
+    other ops' instructions as they are."""
+
+    def __init__(self, module: Module, rw: Rewriter, ctx: PassContext, linears: list[Op], groups: list[int],
+                 rows: int, past: int) -> None:
+        self.sets = module.attrs["macro_sets"]
+        self.linears, self.groups = linears, groups
+        _annotate(rw, linears, groups, _partition(sum(groups), len(self.sets[0]), None))  # any partition will do
+        cg = _Codegen(module, ctx.hw, _no_weights, "balance")
+        entry, _ = cg.run()
+        cols = decode_columns(entry.code)
+        regs = np.zeros(len(REGS), np.int64)
+        regs[REGS.index("seq")], regs[REGS.index("past")], regs[REGS.index("ctx")] = rows, past, rows + past
+        costs = ctx.cost.instr_costs(cols, regs, DramMap.from_meta(entry.meta))
+        self.stream = Stream.priced(ctx.cost, costs, cols.opcode, cols.sig, cols.wait, entry.debug.instr_op)
+        self.start = first_fetch(costs)
+        self.tile_unit = ctx.cost.tile_unit
+        op_of = entry.debug.instr_op.astype(np.int64)
+        position = {id(op): i for i, op in enumerate(module.ops)}
+        self.linear_at = {position[id(op)]: k for k, op in enumerate(linears)}
+        self.position = [position[id(op)] for op in linears]
+        self.slot0 = [op.attrs["dram"]["slot0"] for op in linears]
+        mvm, wload, sync = (BY_NAME[m].opcode for m in ("mvm", "wload", "sync"))
+        self.rows_of: dict[int, list[int]] = {}  # op position -> its instructions other than MVMs, loads, syncs
+        self.mvm: dict[int, list[int]] = {}
+        self.load: dict[int, list[int]] = {}
+        for i, (o, code) in enumerate(zip(op_of.tolist(), cols.opcode.tolist(), strict=True)):
+            table = self.mvm if code == mvm else self.load if code == wload else None if code == sync else self.rows_of
+            if table is not None:
+                table.setdefault(o, []).append(i)
+        self.barrier = [int(self.stream.sig[self.mvm[position[id(op)]][0]]) for op in linears]
+        self.n_ops = len(module.ops)
+
+    def estimate(self, bounds: list[tuple[int, int]]) -> float:
+        """The estimate for a partition (stage ranges over the group stream)."""
+        stage_of = np.zeros(sum(self.groups), dtype=np.int64)
+        for s, (a, b) in enumerate(bounds):
+            stage_of[a:b] = s
+        left = [b - a for a, b in bounds]
+        members: list[int] = [0] * len(bounds)  # barrier masks of the linears in each stage
+        nsets = len(self.sets)
+        first = np.concatenate([[0], np.cumsum(self.groups)]).tolist()
+        order: list[int] = []
+        loads: list[tuple[int, int, int]] = []  # (position in order, stage, tile)
+        mvms: list[tuple[int, int]] = []  # (position, tile)
+        syncs: list[tuple[int, int, int]] = []  # (position, stage, op)
+        by_stage: list[list[tuple[int, int]]] = [[] for _ in bounds]  # (linear, group)
+        for k in range(len(self.linears)):
+            for g in range(self.groups[k]):
+                by_stage[int(stage_of[first[k] + g])].append((k, g))
+
+        def emit_loads(s: int) -> None:
+            for k, g in by_stage[s]:
+                loads.append((len(order), s, group_tile(self.sets, s, self.slot0[k], g)))
+                order.append(self.load[self.position[k]][g])
+
+        prefetched = False
+        for o in range(self.n_ops):
+            k = self.linear_at.get(o)
+            if k is None:
+                order.extend(self.rows_of.get(o, []))
+                continue
+            if not prefetched:
+                prefetched = True
+                for s in range(min(nsets, len(bounds))):
+                    emit_loads(s)
+            for g in range(self.groups[k]):
+                s = int(stage_of[first[k] + g])
+                mvms.append((len(order), group_tile(self.sets, s, self.slot0[k], g)))
+                order.append(self.mvm[o][g])
+                members[s] |= 1 << self.barrier[k]
+                left[s] -= 1
+                if not left[s]:
+                    syncs.append((len(order), s, o))
+                    order.append(-1)
+                    if s + nsets < len(bounds):
+                        emit_loads(s + nsets)
+            order.extend(self.rows_of.get(o, []))
+        idx = np.array(order, dtype=np.int64)
+        cand = self.stream.take(np.maximum(idx, 0))
+        for pos, s, o in syncs:
+            cand.op[pos], cand.kind[pos], cand.wait[pos], cand.sig[pos] = o, JOIN, members[s], stage_barrier(s)
+            cand.unit[pos], cand.time[pos] = -1, 0.0
+            cand.pools[pos] = 0.0
+        for pos, s, tile in loads:
+            cand.wait[pos], cand.unit[pos] = load_wait(s, nsets), self.tile_unit(tile)
+        for pos, tile in mvms:
+            cand.unit[pos] = self.tile_unit(tile)
+        assert (cand.kind[[p for p, _, _ in loads]] == LOAD).all()
+        return estimate(cand, self.start)
+
+
+def _no_weights(name: str) -> np.ndarray:
+    raise AssertionError(f"balance-stages does not read weights ({name})")

@@ -26,9 +26,8 @@ from isa.fields import REGS, SPACES, Dim, Mem
 from isa.hw import HardwareConfig
 from isa.program import ArraySegment, DebugInfo, DramImage, Entry, Program, Symbol
 from isa.spec import N_BARRIERS
-from passes.balance_stages import act_bits
 from passes.schedule import attention_shape, last_uses, reads, scratch_bytes, scratch_layout, value_bytes
-from passes.tiling import Tiling, align
+from passes.tiling import Tiling, act_bits, align
 from passes.traffic import min_traffic
 
 G, D = SPACES.index("g"), SPACES.index("d")  # memory spaces
@@ -39,6 +38,21 @@ STAGE_BARRIERS = range(48, N_BARRIERS)
 F32 = 4
 
 WeightSource = Callable[[str], np.ndarray]
+
+
+def stage_barrier(s: int) -> int:
+    """The barrier stage s's sync signals once all its MVMs are done."""
+    return STAGE_BARRIERS[s % len(STAGE_BARRIERS)]
+
+
+def load_wait(s: int, sets: int) -> int:
+    """The wait mask of stage s's weight loads: the sync of the last stage that used their macro set."""
+    return 1 << stage_barrier(s - sets) if s >= sets else 0
+
+
+def group_tile(sets: list[list[int]], s: int, slot0: int, g: int) -> int:
+    """The tile that holds group g of a linear (whose first group has slot `slot0`) in stage s."""
+    return sets[s % len(sets)][(slot0 + g) % len(sets[0])]
 
 
 def _space(attr: dict) -> int:
@@ -250,19 +264,17 @@ class _Codegen:
         """Per stage, its (linear, group, tile) in order; tiles from place-weights' slots. Also
         fills `op_groups`, the same per linear."""
         sets = self.module.attrs["macro_sets"]
-        per = len(sets[0])
         stages: dict[int, list[tuple[Op, int, int]]] = {}
         for op in self.module.walk("linear"):
             slot0 = op.attrs["dram"]["slot0"]
-            groups = self.op_groups[id(op)] = [(s, g, sets[s % len(sets)][(slot0 + g) % per])
+            groups = self.op_groups[id(op)] = [(s, g, group_tile(sets, s, slot0, g))
                                                for s, g0, n in op.attrs["stages"] for g in range(g0, g0 + n)]
             for s, g, tile in groups:
                 stages.setdefault(s, []).append((op, g, tile))
         return [stages[s] for s in sorted(stages)]
 
     def _emit_loads(self, s: int) -> None:
-        sets = self.n_sets
-        wait = 1 << STAGE_BARRIERS[(s - sets) % len(STAGE_BARRIERS)] if s >= sets else 0
+        wait = load_wait(s, self.n_sets)
         saved = self.op_index
         for op, g, tile in self.stages[s]:
             self.op_index = self.op_pos[id(op)]
@@ -280,7 +292,7 @@ class _Codegen:
         mask = 0
         for b in self.stage_ops.pop(s):
             mask |= 1 << b
-        self.emit("sync", sig=STAGE_BARRIERS[s % len(STAGE_BARRIERS)], wait=mask)
+        self.emit("sync", sig=stage_barrier(s), wait=mask)
         if s + self.n_sets < len(self.stage_left):
             self._emit_loads(s + self.n_sets)
 

@@ -13,10 +13,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 DRAM_ALIGN = 64
+#: Input bits fed serially per weight mode (fp32 inputs are aligned to a 32-bit significand).
+ACT_BITS = {32: 32}
 
 
 def align(x: int, a: int = DRAM_ALIGN) -> int:
     return -(-x // a) * a
+
+
+def act_bits(wbits: int, hw_act_bits: int) -> int:
+    """Input bits an MVM feeds serially for `wbits`-bit weights."""
+    return ACT_BITS.get(wbits, hw_act_bits)
 
 
 @dataclass(frozen=True)

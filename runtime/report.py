@@ -27,9 +27,10 @@ def group_sum(keys: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
 
 
 def build_report(program: Program, entry: Entry, cost: CostModel, costs: InstrCosts, tl: Timeline,
-                 opcode: np.ndarray, seq: int, past: int = 0) -> dict:
+                 opcode: np.ndarray, seq: int, past: int, estimated: float) -> dict:
     """All figures of one run of `seq` tokens after `past` cached ones, as JSON-able data
-    (cycles, seconds, picojoules, bytes). `opcode` is the entry's decoded opcode column."""
+    (cycles, seconds, picojoules, bytes). `opcode` is the entry's decoded opcode column;
+    `estimated` the compiler's estimate of the run's cycles (`isa.estimate`)."""
     hw = cost.hw
     least = MinTraffic.from_meta(entry.meta["min_dram"]).at(seq, past)
     cycles = float(tl.total)
@@ -89,8 +90,7 @@ def build_report(program: Program, entry: Entry, cost: CostModel, costs: InstrCo
         "unit_kinds": dict(zip(names, cost.unit_kinds(), strict=True)),
         "layers": layers,
         "ops": kinds,
-        "compiler_estimate": {"cycles": entry.meta.get("balance", {}).get("est_cycles"),
-                              "tokens": entry.meta.get("balance", {}).get("rows")},
+        "estimated_cycles": estimated,
     }
 
 
@@ -112,15 +112,14 @@ def _si(x: float, unit: str) -> str:
 def render_text(r: dict) -> str:
     """A compact human-readable report."""
     hw = r["hardware"]
-    est = r.get("compiler_estimate") or {}
+    est = r.get("estimated_cycles")
     tot = r["joules"] * 1e12 or 1.0
     lines = [
         f"{r['model']} on {hw['name']} ({hw['tiles']} tiles x {hw['macros_per_tile']} macros, "
         f"{hw['f_clk_mhz']:g} MHz): {r['entry']}, {r['tokens']} token(s)"
         + (f" after {r['past']:,} cached" if r.get("past") else "") + f", {r['instructions']:,} instructions",
         f"  time    {r['cycles']:,.0f} cycles = {_si(r['seconds'], 's')}"
-        + (f"   (compiler's estimate {est['cycles']:,.0f} cycles)"
-           if est.get("cycles") and est.get("tokens") == r["tokens"] else ""),
+        + (f"   (compiler's estimate {est:,.0f}, {est / r['cycles'] - 1:+.1%})" if est and r["cycles"] else ""),
         f"  energy  {_si(r['joules'], 'J')}   DRAM traffic {r['dram_bytes'] / 1e6:,.2f} MB   "
         f"MACs {r['macs']:,.0f}",
         "          " + ", ".join(f"{LABELS[k]} {v / tot:.1%}" for k, v in r["energy_pj"].items() if v > 0),

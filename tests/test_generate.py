@@ -182,7 +182,7 @@ def test_binary_without_decode_program(programs) -> None:
 
 def test_binary_without_kv_cache_is_refused() -> None:
     """Without insert-kv-cache each entry attends only to its own rows: decode would be wrong."""
-    pipeline = "lift-idioms,tile-partition,place-weights,balance-stages,schedule"
+    pipeline = "lift-idioms,tile-partition,place-weights,schedule,balance-stages"
     with pytest.raises(CimcError, match="missing insert-kv-cache"):
         compile_model(shared("llama_a_dynamo"), CompileOptions(max_seq=8, pipeline=pipeline))
 

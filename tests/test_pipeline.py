@@ -69,7 +69,7 @@ def test_dump_dir_and_timing(tmp_path: Path) -> None:
     pm = run_pipeline(_module(), opts)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["01-lift-idioms.cimir", "02-insert-kv-cache.cimir", "03-tile-partition.cimir",
-                     "04-place-weights.cimir", "05-balance-stages.cimir", "06-schedule.cimir"]
+                     "04-place-weights.cimir", "05-schedule.cimir", "06-balance-stages.cimir"]
     for path in tmp_path.iterdir():
         assert print_module(parse_module(path.read_text())) == path.read_text()
     report = pm.timing_report()
