@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from isa.diag import CimcError
-from isa.spec import INSTR_BYTES
 
 PRESET_DIR = Path(__file__).with_name("presets")
 DEFAULT_PRESET = "edgecim-65nm"
@@ -681,9 +680,6 @@ def _merge(layers: list[_Layer], overrides: list[tuple[str, object]], origin: st
         if buf.width_bits % 8:
             raise CimcError(f"{where(section + '.width_bits')}: key '{section}.width_bits' ({buf.width_bits}) "
                             "must be a whole number of bytes (a multiple of 8)")
-    if hw.instr_buf.size_kb * 1024 < 2 * INSTR_BYTES:
-        raise CimcError(f"{where('buffer.instr.size_kb')}: key 'buffer.instr.size_kb' must hold at least two "
-                        f"{INSTR_BYTES}-byte instructions (it is double-buffered)")
     if hw.macro.cols < max(hw.macro.weight_bits):
         raise CimcError(
             f"{where('macro.cols', 'macro.weight_bits')}: key 'macro.cols' ({hw.macro.cols}) must be >= "

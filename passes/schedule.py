@@ -5,9 +5,10 @@ the global buffer when they fit, next-fit by address over their live range; what
 spills to a DRAM read-write region, and every access to it is charged as DRAM traffic. Graph
 inputs and outputs always live in that DRAM region (the host reads and writes them there).
 Ops that need scratch space (partial sums of a K-split linear, attention scores, norm
-temporaries) get it for their own duration. KV caches come first in the DRAM region, in program
-order, so every entry compiled from the same model finds them at the same addresses; a
-`kv_append` result is its cache (same memory).
+temporaries) get it for their own duration. The DRAM region starts with what lives there for
+good: the KV caches, in program order (so every entry compiled from the same model finds them at
+the same addresses), then the graph inputs and outputs; spills take the rest. A `kv_append`
+result is its cache (same memory).
 
 Adds `mem = {space, addr, stride}` to each op with an activation result (`space` is "g" for the
 global buffer or "rw" for the DRAM region, addresses relative to it), `scratch = {space, addr}`
@@ -169,12 +170,16 @@ class SchedulePass:
         hw, bounds, tiles = ctx.hw, module.bounds, ctx.hw.chip.tiles
         gbuf = hw.global_buf.size_kb * 1024
         pools = {"g": _Pool(gbuf), "rw": _Pool(None)}
-        for op in module.walk("kv_cache"):
-            v = op.result
+        io_values = {id(op.operands[0]) for op in module.outputs()}
+        # what lives in DRAM for good comes first: KV caches, then graph inputs and outputs
+        placed = [*module.walk("kv_cache"), *(op for op in module.ops if op.results and op.name != "kv_append"
+                                              and (op.name == "input" or id(op.results[0]) in io_values))]
+        for op in placed:
+            v = op.results[0]
             rw.set_attr(op, "mem", {"space": "rw", "addr": pools["rw"].alloc(value_bytes(v, bounds)),
                                     "stride": _stride(v)})
         last_use = last_uses(module)
-        io_values = {id(op.operands[0]) for op in module.outputs()}
+        placed_ids = {id(op) for op in placed}
         dying: dict[int, list[tuple[str, int, int]]] = {}
         next_sfu = 0
         for i, op in enumerate(module.ops):
@@ -185,14 +190,12 @@ class SchedulePass:
                 rw.set_attr(op, "slots", attention_slots(op, bounds, tiles, gbuf // 2))
             if op.name == "kv_append":
                 rw.set_attr(op, "mem", dict(op.operands[0].owner.attrs["mem"]))  # type: ignore[union-attr]
-            elif op.results and op.name not in ("weight", "const", "kv_cache"):
+            elif op.results and op.name not in ("weight", "const") and id(op) not in placed_ids:
                 v = op.results[0]
                 size = value_bytes(v, bounds)
-                forever = op.name == "input" or id(v) in io_values
-                space, addr = ("rw", pools["rw"].alloc(size)) if forever else _place(pools, size)
+                space, addr = _place(pools, size)
                 rw.set_attr(op, "mem", {"space": space, "addr": addr, "stride": _stride(v)})
-                if not forever:
-                    dying.setdefault(last_use[id(v)], []).append((space, addr, size))
+                dying.setdefault(last_use[id(v)], []).append((space, addr, size))
             need = scratch_bytes(op, bounds)
             if need:
                 space, addr = _place(pools, need)

@@ -219,6 +219,14 @@ BAD_FILES = [
     ('extends = "nope.toml"\n', r"key 'extends': no hardware preset or file named 'nope\.toml'", "extends"),
     ("[macro]\ncols = 8\nweight_bits = [4, 16]\n", r"'macro\.cols' \(8\) must be >= every", "macro.cols"),
     ("[chip]\ntiles = 1\nmacros_per_tile = 1\n", r"'chip\.tiles' x 'chip\.macros_per_tile'", "chip.tiles"),
+    ("[dram]\ninterleave_bytes = 48\n", r"'dram\.interleave_bytes' \(48\) must be a multiple of 'dram\.burst_bytes' "
+     r"\(32\)", "dram.interleave_bytes"),
+    ("[buffer.global]\nwidth_bits = 100\n", r"'buffer\.global\.width_bits' \(100\) must be a whole number of bytes",
+     "buffer.global.width_bits"),
+    ("[buffer.instr]\nsize_kb = 0\n", r"'buffer\.instr\.size_kb' must be an integer in \[1, ", "buffer.instr.size_kb"),
+    ('[noc]\ntopology = "ring"\n', r"'noc\.topology' must be one of \"bus\", \"mesh\"", "noc.topology"),
+    ("[dram]\nmax_outstanding = 0\n", r"'dram\.max_outstanding' must be an integer in \[1, 4096\]",
+     "dram.max_outstanding"),
 ]
 
 

@@ -24,6 +24,7 @@ HW_VARIANTS = {
     "spill-to-dram": ["buffer.global.size_kb=4"],
     "two-tiles": ["chip.tiles=2"],
     "one-macro-per-tile": ["chip.tiles=3", "chip.macros_per_tile=1"],
+    "mesh-narrow-links": ["noc.topology=mesh", "noc.link_bits=64", "dram.max_outstanding=1"],
     "28nm": None,
 }
 
