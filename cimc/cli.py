@@ -348,8 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens to generate (default 32)")
     p.add_argument("--report-json", metavar="FILE", help="write the generation report as JSON")
     p.add_argument("--trace", metavar="FILE",
-                   help="write a Chrome/Perfetto trace (a track per DRAM channel, tile and SFU; open it in "
-                        "ui.perfetto.dev)")
+                   help="write a Chrome/Perfetto trace (a track per DRAM channel, interconnect link, buffer "
+                        "and tile port, tile and SFU; open it in ui.perfetto.dev)")
     _add_frontend(p, {
         "max-seq": "when compiling: most prompt tokens (default: the prompt's length)",
         "max-ctx": "when compiling: KV cache positions (default: prompt + new tokens)",

@@ -215,9 +215,12 @@ NOT_MODELLED: dict[str, str] = {
 NOT_MODELLED_EFFECTS: tuple[str, ...] = (
     "DRAM row-buffer hits and misses, bank conflicts and refresh (folded into dram.efficiency); the DRAM "
     "controller's and PHY's own latency (dram.latency_ns is the device's)",
-    "reordering in the DRAM controller: each channel serves transfers in program order",
+    "reordering in the DRAM controller by bank state: each channel serves transfers as they are ready",
     "multicast: a value sent to several tiles crosses the interconnect once per instruction that reads it",
-    "bank conflicts inside the buffers; tile-buffer capacity and port time",
+    "flit-level sharing of a link: a transfer holds a link for its whole busy time, so a short transfer waits "
+    "behind a long one already crossing (pessimistic)",
+    "bank conflicts inside the buffers; the tile buffer's capacity and port time (activations are staged in "
+    "the global buffer; the tile buffer is charged energy per byte)",
     "router and repeater energy and area beyond the wires' pJ/bit/mm and pitch",
     "area and leakage of the SFUs, the control unit and the DRAM PHY",
 )

@@ -196,6 +196,8 @@ def render_text(report: dict) -> str:
         ]
         over = b["dram_overhead"]
         if over["fraction"] > OVERHEAD_SHOWN:
-            causes = ", ".join(f"{k} {v / 1e6:,.3f}" for k, v in sorted(over["by_cause"].items(), key=lambda x: -x[1]))
-            lines.append(f"  overhead    {over['fraction']:.1%} more DRAM bytes than the least: {causes} MB")
+            shown = sorted(((k, v) for k, v in over["by_cause"].items() if v >= 0.05 * over["bytes_per_token"]),
+                           key=lambda x: -x[1])
+            causes = ", ".join(f"{k} {v / 1e6:,.3f} MB" for k, v in shown)
+            lines.append(f"  overhead    {over['fraction']:.1%} more DRAM bytes than the least: {causes}")
     return "\n".join(lines)

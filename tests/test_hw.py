@@ -336,3 +336,12 @@ def test_derived_figures() -> None:
     hw = load_hw()
     assert (hw.total_macros, hw.weight_storage_kb, hw.cycle_ns) == (256, 512.0, 5.0)
     assert hw.dram_effective_gbps == pytest.approx(76.8)
+
+
+def test_docs_list_what_is_not_modelled() -> None:
+    """docs/numerics-and-timing.md says what `cimc hw show` says is not modelled, word for word."""
+    from isa.hw import NOT_MODELLED_EFFECTS
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "numerics-and-timing.md").read_text(encoding="utf-8")
+    for effect in NOT_MODELLED_EFFECTS:
+        assert f"- {effect}." in doc, effect
+    assert all(f"  - {effect}" in render_text(load_hw()) for effect in NOT_MODELLED_EFFECTS)
