@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from numba import njit
 
 from isa.fields import FieldError, PackError
 from isa.spec import BY_NAME, BY_OPCODE, INSTR_BYTES, INSTR_WORDS, N_BARRIERS, SIG_SHIFT, InstrDef
@@ -189,3 +190,29 @@ def dim_values(raw: np.ndarray, regs: np.ndarray) -> np.ndarray:
     """Resolve packed sizes against register values `regs` (index = register number)."""
     raw = raw.astype(np.int64)
     return (raw >> 2) + regs[raw & 3]
+
+
+def mask_bits(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The barriers of each 64-bit mask, as (ptr, bits): mask i names bits[ptr[i]:ptr[i+1]]."""
+    return _mask_bits(np.ascontiguousarray(masks, dtype=np.uint64))
+
+
+@njit(cache=True)
+def _mask_bits(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    ptr = np.zeros(len(masks) + 1, dtype=np.int64)
+    for i in range(len(masks)):
+        m, c = masks[i], 0
+        while m:
+            m &= m - np.uint64(1)
+            c += 1
+        ptr[i + 1] = ptr[i] + c
+    bits = np.empty(ptr[-1], dtype=np.int64)
+    for i in range(len(masks)):
+        m, j, b = masks[i], ptr[i], 0
+        while m:
+            if m & np.uint64(1):
+                bits[j] = b
+                j += 1
+            m >>= np.uint64(1)
+            b += 1
+    return ptr, bits

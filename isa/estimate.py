@@ -25,9 +25,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
-from isa.booking import Bookings
+from isa.booking import Bookings, place
 from isa.cost import CostModel, InstrCosts
+from isa.encoding import mask_bits
 from isa.spec import BY_NAME, N_BARRIERS
 
 #: Item kinds: other work, weight loads, joins (sync and halt, which hold nothing).
@@ -78,94 +80,93 @@ class Stream:
 
 def estimate(stream: Stream, start: float = 0.0) -> float:
     """Estimated cycles of a program whose first instruction can begin at cycle `start`."""
-    return max(play(stream, start)[2], default=start)
+    return float(max(play(stream, start)[2].max(initial=start), start))
 
 
-def play(stream: Stream, start: float = 0.0) -> tuple[np.ndarray, list[float], list[float]]:
+def play(stream: Stream, start: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The estimate's timeline: the first instruction of every item, and each item's start and end."""
     n = len(stream.op)
     if not n:
-        return np.zeros(0, dtype=np.int64), [], []
+        return np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0)
     cut = np.ones(n, dtype=bool)
     cut[1:] = (stream.op[1:] != stream.op[:-1]) | (stream.kind[1:] != stream.kind[:-1]) | (stream.kind[1:] == JOIN) \
         | ((stream.kind[1:] == WORK) & (stream.unit[1:] != stream.unit[:-1]))
     first = np.flatnonzero(cut)
     item = np.cumsum(cut) - 1
-    waits = np.bitwise_or.reduceat(stream.wait, first).tolist()
+    n_items = len(first)
+    wptr, wbits = mask_bits(np.bitwise_or.reduceat(stream.wait, first))
     sig_bits = np.where(stream.sig > 0, np.left_shift(np.uint64(1), stream.sig.astype(np.uint64)), np.uint64(0))
-    sigs = np.bitwise_or.reduceat(sig_bits, first).tolist()
-    pools = np.add.reduceat(stream.pools, first, axis=0).tolist()
+    sptr, sbits = mask_bits(np.bitwise_or.reduceat(sig_bits, first))
+    pools = np.add.reduceat(stream.pools, first, axis=0)
     # per item: time each executing unit is busy; instructions without one add up on their own
     runs = stream.unit >= 0
-    key = item[runs] * (int(stream.unit.max(initial=0)) + 1) + stream.unit[runs]
-    keys, inverse = np.unique(key, return_inverse=True)
-    per_unit = np.bincount(inverse, weights=stream.time[runs])
-    busy: list[list[tuple[int, float]]] = [[] for _ in first]
     span = int(stream.unit.max(initial=0)) + 1
-    for k, t in zip(keys.tolist(), per_unit.tolist(), strict=True):
-        busy[k // span].append((k % span, t))
-    alone = np.bincount(item, weights=np.where(runs, 0.0, stream.time), minlength=len(first)).tolist()
-    # weight loads queue on the pooled resources one after another: play them one by one
-    loads: dict[int, list[tuple[int, float, list[tuple[int, float]], float]]] = {}
+    keys, inverse = np.unique(item[runs] * span + stream.unit[runs], return_inverse=True)
+    eptr = np.zeros(n_items + 1, dtype=np.int64)
+    np.cumsum(np.bincount(keys // span, minlength=n_items), out=eptr[1:])
+    alone = np.bincount(item, weights=np.where(runs, 0.0, stream.time), minlength=n_items)
+    # weight loads queue on the pooled resources one after another: they are played one by one
     at = np.flatnonzero(stream.kind == LOAD)
-    used = np.flatnonzero(stream.pools[at].any(axis=0)).tolist()
-    for j, u, time, row in zip(item[at].tolist(), stream.unit[at].tolist(), stream.time[at].tolist(),
-                               stream.pools[at][:, used].tolist(), strict=True):
-        demand = [(p, d) for p, d in zip(used, row, strict=True) if d]
-        loads.setdefault(j, []).append((u, time, demand, max(row, default=0.0)))
+    lptr = np.zeros(n_items + 1, dtype=np.int64)
+    np.cumsum(np.bincount(item[at], minlength=n_items), out=lptr[1:])
+    starts, ends = _play(float(start), wptr, wbits, sptr, sbits, eptr, keys % span,
+                         np.bincount(inverse, weights=stream.time[runs]), pools, alone, lptr, stream.unit[at],
+                         stream.time[at], stream.pools[at], span, Bookings.empty(len(POOLS)))
+    return first, starts, ends
 
-    cache: dict[int, tuple[int, ...]] = {}
 
-    def bits(mask: int) -> tuple[int, ...]:
-        b = cache.get(mask)
-        if b is None:
-            b = cache[mask] = tuple(x for x in range(1, N_BARRIERS) if mask >> x & 1)
-        return b
+@njit(cache=True)
+def _demand(row, units, cycles):
+    """The pools a row of demands uses, into units/cycles; returns how many."""
+    c = 0
+    for p in range(len(row)):
+        if row[p] > 0:
+            units[c], cycles[c] = p, row[p]
+            c += 1
+    return c
 
-    bar = [start] * N_BARRIERS
-    free = [start] * (span + 1)
-    place = Bookings(len(POOLS)).place
-    starts, ends = [0.0] * len(first), [0.0] * len(first)
-    for i in range(len(first)):
+
+@njit(cache=True)
+def _play(start, wptr, wbits, sptr, sbits, eptr, eunit, etime, pools, alone, lptr, lunit, ltime, lpools, n_units,
+          bk):
+    n_items = len(alone)
+    bar = np.full(N_BARRIERS, start)
+    free = np.full(n_units, start)
+    starts, ends = np.zeros(n_items), np.zeros(n_items)
+    units, cycles = np.zeros(len(POOLS), dtype=np.int64), np.zeros(len(POOLS))
+    for i in range(n_items):
         t = start
-        if waits[i]:
-            for x in bits(waits[i]):
-                if bar[x] > t:
-                    t = bar[x]
-        queue = loads.get(i)
-        if queue is not None:
-            t0, e = None, t
-            for u, time, demand, bottleneck in queue:
-                s = free[u] if free[u] > t else t
-                if demand:
-                    s = place(s, demand)
-                    t = s + bottleneck  # the next one queues behind this one
-                free[u] = s + time
-                if s + time > e:
-                    e = s + time
-                if t0 is None:
-                    t0 = s
-            t = t0 if t0 is not None else t
+        for j in range(wptr[i], wptr[i + 1]):
+            t = max(t, bar[wbits[j]])
+        if lptr[i + 1] > lptr[i]:  # weight loads: each queues behind the one before on the pools
+            first, e = -1.0, t
+            for q in range(lptr[i], lptr[i + 1]):
+                s = max(free[lunit[q]], t)
+                c = _demand(lpools[q], units, cycles)
+                if c:
+                    s = place(bk, s, units, cycles, 0, c)
+                    t = s + cycles[:c].max()
+                free[lunit[q]] = s + ltime[q]
+                e = max(e, s + ltime[q])
+                if first < 0:
+                    first = s
+            t = first
         else:
             longest = alone[i]
-            for u, d in busy[i]:
-                if free[u] > t:
-                    t = free[u]
-                if d > longest:
-                    longest = d
-            demand = [(p, d) for p, d in enumerate(pools[i]) if d > 0]
-            if demand:
-                t = place(t, demand)
-                longest = max(longest, max(d for _, d in demand))
+            for j in range(eptr[i], eptr[i + 1]):
+                t = max(t, free[eunit[j]])
+                longest = max(longest, etime[j])
+            c = _demand(pools[i], units, cycles)
+            if c:
+                t = place(bk, t, units, cycles, 0, c)
+                longest = max(longest, cycles[:c].max())
             e = t + longest
-            for u, d in busy[i]:
-                free[u] = t + d
-        if sigs[i]:
-            for x in bits(sigs[i]):
-                if e > bar[x]:
-                    bar[x] = e
+            for j in range(eptr[i], eptr[i + 1]):
+                free[eunit[j]] = t + etime[j]
+        for j in range(sptr[i], sptr[i + 1]):
+            bar[sbits[j]] = max(bar[sbits[j]], e)
         starts[i], ends[i] = t, e
-    return first, starts, ends
+    return starts, ends
 
 
 def first_fetch(costs: InstrCosts) -> float:

@@ -12,9 +12,10 @@ It then starts at the first time from then on at which every resource it moves d
 (DRAM channels, links, ports) is free for as long as it needs that resource. Those resources are
 shared by several requesters, so they serve transfers by time, not by program order: a transfer
 that is ready early uses the idle time left before transfers booked later (a weight load
-waiting for its stage, say), if it fits there. It holds each resource for that resource's busy
-time and ends when the slowest is done plus its latency (DRAM first access, interconnect hops);
-its executing unit is held until it ends, so units run their instructions in program order.
+waiting for its stage, say), if it fits there (`isa.booking`). It holds each resource for that
+resource's busy time and ends when the slowest is done plus its latency (DRAM first access,
+interconnect hops); its executing unit is held until it ends, so units run their instructions in
+program order. The loop is compiled with numba.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
-from isa.booking import Bookings
+from isa.booking import Bookings, place
 from isa.cost import InstrCosts
+from isa.encoding import mask_bits
 from isa.spec import N_BARRIERS
 
 
@@ -37,88 +40,80 @@ class Timeline:
     fetch_end: np.ndarray
 
 
-def _bits(mask: int) -> tuple[int, ...]:
-    return tuple(b for b in range(1, N_BARRIERS) if mask >> b & 1)
-
-
 def schedule(costs: InstrCosts, sig: np.ndarray, wait: np.ndarray, n_units: int, max_outstanding: int) -> Timeline:
-    """Play the program forward in program order (the hot loop of timing simulation)."""
-    n = len(sig)
-    ptr = costs.ptr.tolist()
-    unit, busy = costs.unit.tolist(), costs.busy.tolist()
-    lat, dram, main = costs.latency.tolist(), costs.uses_dram.tolist(), costs.main.tolist()
-    sigs, masks = sig.tolist(), wait.tolist()
+    """Play the program forward in program order."""
     fetch = costs.fetch
-    per_block, dispatch_cycles = fetch.per_block, fetch.dispatch
-    fbusy = [[(c, b) for c, b in enumerate(row) if b] for row in fetch.busy.tolist()]
-    n_blocks = len(fbusy)
-    bit_cache: dict[int, tuple[int, ...]] = {}
-    done = [0.0] * n_units  # executing units: when their last instruction ends
-    bar = [0.0] * N_BARRIERS
-    ring = [0.0] * max_outstanding  # end times of the last DRAM transfers
+    blocks, chans = np.nonzero(fetch.busy)
+    fptr = np.zeros(len(fetch.busy) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(blocks, minlength=len(fetch.busy)), out=fptr[1:])
+    wptr, wbits = mask_bits(wait)
+    start, end, f_start, f_end = _play(
+        costs.ptr, costs.unit, costs.busy, costs.main, costs.latency, costs.uses_dram,
+        np.asarray(sig, dtype=np.int64), wptr, wbits, fptr, chans.astype(np.int64), fetch.busy[blocks, chans],
+        float(fetch.latency), int(fetch.per_block), float(fetch.dispatch), Bookings.empty(n_units),
+        int(max_outstanding))
+    total = max(float(end.max(initial=0.0)), float(f_end.max(initial=0.0)))
+    return Timeline(start, end, total, f_start, f_end)
+
+
+@njit(cache=True)
+def _fetch(bk, b, ready, fptr, funit, fbusy, flat, ring, k, f_start, f_end):
+    t = place(bk, max(ready, ring[k % len(ring)]), funit, fbusy, fptr[b], fptr[b + 1])
+    longest = 0.0
+    for j in range(fptr[b], fptr[b + 1]):
+        longest = max(longest, fbusy[j])
+    f_start[b] = t
+    f_end[b] = ring[k % len(ring)] = t + longest + flat
+
+
+@njit(cache=True)
+def _play(ptr, unit, busy, main, lat, dram, sig, wptr, wbits, fptr, funit, fbusy, flat, per_block, dispatch, bk,
+          max_outstanding):
+    n, n_blocks = len(main), len(fptr) - 1
+    done = np.zeros(len(bk.horizon))  # executing units: when their last instruction ends
+    bar = np.zeros(N_BARRIERS)
+    ring = np.zeros(max_outstanding)  # end times of the last DRAM transfers
+    start, end = np.zeros(n), np.zeros(n)
+    f_start, f_end = np.zeros(n_blocks), np.zeros(n_blocks)
+    moves_u = np.empty(max(1, int(np.max(np.diff(ptr))) if n else 1), dtype=np.int64)
+    moves_d = np.empty(len(moves_u))
     k = 0
-    start = [0.0] * n
-    end = [0.0] * n
-    f_start = [0.0] * n_blocks
-    f_end = [0.0] * n_blocks
-
-    place = Bookings(n_units).place
-
-    def fetch_block(b: int, ready: float) -> None:
-        nonlocal k
-        t = place(max(ready, ring[k % max_outstanding]), fbusy[b])
-        f_start[b] = t
-        f_end[b] = ring[k % max_outstanding] = t + max(d for _, d in fbusy[b]) + fetch.latency
-        k += 1
-
     for b in range(min(2, n_blocks)):
-        fetch_block(b, 0.0)
-    dispatched = -dispatch_cycles
+        _fetch(bk, b, 0.0, fptr, funit, fbusy, flat, ring, k, f_start, f_end)
+        k += 1
+    dispatched = -dispatch
     block = 0
     for i in range(n):
         if i == (block + 1) * per_block:
             block += 1
             if block + 1 < n_blocks:
-                fetch_block(block + 1, dispatched)
-        t = dispatched + dispatch_cycles
-        if f_end[block] > t:
-            t = f_end[block]
+                _fetch(bk, block + 1, dispatched, fptr, funit, fbusy, flat, ring, k, f_start, f_end)
+                k += 1
+        t = max(dispatched + dispatch, f_end[block])
         dispatched = t
-        m = masks[i]
-        if m:
-            bits = bit_cache.get(m)
-            if bits is None:
-                bits = bit_cache[m] = _bits(m)
-            for b in bits:
-                if bar[b] > t:
-                    t = bar[b]
-        uses = dram[i]
-        if uses and ring[k % max_outstanding] > t:
-            t = ring[k % max_outstanding]
+        for j in range(wptr[i], wptr[i + 1]):
+            t = max(t, bar[wbits[j]])
+        if dram[i]:
+            t = max(t, ring[k % max_outstanding])
         u0 = main[i]
-        if u0 >= 0 and done[u0] > t:
-            t = done[u0]
-        lo, hi = ptr[i], ptr[i + 1]
+        if u0 >= 0:
+            t = max(t, done[u0])
         longest = 0.0
-        moves = []
-        for j in range(lo, hi):
-            d = busy[j]
-            if d > longest:
-                longest = d
+        c = 0
+        for j in range(ptr[i], ptr[i + 1]):
+            longest = max(longest, busy[j])
             if unit[j] != u0:
-                moves.append((unit[j], d))
-        if moves:
-            t = place(t, moves)
+                moves_u[c], moves_d[c] = unit[j], busy[j]
+                c += 1
+        if c:
+            t = place(bk, t, moves_u, moves_d, 0, c)
         e = t + longest + lat[i]
         if u0 >= 0:
             done[u0] = e
-        if uses:
+        if dram[i]:
             ring[k % max_outstanding] = e
             k += 1
-        start[i] = t
-        end[i] = e
-        s = sigs[i]
-        if s and e > bar[s]:
-            bar[s] = e
-    total = max(max(end, default=0.0), max(f_end, default=0.0))
-    return Timeline(np.array(start), np.array(end), total, np.array(f_start), np.array(f_end))
+        start[i], end[i] = t, e
+        if sig[i]:
+            bar[sig[i]] = max(bar[sig[i]], e)
+    return start, end, f_start, f_end

@@ -62,3 +62,20 @@ def test_overhead_above_the_bound_is_named(tmp_path: Path) -> None:
         -v for v in over["by_cause"].values() if v < 0))
     text = render_text(report)
     assert "more DRAM bytes than the least: instruction fetch" in text
+
+
+def test_broadcast_operands_and_rope_tables_are_read_once(tmp_path: Path) -> None:
+    """A norm weight (one row broadcast over all tokens) is read once per norm, not once per row;
+    RoPE reads one table row of head_dim per token, not one per head."""
+    import numpy as np
+    cfg = DecoderConfig(name="wide", vocab=64, hidden=256, layers=1, heads=4, kv_heads=2, intermediate=128)
+    model = build_decoder_onnx(cfg, tmp_path / "wide.onnx")
+    session = Session(compile_model(model, CompileOptions(max_seq=64)))
+    run = session.run("prefill", numerics=False, tokens=64)
+    entry = session.entry("prefill")
+    op_of = np.array([entry.debug.ops[i]["op"] for i in entry.debug.instr_op])
+    constants = run.costs.dram_kind_bytes["constants"]
+    norms = sum(o["op"] == "rms_norm" for o in entry.debug.ops)
+    assert norms == 3 and constants[op_of == "rms_norm"].sum() == norms * cfg.hidden * 4
+    ropes = sum(o["op"] == "rope" for o in entry.debug.ops)
+    assert ropes == 2 and constants[op_of == "rope"].sum() == ropes * 2 * 64 * cfg.head_dim * 4  # cos and sin
