@@ -1,9 +1,9 @@
 """The cost model: what every instruction holds, for how long, and its picojoules.
 
-One `CostModel` object serves both the compiler (stage balancing prices weight groups with the
-scalar formulas) and the simulator (`instr_costs` prices a whole decoded program at once,
-vectorised with numpy), so the compiler's estimate and the simulator's measurement come from
-the same figures.
+One `CostModel` object serves both the compiler (`balance-stages` prices the code it would
+generate, for its estimate) and the simulator: `instr_costs` prices a whole decoded program at
+once, vectorised with numpy, so the compiler's estimate and the simulator's measurement come
+from the same figures.
 
 Resources ("units"), each serving one thing at a time, in program order:
 
@@ -14,13 +14,16 @@ Resources ("units"), each serving one thing at a time, in program order:
   a `bus` (one unit per direction) or a `mesh` (one unit per directed link, XY-routed), links of
   `noc.link_bits` at `noc.f_clk_mhz`;
 - `gbuf.rd`, `gbuf.wr`: the global buffer's ports, `buffer.global.width_bits` per cycle each;
+  `reduce`: the adder next to the buffer that sums partial sums (`sfu.lanes` adds per cycle);
 - per tile: `tile<t>` (its macros), `sfu<t>` (its vector unit), `port<t>.in` and `port<t>.out`
   (its ports on the interconnect, `noc.link_bits` wide).
 
 A transfer holds every resource on its path, each for the time it needs (bytes over its width);
 the slowest sets its duration, and `runtime.timing` serialises transfers that share a resource.
 A transfer that touches DRAM completes `dram.latency_ns` later, one that crosses the interconnect
-`hops x noc.hop_cycles` later; up to `dram.max_outstanding` DRAM transfers are in flight.
+`hops x noc.hop_cycles` later each way; up to `dram.max_outstanding` DRAM transfers are in
+flight. An MVM's macros also wait for its first input vector to arrive and for its last result
+to leave (a bit-serial MVM needs every input's bit plane before it starts).
 
 Code is fetched from DRAM into the instruction buffer (`buffer.instr`, two halves: one is
 dispatched while the other is refilled) in blocks of half its size; dispatch takes one
@@ -53,6 +56,8 @@ DRAM_KINDS: dict[str, str] = {"weights": "weights", "constants": "constants", "k
 _KIND_INDEX = {k: i for i, k in enumerate(DRAM_KINDS)}
 DRAM_SPACE = 1
 ELEM_BYTES = 4  # every operand element type (f32, i32) is 4 bytes
+#: Rows of a strided DRAM access priced one by one; longer channel patterns are spread evenly.
+EXACT_ROWS = 64
 
 
 def macros_used(k: int, n: int, wbits: int, rows: int, cols: int) -> int:
@@ -101,6 +106,7 @@ class InstrCosts:
     main: np.ndarray  # the unit that executes the instruction (held until it completes), or -1
     latency: np.ndarray  # cycles from the last resource's release to completion
     uses_dram: np.ndarray  # counts against dram.max_outstanding
+    dram_done: np.ndarray  # cycles from its start until its DRAM transfer completes (frees its slot)
     energy: dict[str, np.ndarray]  # component -> pJ
     dram_bytes: np.ndarray
     dram_kind_bytes: dict[str, np.ndarray]  # DRAM_KINDS -> bytes per instruction
@@ -160,8 +166,9 @@ class CostModel:
         self.e_sfu = {"add": hw.sfu.e_add_fp32_pj, "mul": hw.sfu.e_mul_fp32_pj, "exp": hw.sfu.e_exp_pj,
                       "recip": hw.sfu.e_recip_rsqrt_pj}
         self.macro_rows, self.macro_cols = m.rows, m.cols
+        # the partial-sum adder next to the global buffer is one more vector unit
         self.leakage_mw = (c.tiles * c.macros_per_tile * m.leak_mw + c.tiles * hw.tile_buf.leak_mw
-                           + hw.global_buf.leak_mw + ib.leak_mw + c.tiles * hw.sfu.leak_mw)
+                           + hw.global_buf.leak_mw + ib.leak_mw + (c.tiles + 1) * hw.sfu.leak_mw)
         self._build_units()
 
     # ---- units ---------------------------------------------------------------------------
@@ -194,8 +201,8 @@ class CostModel:
                 back = [link((i, y), (i - 1, y)) for i in range(x, 0, -1)]
                 back += [link((0, j), (0, j - 1)) for j in range(y, 0, -1)] + [link((0, 0), "ctrl")]
                 up.append(back)
-        self.gbuf_rd_unit, self.gbuf_wr_unit = len(names), len(names) + 1
-        names += ["gbuf.rd", "gbuf.wr"]
+        self.gbuf_rd_unit, self.gbuf_wr_unit, self.reduce_unit = len(names), len(names) + 1, len(names) + 2
+        names += ["gbuf.rd", "gbuf.wr", "reduce"]
         self.tile0 = len(names)
         names += [f"tile{t}" for t in range(tiles)] + [f"sfu{t}" for t in range(tiles)]
         names += [f"port{t}.in" for t in range(tiles)] + [f"port{t}.out" for t in range(tiles)]
@@ -213,9 +220,9 @@ class CostModel:
         return list(self.names)
 
     def unit_kinds(self) -> list[str]:
-        """Per unit: dram, noc, gbuf, tile, sfu or port (the report groups units by kind)."""
+        """Per unit: dram, noc, gbuf, reduce, tile, sfu or port (the report groups units by kind)."""
         return ["dram"] * self.channels + ["noc"] * (self.gbuf_rd_unit - self.channels) + ["gbuf"] * 2 + \
-            [k for k in ("tile", "sfu", "port", "port") for _ in range(self.tiles)]
+            ["reduce"] + [k for k in ("tile", "sfu", "port", "port") for _ in range(self.tiles)]
 
     def tile_unit(self, tile: np.ndarray | int) -> np.ndarray | int:
         return self.tile0 + tile
@@ -230,11 +237,7 @@ class CostModel:
         """Hops from the controller / global buffer (at tile 0's corner) to a tile."""
         return self.hop_count[tile]
 
-    # ---- formulas shared by compiler and simulator (work on scalars or arrays) -----------
-
-    def dram_cycles(self, nbytes):
-        """Cycles all channels together take to stream `nbytes` (no latency)."""
-        return nbytes / self.dram_bpc
+    # ---- formulas (work on scalars or arrays) ---------------------------------------------
 
     def write_cycles(self, k, n, wbits):
         """Cycles to write a weight group into its macros (macros of a tile write in parallel):
@@ -265,29 +268,35 @@ class CostModel:
     def channel_bytes(self, base: np.ndarray, rows: np.ndarray, row_bytes: np.ndarray,
                       pitch: np.ndarray) -> np.ndarray:
         """Bytes each DRAM channel moves ([n, channels]) for `rows` rows of `row_bytes` bytes,
-        `pitch` bytes apart from byte address `base`: every row rounded out to whole bursts,
-        then split by the channel interleaving. Rows a pitch apart repeat their channel pattern
-        every `interleave x channels / gcd(pitch, interleave x channels)` rows, which bounds the
-        work. (Rows are assumed to share the first row's alignment within a burst.)"""
+        `pitch` bytes apart from byte address `base`: every row rounded out to the bursts it
+        touches, then split by the channel interleaving. Rows a pitch apart repeat their channel
+        (and burst) pattern every `interleave x channels / gcd(pitch, interleave x channels)`
+        rows; a pattern longer than `EXACT_ROWS` rows is spread evenly over the channels, each row
+        charged one burst more than its length rounded up (never less than it touches)."""
         d = self.hw.dram
         burst, stripe = d.burst_bytes, d.interleave_bytes * self.channels
         base, rows, row_bytes, pitch = (np.asarray(a, dtype=np.int64) for a in (base, rows, row_bytes, pitch))
         whole = (rows <= 1) | (pitch == row_bytes)
         span = np.where(whole, rows * row_bytes, row_bytes)
         nrow = np.where(whole, (rows > 0).astype(np.int64), rows)
-        lo = base // burst * burst
-        length = np.where(span > 0, -(-(base + span) // burst) * burst - lo, 0)
-        period = stripe // np.gcd(np.where(whole, stripe, pitch % stripe), stripe)
-        take = np.minimum(nrow, period)  # distinct row patterns to evaluate
+        step = np.where(whole, 0, pitch)
+        period = stripe // np.gcd(step % stripe, stripe)
+        take = np.where(span > 0, np.minimum(nrow, period), 0)
+        even = take > EXACT_ROWS
+        take = np.where(even, 0, take)
         owner = np.repeat(np.arange(len(base)), take)
         k = np.arange(len(owner)) - np.repeat(np.cumsum(take) - take, take)
         weight = nrow[owner] // period[owner] + (k < nrow[owner] % period[owner])
-        start = lo[owner] + k * np.where(whole, 0, pitch)[owner]
-        per_row = self._stripe_split(start, length[owner]) * weight[:, None]
-        if (take == 1).all():  # one pattern per transfer (the common case)
-            return per_row
-        out = np.zeros((len(base), self.channels))
-        np.add.at(out, owner, per_row)
+        start = base[owner] + k * step[owner]
+        lo = start // burst * burst
+        per_row = self._stripe_split(lo, -(-(start + span[owner]) // burst) * burst - lo) * weight[:, None]
+        if len(owner) == len(base) and (take == 1).all():  # one pattern per transfer (the common case)
+            out = per_row
+        else:
+            out = np.zeros((len(base), self.channels))
+            np.add.at(out, owner, per_row)
+        rounded = (-(-span // burst) + 1) * burst
+        out[even] = (nrow[even] * rounded[even] / self.channels)[:, None]
         return out
 
     def _stripe_split(self, start: np.ndarray, length: np.ndarray) -> np.ndarray:
@@ -327,7 +336,8 @@ class CostModel:
     def _cost_gather(self, mnemonic, idx, f, acc: _Acc) -> None:
         rows, cols = self._dim(f, "n", acc), self._dim(f, "cols", acc)
         acc.move(idx, f["idx"], rows, np.full(len(idx), 4.0), write=False)
-        acc.gather_rows(idx, f["table"], rows, cols * ELEM_BYTES)
+        # the rows' addresses depend on the ids: they are priced as that many consecutive rows
+        acc.move(idx, f["table"], rows, cols * ELEM_BYTES, write=False)
         acc.move(idx, f["dst"], rows, cols * ELEM_BYTES, write=True)
         acc.energy["noc"][idx] += rows * cols * ELEM_BYTES * self.e_noc_byte_hop
 
@@ -345,7 +355,10 @@ class CostModel:
         k, n, wbits, abits = (f[x].astype(np.float64) for x in ("k", "n", "wbits", "abits"))
         tile = f["tile"].astype(np.int64)
         nvec = self._dim(f, "nvec", acc)
-        acc.main(idx, self.tile_unit(tile), self.mvm_cycles(nvec, abits))
+        # the first input vector must have arrived before its bit planes start, and the last
+        # result leaves after they end: a vector's transfer each way adds to the compute time
+        fill = k * ELEM_BYTES * acc.cycles_per_byte(f["src"]) + n * ELEM_BYTES * acc.cycles_per_byte(f["dst"])
+        acc.main(idx, self.tile_unit(tile), self.mvm_cycles(nvec, abits) + np.where(nvec > 0, fill, 0.0))
         acc.macs[idx] += nvec * k * n
         acc.energy["mvm"][idx] += nvec * abits * k * n * self.e_slice_fj(wbits) / 1000
         acc.move(idx, f["src"], nvec, k * ELEM_BYTES, write=False, tile=tile)
@@ -357,9 +370,11 @@ class CostModel:
         acc.energy["buffer"][idx] += nvec * (k + n) * ELEM_BYTES * self.e_tbuf
 
     def _cost_reduce(self, mnemonic, idx, f, acc: _Acc) -> None:
-        """Partial sums are added where they are stored (next to the global buffer)."""
+        """Partial sums are added where they are stored, by an adder next to the global buffer
+        (a vector unit like a tile's SFU, `sfu.lanes` wide)."""
         rows, cols = self._dim(f, "rows", acc), self._dim(f, "cols", acc)
         count = f["count"].astype(np.int64)
+        acc.main(idx, np.full(len(idx), self.reduce_unit), self.sfu_cycles(rows * cols * np.maximum(count - 1, 0), 1.0))
         pstride = f["pstride"].astype(np.int64)
         for i in range(int(count.max(initial=0))):
             sel = np.flatnonzero(count > i)
@@ -375,10 +390,14 @@ class CostModel:
         if mnemonic == "vmm":
             m, k, n = (self._dim(f, x, acc) for x in ("m", "k", "n"))
             elems = m * k * n
-            tb = f["tb"].astype(bool)
-            reads = [("a", m, k), ("b", np.where(tb, n, k), np.where(tb, k, n))]
-            if f["acc"].astype(bool).any():
-                reads.append(("dst", np.where(f["acc"].astype(bool), m, 0.0), n))
+            tb, accumulate = f["tb"].astype(bool), f["acc"].astype(bool)
+            # no output, or nothing to add to it: the unit has nothing to move (sizes are known
+            # when the instruction issues)
+            m = np.where((m * n == 0) | ((k == 0) & accumulate), 0.0, m)
+            reads = [("a", m, k), ("b", np.where(tb, np.where(m > 0, n, 0.0), np.where(m > 0, k, 0.0)),
+                                   np.where(tb, k, n))]
+            if accumulate.any():
+                reads.append(("dst", np.where(accumulate, m, 0.0), n))
             written = (m, n)
             acc.macs[idx] += elems
         else:
@@ -471,16 +490,12 @@ class _Acc:
             (self.up if write else self.down)[idx] += nbytes
             self.energy["noc"][idx] += nbytes * cm.e_noc_byte_hop * cm.hops(tile)
 
-    def gather_rows(self, idx: np.ndarray, raw: np.ndarray, rows: np.ndarray, row_bytes: np.ndarray) -> None:
-        """Table rows read at data-dependent addresses: each rounded to bursts, spread evenly over
-        the channels (the addresses are not known before the run)."""
+    def cycles_per_byte(self, raw: np.ndarray) -> np.ndarray:
+        """Cycles a byte takes between the memory operand `raw` and a tile: its slowest resource
+        on the way (the DRAM channels together or the buffer's port, then the interconnect)."""
         cm = self.cm
-        _, _, addr, _ = mem_parts(raw)
-        burst = cm.hw.dram.burst_bytes
-        moved = rows * np.ceil(row_bytes / burst) * burst
-        self.chan[idx] += (moved / cm.channels)[:, None]
-        self.kind_bytes[idx, self.map.kind_index(addr)] += moved
-        self.energy["dram"][idx] += moved * cm.e_dram_rd
+        space = mem_parts(raw)[0]
+        return np.maximum(np.where(space == DRAM_SPACE, 1 / cm.dram_bpc, 1 / cm.gbuf_bpc), 1 / cm.link_bpc)
 
     def finish(self) -> InstrCosts:
         cm, n = self.cm, self.n
@@ -518,12 +533,13 @@ class _Acc:
         np.cumsum(np.bincount(instr, minlength=n), out=ptr[1:])
         uses_dram = chan_busy.max(axis=1, initial=0.0) > 0
         latency = np.where(uses_dram, cm.dram_latency, 0.0)
-        crosses = (self.tile >= 0) & ((self.down > 0) | (self.up > 0))
-        latency += np.where(crosses, cm.hop_latency * cm.hop_count[np.maximum(self.tile, 0)], 0.0)
+        dram_done = np.where(uses_dram, chan_busy.max(axis=1, initial=0.0) + cm.dram_latency, 0.0)
+        ways = (self.tile >= 0) * ((self.down > 0).astype(np.float64) + (self.up > 0))  # into and out of the tile
+        latency += ways * cm.hop_latency * cm.hop_count[np.maximum(self.tile, 0)]
         kinds = {k: self.kind_bytes[:, i] for i, k in enumerate(DRAM_KINDS)}
         kinds["code"] = np.full(n, float(INSTR_BYTES))
         self.energy["dram"] += INSTR_BYTES * cm.e_dram_rd
         self.energy["buffer"] += cm.e_fetch - INSTR_BYTES * cm.e_dram_rd
-        return InstrCosts(ptr, unit, busy, compute, self.main_unit, latency, uses_dram, self.energy,
+        return InstrCosts(ptr, unit, busy, compute, self.main_unit, latency, uses_dram, dram_done, self.energy,
                           self.kind_bytes.sum(axis=1) + INSTR_BYTES, kinds, self.macs,
                           cm.fetch_costs(n, self.map.code_base))

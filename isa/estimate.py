@@ -7,14 +7,18 @@ with the same `CostModel`; the estimate differs from the simulation only in how 
 - consecutive instructions of one IR op, one kind (weight loads, a stage's sync, other work) and,
   for other work, one executing unit form an *item*, which starts when the barriers it waits on
   are clear and its executing units (tiles, SFUs) are free;
-- resources are pooled: all DRAM channels together, the interconnect into and out of the tiles,
-  and the global buffer's read and write ports;
+- the DRAM channels are kept apart; the other shared resources are pooled: the interconnect
+  into and out of the tiles (whatever its links), and the global buffer's read and write ports;
 - a work item keeps its unit busy for the sum of its instructions' times (each waits for the one
   before, as the simulator's in-order units do) and books each pool once, for the sum of its
   instructions' demands; the weight loads of an item queue on the pools one after another, each
   holding its tile until its own bytes are written;
-- instruction fetch counts only as the wait for the first block of code; the later blocks'
-  DRAM traffic (64 bytes an instruction, under 1 % of a decode step's bytes) is left out.
+- an item starts no earlier than its first instruction is dispatched, nor before every item of
+  the code block two before its own has started (the instruction buffer holds two blocks), and
+  a DRAM transfer (a weight load, or a work item that touches DRAM, counted as one) waits for
+  the one `dram.max_outstanding` places before it to complete, as in the simulator;
+- instruction fetch counts as the wait for the first block of code; the later blocks' DRAM
+  traffic (64 bytes an instruction, under 1 % of a decode step's bytes) is left out.
 
 It is one pass over the items (a few per pipeline stage), so `balance-stages` can price every
 candidate partition of a 1B-parameter model in seconds.
@@ -34,8 +38,8 @@ from isa.spec import BY_NAME, N_BARRIERS
 
 #: Item kinds: other work, weight loads, joins (sync and halt, which hold nothing).
 WORK, LOAD, JOIN = 0, 1, 2
-#: The pooled resources, in `Stream.pools` column order.
-POOLS = ("dram", "into tiles", "out of tiles", "buffer read", "buffer write")
+#: The pooled resources after the DRAM channels (each its own pool), in `Stream.pools` column order.
+POOLS = ("into tiles", "out of tiles", "buffer read", "buffer write")
 _LOAD_OPS = {BY_NAME["wload"].opcode}
 _JOIN_OPS = {BY_NAME["sync"].opcode, BY_NAME["halt"].opcode}
 
@@ -50,7 +54,11 @@ class Stream:
     sig: np.ndarray  # barrier signalled (0: none)
     unit: np.ndarray  # executing unit, or -1
     time: np.ndarray  # its duration plus latency (what the next instruction on its unit waits for)
-    pools: np.ndarray  # [n, len(POOLS)] cycles on each pooled resource
+    dram_done: np.ndarray  # cycles from its start until its DRAM transfer completes (0: none)
+    pools: np.ndarray  # [n, DRAM channels + len(POOLS)] cycles on each DRAM channel and pooled resource
+    dispatch: float  # cycles to dispatch one instruction
+    max_outstanding: int  # DRAM transfers in flight at most
+    per_block: int  # instructions per half of the instruction buffer
 
     @classmethod
     def priced(cls, cm: CostModel, costs: InstrCosts, opcode: np.ndarray, sig: np.ndarray, wait: np.ndarray,
@@ -58,24 +66,26 @@ class Stream:
         """The stream of a priced program (`cm.instr_costs`), with its decoded opcode, sig and
         wait columns and the debug map's op per instruction."""
         n = len(costs)
+        c = cm.channels
         pool_of = np.full(cm.n_units, -1, dtype=np.int64)
-        pool_of[:cm.channels] = 0
-        pool_of[cm.port_unit(np.arange(cm.tiles), out=False)] = 1
-        pool_of[cm.port_unit(np.arange(cm.tiles), out=True)] = 2
-        pool_of[cm.gbuf_rd_unit], pool_of[cm.gbuf_wr_unit] = 3, 4
-        pools = np.zeros((n, len(POOLS)))
+        pool_of[:c] = np.arange(c)
+        pool_of[cm.port_unit(np.arange(cm.tiles), out=False)] = c
+        pool_of[cm.port_unit(np.arange(cm.tiles), out=True)] = c + 1
+        pool_of[cm.gbuf_rd_unit], pool_of[cm.gbuf_wr_unit] = c + 2, c + 3
+        pools = np.zeros((n, c + len(POOLS)))
         which = pool_of[costs.unit]
         keep = which >= 0
         np.add.at(pools, (costs.instr_of()[keep], which[keep]), costs.busy[keep])
-        pools[:, 0] /= cm.channels
         kind = np.where(np.isin(opcode, list(_LOAD_OPS)), LOAD, np.where(np.isin(opcode, list(_JOIN_OPS)), JOIN, WORK))
         return cls(np.asarray(op, dtype=np.int64), kind, np.asarray(wait, dtype=np.uint64),
-                   np.asarray(sig, dtype=np.int64), costs.main, costs.duration() + costs.latency, pools)
+                   np.asarray(sig, dtype=np.int64), costs.main, costs.duration() + costs.latency, costs.dram_done,
+                   pools, float(costs.fetch.dispatch), cm.hw.dram.max_outstanding, costs.fetch.per_block)
 
     def take(self, index: np.ndarray) -> Stream:
         """The instructions at `index`, in that order."""
         return Stream(self.op[index], self.kind[index], self.wait[index], self.sig[index], self.unit[index],
-                      self.time[index], self.pools[index])
+                      self.time[index], self.dram_done[index], self.pools[index], self.dispatch, self.max_outstanding,
+                      self.per_block)
 
 
 def estimate(stream: Stream, start: float = 0.0) -> float:
@@ -109,9 +119,11 @@ def play(stream: Stream, start: float = 0.0) -> tuple[np.ndarray, np.ndarray, np
     at = np.flatnonzero(stream.kind == LOAD)
     lptr = np.zeros(n_items + 1, dtype=np.int64)
     np.cumsum(np.bincount(item[at], minlength=n_items), out=lptr[1:])
-    starts, ends = _play(float(start), wptr, wbits, sptr, sbits, eptr, keys % span,
-                         np.bincount(inverse, weights=stream.time[runs]), pools, alone, lptr, stream.unit[at],
-                         stream.time[at], stream.pools[at], span, Bookings.empty(len(POOLS)))
+    starts, ends = _play(float(start), first, stream.dispatch, stream.per_block, wptr, wbits, sptr,
+                         sbits, eptr, keys % span, np.bincount(inverse, weights=stream.time[runs]), pools, alone,
+                         np.maximum.reduceat(stream.dram_done, first), lptr, stream.unit[at], stream.time[at],
+                         stream.dram_done[at], stream.pools[at], span,
+                         Bookings.empty(stream.pools.shape[1]), np.zeros(stream.max_outstanding))
     return first, starts, ends
 
 
@@ -127,26 +139,34 @@ def _demand(row, units, cycles):
 
 
 @njit(cache=True)
-def _play(start, wptr, wbits, sptr, sbits, eptr, eunit, etime, pools, alone, lptr, lunit, ltime, lpools, n_units,
-          bk):
-    n_items = len(alone)
+def _play(start, head, dispatch, per_block, wptr, wbits, sptr, sbits, eptr, eunit, etime, pools, alone,
+          done, lptr, lunit, ltime, ldone, lpools, n_units, bk, ring):
+    n_items, k = len(alone), 0
+    window = np.full(head[-1] // per_block + 1 if n_items else 1, start)  # latest start in each code block
     bar = np.full(N_BARRIERS, start)
     free = np.full(n_units, start)
     starts, ends = np.zeros(n_items), np.zeros(n_items)
-    units, cycles = np.zeros(len(POOLS), dtype=np.int64), np.zeros(len(POOLS))
+    units, cycles = np.zeros(pools.shape[1], dtype=np.int64), np.zeros(pools.shape[1])
     for i in range(n_items):
-        t = start
+        block = head[i] // per_block
+        # dispatched in order, and only once the buffer half it is fetched into has emptied
+        t = max(start + head[i] * dispatch, window[block - 2] if block >= 2 else start)
         for j in range(wptr[i], wptr[i + 1]):
             t = max(t, bar[wbits[j]])
         if lptr[i + 1] > lptr[i]:  # weight loads: each queues behind the one before on the pools
             first, e = -1.0, t
             for q in range(lptr[i], lptr[i + 1]):
                 s = max(free[lunit[q]], t)
+                if ldone[q]:  # a DRAM transfer: waits for one of the controller's slots
+                    s = max(s, ring[k % len(ring)])
                 c = _demand(lpools[q], units, cycles)
                 if c:
                     s = place(bk, s, units, cycles, 0, c)
                     t = s + cycles[:c].max()
                 free[lunit[q]] = s + ltime[q]
+                if ldone[q]:
+                    ring[k % len(ring)] = s + ldone[q]
+                    k += 1
                 e = max(e, s + ltime[q])
                 if first < 0:
                     first = s
@@ -156,16 +176,22 @@ def _play(start, wptr, wbits, sptr, sbits, eptr, eunit, etime, pools, alone, lpt
             for j in range(eptr[i], eptr[i + 1]):
                 t = max(t, free[eunit[j]])
                 longest = max(longest, etime[j])
+            if done[i]:
+                t = max(t, ring[k % len(ring)])
             c = _demand(pools[i], units, cycles)
             if c:
                 t = place(bk, t, units, cycles, 0, c)
                 longest = max(longest, cycles[:c].max())
             e = t + longest
+            if done[i]:
+                ring[k % len(ring)] = t + done[i]
+                k += 1
             for j in range(eptr[i], eptr[i + 1]):
                 free[eunit[j]] = t + etime[j]
         for j in range(sptr[i], sptr[i + 1]):
             bar[sbits[j]] = max(bar[sbits[j]], e)
         starts[i], ends[i] = t, e
+        window[block] = max(window[block], t)
     return starts, ends
 
 

@@ -139,8 +139,9 @@ SCHEMA: tuple[FieldSpec, ...] = (
     _int("chip.tech_nm", "nm", 1, 1000, "technology node"),
     _float("chip.vdd_v", "V", 0.1, 5.0, "supply voltage the energies assume"),
     _float("chip.f_clk_mhz", "MHz", 1, 10000, "clock of macros, buffers, NoC and SFUs"),
-    _int("chip.tiles", "tiles", 1, 1024, "number of tiles", structural=True),
-    _int("chip.macros_per_tile", "macros", 1, 1024, "CIM macros per tile", structural=True),
+    _int("chip.tiles", "tiles", 1, 256, "number of tiles (the ISA's tile field holds 0..255)", structural=True),
+    _int("chip.macros_per_tile", "macros", 1, 256, "CIM macros per tile (the ISA's macro field holds 0..255)",
+         structural=True),
     _str("macro.type", "macro kind; only digital SRAM CIM is modelled", ("digital_sram_cim",)),
     _int("macro.rows", "bitcells", 8, 4096, "macro rows (reduction length of one MVM)", structural=True),
     _int("macro.cols", "bitcells", 8, 4096, "macro columns; a W-bit weight uses W of them", structural=True),
@@ -170,7 +171,7 @@ SCHEMA: tuple[FieldSpec, ...] = (
     _int("noc.hop_cycles", "cycles", 0, 1024, "latency of one hop"),
     _float("noc.wire_pitch_um", "um", 0, None, "routing pitch of one interconnect wire (for its area)"),
     _str("dram.type", "DRAM standard (label only; the figures below are what is charged)"),
-    _int("dram.channels_x16", "channels", 1, 256, "x16 DRAM channels; addresses interleave across them"),
+    _int("dram.channels_x16", "channels", 1, 64, "x16 DRAM channels; addresses interleave across them"),
     _int("dram.mts", "MT/s", 1, 100000, "per-pin transfer rate"),
     _float("dram.peak_gbps", "GB/s", 0.001, 100000, "peak DRAM bandwidth of all channels together"),
     _float("dram.efficiency", "", 0.01, 1, "fraction of peak bandwidth achieved when streaming"),
@@ -203,8 +204,6 @@ NOT_MODELLED: dict[str, str] = {
     "macro.weight_bits": "the fp32 datapath stores 32-bit weights; INT4/INT8 will check it",
     "macro.accum_bits": "the fp32 datapath accumulates in fp32",
     "buffer.tile_act.size_kb": "activations are staged in the global buffer",
-    "buffer.tile_act.width_bits": "operands enter and leave a tile through its ports (noc.link_bits); the tile "
-                                  "buffer is charged energy per byte, not time",
     "dram.type": "label",
     "dram.mts": "label: each channel carries peak_gbps / channels_x16",
     "sfu.dtype": "the fp32 datapath uses the fp32 energies", "sfu.e_add_pj": "the fp32 datapath uses e_add_fp32_pj",
@@ -217,8 +216,9 @@ NOT_MODELLED_EFFECTS: tuple[str, ...] = (
     "controller's and PHY's own latency (dram.latency_ns is the device's)",
     "reordering in the DRAM controller by bank state: each channel serves transfers as they are ready",
     "multicast: a value sent to several tiles crosses the interconnect once per instruction that reads it",
-    "flit-level sharing of a link: a transfer holds a link for its whole busy time, so a short transfer waits "
-    "behind a long one already crossing (pessimistic)",
+    "flit-level sharing of a link: a transfer holds each resource for its busy time from its start, so a short "
+    "transfer waits behind a long one already crossing, and a resource faster than the transfer's slowest is "
+    "shown busy earlier than the bytes pass",
     "bank conflicts inside the buffers; the tile buffer's capacity and port time (activations are staged in "
     "the global buffer; the tile buffer is charged energy per byte)",
     "router and repeater energy and area beyond the wires' pJ/bit/mm and pitch",

@@ -6,8 +6,8 @@ Which partition is best depends on everything the program does, so the pass pric
 with the compiler's estimate (`isa.estimate`) over the instructions codegen emits: it generates
 the module's code once, prices every instruction with the cost model at `rows` tokens after
 `past` cached ones, and for each candidate re-orders those priced instructions as codegen would
-emit them (a sync after each stage's last group, then the next loads of that macro set) and
-plays them. Candidates: every stage size from 1 to `tiles_per_set` groups, each either spanning
+emit them (`codegen.StageOrder`: a sync after each stage's last group, then the next loads of
+that macro set) and plays them. Candidates: every stage size from 1 to `tiles_per_set` groups, each either spanning
 vector work or cutting at it; the smallest estimate wins (on ties, the fewer stages). Programs
 longer than `FULL_SEARCH_INSTRS` instructions search from the largest stages down, while the
 estimate improves.
@@ -27,10 +27,10 @@ from cimc.ir.core import Module, Op, Rewriter
 from isa.cost import DramMap
 from isa.diag import CimcError
 from isa.encoding import decode_columns
-from isa.estimate import JOIN, LOAD, Stream, estimate, first_fetch
+from isa.estimate import JOIN, Stream, estimate, first_fetch
 from isa.fields import REGS
 from isa.spec import BY_NAME
-from passes.codegen import _Codegen, group_tile, load_wait, stage_barrier
+from passes.codegen import StageOrder, _Codegen, group_tile, load_wait, stage_barrier
 from passes.manager import PassContext, register
 from passes.tiling import Tiling
 
@@ -164,7 +164,6 @@ class _Plan:
         stage_of = np.zeros(sum(self.groups), dtype=np.int64)
         for s, (a, b) in enumerate(bounds):
             stage_of[a:b] = s
-        left = [b - a for a, b in bounds]
         members: list[int] = [0] * len(bounds)  # barrier masks of the linears in each stage
         nsets = len(self.sets)
         first = np.concatenate([[0], np.cumsum(self.groups)]).tolist()
@@ -182,39 +181,36 @@ class _Plan:
                 loads.append((len(order), s, group_tile(self.sets, s, self.slot0[k], g)))
                 order.append(self.load[self.position[k]][g])
 
-        prefetched = False
+        stage_order = StageOrder([b - a for a, b in bounds], nsets)
         for o in range(self.n_ops):
             k = self.linear_at.get(o)
             if k is None:
                 order.extend(self.rows_of.get(o, []))
                 continue
-            if not prefetched:
-                prefetched = True
-                for s in range(min(nsets, len(bounds))):
-                    emit_loads(s)
+            for s in stage_order.first_loads():
+                emit_loads(s)
             for g in range(self.groups[k]):
                 s = int(stage_of[first[k] + g])
                 mvms.append((len(order), group_tile(self.sets, s, self.slot0[k], g)))
                 order.append(self.mvm[o][g])
                 members[s] |= 1 << self.barrier[k]
-                left[s] -= 1
-                if not left[s]:
+                sync, next_loads = stage_order.after_mvm(s)
+                if sync:
                     syncs.append((len(order), s, o))
                     order.append(-1)
-                    if s + nsets < len(bounds):
-                        emit_loads(s + nsets)
+                for s2 in next_loads:
+                    emit_loads(s2)
             order.extend(self.rows_of.get(o, []))
         idx = np.array(order, dtype=np.int64)
         cand = self.stream.take(np.maximum(idx, 0))
         for pos, s, o in syncs:
             cand.op[pos], cand.kind[pos], cand.wait[pos], cand.sig[pos] = o, JOIN, members[s], stage_barrier(s)
-            cand.unit[pos], cand.time[pos] = -1, 0.0
+            cand.unit[pos], cand.time[pos], cand.dram_done[pos] = -1, 0.0, 0.0
             cand.pools[pos] = 0.0
         for pos, s, tile in loads:
             cand.wait[pos], cand.unit[pos] = load_wait(s, nsets), self.tile_unit(tile)
         for pos, tile in mvms:
             cand.unit[pos] = self.tile_unit(tile)
-        assert (cand.kind[[p for p, _, _ in loads]] == LOAD).all()
         return estimate(cand, self.start)
 
 

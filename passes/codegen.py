@@ -55,6 +55,30 @@ def group_tile(sets: list[list[int]], s: int, slot0: int, g: int) -> int:
     return sets[s % len(sets)][(slot0 + g) % len(sets[0])]
 
 
+class StageOrder:
+    """Where weight loads and stage syncs go among the MVMs, as codegen emits them (balance-stages
+    prices its candidates in the same order): the loads of the first `sets` stages before the
+    first MVM (after the embedding gather, so it is not queued behind them); after the last MVM
+    of stage s, its sync, then the loads of stage s + sets, the next user of its macro set."""
+
+    def __init__(self, sizes: list[int], sets: int) -> None:
+        self.left, self.sets, self.started = list(sizes), sets, False
+
+    def first_loads(self) -> list[int]:
+        """Before an MVM: the stages to load now (the first `sets`, before the very first MVM)."""
+        if self.started:
+            return []
+        self.started = True
+        return list(range(min(self.sets, len(self.left))))
+
+    def after_mvm(self, s: int) -> tuple[bool, list[int]]:
+        """After an MVM of stage s: whether stage s's sync follows, and the stages to load then."""
+        self.left[s] -= 1
+        if self.left[s]:
+            return False, []
+        return True, [s + self.sets] if s + self.sets < len(self.left) else []
+
+
 def _space(attr: dict) -> int:
     """The memory space of a `mem` or `scratch` attribute."""
     return G if attr["space"] == "g" else D
@@ -189,8 +213,7 @@ class _Codegen:
         self.n_sets = len(self.module.attrs["macro_sets"])
         self.op_groups: dict[int, list[tuple[int, int, int]]] = {}  # id(linear) -> its (stage, group, tile)
         self.stages = self._plan_stages()
-        self.stage_left = [len(s) for s in self.stages]
-        self.prefetched = False
+        self.order = StageOrder([len(s) for s in self.stages], self.n_sets)
         last = last_uses(self.module)
         dying: dict[int, list[Value]] = {}
         for op in self.module.ops:
@@ -286,15 +309,14 @@ class _Codegen:
 
     def _finish_group(self, s: int, op: Op) -> None:
         self.stage_ops.setdefault(s, set()).add(self.barrier[id(op)])
-        self.stage_left[s] -= 1
-        if self.stage_left[s]:
-            return
-        mask = 0
-        for b in self.stage_ops.pop(s):
-            mask |= 1 << b
-        self.emit("sync", sig=stage_barrier(s), wait=mask)
-        if s + self.n_sets < len(self.stage_left):
-            self._emit_loads(s + self.n_sets)
+        sync, loads = self.order.after_mvm(s)
+        if sync:
+            mask = 0
+            for b in self.stage_ops.pop(s):
+                mask |= 1 << b
+            self.emit("sync", sig=stage_barrier(s), wait=mask)
+        for s2 in loads:
+            self._emit_loads(s2)
 
     # ---- ops -----------------------------------------------------------------------------
 
@@ -306,12 +328,8 @@ class _Codegen:
                   vocab=int(table.type.shape[0]))
 
     def _op_linear(self, op: Op) -> None:
-        if not self.prefetched:
-            # The first `sets` stages load as early as the DRAM queue allows; issuing them here,
-            # not at program start, keeps the embedding gather ahead of them in that queue.
-            self.prefetched = True
-            for s in range(min(self.n_sets, len(self.stages))):
-                self._emit_loads(s)
+        for s in self.order.first_loads():
+            self._emit_loads(s)
         x, out = op.operands[0], op.result
         t = self.tilings[id(op)]
         sig, wait = self.barrier[id(op)], self.op_wait
@@ -438,8 +456,8 @@ class _Codegen:
                   src=self.mem(x), rows=self.rows(x), cols=self.cols(x), dt="f32")
 
     def _op_attention(self, op: Op) -> None:
-        """Softmax attention per KV group (one token) or per query head, over the cached keys
-        (positions 0 .. past-1, read from DRAM) and the run's new ones (still on chip); the two
+        """Softmax attention per KV group (one token) or per query head, over the run's new keys
+        (still on chip) and the cached ones (positions 0 .. past-1, read from DRAM); the two
         score blocks share one row maximum and one row sum, as one softmax over all keys."""
         q, k, v = op.operands
         out = op.result
@@ -466,15 +484,15 @@ class _Codegen:
             else:
                 qm, m, om = self.mem(q, job * hd), rows, self.mem(out, job * hd)
             blocks = [(self.mem(new_k, kv * hd), self.mem(new_v, kv * hd), rows, "sml")]
-            if cached:
-                blocks.insert(0, (self.mem(k, kv * hd), self.mem(v, kv * hd), PAST_DIM, "pnk"))
+            if cached:  # second, so that with nothing cached its products have nothing to do
+                blocks.append((self.mem(k, kv * hd), self.mem(v, kv * hd), PAST_DIM, "pnk"))
             # per block of keys: keys, values, key count, scores, row maximum, row sum
             parts = [(keys, vals, n, *(self.scratch(op, f"{c}{slot}") for c in names))
                      for keys, vals, n, names in blocks]
             for keys, _, n, s, _, _ in parts:
                 vec("vmm", dst=s, a=qm, b=keys, m=m, k=hd, n=n, tb=1, acc=0, alpha=op.attrs["scale"])
             if op.attrs["causal"] and not grouped:  # new key c is position past + c, query r past + r
-                vec("vcausal", dst=parts[-1][3], rows=rows, cols=rows, diag=Dim(0, 0))
+                vec("vcausal", dst=parts[0][3], rows=rows, cols=rows, diag=Dim(0, 0))
             mx, total = parts[0][4], parts[0][5]
             for i, (_, _, n, s, mi, _) in enumerate(parts):
                 vec("vrmax", dst=mi, src=s, rows=m, cols=n)

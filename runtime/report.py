@@ -15,8 +15,8 @@ from isa.traffic import MinTraffic
 from runtime.timing import Timeline
 
 #: Unit kinds (CostModel.unit_kinds) in report order, with what one unit of each is.
-UNIT_KINDS = {"dram": "channels", "noc": "links", "gbuf": "ports", "tile": "tiles", "sfu": "SFUs",
-              "port": "tile ports"}
+UNIT_KINDS = {"dram": "channels", "noc": "links", "gbuf": "ports", "reduce": "adder", "tile": "tiles",
+              "sfu": "SFUs", "port": "tile ports"}
 LABELS = {"dram": "DRAM", "macro_write": "macro writes", "mvm": "MVM", "sfu": "SFU", "buffer": "buffers",
           "noc": "NoC", "leakage": "leakage"}
 
@@ -130,13 +130,13 @@ def render_text(r: dict) -> str:
     kinds = r["unit_kinds"]
     for kind, label in UNIT_KINDS.items():
         group = [u for n, u in r["units"].items() if kinds[n] == kind]
-        used = [u for u in group if u["busy_cycles"] > 0] or group[:1]
         if not group:
             continue
+        used = sum(u["busy_cycles"] > 0 for u in group)
         util = [u["utilization"] for u in group]
+        note = "" if used == len(group) else " (none used)" if not used else f" ({used} used)"
         lines.append(f"    {kind:<8}{sum(u['busy_cycles'] for u in group):>12,.0f}   {np.mean(util):>6.1%} mean, "
-                     f"{max(util):.1%} max over {len(group)} {label}" + ("" if len(used) == len(group) else
-                                                                        f" ({len(used)} used)"))
+                     f"{max(util):.1%} max over {len(group)} {label}{note}")
     lines.append("  layer     from cycle   to cycle       energy   share   DRAM MB   instrs")
     for name, d in r["layers"].items():
         lines.append(f"    {name:<8}{d['start_cycle']:>10,.0f} {d['end_cycle']:>10,.0f}  "

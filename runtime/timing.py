@@ -1,12 +1,14 @@
 """The timeline: when each instruction starts and ends, given the resources it holds and barriers.
 
 Instructions are dispatched in program order from the instruction buffer, one per
-`fetch.dispatch` cycles, once the block holding them has been fetched from DRAM (block b + 1 is
-fetched into the buffer half that block b - 1 used, when block b starts to dispatch; blocks 0
-and 1 at the start). An instruction is ready when it is dispatched, every barrier in its wait
+`fetch.dispatch` cycles, once the block holding them has been fetched from DRAM. An instruction
+stays in the buffer until it starts (units keep no queues of their own), so block b + 1 is
+fetched into the half block b - 1 used once every instruction of block b - 1 has started
+(blocks 0 and 1 at the start). An instruction is ready when it is dispatched, every barrier in its wait
 mask is clear (every earlier instruction that signals one of them has ended), the unit that
 executes it (a tile or an SFU) has finished its previous instruction, and, if it touches DRAM,
-fewer than `dram.max_outstanding` earlier DRAM transfers are still in flight.
+the DRAM transfer `dram.max_outstanding` places before its own has completed (its data moved
+and its first-access latency passed).
 
 It then starts at the first time from then on at which every resource it moves data through
 (DRAM channels, links, ports) is free for as long as it needs that resource. Those resources are
@@ -48,7 +50,7 @@ def schedule(costs: InstrCosts, sig: np.ndarray, wait: np.ndarray, n_units: int,
     np.cumsum(np.bincount(blocks, minlength=len(fetch.busy)), out=fptr[1:])
     wptr, wbits = mask_bits(wait)
     start, end, f_start, f_end = _play(
-        costs.ptr, costs.unit, costs.busy, costs.main, costs.latency, costs.uses_dram,
+        costs.ptr, costs.unit, costs.busy, costs.main, costs.latency, costs.dram_done,
         np.asarray(sig, dtype=np.int64), wptr, wbits, fptr, chans.astype(np.int64), fetch.busy[blocks, chans],
         float(fetch.latency), int(fetch.per_block), float(fetch.dispatch), Bookings.empty(n_units),
         int(max_outstanding))
@@ -67,7 +69,7 @@ def _fetch(bk, b, ready, fptr, funit, fbusy, flat, ring, k, f_start, f_end):
 
 
 @njit(cache=True)
-def _play(ptr, unit, busy, main, lat, dram, sig, wptr, wbits, fptr, funit, fbusy, flat, per_block, dispatch, bk,
+def _play(ptr, unit, busy, main, lat, dram_done, sig, wptr, wbits, fptr, funit, fbusy, flat, per_block, dispatch, bk,
           max_outstanding):
     n, n_blocks = len(main), len(fptr) - 1
     done = np.zeros(len(bk.horizon))  # executing units: when their last instruction ends
@@ -86,14 +88,15 @@ def _play(ptr, unit, busy, main, lat, dram, sig, wptr, wbits, fptr, funit, fbusy
     for i in range(n):
         if i == (block + 1) * per_block:
             block += 1
-            if block + 1 < n_blocks:
-                _fetch(bk, block + 1, dispatched, fptr, funit, fbusy, flat, ring, k, f_start, f_end)
+            if block + 1 < n_blocks:  # into the half block - 1 held, once all of it has started
+                ready = max(dispatched, np.max(start[(block - 1) * per_block:block * per_block]))
+                _fetch(bk, block + 1, ready, fptr, funit, fbusy, flat, ring, k, f_start, f_end)
                 k += 1
         t = max(dispatched + dispatch, f_end[block])
         dispatched = t
         for j in range(wptr[i], wptr[i + 1]):
             t = max(t, bar[wbits[j]])
-        if dram[i]:
+        if dram_done[i]:
             t = max(t, ring[k % max_outstanding])
         u0 = main[i]
         if u0 >= 0:
@@ -110,8 +113,8 @@ def _play(ptr, unit, busy, main, lat, dram, sig, wptr, wbits, fptr, funit, fbusy
         e = t + longest + lat[i]
         if u0 >= 0:
             done[u0] = e
-        if dram[i]:
-            ring[k % max_outstanding] = e
+        if dram_done[i]:  # its slot frees when its data has come, not when it ends
+            ring[k % max_outstanding] = t + dram_done[i]
             k += 1
         start[i], end[i] = t, e
         if sig[i]:

@@ -225,6 +225,7 @@ BAD_FILES = [
      "buffer.global.width_bits"),
     ("[buffer.instr]\nsize_kb = 0\n", r"'buffer\.instr\.size_kb' must be an integer in \[1, ", "buffer.instr.size_kb"),
     ('[noc]\ntopology = "ring"\n', r"'noc\.topology' must be one of \"bus\", \"mesh\"", "noc.topology"),
+    ("[chip]\ntiles = 300\n", r"'chip\.tiles' must be an integer in \[1, 256\]", "chip.tiles"),
     ("[dram]\nmax_outstanding = 0\n", r"'dram\.max_outstanding' must be an integer in \[1, 4096\]",
      "dram.max_outstanding"),
 ]

@@ -202,6 +202,16 @@ def test_dram_channels_interleave_and_round_to_bursts() -> None:
     # rows 1536 apart cycle through channels 3, 1, 7, 5 (period 4)
     cycle = cm.channel_bytes(np.array([768]), np.array([6]), np.array([256]), np.array([1536]))
     assert cycle.tolist() == [[0, 512, 0, 512, 0, 256, 0, 256]]
+    # rows not aligned to bursts: each is charged the bursts it really touches (brute force below)
+    base, rows, nbytes, pitch = 8, 40, 28, 20
+    touched = {a // 32 for r in range(rows) for a in range(base + r * pitch, base + r * pitch + nbytes)}
+    odd = cm.channel_bytes(np.array([base]), np.array([rows]), np.array([nbytes]), np.array([pitch]))
+    assert odd.sum() == 32 * sum(len({a // 32 for a in range(base + r * pitch, base + r * pitch + nbytes)})
+                                 for r in range(rows)) >= 32 * len(touched)
+    # a channel pattern too long to price row by row is spread evenly, never below the bursts touched
+    coarse = CostModel(load_hw(None, ["dram.interleave_bytes=1048576"]))
+    spread = coarse.channel_bytes(np.array([0]), np.array([1000]), np.array([100]), np.array([4000]))
+    assert np.allclose(spread, 1000 * (4 + 1) * 32 / 8) and spread.sum() >= 1000 * 4 * 32
 
 
 def test_dram_latency_and_transfers_in_flight() -> None:
@@ -244,6 +254,23 @@ def test_code_is_fetched_from_dram() -> None:
     small = simulate(program, numerics=False, tokens=8, hw=load_hw(None, ["buffer.instr.size_kb=1"]))
     per = small.costs.fetch.per_block
     assert per == 8 and np.all(small.timeline.start[::per] >= small.timeline.fetch_end)  # code first
+
+
+def test_instructions_wait_in_the_buffer_until_they_start() -> None:
+    """Units keep no queues of their own: a block is fetched only once the instructions of the
+    block two before it have all started, so a buffer too small for the program's window of
+    waiting instructions slows it down."""
+    program = compile_model(EXAMPLE, CompileOptions(max_seq=8, max_ctx=256))
+
+    def decode(kb: int):
+        return simulate(program, numerics=False, entry="decode", past=200,
+                        hw=load_hw(None, [f"buffer.instr.size_kb={kb}"]))
+
+    big, small = decode(16), decode(1)
+    assert small.report["cycles"] > 1.1 * big.report["cycles"]
+    per = small.costs.fetch.per_block
+    for b in range(2, len(small.timeline.fetch_start)):
+        assert small.timeline.fetch_start[b] >= small.timeline.start[(b - 2) * per:(b - 1) * per].max()
 
 
 def test_binaries_are_deterministic(tmp_path: Path) -> None:
