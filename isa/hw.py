@@ -222,7 +222,7 @@ NOT_MODELLED_EFFECTS: tuple[str, ...] = (
     "bank conflicts inside the buffers; the tile buffer's capacity and port time (activations are staged in "
     "the global buffer; the tile buffer is charged energy per byte)",
     "router and repeater energy and area beyond the wires' pJ/bit/mm and pitch",
-    "area and leakage of the SFUs, the control unit and the DRAM PHY",
+    "area of the SFUs and the partial-sum adder; area and leakage of the control unit and the DRAM PHY",
 )
 #: Values the simulator cannot model: asking for them is an error, not a silently ignored knob.
 UNSUPPORTED: dict[str, tuple[object, str]] = {
@@ -402,7 +402,7 @@ class HardwareConfig:
 
     @property
     def area_mm2(self) -> float:
-        """Area of the macros, buffers and interconnect wires (SFUs, control and DRAM PHY not included)."""
+        """Area of the macros, buffers and interconnect wires (SFUs, adder, control and DRAM PHY not included)."""
         c = self.chip
         return (c.tiles * (c.macros_per_tile * self.macro.area_mm2 + self.tile_buf.area_mm2)
                 + self.global_buf.area_mm2 + self.instr_buf.area_mm2 + self.noc_area_mm2)
@@ -498,7 +498,7 @@ def render_text(hw: HardwareConfig) -> str:
         f"  global buffer {hw.global_buf.width_bits}-bit read and write ports = "
         f"{hw.global_buf.width_bits / 8 * c.f_clk_mhz / 1e3:.4g} GB/s each",
         f"  area          {hw.area_mm2:.4g} mm2: macros {macros:.4g}, buffers {buffers:.4g}, "
-        f"interconnect wires {hw.noc_area_mm2:.4g} (SFUs, control and DRAM PHY not included)",
+        f"interconnect wires {hw.noc_area_mm2:.4g} (SFUs, adder, control and DRAM PHY not included)",
         "",
         "not modelled (by any key):",
         *(f"  - {effect}" for effect in NOT_MODELLED_EFFECTS),

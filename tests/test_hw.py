@@ -328,7 +328,7 @@ def test_render_text() -> None:
     assert next(line for line in lines if line.startswith("  area ")) == (
         f"  area          {256 * 0.067 + 16 * 0.067 + 0.44 + 0.034 + wires:.4g} mm2: macros {256 * 0.067:.4g}, "
         f"buffers {16 * 0.067 + 0.44 + 0.034:.4g}, interconnect wires {wires:.4g} "
-        "(SFUs, control and DRAM PHY not included)")
+        "(SFUs, adder, control and DRAM PHY not included)")
     # what no key models is listed after the keys
     assert lines[lines.index("not modelled (by any key):") + 1].startswith("  - DRAM row-buffer")
 
