@@ -21,17 +21,20 @@ Resources ("units"), each serving one thing at a time, in program order:
 A transfer holds every resource on its path, each for the time it needs (bytes over its width);
 the slowest sets its duration, and `runtime.timing` serialises transfers that share a resource.
 A transfer that touches DRAM completes `dram.latency_ns` later, one that crosses the interconnect
-`hops x noc.hop_cycles` later each way; up to `dram.max_outstanding` DRAM transfers are in
-flight. An MVM's macros also wait for its first input vector to arrive and for its last result
+`hops x noc.hop_cycles` later each way; the controller keeps up to `dram.max_outstanding` DRAM
+transfers in flight. An MVM's macros also wait for its first input vector to arrive and for its last result
 to leave (a bit-serial MVM needs every input's bit plane before it starts).
 
 Code is fetched from DRAM into the instruction buffer (`buffer.instr`, two halves: one is
-dispatched while the other is refilled) in blocks of half its size; dispatch takes one
-instruction per `64 B / buffer.instr.width_bits` cycles.
+dispatched while the other is refilled) in blocks of half its size, each one DRAM transfer whose
+instructions arrive in order; dispatch takes one instruction per `64 B / buffer.instr.width_bits`
+cycles.
 
 Energy components: `dram` (bytes moved, including code), `macro_write` (weight bits written into
 CIM cells), `mvm` (bit-serial multiply-accumulate in the macros), `sfu` (vector arithmetic),
-`buffer` (global, tile and instruction buffer accesses), `noc` (bits x distance). Leakage is
+`buffer` (global, tile and instruction buffer accesses), `noc` (bits x distance, between the
+controller or the global buffer and a tile, and over the wire between the controller and the
+buffer). Leakage is
 charged by the simulator: `leakage_mw` times elapsed time. DRAM bytes are also counted by kind
 (`DRAM_KINDS`), from where each address lies in the program's DRAM layout (`DramMap`).
 """
@@ -42,6 +45,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 from isa.encoding import Columns, dim_values, mem_parts
 from isa.fields import DTYPE_BYTES, DTYPES
@@ -54,10 +58,10 @@ COMPONENTS = ("dram", "macro_write", "mvm", "sfu", "buffer", "noc")
 DRAM_KINDS: dict[str, str] = {"weights": "weights", "constants": "constants", "kv_cache": "KV cache",
                               "io": "inputs/outputs", "spills": "spills", "code": "code", "other": "other"}
 _KIND_INDEX = {k: i for i, k in enumerate(DRAM_KINDS)}
+#: The formulas take scalars or arrays alike.
+Num = float | np.ndarray
 DRAM_SPACE = 1
 ELEM_BYTES = 4  # every operand element type (f32, i32) is 4 bytes
-#: Rows of a strided DRAM access priced one by one; longer channel patterns are spread evenly.
-EXACT_ROWS = 64
 
 
 def macros_used(k: int, n: int, wbits: int, rows: int, cols: int) -> int:
@@ -105,7 +109,6 @@ class InstrCosts:
     compute: np.ndarray
     main: np.ndarray  # the unit that executes the instruction (held until it completes), or -1
     latency: np.ndarray  # cycles from the last resource's release to completion
-    uses_dram: np.ndarray  # counts against dram.max_outstanding
     dram_done: np.ndarray  # cycles from its start until its DRAM transfer completes (frees its slot)
     energy: dict[str, np.ndarray]  # component -> pJ
     dram_bytes: np.ndarray
@@ -239,7 +242,7 @@ class CostModel:
 
     # ---- formulas (work on scalars or arrays) ---------------------------------------------
 
-    def write_cycles(self, k, n, wbits):
+    def write_cycles(self, k: Num, n: Num, wbits: Num) -> np.ndarray:
         """Cycles to write a weight group into its macros (macros of a tile write in parallel):
         `write_cycles_full` for a whole macro, scaled by the rows and write-port beats used."""
         m = self.hw.macro
@@ -247,17 +250,17 @@ class CostModel:
         full = self.macro_rows * -(-self.macro_cols // m.write_port_bits)
         return np.ceil(beats * (m.write_cycles_full / full))
 
-    def mvm_cycles(self, nvec, abits):
+    def mvm_cycles(self, nvec: Num, abits: Num) -> Num:
         """Bit-serial MVM: one input bit per cycle per vector, pipelined across vectors."""
         m = self.hw.macro
         return nvec * abits * m.cycles_per_input_bit + m.pipeline_cycles
 
-    def sfu_cycles(self, elements, ops_per_element: float):
+    def sfu_cycles(self, elements: Num, ops_per_element: float) -> np.ndarray:
         """SFU lanes each do one primitive op per cycle."""
         work = elements * max(ops_per_element, 1.0)
         return np.ceil(work / self.hw.sfu.lanes) * self.hw.sfu.cycles_per_op
 
-    def e_slice_fj(self, wbits):
+    def e_slice_fj(self, wbits: Num) -> np.ndarray:
         """Energy of one input bit times one `wbits` weight (scaled from the INT4 slice)."""
         m = self.hw.macro
         return np.where(wbits == 8, m.e_slice_w8_fj, m.e_slice_w4_fj * np.asarray(wbits) / 4.0)
@@ -270,45 +273,17 @@ class CostModel:
         """Bytes each DRAM channel moves ([n, channels]) for `rows` rows of `row_bytes` bytes,
         `pitch` bytes apart from byte address `base`: every row rounded out to the bursts it
         touches, then split by the channel interleaving. Rows a pitch apart repeat their channel
-        (and burst) pattern every `interleave x channels / gcd(pitch, interleave x channels)`
-        rows; a pattern longer than `EXACT_ROWS` rows is spread evenly over the channels, each row
-        charged one burst more than its length rounded up (never less than it touches)."""
+        and burst pattern every `interleave x channels / gcd(pitch, interleave x channels)` rows,
+        so each transfer is priced row by row over at most that many rows, exactly."""
         d = self.hw.dram
-        burst, stripe = d.burst_bytes, d.interleave_bytes * self.channels
+        stripe = d.interleave_bytes * self.channels
         base, rows, row_bytes, pitch = (np.asarray(a, dtype=np.int64) for a in (base, rows, row_bytes, pitch))
         whole = (rows <= 1) | (pitch == row_bytes)
         span = np.where(whole, rows * row_bytes, row_bytes)
         nrow = np.where(whole, (rows > 0).astype(np.int64), rows)
         step = np.where(whole, 0, pitch)
         period = stripe // np.gcd(step % stripe, stripe)
-        take = np.where(span > 0, np.minimum(nrow, period), 0)
-        even = take > EXACT_ROWS
-        take = np.where(even, 0, take)
-        owner = np.repeat(np.arange(len(base)), take)
-        k = np.arange(len(owner)) - np.repeat(np.cumsum(take) - take, take)
-        weight = nrow[owner] // period[owner] + (k < nrow[owner] % period[owner])
-        start = base[owner] + k * step[owner]
-        lo = start // burst * burst
-        per_row = self._stripe_split(lo, -(-(start + span[owner]) // burst) * burst - lo) * weight[:, None]
-        if len(owner) == len(base) and (take == 1).all():  # one pattern per transfer (the common case)
-            out = per_row
-        else:
-            out = np.zeros((len(base), self.channels))
-            np.add.at(out, owner, per_row)
-        rounded = (-(-span // burst) + 1) * burst
-        out[even] = (nrow[even] * rounded[even] / self.channels)[:, None]
-        return out
-
-    def _stripe_split(self, start: np.ndarray, length: np.ndarray) -> np.ndarray:
-        """[n, channels] bytes of each contiguous range [start, start + length) per channel."""
-        g = self.hw.dram.interleave_bytes
-        stripe = g * self.channels
-        ch = np.arange(self.channels) * g
-
-        def below(x: np.ndarray) -> np.ndarray:  # bytes of [0, x) on each channel
-            return (x // stripe)[:, None] * g + np.clip((x % stripe)[:, None] - ch[None, :], 0, g)
-
-        return (below(start + length) - below(start)).astype(np.float64)
+        return _channel_bytes(base, nrow, span, step, period, d.burst_bytes, d.interleave_bytes, self.channels)
 
     # ---- whole programs ------------------------------------------------------------------
 
@@ -331,7 +306,10 @@ class CostModel:
         rows, cols = self._dim(f, "rows", acc), self._dim(f, "cols", acc)
         acc.move(idx, f["src"], rows, cols * esize, write=False)
         acc.move(idx, f["dst"], rows, cols * esize, write=True)
-        acc.energy["noc"][idx] += rows * cols * esize * self.e_noc_byte_hop  # controller <-> buffer
+        # the wire between the controller and the buffer (as wide as the buffer's port, which
+        # times it); a copy inside the buffer crosses no wire
+        crosses = (mem_parts(f["src"])[0] == DRAM_SPACE) != (mem_parts(f["dst"])[0] == DRAM_SPACE)
+        acc.energy["noc"][idx] += np.where(crosses, rows * cols * esize * self.e_noc_byte_hop, 0.0)
 
     def _cost_gather(self, mnemonic, idx, f, acc: _Acc) -> None:
         rows, cols = self._dim(f, "n", acc), self._dim(f, "cols", acc)
@@ -357,7 +335,7 @@ class CostModel:
         nvec = self._dim(f, "nvec", acc)
         # the first input vector must have arrived before its bit planes start, and the last
         # result leaves after they end: a vector's transfer each way adds to the compute time
-        fill = k * ELEM_BYTES * acc.cycles_per_byte(f["src"]) + n * ELEM_BYTES * acc.cycles_per_byte(f["dst"])
+        fill = acc.first_row_cycles(f["src"], k * ELEM_BYTES) + acc.first_row_cycles(f["dst"], n * ELEM_BYTES)
         acc.main(idx, self.tile_unit(tile), self.mvm_cycles(nvec, abits) + np.where(nvec > 0, fill, 0.0))
         acc.macs[idx] += nvec * k * n
         acc.energy["mvm"][idx] += nvec * abits * k * n * self.e_slice_fj(wbits) / 1000
@@ -371,7 +349,8 @@ class CostModel:
 
     def _cost_reduce(self, mnemonic, idx, f, acc: _Acc) -> None:
         """Partial sums are added where they are stored, by an adder next to the global buffer
-        (a vector unit like a tile's SFU, `sfu.lanes` wide)."""
+        (a vector unit like a tile's SFU, `sfu.lanes` wide): through the buffer's ports, over no
+        wire (the sums paid for the interconnect on their way from the tiles)."""
         rows, cols = self._dim(f, "rows", acc), self._dim(f, "cols", acc)
         count = f["count"].astype(np.int64)
         acc.main(idx, np.full(len(idx), self.reduce_unit), self.sfu_cycles(rows * cols * np.maximum(count - 1, 0), 1.0))
@@ -380,7 +359,6 @@ class CostModel:
             sel = np.flatnonzero(count > i)
             acc.move(idx[sel], f["src"][sel], rows[sel], cols[sel] * ELEM_BYTES, write=False, offset=i * pstride[sel])
         acc.move(idx, f["dst"], rows, cols * ELEM_BYTES, write=True)
-        acc.energy["noc"][idx] += rows * cols * count * ELEM_BYTES * self.e_noc_byte_hop
         acc.energy["sfu"][idx] += rows * cols * np.maximum(count - 1, 0) * self.e_sfu["add"]
 
     def _cost_sfu(self, mnemonic, idx, f, acc: _Acc) -> None:
@@ -468,11 +446,9 @@ class _Acc:
         bytes) and the instruction's tile (or, without `tile`, the controller / global buffer side).
         `idx` holds each instruction at most once."""
         cm = self.cm
-        space, roff, addr, stride = mem_parts(raw)
+        space, base, pitch = self._where(raw, offset)
         rows = np.asarray(rows, dtype=np.float64) * np.ones(len(idx))
         row_bytes = np.asarray(row_bytes, dtype=np.float64) * np.ones(len(idx))
-        pitch = stride * ELEM_BYTES
-        base = addr + self.regs[roff] * pitch + offset
         nbytes = rows * row_bytes
         in_dram = space == DRAM_SPACE
         if in_dram.any():
@@ -490,12 +466,24 @@ class _Acc:
             (self.up if write else self.down)[idx] += nbytes
             self.energy["noc"][idx] += nbytes * cm.e_noc_byte_hop * cm.hops(tile)
 
-    def cycles_per_byte(self, raw: np.ndarray) -> np.ndarray:
-        """Cycles a byte takes between the memory operand `raw` and a tile: its slowest resource
-        on the way (the DRAM channels together or the buffer's port, then the interconnect)."""
+    def _where(self, raw: np.ndarray, offset: np.ndarray | int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Memory space, byte address of the first row and row pitch of memory operands."""
+        space, roff, addr, stride = mem_parts(raw)
+        pitch = stride * ELEM_BYTES
+        return space, addr + self.regs[roff] * pitch + offset, pitch
+
+    def first_row_cycles(self, raw: np.ndarray, row_bytes: np.ndarray) -> np.ndarray:
+        """Cycles the first row of the memory operands `raw` takes to or from a tile: its slowest
+        resource on the way (the DRAM channels holding it, or the buffer's port; the interconnect)."""
         cm = self.cm
-        space = mem_parts(raw)[0]
-        return np.maximum(np.where(space == DRAM_SPACE, 1 / cm.dram_bpc, 1 / cm.gbuf_bpc), 1 / cm.link_bpc)
+        space, base, pitch = self._where(raw)
+        row_bytes = np.asarray(row_bytes, dtype=np.float64) * np.ones(len(space))
+        out = row_bytes / cm.gbuf_bpc
+        d = np.flatnonzero(space == DRAM_SPACE)
+        if len(d):
+            per_chan = cm.channel_bytes(base[d], np.ones(len(d)), np.ceil(row_bytes[d]), pitch[d])
+            out[d] = per_chan.max(axis=1) / cm.chan_bpc
+        return np.maximum(out, row_bytes / cm.link_bpc)
 
     def finish(self) -> InstrCosts:
         cm, n = self.cm, self.n
@@ -531,15 +519,42 @@ class _Acc:
         unit, busy, compute = (np.concatenate([p[k] for p in parts])[order] for k in (1, 2, 3))
         ptr = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(np.bincount(instr, minlength=n), out=ptr[1:])
-        uses_dram = chan_busy.max(axis=1, initial=0.0) > 0
-        latency = np.where(uses_dram, cm.dram_latency, 0.0)
-        dram_done = np.where(uses_dram, chan_busy.max(axis=1, initial=0.0) + cm.dram_latency, 0.0)
+        chan_max = chan_busy.max(axis=1, initial=0.0)
+        latency = np.where(chan_max > 0, cm.dram_latency, 0.0)
+        dram_done = np.where(chan_max > 0, chan_max + cm.dram_latency, 0.0)
         ways = (self.tile >= 0) * ((self.down > 0).astype(np.float64) + (self.up > 0))  # into and out of the tile
         latency += ways * cm.hop_latency * cm.hop_count[np.maximum(self.tile, 0)]
         kinds = {k: self.kind_bytes[:, i] for i, k in enumerate(DRAM_KINDS)}
         kinds["code"] = np.full(n, float(INSTR_BYTES))
         self.energy["dram"] += INSTR_BYTES * cm.e_dram_rd
         self.energy["buffer"] += cm.e_fetch - INSTR_BYTES * cm.e_dram_rd
-        return InstrCosts(ptr, unit, busy, compute, self.main_unit, latency, uses_dram, dram_done, self.energy,
+        return InstrCosts(ptr, unit, busy, compute, self.main_unit, latency, dram_done, self.energy,
                           self.kind_bytes.sum(axis=1) + INSTR_BYTES, kinds, self.macs,
                           cm.fetch_costs(n, self.map.code_base))
+
+
+@njit(cache=True)
+def _channel_bytes(base, nrow, span, step, period, burst, interleave, channels):
+    """`CostModel.channel_bytes` row by row: one pattern period per transfer, each row weighted by
+    how many rows share its place in the pattern."""
+    out = np.zeros((len(base), channels))
+    stripe = interleave * channels
+    for i in range(len(base)):
+        if span[i] <= 0:
+            continue
+        for k in range(min(nrow[i], period[i])):
+            weight = nrow[i] // period[i] + (1 if k < nrow[i] % period[i] else 0)
+            start = base[i] + k * step[i]
+            lo = start // burst * burst
+            hi = -(-(start + span[i]) // burst) * burst
+            full = (hi - lo) // stripe  # whole stripes put `interleave` bytes on every channel
+            if full:
+                for c in range(channels):
+                    out[i, c] += full * interleave * weight
+                lo += full * stripe
+            while lo < hi:
+                chunk = lo // interleave
+                end = min(hi, (chunk + 1) * interleave)
+                out[i, chunk % channels] += (end - lo) * weight
+                lo = end
+    return out

@@ -13,12 +13,12 @@ with the same `CostModel`; the estimate differs from the simulation only in how 
   before, as the simulator's in-order units do) and books each pool once, for the sum of its
   instructions' demands; the weight loads of an item queue on the pools one after another, each
   holding its tile until its own bytes are written;
-- an item starts no earlier than its first instruction is dispatched, nor before every item of
-  the code block two before its own has started (the instruction buffer holds two blocks), and
-  a DRAM transfer (a weight load, or a work item that touches DRAM, counted as one) waits for
-  the one `dram.max_outstanding` places before it to complete, as in the simulator;
-- instruction fetch counts as the wait for the first block of code; the later blocks' DRAM
-  traffic (64 bytes an instruction, under 1 % of a decode step's bytes) is left out.
+- code is fetched as in the simulator: block b + 1 on the DRAM channels once every item of
+  block b - 1 has started (the instruction buffer holds two blocks), its instructions arriving
+  in order at the pace of its slowest channel; an item starts no earlier than its first
+  instruction has arrived and is dispatched, and a DRAM transfer (a code block, a weight load,
+  or a work item that touches DRAM, counted as one) waits for one of the controller's
+  `dram.max_outstanding` slots, as in the simulator.
 
 It is one pass over the items (a few per pipeline stage), so `balance-stages` can price every
 candidate partition of a 1B-parameter model in seconds.
@@ -59,6 +59,8 @@ class Stream:
     dispatch: float  # cycles to dispatch one instruction
     max_outstanding: int  # DRAM transfers in flight at most
     per_block: int  # instructions per half of the instruction buffer
+    fetch: np.ndarray  # [code blocks, DRAM channels] cycles each block's fetch holds each channel
+    fetch_latency: float  # first-access latency of a block's fetch
 
     @classmethod
     def priced(cls, cm: CostModel, costs: InstrCosts, opcode: np.ndarray, sig: np.ndarray, wait: np.ndarray,
@@ -79,21 +81,25 @@ class Stream:
         kind = np.where(np.isin(opcode, list(_LOAD_OPS)), LOAD, np.where(np.isin(opcode, list(_JOIN_OPS)), JOIN, WORK))
         return cls(np.asarray(op, dtype=np.int64), kind, np.asarray(wait, dtype=np.uint64),
                    np.asarray(sig, dtype=np.int64), costs.main, costs.duration() + costs.latency, costs.dram_done,
-                   pools, float(costs.fetch.dispatch), cm.hw.dram.max_outstanding, costs.fetch.per_block)
+                   pools, float(costs.fetch.dispatch), cm.hw.dram.max_outstanding, costs.fetch.per_block,
+                   costs.fetch.busy, float(costs.fetch.latency))
 
     def take(self, index: np.ndarray) -> Stream:
-        """The instructions at `index`, in that order."""
+        """The instructions at `index`, in that order (fetched as the program's blocks were; a
+        longer program repeats its last block's fetch)."""
+        blocks = -(-len(index) // self.per_block)
+        fetch = self.fetch[np.minimum(np.arange(blocks), len(self.fetch) - 1)]
         return Stream(self.op[index], self.kind[index], self.wait[index], self.sig[index], self.unit[index],
                       self.time[index], self.dram_done[index], self.pools[index], self.dispatch, self.max_outstanding,
-                      self.per_block)
+                      self.per_block, fetch, self.fetch_latency)
 
 
-def estimate(stream: Stream, start: float = 0.0) -> float:
-    """Estimated cycles of a program whose first instruction can begin at cycle `start`."""
-    return float(max(play(stream, start)[2].max(initial=start), start))
+def estimate(stream: Stream) -> float:
+    """Estimated cycles of a program."""
+    return float(play(stream)[2].max(initial=0.0))
 
 
-def play(stream: Stream, start: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def play(stream: Stream) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The estimate's timeline: the first instruction of every item, and each item's start and end."""
     n = len(stream.op)
     if not n:
@@ -119,10 +125,10 @@ def play(stream: Stream, start: float = 0.0) -> tuple[np.ndarray, np.ndarray, np
     at = np.flatnonzero(stream.kind == LOAD)
     lptr = np.zeros(n_items + 1, dtype=np.int64)
     np.cumsum(np.bincount(item[at], minlength=n_items), out=lptr[1:])
-    starts, ends = _play(float(start), first, stream.dispatch, stream.per_block, wptr, wbits, sptr,
-                         sbits, eptr, keys % span, np.bincount(inverse, weights=stream.time[runs]), pools, alone,
-                         np.maximum.reduceat(stream.dram_done, first), lptr, stream.unit[at], stream.time[at],
-                         stream.dram_done[at], stream.pools[at], span,
+    starts, ends = _play(n, first, stream.dispatch, stream.per_block, stream.fetch, stream.fetch_latency, wptr,
+                         wbits, sptr, sbits, eptr, keys % span, np.bincount(inverse, weights=stream.time[runs]),
+                         pools, alone, np.maximum.reduceat(stream.dram_done, first), lptr, stream.unit[at],
+                         stream.time[at], stream.dram_done[at], stream.pools[at], span,
                          Bookings.empty(stream.pools.shape[1]), np.zeros(stream.max_outstanding))
     return first, starts, ends
 
@@ -139,34 +145,55 @@ def _demand(row, units, cycles):
 
 
 @njit(cache=True)
-def _play(start, head, dispatch, per_block, wptr, wbits, sptr, sbits, eptr, eunit, etime, pools, alone,
-          done, lptr, lunit, ltime, ldone, lpools, n_units, bk, ring):
-    n_items, k = len(alone), 0
-    window = np.full(head[-1] // per_block + 1 if n_items else 1, start)  # latest start in each code block
-    bar = np.full(N_BARRIERS, start)
-    free = np.full(n_units, start)
+def _fetch(bk, fetch, b, ready, flat, slots, units, cycles, f_start, f_end):
+    """Fetch code block b once `ready`: a DRAM transfer on the channels, in one of the slots."""
+    c = _demand(fetch[b], units, cycles)
+    slot = np.argmin(slots)
+    t = max(ready, slots[slot])
+    if c:
+        t = place(bk, t, units, cycles, 0, c)
+    f_start[b] = t
+    f_end[b] = slots[slot] = t + (cycles[:c].max() if c else 0.0) + flat
+
+
+@njit(cache=True)
+def _play(n, head, dispatch, per_block, fetch, flat, wptr, wbits, sptr, sbits, eptr, eunit, etime, pools, alone,
+          done, lptr, lunit, ltime, ldone, lpools, n_units, bk, slots):
+    n_items, n_blocks = len(alone), len(fetch)
+    window = np.zeros(n_blocks)  # latest start of an item in each code block
+    f_start, f_end = np.zeros(n_blocks), np.zeros(n_blocks)
+    bar = np.zeros(N_BARRIERS)
+    free = np.zeros(n_units)
     starts, ends = np.zeros(n_items), np.zeros(n_items)
     units, cycles = np.zeros(pools.shape[1], dtype=np.int64), np.zeros(pools.shape[1])
+    fetched = -1
     for i in range(n_items):
         block = head[i] // per_block
-        # dispatched in order, and only once the buffer half it is fetched into has emptied
-        t = max(start + head[i] * dispatch, window[block - 2] if block >= 2 else start)
+        # block b + 1 is fetched into the half block b - 1 held once all of that has started
+        while fetched < min(block + 1, n_blocks - 1):
+            fetched += 1
+            ready = 0.0 if fetched < 2 else max(window[fetched - 2], (fetched - 1) * per_block * dispatch)
+            _fetch(bk, fetch, fetched, ready, flat, slots, units, cycles, f_start, f_end)
+        # dispatched in order, once its instruction has arrived
+        count = min(per_block, n - block * per_block)
+        streaming = f_end[block] - f_start[block] - flat
+        arrived = f_end[block] - streaming * (count - 1 - (head[i] - block * per_block)) / count
+        t = max(head[i] * dispatch, arrived)
         for j in range(wptr[i], wptr[i + 1]):
             t = max(t, bar[wbits[j]])
         if lptr[i + 1] > lptr[i]:  # weight loads: each queues behind the one before on the pools
             first, e = -1.0, t
             for q in range(lptr[i], lptr[i + 1]):
                 s = max(free[lunit[q]], t)
+                slot = np.argmin(slots)
                 if ldone[q]:  # a DRAM transfer: waits for one of the controller's slots
-                    s = max(s, ring[k % len(ring)])
+                    s = max(s, slots[slot])
                 c = _demand(lpools[q], units, cycles)
                 if c:
                     s = place(bk, s, units, cycles, 0, c)
-                    t = s + cycles[:c].max()
                 free[lunit[q]] = s + ltime[q]
                 if ldone[q]:
-                    ring[k % len(ring)] = s + ldone[q]
-                    k += 1
+                    slots[slot] = s + ldone[q]
                 e = max(e, s + ltime[q])
                 if first < 0:
                     first = s
@@ -176,26 +203,22 @@ def _play(start, head, dispatch, per_block, wptr, wbits, sptr, sbits, eptr, euni
             for j in range(eptr[i], eptr[i + 1]):
                 t = max(t, free[eunit[j]])
                 longest = max(longest, etime[j])
+            slot = np.argmin(slots)
             if done[i]:
-                t = max(t, ring[k % len(ring)])
+                t = max(t, slots[slot])
             c = _demand(pools[i], units, cycles)
             if c:
                 t = place(bk, t, units, cycles, 0, c)
                 longest = max(longest, cycles[:c].max())
             e = t + longest
             if done[i]:
-                ring[k % len(ring)] = t + done[i]
-                k += 1
+                slots[slot] = t + done[i]
             for j in range(eptr[i], eptr[i + 1]):
                 free[eunit[j]] = t + etime[j]
         for j in range(sptr[i], sptr[i + 1]):
             bar[sbits[j]] = max(bar[sbits[j]], e)
         starts[i], ends[i] = t, e
-        window[block] = max(window[block], t)
+        last = ((head[i + 1] if i + 1 < n_items else n) - 1) // per_block
+        for b in range(block, last + 1):
+            window[b] = max(window[b], t)
     return starts, ends
-
-
-def first_fetch(costs: InstrCosts) -> float:
-    """When the first block of code has arrived: the earliest an instruction can start."""
-    fetch = costs.fetch
-    return float(fetch.busy[0].max() + fetch.latency) if len(fetch.busy) else 0.0

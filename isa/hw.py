@@ -676,13 +676,14 @@ def _merge(layers: list[_Layer], overrides: list[tuple[str, object]], origin: st
                             f"({why}); set it to {_toml_repr(not value)}")
     if hw.dram.interleave_bytes % hw.dram.burst_bytes:
         raise CimcError(
-            f"{where('dram.interleave_bytes', 'dram.burst_bytes')}: key 'dram.interleave_bytes' "
-            f"({hw.dram.interleave_bytes}) must be a multiple of 'dram.burst_bytes' ({hw.dram.burst_bytes})"
+            f"{where('dram.interleave_bytes', 'dram.burst_bytes')}: keys 'dram.interleave_bytes' "
+            f"({hw.dram.interleave_bytes}) and 'dram.burst_bytes' ({hw.dram.burst_bytes}) do not fit: a channel's "
+            "interleave must be a whole number of bursts"
         )
-    for section, buf in (("buffer.global", hw.global_buf), ("buffer.instr", hw.instr_buf)):
-        if buf.width_bits % 8:
-            raise CimcError(f"{where(section + '.width_bits')}: key '{section}.width_bits' ({buf.width_bits}) "
-                            "must be a whole number of bytes (a multiple of 8)")
+    for key, bits in (("buffer.global.width_bits", hw.global_buf.width_bits),
+                      ("buffer.instr.width_bits", hw.instr_buf.width_bits), ("noc.link_bits", hw.noc.link_bits)):
+        if bits % 8:
+            raise CimcError(f"{where(key)}: key '{key}' ({bits}) must be a whole number of bytes (a multiple of 8)")
     if hw.macro.cols < max(hw.macro.weight_bits):
         raise CimcError(
             f"{where('macro.cols', 'macro.weight_bits')}: key 'macro.cols' ({hw.macro.cols}) must be >= "

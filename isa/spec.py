@@ -31,7 +31,7 @@ N_BARRIERS = 1 << SIG_BITS  # barrier 0 means "none"
 
 #: Units an instruction may run on. `tile` and `sfu` are replicated per tile (the `tile` field
 #: picks one); `ctrl` instructions take no unit time.
-UNITS: tuple[str, ...] = ("ctrl", "dram", "noc", "tile", "sfu")
+UNITS: tuple[str, ...] = ("ctrl", "dram", "reduce", "tile", "sfu")
 
 
 @dataclass(frozen=True)
@@ -114,8 +114,8 @@ _TABLE: tuple[InstrDef, ...] = (
     # ---- data movement -------------------------------------------------------------------
     InstrDef("dma", 0x10, (_dst(), _f("src", MEM, "source"), ROWS, COLS, DT), "dram", "dma",
              "dst[r,c] = src[r,c]",
-             "copy a 2-D region between DRAM and the global buffer (runs on the noc if neither "
-             "side is DRAM)"),
+             "copy a 2-D region between DRAM and the global buffer (or within the buffer, through its "
+             "ports)"),
     InstrDef("gather", 0x11,
              (_dst(), _f("table", MEM, "row table in DRAM"), _f("idx", MEM, "i32 row indices"),
               _f("n", DIM, "number of indices"), COLS, _f("vocab", U(24), "rows in the table")),
@@ -146,9 +146,9 @@ _TABLE: tuple[InstrDef, ...] = (
              (_dst(), _f("src", MEM, "first partial-sum slice"), ROWS, COLS,
               _f("count", U(8), "number of partial-sum slices"),
               _f("pstride", U(32), "bytes between slices")),
-             "noc", "reduce",
+             "reduce", "reduce",
              "dst[r,c] = sum_i src_i[r,c],  src_i at src.addr + i*pstride",
-             "cross-tile reduction of partial sums over the interconnect"),
+             "add the partial sums of a K split (from several tiles) in the adder next to the global buffer"),
     # ---- vector / special function -------------------------------------------------------
     _vbin("vadd", 0x20, "add", "a[r,c] + b[r,c]", {"add": 1}),
     _vbin("vsub", 0x21, "subtract", "a[r,c] - b[r,c]", {"add": 1}),

@@ -27,7 +27,7 @@ from cimc.ir.core import Module, Op, Rewriter
 from isa.cost import DramMap
 from isa.diag import CimcError
 from isa.encoding import decode_columns
-from isa.estimate import JOIN, Stream, estimate, first_fetch
+from isa.estimate import JOIN, Stream, estimate
 from isa.fields import REGS
 from isa.spec import BY_NAME
 from passes.codegen import StageOrder, _Codegen, group_tile, load_wait, stage_barrier
@@ -141,7 +141,6 @@ class _Plan:
         regs[REGS.index("seq")], regs[REGS.index("past")], regs[REGS.index("ctx")] = rows, past, rows + past
         costs = ctx.cost.instr_costs(cols, regs, DramMap.from_meta(entry.meta))
         self.stream = Stream.priced(ctx.cost, costs, cols.opcode, cols.sig, cols.wait, entry.debug.instr_op)
-        self.start = first_fetch(costs)
         self.tile_unit = ctx.cost.tile_unit
         op_of = entry.debug.instr_op.astype(np.int64)
         position = {id(op): i for i, op in enumerate(module.ops)}
@@ -211,7 +210,7 @@ class _Plan:
             cand.wait[pos], cand.unit[pos] = load_wait(s, nsets), self.tile_unit(tile)
         for pos, tile in mvms:
             cand.unit[pos] = self.tile_unit(tile)
-        return estimate(cand, self.start)
+        return estimate(cand)
 
 
 def _no_weights(name: str) -> np.ndarray:

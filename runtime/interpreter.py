@@ -15,7 +15,7 @@ import numpy as np
 from isa.cost import CostModel, DramMap, InstrCosts
 from isa.diag import CimcError
 from isa.encoding import Columns, decode, decode_columns
-from isa.estimate import Stream, estimate, first_fetch
+from isa.estimate import Stream, estimate
 from isa.fields import REGS, Mem
 from isa.hw import FIELDS, HardwareConfig
 from isa.program import Entry, Program, Symbol
@@ -231,7 +231,7 @@ class Session:
                 if sym.kind == "output":
                     outputs[sym.name] = _read_output(machine, sym, seq, past)
         stream = Stream.priced(self.cost, costs, cols.opcode, cols.sig, cols.wait, entry.debug.instr_op)
-        estimated = estimate(stream, first_fetch(costs))
+        estimated = estimate(stream)
         report = build_report(self.program, entry, self.cost, costs, tl, cols.opcode, seq, past, estimated)
         return SimResult(outputs, report, tl, accesses, costs)
 

@@ -1,14 +1,15 @@
 """The timeline: when each instruction starts and ends, given the resources it holds and barriers.
 
 Instructions are dispatched in program order from the instruction buffer, one per
-`fetch.dispatch` cycles, once the block holding them has been fetched from DRAM. An instruction
+`fetch.dispatch` cycles, once they have been fetched from DRAM (a block is one DRAM transfer;
+its instructions arrive in order at the pace of its slowest channel). An instruction
 stays in the buffer until it starts (units keep no queues of their own), so block b + 1 is
 fetched into the half block b - 1 used once every instruction of block b - 1 has started
 (blocks 0 and 1 at the start). An instruction is ready when it is dispatched, every barrier in its wait
 mask is clear (every earlier instruction that signals one of them has ended), the unit that
 executes it (a tile or an SFU) has finished its previous instruction, and, if it touches DRAM,
-the DRAM transfer `dram.max_outstanding` places before its own has completed (its data moved
-and its first-access latency passed).
+one of the controller's `dram.max_outstanding` transfer slots is free (a slot frees when its
+transfer has completed: its data moved and its first-access latency passed).
 
 It then starts at the first time from then on at which every resource it moves data through
 (DRAM channels, links, ports) is free for as long as it needs that resource. Those resources are
@@ -59,13 +60,14 @@ def schedule(costs: InstrCosts, sig: np.ndarray, wait: np.ndarray, n_units: int,
 
 
 @njit(cache=True)
-def _fetch(bk, b, ready, fptr, funit, fbusy, flat, ring, k, f_start, f_end):
-    t = place(bk, max(ready, ring[k % len(ring)]), funit, fbusy, fptr[b], fptr[b + 1])
+def _fetch(bk, b, ready, fptr, funit, fbusy, flat, slots, f_start, f_end):
+    slot = np.argmin(slots)
+    t = place(bk, max(ready, slots[slot]), funit, fbusy, fptr[b], fptr[b + 1])
     longest = 0.0
     for j in range(fptr[b], fptr[b + 1]):
         longest = max(longest, fbusy[j])
     f_start[b] = t
-    f_end[b] = ring[k % len(ring)] = t + longest + flat
+    f_end[b] = slots[slot] = t + longest + flat
 
 
 @njit(cache=True)
@@ -74,15 +76,13 @@ def _play(ptr, unit, busy, main, lat, dram_done, sig, wptr, wbits, fptr, funit, 
     n, n_blocks = len(main), len(fptr) - 1
     done = np.zeros(len(bk.horizon))  # executing units: when their last instruction ends
     bar = np.zeros(N_BARRIERS)
-    ring = np.zeros(max_outstanding)  # end times of the last DRAM transfers
+    slots = np.zeros(max_outstanding)  # the controller's transfer slots: when each is free again
     start, end = np.zeros(n), np.zeros(n)
     f_start, f_end = np.zeros(n_blocks), np.zeros(n_blocks)
     moves_u = np.empty(max(1, int(np.max(np.diff(ptr))) if n else 1), dtype=np.int64)
     moves_d = np.empty(len(moves_u))
-    k = 0
     for b in range(min(2, n_blocks)):
-        _fetch(bk, b, 0.0, fptr, funit, fbusy, flat, ring, k, f_start, f_end)
-        k += 1
+        _fetch(bk, b, 0.0, fptr, funit, fbusy, flat, slots, f_start, f_end)
     dispatched = -dispatch
     block = 0
     for i in range(n):
@@ -90,14 +90,18 @@ def _play(ptr, unit, busy, main, lat, dram_done, sig, wptr, wbits, fptr, funit, 
             block += 1
             if block + 1 < n_blocks:  # into the half block - 1 held, once all of it has started
                 ready = max(dispatched, np.max(start[(block - 1) * per_block:block * per_block]))
-                _fetch(bk, block + 1, ready, fptr, funit, fbusy, flat, ring, k, f_start, f_end)
-                k += 1
-        t = max(dispatched + dispatch, f_end[block])
+                _fetch(bk, block + 1, ready, fptr, funit, fbusy, flat, slots, f_start, f_end)
+        # the block streams in at its slowest channel's pace: an instruction has arrived once
+        # the bytes of its block up to it have
+        count = min(per_block, n - block * per_block)
+        streaming = f_end[block] - f_start[block] - flat
+        t = max(dispatched + dispatch, f_end[block] - streaming * (count - 1 - (i - block * per_block)) / count)
         dispatched = t
         for j in range(wptr[i], wptr[i + 1]):
             t = max(t, bar[wbits[j]])
         if dram_done[i]:
-            t = max(t, ring[k % max_outstanding])
+            slot = np.argmin(slots)
+            t = max(t, slots[slot])
         u0 = main[i]
         if u0 >= 0:
             t = max(t, done[u0])
@@ -114,8 +118,7 @@ def _play(ptr, unit, busy, main, lat, dram_done, sig, wptr, wbits, fptr, funit, 
         if u0 >= 0:
             done[u0] = e
         if dram_done[i]:  # its slot frees when its data has come, not when it ends
-            ring[k % max_outstanding] = t + dram_done[i]
-            k += 1
+            slots[slot] = t + dram_done[i]
         start[i], end[i] = t, e
         if sig[i]:
             bar[sig[i]] = max(bar[sig[i]], e)

@@ -219,8 +219,11 @@ BAD_FILES = [
     ('extends = "nope.toml"\n', r"key 'extends': no hardware preset or file named 'nope\.toml'", "extends"),
     ("[macro]\ncols = 8\nweight_bits = [4, 16]\n", r"'macro\.cols' \(8\) must be >= every", "macro.cols"),
     ("[chip]\ntiles = 1\nmacros_per_tile = 1\n", r"'chip\.tiles' x 'chip\.macros_per_tile'", "chip.tiles"),
-    ("[dram]\ninterleave_bytes = 48\n", r"'dram\.interleave_bytes' \(48\) must be a multiple of 'dram\.burst_bytes' "
-     r"\(32\)", "dram.interleave_bytes"),
+    ("[dram]\ninterleave_bytes = 48\n", r"'dram\.interleave_bytes' \(48\) and 'dram\.burst_bytes' \(32\) do not "
+     r"fit: a channel's interleave must be a whole number of bursts", "dram.interleave_bytes"),
+    ("[dram]\nburst_bytes = 3\n", r"'dram\.interleave_bytes' \(256\) and 'dram\.burst_bytes' \(3\)",
+     "dram.burst_bytes"),
+    ("[noc]\nlink_bits = 12\n", r"'noc\.link_bits' \(12\) must be a whole number of bytes", "noc.link_bits"),
     ("[buffer.global]\nwidth_bits = 100\n", r"'buffer\.global\.width_bits' \(100\) must be a whole number of bytes",
      "buffer.global.width_bits"),
     ("[buffer.instr]\nsize_kb = 0\n", r"'buffer\.instr\.size_kb' must be an integer in \[1, ", "buffer.instr.size_kb"),

@@ -163,6 +163,96 @@ def test_weight_load_holds_every_resource_on_its_path() -> None:
     assert tl.start[0] >= tl.fetch_end[0] > 0  # it could not start before its code arrived
 
 
+def _mvm(src_space: int, tile: int = 5, k: int = 128, n: int = 64, nvec: int = 4, acc: int = 0):
+    from isa.encoding import Instr
+    from isa.fields import Dim, Mem
+    return Instr("mvm", {"tile": tile, "m0": 0, "k": k, "n": n, "wbits": 32, "abits": 32, "acc": acc,
+                         "dst": Mem(0, 1 << 16, n), "src": Mem(src_space, 0, k), "nvec": Dim(0, nvec)})
+
+
+@pytest.mark.parametrize("src_space", [0, 1])
+def test_mvm_waits_for_its_first_input_and_last_result(src_space: int) -> None:
+    """A bit-serial MVM needs all of its first input vector before its first bit plane, and its
+    last result leaves after the last: one vector's transfer each way adds to the macros' time,
+    at the pace of the slowest resource on its way (the DRAM channels holding it, or the
+    buffer's port; the link). Data moves into and out of the tile: its hops count both ways."""
+    hw = load_hw(None, ["noc.link_bits=64", "noc.f_clk_mhz=200"])
+    cm, costs, tl = _priced([_mvm(src_space)], hw)
+    k_bytes, n_bytes = 128 * 4, 64 * 4
+    link = hw.noc.link_bits / 8
+    if src_space == 1:  # 512 bytes from address 0: two 256-byte stripes, on two channels
+        first_in = max(256 / cm.chan_bpc, k_bytes / link)
+    else:
+        first_in = max(k_bytes / cm.gbuf_bpc, k_bytes / link)
+    first_out = max(n_bytes / cm.gbuf_bpc, n_bytes / link)
+    assert _uses(cm, costs, 0)["tile5"] == pytest.approx(cm.mvm_cycles(4, 32) + first_in + first_out)
+    hops = cm.hops(5) * cm.hop_latency
+    latency = 2 * hops + (cm.dram_latency if src_space == 1 else 0.0)
+    assert costs.latency[0] == pytest.approx(latency)
+    assert tl.end[0] - tl.start[0] == pytest.approx(max(_uses(cm, costs, 0).values()) + latency)
+
+
+def test_partial_sums_are_added_next_to_the_buffer() -> None:
+    """`tred` of `count` slices holds the adder for ceil(elements x (count - 1) / lanes) x
+    cycles_per_op, and the buffer's ports for the bytes read and written; it crosses no wire."""
+    from isa.encoding import Instr
+    from isa.fields import Dim, Mem
+    hw = load_hw()
+    rows, cols, count = 3, 200, 4
+    ins = Instr("tred", {"dst": Mem(0, 0, cols), "src": Mem(0, 1 << 16, cols), "rows": Dim(0, rows),
+                         "cols": Dim(0, cols), "count": count, "pstride": rows * cols * 4})
+    cm, costs, _ = _priced([ins], hw)
+    uses = _uses(cm, costs, 0)
+    adds = rows * cols * (count - 1)
+    assert uses["reduce"] == pytest.approx(-(-adds // hw.sfu.lanes) * hw.sfu.cycles_per_op)
+    assert uses["gbuf.rd"] == pytest.approx(rows * cols * 4 * count / cm.gbuf_bpc)
+    assert uses["gbuf.wr"] == pytest.approx(rows * cols * 4 / cm.gbuf_bpc)
+    assert costs.energy["noc"][0] == 0 and costs.energy["sfu"][0] == pytest.approx(adds * hw.sfu.e_add_fp32_pj)
+
+
+def test_a_transfer_slot_frees_when_its_data_has_come() -> None:
+    """With one transfer slot, a second DRAM transfer starts when the first one's data and
+    first-access latency are done, not when the first instruction ends (a weight load ends
+    when its macros are written, later than its data arrives)."""
+    hw = load_hw(None, ["dram.max_outstanding=1", "macro.write_cycles_full=100000"])
+    _, costs, tl = _priced([_wload(tile=1), _wload(tile=2, addr=1 << 16)], hw)
+    assert costs.dram_done[0] < tl.end[0] - tl.start[0]
+    assert tl.start[1] == pytest.approx(tl.start[0] + costs.dram_done[0])
+
+
+def test_embedding_rows_are_priced_as_consecutive_rows() -> None:
+    """A gather's row addresses depend on the token ids: it is priced as n consecutive table rows."""
+    from isa.encoding import Instr
+    from isa.fields import Dim, Mem
+    cm = CostModel(load_hw())
+    ins = Instr("gather", {"dst": Mem(0, 0, 100), "table": Mem(1, 4096, 100), "idx": Mem(1, 0, 1),
+                           "n": Dim(0, 5), "cols": Dim(0, 100), "vocab": 50})
+    _, costs, _ = _priced([ins])
+    table = cm.channel_bytes(np.array([4096]), np.array([5]), np.array([400]), np.array([400])).sum()
+    ids = cm.channel_bytes(np.array([0]), np.array([5]), np.array([4]), np.array([4])).sum()
+    assert costs.dram_bytes[0] == table + ids + 64  # and its own instruction word
+
+
+def test_an_attention_product_over_no_cached_keys_holds_nothing() -> None:
+    """At past 0 the product over the cached keys has no columns: it moves and computes nothing."""
+    from isa.encoding import Instr
+    from isa.fields import Dim, Mem
+    past = Dim(2, 0)  # %past
+    ins = Instr("vmm", {"tile": 0, "dst": Mem(0, 0, 16), "a": Mem(0, 4096, 16), "b": Mem(1, 0, 16),
+                        "m": Dim(0, 4), "k": Dim(0, 16), "n": past, "tb": 1, "acc": 0, "alpha": 1.0})
+    _, costs, _ = _priced([ins], regs=(0, 1, 0, 1))
+    assert costs.ptr[1] == costs.ptr[0] and costs.dram_bytes[0] == 64
+
+
+def test_a_larger_instruction_buffer_is_never_slower() -> None:
+    """Instructions are dispatched as they arrive, so a buffer that holds the whole program
+    does not wait for all of it."""
+    program = compile_model(EXAMPLE, CompileOptions(max_seq=8, max_ctx=64))
+    cycles = [simulate(program, numerics=False, entry="decode", past=20,
+                       hw=load_hw(None, [f"buffer.instr.size_kb={kb}"])).report["cycles"] for kb in (2, 16, 1024)]
+    assert cycles[0] >= cycles[1] >= cycles[2]
+
+
 def test_narrow_link_takes_longer_by_exactly_its_share() -> None:
     """Once a link is the slowest resource of a transfer, the transfer takes bytes / link rate."""
     ends = {}
@@ -202,16 +292,29 @@ def test_dram_channels_interleave_and_round_to_bursts() -> None:
     # rows 1536 apart cycle through channels 3, 1, 7, 5 (period 4)
     cycle = cm.channel_bytes(np.array([768]), np.array([6]), np.array([256]), np.array([1536]))
     assert cycle.tolist() == [[0, 512, 0, 512, 0, 256, 0, 256]]
-    # rows not aligned to bursts: each is charged the bursts it really touches (brute force below)
-    base, rows, nbytes, pitch = 8, 40, 28, 20
-    touched = {a // 32 for r in range(rows) for a in range(base + r * pitch, base + r * pitch + nbytes)}
-    odd = cm.channel_bytes(np.array([base]), np.array([rows]), np.array([nbytes]), np.array([pitch]))
-    assert odd.sum() == 32 * sum(len({a // 32 for a in range(base + r * pitch, base + r * pitch + nbytes)})
-                                 for r in range(rows)) >= 32 * len(touched)
-    # a channel pattern too long to price row by row is spread evenly, never below the bursts touched
+    # any pattern, aligned or not, long or short: the bursts each row touches, on their channels
+    for settings, (base, rows, nbytes, pitch) in [([], (8, 40, 28, 20)), ([], (4, 300, 48, 112)),
+                                                  ([], (96, 3, 5000, 5004)),
+                                                  (["dram.interleave_bytes=1048576"], (0, 1000, 256, 512)),
+                                                  (["dram.interleave_bytes=65536"], (40, 700, 100, 4000))]:
+        model = CostModel(load_hw(None, settings))
+        got = model.channel_bytes(np.array([base]), np.array([rows]), np.array([nbytes]), np.array([pitch]))
+        assert got.tolist() == [_brute_channels(model, base, rows, nbytes, pitch)]
+    # rows 512 apart in 1 MB stripes all sit on channel 0 however many there are
     coarse = CostModel(load_hw(None, ["dram.interleave_bytes=1048576"]))
-    spread = coarse.channel_bytes(np.array([0]), np.array([1000]), np.array([100]), np.array([4000]))
-    assert np.allclose(spread, 1000 * (4 + 1) * 32 / 8) and spread.sum() >= 1000 * 4 * 32
+    assert coarse.channel_bytes(np.array([0]), np.array([1000]), np.array([256]), np.array([512])).tolist() == \
+        [[256000.0] + [0.0] * 7]
+
+
+def _brute_channels(cm: CostModel, base: int, rows: int, nbytes: int, pitch: int) -> list[float]:
+    """Bytes per channel, burst by burst: every burst a row touches, on the channel holding it."""
+    d = cm.hw.dram
+    out = [0.0] * cm.channels
+    for r in range(rows):
+        start = base + r * pitch
+        for b in range(start // d.burst_bytes, -(-(start + nbytes) // d.burst_bytes)):
+            out[b * d.burst_bytes // d.interleave_bytes % cm.channels] += d.burst_bytes
+    return out
 
 
 def test_dram_latency_and_transfers_in_flight() -> None:
@@ -232,7 +335,7 @@ def test_dram_latency_and_transfers_in_flight() -> None:
 
 
 @pytest.mark.parametrize(("setting", "factor"), [("noc.link_bits=32", 2.0), ("buffer.global.width_bits=64", 1.2),
-                                                  ("buffer.instr.width_bits=64", 1.01)])
+                                                  ("buffer.instr.width_bits=16", 2.0)])
 def test_narrow_interconnect_and_ports_make_decode_slower(setting: str, factor: float) -> None:
     """The interconnect, the global buffer's ports and instruction dispatch are timed resources."""
     program = compile_model(EXAMPLE, CompileOptions(max_seq=8, max_ctx=32))
@@ -252,8 +355,15 @@ def test_code_is_fetched_from_dram() -> None:
     assert fetch.per_block == 16 * 1024 // 2 // 64 and len(fetch.busy) == -(-n // fetch.per_block)
     assert fetch.busy.sum() * CostModel(load_hw()).chan_bpc == pytest.approx(64 * n)
     small = simulate(program, numerics=False, tokens=8, hw=load_hw(None, ["buffer.instr.size_kb=1"]))
-    per = small.costs.fetch.per_block
-    assert per == 8 and np.all(small.timeline.start[::per] >= small.timeline.fetch_end)  # code first
+    per, tl = small.costs.fetch.per_block, small.timeline
+    assert per == 8
+    # a block streams in: its instructions arrive in order, the last when the fetch ends
+    streaming = tl.fetch_end - tl.fetch_start - small.costs.fetch.latency
+    block = np.arange(n) // per
+    count = np.minimum(per, n - block * per)
+    arrived = tl.fetch_end[block] - streaming[block] * (count - 1 - np.arange(n) % per) / count
+    assert np.all(tl.start >= arrived - 1e-9) and np.all(arrived[np.minimum(per - 1 + block * per, n - 1)]
+                                                         == tl.fetch_end[block])
 
 
 def test_instructions_wait_in_the_buffer_until_they_start() -> None:
