@@ -15,6 +15,8 @@ from typing import ClassVar, NamedTuple
 
 import numpy as np
 
+from isa.dtypes import MEMORY_TYPES, WEIGHT_TYPES, elem
+
 #: Runtime registers a size or a row offset may refer to. `seq` is the number of tokens in this
 #: call, `past` the tokens already in the KV cache, `ctx` = past + seq.
 REGS: tuple[str, ...] = ("zero", "seq", "past", "ctx")
@@ -22,9 +24,9 @@ REGS: tuple[str, ...] = ("zero", "seq", "past", "ctx")
 #: Memory spaces an operand may live in: on-chip global buffer, DRAM.
 SPACES: tuple[str, ...] = ("g", "d")
 
-#: Element types a vector operand may have (index = encoding).
-DTYPES: tuple[str, ...] = ("f32", "i32")
-DTYPE_BYTES: dict[str, int] = {"f32": 4, "i32": 4}
+#: Element types a memory operand may have (index = encoding), and their sizes.
+DTYPES: tuple[str, ...] = MEMORY_TYPES
+DTYPE_BYTES: dict[str, int] = {t: elem(t).nbytes for t in DTYPES}
 
 
 class FieldError(ValueError):
@@ -330,3 +332,4 @@ DIM = DimKind()
 MEM = MemKind()
 F32 = F32Kind()
 DTYPE = EnumKind()
+WTYPE = EnumKind(names=WEIGHT_TYPES)

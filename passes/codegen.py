@@ -21,6 +21,7 @@ from functools import partial
 import numpy as np
 
 from cimc.ir.core import CTX, SEQ, Module, Op, Value
+from cimc.ir.ops import traits
 from isa.encoding import Instr, encode
 from isa.fields import REGS, SPACES, Dim, Mem
 from isa.hw import HardwareConfig
@@ -154,7 +155,7 @@ class _Codegen:
         """The memory operand of value `v`, starting at column `col`."""
         op = v.owner
         assert op is not None
-        if op.name in ("weight", "const"):
+        if traits(op).constant:
             base, space, st = self.const_addr[id(v)], D, self.cols(v)
         else:
             m = op.attrs["mem"]
@@ -221,7 +222,7 @@ class _Codegen:
                 dying.setdefault(last[id(v)], []).append(v)
         for i, op in enumerate(self.module.ops):
             self.op_index = i
-            if op.name not in ("input", "output", "weight", "const", "kv_cache"):
+            if traits(op).unit != "none":
                 self.barrier[id(op)] = DATA_BARRIERS[i % len(DATA_BARRIERS)]
                 self.op_wait = self.waits(op)  # fixed while the op is emitted (nothing retires meanwhile)
                 getattr(self, f"_op_{op.name}")(op)
@@ -264,7 +265,7 @@ class _Codegen:
     def _layout_consts(self, image: DramImage) -> None:
         addr = self.const_base = align(image.size, 4096)
         for op in self.module.ops:
-            if op.name not in ("weight", "const"):
+            if not traits(op).constant:
                 continue
             users = op.result.users
             if users and all(u.name == "linear" and u.operands[1] is op.result for u in users):
@@ -543,7 +544,7 @@ class _Codegen:
                                       self.mem(v).addr, self.mem(v).stride, a.get("heads", 0), a.get("assume", "")))
             elif op.name == "output":
                 v = op.operands[0]
-                if v.owner is None or v.owner.name in ("input", "weight", "const"):
+                if v.owner is None or v.owner.name == "input" or traits(v.owner).constant:
                     raise ValueError(f"graph output {a['name']!r} is not computed by the model")
                 symbols.append(Symbol(a["name"], "output", a["onnx_dtype"], v.type.dtype, tuple(a["onnx_shape"]),
                                       self.mem(v).addr, self.mem(v).stride, a.get("heads", 0)))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from cimc.ir.core import Module, Op, Rewriter, Value
+from cimc.ir.ops import traits
 from passes.manager import PassContext, register
 
 
@@ -27,7 +28,7 @@ def _prod(v: Value, name: str) -> Op | None:
 
 
 def _vector(v: Value, cols: object) -> bool:
-    return v.owner is not None and v.owner.name in ("weight", "const") and v.type.shape == (cols,)
+    return v.owner is not None and traits(v.owner).constant and v.type.shape == (cols,)
 
 
 def _single_use(v: Value) -> bool:
@@ -141,7 +142,8 @@ class LiftIdiomsPass:
 def _dead_code(module: Module, rw: Rewriter) -> None:
     """Erase ops without side effects whose results are unused (iterates to a fixpoint)."""
     for op in reversed(list(module.ops)):
-        if op.name not in ("output", "input") and op.results and all(not r.uses for r in op.results):
+        t = traits(op)
+        if not (t.interface or t.effect) and op.results and all(not r.uses for r in op.results):
             rw.erase(op)
 
 
@@ -158,7 +160,7 @@ def assign_layers(module: Module, rw: Rewriter) -> None:
             head = _block_start(lin.result, pos)
     bounds = sorted(set(starts))
     for i, op in enumerate(module.ops):
-        if op.name in ("weight", "const", "input"):
+        if _given(op):
             continue
         if head is not None and i >= head:
             label = "head"
@@ -168,11 +170,17 @@ def assign_layers(module: Module, rw: Rewriter) -> None:
         if op.attrs.get("layer") != label:
             rw.set_attr(op, "layer", label)
     for op in module.ops:
-        if op.name in ("weight", "const", "input"):
+        if _given(op):
             users = [u for r in op.results for u in r.users]
             label = users[0].attrs.get("layer", "embed") if users else "embed"
             if op.attrs.get("layer") != label:
                 rw.set_attr(op, "layer", label)
+
+
+def _given(op: Op) -> bool:
+    """A value the program is given (a weight, a constant, an input), labelled by its first user."""
+    t = traits(op)
+    return t.unit == "none" and not (t.state or t.effect)
 
 
 def _block_start(v: Value, pos: dict[int, int]) -> int:

@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from cimc.ir.core import CTX, Module, Op, Rewriter, Value
+from cimc.ir.ops import traits
+from isa.dtypes import ACT, elem
 from passes.manager import PassContext, register
 from passes.tiling import DRAM_ALIGN, Tiling, align
 
-ELEM = 4
-NO_SFU = {"input", "output", "weight", "const", "linear", "embedding", "kv_cache", "kv_append"}
+ELEM = elem(ACT).nbytes  # scratch tensors hold activations
 
 
 def scratch_layout(op: Op, bounds: dict[str, int]) -> list[tuple[str, int, int, int]]:
@@ -134,7 +135,7 @@ class _Pool:
 
 
 def value_bytes(v: Value, bounds: dict[str, int]) -> int:
-    return ELEM * math.prod(v.type.bound_shape(bounds))
+    return elem(v.type.dtype).packed_bytes(math.prod(v.type.bound_shape(bounds)))
 
 
 def reads(op: Op) -> list[Value]:
@@ -183,14 +184,14 @@ class SchedulePass:
         dying: dict[int, list[tuple[str, int, int]]] = {}
         next_sfu = 0
         for i, op in enumerate(module.ops):
-            if op.name not in NO_SFU:
+            if traits(op).unit == "sfu":
                 rw.set_attr(op, "sfu", next_sfu)
                 next_sfu = (next_sfu + 1) % tiles
             if op.name == "attention":
                 rw.set_attr(op, "slots", attention_slots(op, bounds, tiles, gbuf // 2))
             if op.name == "kv_append":
                 rw.set_attr(op, "mem", dict(op.operands[0].owner.attrs["mem"]))  # type: ignore[union-attr]
-            elif op.results and op.name not in ("weight", "const") and id(op) not in placed_ids:
+            elif op.results and not traits(op).constant and id(op) not in placed_ids:
                 v = op.results[0]
                 size = value_bytes(v, bounds)
                 space, addr = _place(pools, size)

@@ -10,13 +10,11 @@ writes; and every activation larger than the global buffer written out and read 
 from __future__ import annotations
 
 from cimc.ir.core import CTX, SEQ, Module, Value
+from cimc.ir.ops import traits
+from isa.dtypes import IDS, elem
 from isa.hw import HardwareConfig
 from isa.traffic import BOUND_KINDS, MinTraffic
 from passes.tiling import Tiling
-
-ELEM = 4
-#: Ops whose results are not activations (data in DRAM, or the cache itself).
-_NOT_ACTIVATION = {"input", "weight", "const", "kv_cache", "kv_append"}
 
 
 def min_traffic(module: Module, hw: HardwareConfig) -> MinTraffic:
@@ -47,21 +45,22 @@ def min_traffic(module: Module, hw: HardwareConfig) -> MinTraffic:
                 _once(seen, op.operands[2], terms)
         elif op.name == "embedding":
             table = op.operands[1]
-            terms["io"][1] += ELEM  # one id per token
-            terms["constants"][1] += int(table.type.shape[1]) * ELEM  # the table row of each token
+            terms["io"][1] += elem(IDS).nbytes  # one id per token
+            terms["constants"][1] += _row_bytes(table)  # the table row of each token
         elif op.name == "kv_append":
             rows_term("kv_cache", op.result, _row_bytes(op.result))  # past rows read, new ones written
         elif op.name == "output":
             v = op.operands[0]
-            if v.owner is not None and v.owner.name not in ("kv_append", "kv_cache"):
+            if v.owner is not None and not traits(v.owner).state:
                 rows_term("io", v, _row_bytes(v))
         else:
             for v in op.operands:
-                if v.owner is not None and v.owner.name in ("weight", "const"):
+                if v.owner is not None and traits(v.owner).constant:
                     _once(seen, v, terms)
-        if op.results and op.name not in _NOT_ACTIVATION and id(op.results[0]) not in outputs:
+        t = traits(op)
+        if op.results and t.unit != "none" and not t.state and id(op.results[0]) not in outputs:  # an activation
             v = op.results[0]
-            bound = ELEM * _count(v, module.bounds)
+            bound = elem(v.type.dtype).packed_bytes(_count(v, module.bounds))
             if bound > buffer:
                 rows = v.type.shape[0] if v.type.rank == 2 else 1
                 large.append((str(rows), float(_row_bytes(v)), 2.0))
@@ -81,11 +80,11 @@ def _once(seen: set[int], w: Value, terms: dict[str, list[float]]) -> None:
 
 
 def _row_bytes(v: Value) -> float:
-    return float(ELEM * (int(v.type.shape[1]) if v.type.rank == 2 else 1))
+    return float(elem(v.type.dtype).packed_bytes(int(v.type.shape[1]) if v.type.rank == 2 else 1))
 
 
 def _bytes(v: Value) -> float:
-    return float(ELEM * _count(v, {}))
+    return float(elem(v.type.dtype).packed_bytes(_count(v, {})))
 
 
 def _count(v: Value, bounds: dict[str, int]) -> int:

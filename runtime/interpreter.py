@@ -14,6 +14,7 @@ import numpy as np
 
 from isa.cost import CostModel, DramMap, InstrCosts
 from isa.diag import CimcError
+from isa.dtypes import elem
 from isa.encoding import Columns, decode, decode_columns
 from isa.estimate import Stream, estimate
 from isa.fields import REGS, Mem
@@ -113,13 +114,10 @@ def bind_inputs(entry: Entry, arrays: Mapping[str, np.ndarray]) -> Bound:
     for s in inputs:
         if s.name not in out:
             continue
-        a = out[s.name]
-        if s.mtype == "i32":
-            if a.size and (a.min() < np.iinfo(np.int32).min or a.max() > np.iinfo(np.int32).max):
-                raise CimcError(f"input {s.name!r} holds values that do not fit 32 bits")
-            out[s.name] = a.astype(np.int32)
-        else:
-            out[s.name] = a.astype(np.float32)
+        a, t = out[s.name], elem(s.mtype)
+        if not t.is_float and a.size and (a.min() < t.lo or a.max() > t.hi):
+            raise CimcError(f"input {s.name!r} holds values that do not fit {t.name}")
+        out[s.name] = a.astype(t.np())
     return Bound(seq, past, out)
 
 
@@ -252,9 +250,8 @@ def _sizes(s: Symbol, seq: int, past: int) -> tuple[int, ...]:
 
 
 def _io_view(machine: Machine, s: Symbol, rows: int, write: bool) -> np.ndarray:
-    dtype = "<i4" if s.mtype == "i32" else "<f4"
     return machine.view(Mem(1, s.addr, s.stride), rows, s.stride if s.heads else max(s.stride, 1),
-                        dtype=dtype, write=write)
+                        dtype=elem(s.mtype).numpy, write=write)
 
 
 def _write_input(machine: Machine, s: Symbol, a: np.ndarray, seq: int, past: int) -> None:

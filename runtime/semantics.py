@@ -13,8 +13,9 @@ from functools import partial
 
 import numpy as np
 
+from isa.dtypes import elem
 from isa.encoding import Instr
-from isa.fields import Dim
+from isa.fields import DTYPES, Dim
 from isa.spec import BY_NAME
 from runtime.machine import Machine, SimError
 
@@ -43,7 +44,7 @@ def _nothing(m: Machine, f: dict) -> None:
 @sem("dma")
 def _dma(m: Machine, f: dict) -> None:
     rows, cols = dim(m, f["rows"]), dim(m, f["cols"])
-    dt = "<f4" if f["dt"] == 0 else "<i4"
+    dt = elem(DTYPES[f["dt"]]).numpy
     src = m.view(f["src"], rows, cols, dtype=dt)
     m.view(f["dst"], rows, cols, dtype=dt, write=True)[...] = src
 

@@ -17,11 +17,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+from isa.dtypes import ELEM_TYPES
+
 #: The runtime sequence length, written in shapes as this string.
 SEQ = "seq"
 #: Absolute positions 0 .. past + seq - 1 (the context), written in shapes as this string.
 CTX = "ctx"
-DTYPES = ("f32", "i32")
+DTYPES = tuple(ELEM_TYPES)
 
 Dim = int | str
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from cimc.ir.core import CTX, SEQ, Dim, TensorType
+from cimc.ir.core import CTX, SEQ, Dim, Op, TensorType
+from isa.dtypes import ACT, IDS
 
 
 class TypeRuleError(ValueError):
@@ -29,7 +30,10 @@ class OpDef:
     `operands` names the operands; a trailing `?` marks an optional last operand. `attrs` maps
     required attribute names to a type name of `ATTR_TYPES`; `optional` the same for optional
     ones (passes add annotations such as `layer`, `tiling`, `stages`, `mem` that any op may
-    carry, listed in `ANNOTATIONS`).
+    carry, listed in `ANNOTATIONS`). The traits say what the op is, for every pass: the `unit`
+    its work runs on (`UNITS`), and whether its value is a compile-time `constant` (stored in
+    the DRAM image), `state` kept from one run to the next, part of the program's `interface`
+    (kept even when unused), or whether it has an `effect` beyond its result.
     """
 
     name: str
@@ -38,6 +42,11 @@ class OpDef:
     doc: str
     attrs: dict[str, str] = field(default_factory=dict)
     optional: dict[str, str] = field(default_factory=dict)
+    unit: str = "sfu"
+    constant: bool = False
+    state: bool = False
+    interface: bool = False
+    effect: bool = False
 
     @property
     def min_operands(self) -> int:
@@ -50,12 +59,23 @@ ANNOTATIONS: dict[str, str] = {
     "sfu": "int", "slots": "int",
 }
 
+#: Where an op's work runs: nowhere (a value the program is given, or keeps), the DRAM
+#: controller's DMA, the CIM macros, or a tile's vector unit (SFU).
+UNITS = ("none", "dma", "macro", "sfu")
+
 OPS: dict[str, OpDef] = {}
 
 
 def _def(name: str, operands: tuple[str, ...], infer: Callable[[Sequence[TensorType], dict], list[TensorType]],
-         doc: str, attrs: dict[str, str] | None = None, optional: dict[str, str] | None = None) -> None:
-    OPS[name] = OpDef(name, operands, infer, doc, attrs or {}, optional or {})
+         doc: str, attrs: dict[str, str] | None = None, optional: dict[str, str] | None = None,
+         **traits: object) -> None:
+    OPS[name] = OpDef(name, operands, infer, doc, attrs or {}, optional or {}, **traits)  # type: ignore[arg-type]
+    assert OPS[name].unit in UNITS, name
+
+
+def traits(op: Op) -> OpDef:
+    """The declaration (and so the traits) of an op."""
+    return OPS[op.name]
 
 
 # ---- type rules ------------------------------------------------------------------------------
@@ -72,7 +92,7 @@ def _matrix(t: TensorType, what: str) -> tuple[Dim, Dim]:
 
 
 def _float(t: TensorType, what: str) -> None:
-    _need(t.dtype == "f32", f"{what} must be f32, got {t}")
+    _need(t.dtype == ACT, f"{what} must be {ACT}, got {t}")
 
 
 def from_attr(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
@@ -105,21 +125,21 @@ def _broadcast(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
         _need(x == y or x == 1 or y == 1, f"shapes {a} and {b} do not broadcast")
         out.append(y if x == 1 else x)
     _need(a.rank == 2 or b.rank == 2, "at least one operand must be a matrix")
-    return [TensorType("f32", tuple(out))]
+    return [TensorType(ACT, tuple(out))]
 
 
 def _reduce(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
     rows, _ = _matrix(ts[0], "operand")
     _float(ts[0], "operand")
-    return [TensorType("f32", (rows, 1))]
+    return [TensorType(ACT, (rows, 1))]
 
 
 def _embedding(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
     ids, table = ts
-    _need(ids.rank == 1 and ids.dtype == "i32", f"ids must be i32[n], got {ids}")
+    _need(ids.rank == 1 and ids.dtype == IDS, f"ids must be {IDS}[n], got {ids}")
     _, h = _matrix(table, "table")
     _float(table, "table")
-    return [TensorType("f32", (ids.shape[0], h))]
+    return [TensorType(ACT, (ids.shape[0], h))]
 
 
 def _linear(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
@@ -129,7 +149,7 @@ def _linear(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
     _need(k == wk, f"input has {k} columns but the weight has {wk} rows")
     if len(ts) == 3:
         _need(ts[2].shape == (n,), f"bias must be f32[{n}], got {ts[2]}")
-    return [TensorType("f32", (rows, n))]
+    return [TensorType(ACT, (rows, n))]
 
 
 def _rms_norm(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
@@ -162,7 +182,7 @@ def _attention(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
     _need(kc == kvh * hd and vc == kvh * hd, f"k and v must have kv_heads*head_dim = {kvh * hd} columns")
     _need(krows == v.shape[0] and krows in (rows, CTX),
           "k and v must have the rows of q (no cache) or ctx rows (the KV cache)")
-    return [TensorType("f32", (rows, h * hd))]
+    return [TensorType(ACT, (rows, h * hd))]
 
 
 def _kv_append(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
@@ -182,21 +202,23 @@ def _swiglu(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
 
 _IO = {"name": "str", "onnx_dtype": "str", "onnx_shape": "list"}
 _def("input", (), from_attr, "a graph input placed in DRAM; ids become i32; with `assume` (ones, positions) "
-     "a mask or position input whose value is checked, not used", _IO, {"assume": "str"})
+     "a mask or position input whose value is checked, not used", _IO, {"assume": "str"}, unit="none",
+     interface=True)
 _def("output", ("value",), _none, "a graph output, written to DRAM under its ONNX name; with `heads`, a KV "
-     "cache shown as [1, heads, ctx, head_dim]", _IO, {"heads": "int"})
+     "cache shown as [1, heads, ctx, head_dim]", _IO, {"heads": "int"}, unit="none", interface=True, effect=True)
 _def("weight", (), from_attr, "an ONNX initializer (optionally transposed), read lazily from the model",
-     {"init": "str"}, {"transpose": "bool"})
+     {"init": "str"}, {"transpose": "bool"}, unit="none", constant=True)
 _def("const", (), from_attr,
      "a constant folded at compile time; `data` is base64 of little-endian row-major values, "
-     "position tables (ctx rows) stored up to max_ctx", {"data": "str"})
+     "position tables (ctx rows) stored up to max_ctx", {"data": "str"}, unit="none", constant=True)
 _def("kv_cache", (), from_attr, "a KV cache: state in DRAM kept from one program run to the next; with "
      "`onnx_shape`, also the model's past-KV input [1, heads, past, head_dim]",
-     {"name": "str"}, {"onnx_dtype": "str", "onnx_shape": "list", "heads": "int"})
+     {"name": "str"}, {"onnx_dtype": "str", "onnx_shape": "list", "heads": "int"}, unit="none", state=True)
 _def("kv_append", ("cache", "x"), _kv_append,
-     "write x's rows at positions past .. past+seq-1 of the cache; the result is the updated cache")
-_def("embedding", ("ids", "table"), _embedding, "table rows gathered by token id")
-_def("linear", ("x", "w", "bias?"), _linear, "x @ w (+ bias): the op that runs on the CIM macros")
+     "write x's rows at positions past .. past+seq-1 of the cache; the result is the updated cache", unit="dma",
+     state=True, effect=True)
+_def("embedding", ("ids", "table"), _embedding, "table rows gathered by token id", unit="dma")
+_def("linear", ("x", "w", "bias?"), _linear, "x @ w (+ bias): the op that runs on the CIM macros", unit="macro")
 _def("rms_norm", ("x", "w"), _rms_norm, "x / sqrt(mean(x^2, cols) + eps) * w", {"eps": "float"})
 _def("rope", ("x", "cos", "sin"), _rope,
      "rotary embedding, rotate-half form, applied to each head_dim slice of each row", {"head_dim": "int"})

@@ -1,0 +1,94 @@
+"""Element types and weight modes, stated once: the IR, the ISA, the cost model and the runtime
+read them from here.
+
+An element type has a name (as the IR and the assembly spell it), a width, whether it is a float
+and whether it is signed, and the numpy type a value of it is held in once unpacked. Types of 8
+bits or more are *memory* types: an instruction operand may hold them, `width / 8` bytes an
+element. The 4-bit types exist only as weights in the macros and, packed two to a byte, in DRAM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ElemType:
+    name: str
+    bits: int
+    is_float: bool
+    signed: bool
+    numpy: str  # numpy dtype of one unpacked element (little-endian where it matters)
+    doc: str
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of one element of a memory type."""
+        if self.bits % 8:
+            raise ValueError(f"{self.name} is not a memory type (it is packed)")
+        return self.bits // 8
+
+    @property
+    def lo(self) -> int:
+        """Smallest value of an integer type."""
+        return -(1 << (self.bits - 1)) if self.signed else 0
+
+    @property
+    def hi(self) -> int:
+        """Largest value of an integer type."""
+        return (1 << (self.bits - 1)) - 1 if self.signed else (1 << self.bits) - 1
+
+    def packed_bytes(self, count: int) -> int:
+        """Bytes `count` elements take packed (4-bit types two to a byte)."""
+        return (count * self.bits + 7) // 8
+
+    def np(self) -> np.dtype:
+        return np.dtype(self.numpy)
+
+
+_TYPES = (
+    ElemType("f32", 32, True, True, "<f4", "IEEE binary32"),
+    ElemType("i32", 32, False, True, "<i4", "32-bit signed integer (token ids, partial sums)"),
+    ElemType("f16", 16, True, True, "<f2", "IEEE binary16 (weight scales)"),
+    ElemType("i8", 8, False, True, "i1", "8-bit signed integer (activations, weights)"),
+    ElemType("u8", 8, False, False, "u1", "8-bit unsigned integer (activations, weights, zero points)"),
+    ElemType("i4", 4, False, True, "i1", "4-bit signed integer (weights)"),
+    ElemType("u4", 4, False, False, "u1", "4-bit unsigned integer (weights with a zero point)"),
+)
+ELEM_TYPES: dict[str, ElemType] = {t.name: t for t in _TYPES}
+#: Types an instruction's memory operand may have, in their encoding order.
+MEMORY_TYPES: tuple[str, ...] = tuple(t.name for t in _TYPES if t.bits % 8 == 0)
+#: Types the CIM macros may hold (a weight load's and an MVM's `wt`), in their encoding order.
+WEIGHT_TYPES: tuple[str, ...] = ("f32", "i8", "u8", "i4", "u4")
+#: The type of activations between ops, and of token ids.
+ACT, IDS = "f32", "i32"
+
+
+def elem(name: str) -> ElemType:
+    """The element type called `name`."""
+    try:
+        return ELEM_TYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown element type {name!r} (types: {', '.join(ELEM_TYPES)})") from None
+
+
+@dataclass(frozen=True)
+class WeightMode:
+    """A `--weights` choice: the element type the macros hold."""
+
+    name: str
+    etype: str
+    doc: str
+
+    @property
+    def bits(self) -> int:
+        return ELEM_TYPES[self.etype].bits
+
+
+WEIGHT_MODES: dict[str, WeightMode] = {m.name: m for m in (
+    WeightMode("fp32", "f32", "float weights, float compute: the exact functional check"),
+    WeightMode("int8", "i8", "symmetric 8-bit weights"),
+    WeightMode("int4", "i4", "symmetric 4-bit weights"),
+)}
