@@ -55,9 +55,18 @@ def _add_frontend(p: argparse.ArgumentParser, helps: dict[str, str] | None = Non
     p.add_argument("--max-ctx", type=int, default=None, metavar="N",
                    help=help_("max-ctx", "positions the KV cache holds: prompt plus generated tokens "
                                          "(default: --max-seq)"))
-    p.add_argument("--weights", default="fp32", choices=["fp32"],
-                   help=help_("weights", "weight datapath of the macros (fp32: float compute, the exact functional "
-                                         "check)"))
+    p.add_argument("--weights", default="fp32", choices=["fp32", "int8", "int4"],
+                   help=help_("weights", "weights in the macros: fp32 (float compute, the exact functional check; "
+                                         "an imported quantized graph keeps its own integer weights), int8 or int4 "
+                                         "(symmetric, round to nearest)"))
+    p.add_argument("--group-size", default=None, metavar="32|64|128|channel",
+                   help=help_("group-size", "rows of the reduction axis sharing a weight scale (default: channel, "
+                                            "one scale per output channel, for int8; 32 for int4)"))
+    p.add_argument("--act", default=None, choices=["int8", "fp32"],
+                   help=help_("act", "how inputs enter the macros with integer weights: int8 (dynamic, one scale "
+                                     "per token and weight group; the default for --weights int8/int4) or fp32 "
+                                     "(float compute on the dequantized weights); an imported graph runs the scheme "
+                                     "its format implies unless this is given"))
     p.add_argument("--dim", action="append", default=[], metavar="NAME=N",
                    help=help_("dim", "bind a named dynamic input dimension other than batch and sequence"))
     p.add_argument("--schedule", choices=["balanced", "naive"], default="balanced",
@@ -86,7 +95,13 @@ def _options(args: argparse.Namespace):
         if not name or not value.isdigit() or int(value) < 1:
             raise CimcError(f"--dim {item!r}: expected NAME=N with a dimension name and a positive integer N")
         dims[name] = int(value)
-    return CompileOptions(max_seq=args.max_seq, max_ctx=args.max_ctx, weights=args.weights, hw=_hw(args),
+    group = args.group_size
+    if group is not None:
+        if group != "channel" and not group.isdigit():
+            raise CimcError(f"--group-size {group!r}: expected a number of rows (32, 64, 128) or channel")
+        group = 0 if group == "channel" else int(group)
+    return CompileOptions(max_seq=args.max_seq, max_ctx=args.max_ctx, weights=args.weights, group_size=group,
+                          act=args.act, hw=_hw(args),
                           dims=dims, pipeline=args.pipeline or SCHEDULES[getattr(args, "schedule", "balanced")])
 
 
@@ -112,8 +127,8 @@ def cmd_compile(args: argparse.Namespace) -> None:
     module, weights = load_module(args.model, opts, need_weights=True)
     assert weights is not None
     t1 = time.perf_counter()
-    _log(args, f"cimc: lifted for max-seq {module.max_seq}, max-ctx {module.max_ctx}, "
-               f"weights {module.attrs.get('weights', 'fp32')}")
+    _log(args, f"cimc: lifted for max-seq {module.max_seq}, max-ctx {module.max_ctx}, weights {opts.weights}"
+               + (f", activations {opts.act}" if opts.act else ""))
     _log(args, f"cimc: running passes and generating code for {opts.hw.name} (prefill and decode) ...")
     program, pm = compile_module(module, weights, opts)
     for note in pm.notes:
@@ -353,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_frontend(p, {
         "max-seq": "when compiling: most prompt tokens (default: the prompt's length)",
         "max-ctx": "when compiling: KV cache positions (default: prompt + new tokens)",
-        "weights": argparse.SUPPRESS, "dim": argparse.SUPPRESS,
+        "dim": argparse.SUPPRESS,
         "schedule": "when compiling: ping-pong balanced stages (default) or the naive no-overlap baseline",
         "pipeline": "when compiling: the pass pipeline",
     })

@@ -20,19 +20,23 @@ from cimc.ir.parser import parse_module
 from cimc.ir.printer import print_module
 from isa.cost import CostModel
 from isa.diag import CimcError
+from isa.dtypes import WEIGHT_MODES
 from isa.hw import HardwareConfig, load_hw
 from isa.program import Program
 from passes.balance_stages import BalanceStagesPass
 from passes.codegen import emit_program
 from passes.manager import Pass, PassContext, PassManager, check_hw, parse_pipeline
+from passes.quantize import QuantizePass
 
 DEFAULT_PIPELINE = "lift-idioms,insert-kv-cache,tile-partition,place-weights,schedule,balance-stages"
 #: The baseline schedule: one macro set, so a stage's weights load only after the previous stage
 #: computed (no overlap of loading and computing), as a design without ping-pong would run.
 NAIVE_PIPELINE = DEFAULT_PIPELINE.replace("place-weights", "place-weights{sets=1}")
 SCHEDULES = {"balanced": DEFAULT_PIPELINE, "naive": NAIVE_PIPELINE}
-WEIGHT_MODES = ("fp32",)
 DEFAULT_MAX_SEQ = 256
+#: `--group-size` when not given: per output channel for int8, 32 rows for int4.
+DEFAULT_GROUP = {"int8": 0, "int4": 32}
+ACT_MODES = {"int8": "i8", "fp32": "f32"}
 
 
 @dataclass
@@ -41,7 +45,10 @@ class CompileOptions:
 
     max_seq: int | None = None  # tokens per prefill run; default 256, or max_ctx if that is smaller
     max_ctx: int | None = None  # positions the KV cache holds (prompt + generated); default max_seq
-    weights: str = "fp32"
+    weights: str = "fp32"  # a key of isa.dtypes.WEIGHT_MODES
+    group_size: int | None = None  # rows per weight scale (0: per output channel); default DEFAULT_GROUP
+    act: str | None = None  # int8 | fp32: how linears' inputs enter the macros (default: int8 for weights
+    # the compiler quantizes; an imported quantized graph keeps the scheme its format implies)
     hw: HardwareConfig = field(default_factory=load_hw)
     dims: dict[str, int] = field(default_factory=dict)
     pipeline: str = DEFAULT_PIPELINE
@@ -56,8 +63,6 @@ def load_module(path: str | os.PathLike, opts: CompileOptions, need_weights: boo
     """Read a model (.onnx) or an IR dump (.cimir); returns the module and its weight source
     (None for a dump whose model is not next to it, an error with `need_weights`)."""
     p = Path(path)
-    if opts.weights not in WEIGHT_MODES:
-        raise CimcError(f"--weights {opts.weights}: not supported yet (supported: {', '.join(WEIGHT_MODES)})")
     if p.suffix == ".cimir":
         try:
             text = p.read_text()
@@ -86,15 +91,46 @@ def load_module(path: str | os.PathLike, opts: CompileOptions, need_weights: boo
     if max_seq is None:
         max_seq = min(DEFAULT_MAX_SEQ, opts.max_ctx or DEFAULT_MAX_SEQ)
     module, store = import_onnx(p, max_seq=max_seq, max_ctx=opts.max_ctx, dims=opts.dims)
-    module.attrs["weights"] = opts.weights
     return module, store.get
+
+
+def quantize_step(opts: CompileOptions) -> QuantizePass | None:
+    """The `quantize` pass `--weights`, `--group-size` and `--act` ask for (None: none asked)."""
+    if opts.weights not in WEIGHT_MODES:
+        raise CimcError(f"--weights {opts.weights}: expected one of {', '.join(WEIGHT_MODES)}")
+    if opts.act is not None and opts.act not in ACT_MODES:
+        raise CimcError(f"--act {opts.act}: expected one of {', '.join(ACT_MODES)}")
+    floats = opts.weights == "fp32"
+    if floats and opts.group_size is not None:
+        raise CimcError("--group-size applies to integer weights: add --weights int8 or int4")
+    if floats and opts.act is None:
+        return None
+    group = DEFAULT_GROUP.get(opts.weights, 0) if opts.group_size is None else opts.group_size
+    step = QuantizePass(bits=0 if floats else WEIGHT_MODES[opts.weights].bits, group=group,
+                        act=ACT_MODES[opts.act] if opts.act else "")
+    step.check(opts.hw.macro.weight_bits)
+    return step
+
+
+def pipeline_steps(opts: CompileOptions) -> list[Pass]:
+    """The passes to run: `opts.pipeline`, with the `quantize` pass the options ask for before
+    tile-partition."""
+    steps = parse_pipeline(opts.pipeline)
+    q = quantize_step(opts)
+    if q is None:
+        return steps
+    names = [p.name for p in steps]
+    if "quantize" in names:
+        raise CimcError("--weights/--group-size/--act and a quantize pass in --pipeline: give one of them")
+    at = names.index("tile-partition") if "tile-partition" in names else len(steps)
+    return [*steps[:at], q, *steps[at:]]
 
 
 def run_pipeline(module: Module, opts: CompileOptions, until: str | None = None,
                  steps: list[Pass] | None = None) -> PassManager:
     """Run the pass pipeline (`steps`, default `opts.pipeline`), up to and including `until`, on
     `module` in place."""
-    pipeline = parse_pipeline(opts.pipeline) if steps is None else steps
+    pipeline = pipeline_steps(opts) if steps is None else steps
     names = [p.name for p in pipeline]
     unknown = sorted(opts.dump_after - {"all"} - set(names))
     if unknown:
@@ -138,7 +174,7 @@ def compile_module(module: Module, weights: Callable[[str], np.ndarray], opts: C
     `prefill` takes up to max_seq tokens (a prompt), `decode` exactly one (a generated token);
     decode is the same model scheduled for one row, so its buffers are small and its stages are
     balanced for a matrix-vector product. Returns the program and prefill's pass manager."""
-    steps = parse_pipeline(opts.pipeline)
+    steps = pipeline_steps(opts)
     check_pipeline(module, steps, opts.pipeline)
     decode = clone(module)
     decode.attrs["max_seq"] = 1

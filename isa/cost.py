@@ -47,8 +47,9 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
+from isa.dtypes import ACT, WEIGHT_TYPES, elem
 from isa.encoding import Columns, dim_values, mem_parts
-from isa.fields import DTYPE_BYTES, DTYPES
+from isa.fields import DTYPES
 from isa.hw import HardwareConfig
 from isa.spec import BY_NAME, INSTR_BYTES
 
@@ -61,7 +62,13 @@ _KIND_INDEX = {k: i for i, k in enumerate(DRAM_KINDS)}
 #: The formulas take scalars or arrays alike.
 Num = float | np.ndarray
 DRAM_SPACE = 1
-ELEM_BYTES = 4  # every operand element type (f32, i32) is 4 bytes
+ELEM_BYTES = elem(ACT).nbytes  # activations, scales and partial sums are f32
+_WBITS = np.array([elem(t).bits for t in WEIGHT_TYPES], dtype=np.float64)  # by `wt` code
+_WFLOAT = np.array([elem(t).is_float for t in WEIGHT_TYPES])
+_WSIGNED = np.array([elem(t).signed for t in WEIGHT_TYPES])
+_DBITS = np.array([elem(t).bits for t in DTYPES], dtype=np.float64)  # by `dt`/`xt` code
+_DBYTES = np.array([elem(t).nbytes for t in DTYPES], dtype=np.float64)
+_DFLOAT = np.array([elem(t).is_float for t in DTYPES])
 
 
 def macros_used(k: int, n: int, wbits: int, rows: int, cols: int) -> int:
@@ -108,6 +115,7 @@ class InstrCosts:
     busy: np.ndarray
     compute: np.ndarray
     main: np.ndarray  # the unit that executes the instruction (held until it completes), or -1
+    also: np.ndarray  # a second executing unit (an MVM's SFU rescaling its partial sums), or -1
     latency: np.ndarray  # cycles from the last resource's release to completion
     dram_done: np.ndarray  # cycles from its start until its DRAM transfer completes (frees its slot)
     energy: dict[str, np.ndarray]  # component -> pJ
@@ -302,7 +310,7 @@ class CostModel:
         return None
 
     def _cost_dma(self, mnemonic, idx, f, acc: _Acc) -> None:
-        esize = np.array([DTYPE_BYTES[d] for d in DTYPES])[f["dt"].astype(np.int64)]
+        esize = _DBYTES[f["dt"].astype(np.int64)]
         rows, cols = self._dim(f, "rows", acc), self._dim(f, "cols", acc)
         acc.move(idx, f["src"], rows, cols * esize, write=False)
         acc.move(idx, f["dst"], rows, cols * esize, write=True)
@@ -320,9 +328,10 @@ class CostModel:
         acc.energy["noc"][idx] += rows * cols * ELEM_BYTES * self.e_noc_byte_hop
 
     def _cost_macro_write(self, mnemonic, idx, f, acc: _Acc) -> None:
-        k, n, wbits = (f[x].astype(np.float64) for x in ("k", "n", "wbits"))
+        k, n = (f[x].astype(np.float64) for x in ("k", "n"))
+        wbits = _WBITS[f["wt"].astype(np.int64)]
         tile = f["tile"].astype(np.int64)
-        nbytes = k * n * wbits / 8
+        nbytes = np.ceil(k * n * wbits / 8)
         acc.move(idx, f["src"], np.ones(len(idx)), nbytes, write=False, tile=tile)
         write = self.write_cycles(k, n, wbits)
         # the macros are written as the bytes arrive: the tile is held until the last of them
@@ -330,22 +339,53 @@ class CostModel:
         acc.energy["macro_write"][idx] += k * n * wbits * self.hw.macro.e_write_fj_per_bit / 1000
 
     def _cost_mvm(self, mnemonic, idx, f, acc: _Acc) -> None:
-        k, n, wbits, abits = (f[x].astype(np.float64) for x in ("k", "n", "wbits", "abits"))
+        k, n = (f[x].astype(np.float64) for x in ("k", "n"))
+        wt, xt = f["wt"].astype(np.int64), f["xt"].astype(np.int64)
+        wbits, abits, xsize = _WBITS[wt], _DBITS[xt], _DBYTES[xt]
         tile = f["tile"].astype(np.int64)
         nvec = self._dim(f, "nvec", acc)
         # the first input vector must have arrived before its bit planes start, and the last
         # result leaves after they end: a vector's transfer each way adds to the compute time
-        fill = acc.first_row_cycles(f["src"], k * ELEM_BYTES) + acc.first_row_cycles(f["dst"], n * ELEM_BYTES)
+        fill = (acc.first_row_cycles(f["src"], k * xsize, xsize)
+                + acc.first_row_cycles(f["dst"], n * ELEM_BYTES))
         acc.main(idx, self.tile_unit(tile), self.mvm_cycles(nvec, abits) + np.where(nvec > 0, fill, 0.0))
         acc.macs[idx] += nvec * k * n
         acc.energy["mvm"][idx] += nvec * abits * k * n * self.e_slice_fj(wbits) / 1000
-        acc.move(idx, f["src"], nvec, k * ELEM_BYTES, write=False, tile=tile)
+        acc.move(idx, f["src"], nvec, k * xsize, write=False, tile=tile, esize=xsize)
         acc.move(idx, f["dst"], nvec, n * ELEM_BYTES, write=True, tile=tile)
         accumulate = f["acc"].astype(bool)
         if accumulate.any():
             acc.move(idx[accumulate], f["dst"][accumulate], nvec[accumulate], n[accumulate] * ELEM_BYTES,
                      write=False, tile=tile[accumulate])
-        acc.energy["buffer"][idx] += nvec * (k + n) * ELEM_BYTES * self.e_tbuf
+        acc.energy["buffer"][idx] += nvec * (k * xsize + n * ELEM_BYTES) * self.e_tbuf
+        scaled = np.flatnonzero(~_WFLOAT[wt])
+        if len(scaled):  # integer weights: the tile's SFU rescales every group's partial sums
+            self._rescale(idx[scaled], {name: v[scaled] for name, v in f.items()}, acc, k[scaled], n[scaled],
+                          nvec[scaled], tile[scaled], ~_DFLOAT[xt[scaled]])
+
+    def _rescale(self, idx, f, acc: _Acc, k, n, nvec, tile, int_inputs) -> None:
+        """The tile's SFU turns each group's partial sums into f32 and adds them up with their
+        scales: `nvec x G x n` elements, each a multiply by the weight scale (and by the input
+        scale, for integer inputs) and an add; unsigned weights add the zero-point correction
+        (a multiply and an add per element, after summing each vector's inputs per group). It
+        reads the weight scales (and zero points) once and the input scales of every vector."""
+        gk = f["gk"].astype(np.float64)
+        groups = np.where(gk > 0, np.ceil(k / np.maximum(gk, 1)), 1.0)
+        elems = nvec * groups * n
+        zero = ~_WSIGNED[f["wt"].astype(np.int64)]
+        muls = np.where(int_inputs, 2.0, 1.0) + zero
+        adds = 1.0 + zero + np.where(zero, nvec * k / np.maximum(elems, 1.0), 0.0)
+        work = elems * (muls + adds)
+        acc.also(idx, self.sfu_unit(tile), np.ceil(work / self.hw.sfu.lanes) * self.hw.sfu.cycles_per_op)
+        acc.energy["sfu"][idx] += elems * (muls * self.e_sfu["mul"] + adds * self.e_sfu["add"])
+        wsize = _DBYTES[f["wst"].astype(np.int64)]
+        acc.move(idx, f["ws"], groups, n * wsize, write=False, tile=tile, esize=wsize)
+        zp = np.flatnonzero(zero)
+        if len(zp):
+            acc.move(idx[zp], f["wz"][zp], groups[zp], n[zp], write=False, tile=tile[zp], esize=1)
+        ints = np.flatnonzero(int_inputs)
+        if len(ints):
+            acc.move(idx[ints], f["xs"][ints], nvec[ints], groups[ints] * ELEM_BYTES, write=False, tile=tile[ints])
 
     def _cost_reduce(self, mnemonic, idx, f, acc: _Acc) -> None:
         """Partial sums are added where they are stored, by an adder next to the global buffer
@@ -384,6 +424,13 @@ class CostModel:
             written = (rows, ones) if mnemonic in ("vrsum", "vrmax") else (rows, cols)
             if mnemonic == "vcausal":
                 reads = [("dst", rows, cols)]
+            elif mnemonic == "vquant":  # i8 values out, one f32 scale per row and group
+                group = f["group"].astype(np.float64)
+                groups = np.where(group > 0, np.ceil(cols / np.maximum(group, 1)), 1.0)
+                reads = [("src", rows, cols)]
+                acc.move(idx, f["sc"], rows, groups * ELEM_BYTES, write=True, tile=tile)
+                acc.move(idx, f["dst"], rows, cols, write=True, tile=tile, esize=1)
+                written = None
             elif mnemonic == "vrope":  # one table row of head_dim per row, not per head
                 hd = f["hd"].astype(np.float64)
                 reads = [("src", rows, cols), ("cos", rows, hd), ("sin", rows, hd)]
@@ -400,7 +447,8 @@ class CostModel:
             _, _, _, stride = mem_parts(f[name])
             r = np.where(stride == 0, np.minimum(r, 1.0), r)  # a broadcast row is read once
             acc.move(idx, f[name], r, c * ELEM_BYTES, write=False, tile=tile)
-        acc.move(idx, f["dst"], written[0], written[1] * ELEM_BYTES, write=True, tile=tile)
+        if written is not None:
+            acc.move(idx, f["dst"], written[0], written[1] * ELEM_BYTES, write=True, tile=tile)
 
     # ---- instruction fetch ---------------------------------------------------------------
 
@@ -423,6 +471,8 @@ class _Acc:
         self.cm, self.n, self.regs, self.map = cm, n, regs, dram_map
         self.main_unit = np.full(n, -1, dtype=np.int64)
         self.main_busy = np.zeros(n)
+        self.also_unit = np.full(n, -1, dtype=np.int64)
+        self.also_busy = np.zeros(n)
         self.hold = np.zeros(n, dtype=bool)
         self.chan = np.zeros((n, cm.channels))  # bytes
         self.gbuf = np.zeros((n, 2))  # bytes read, written
@@ -433,6 +483,12 @@ class _Acc:
         self.kind_bytes = np.zeros((n, len(DRAM_KINDS)))
         self.macs = np.zeros(n)
 
+    def also(self, idx: np.ndarray, unit: np.ndarray, cycles: np.ndarray) -> None:
+        """A second unit that executes part of the instructions (in program order with its own
+        instructions, held until they complete), for `cycles`."""
+        self.also_unit[idx] = unit
+        self.also_busy[idx] = cycles
+
     def main(self, idx: np.ndarray, unit: np.ndarray, cycles: np.ndarray, hold_transfer: bool = False) -> None:
         """The unit that executes the instructions, for `cycles`; with `hold_transfer`, also until
         the instruction's transfers end."""
@@ -441,12 +497,12 @@ class _Acc:
         self.hold[idx] = hold_transfer
 
     def move(self, idx: np.ndarray, raw: np.ndarray, rows: np.ndarray, row_bytes: np.ndarray, *, write: bool,
-             tile: np.ndarray | None = None, offset: np.ndarray | int = 0) -> None:
+             tile: np.ndarray | None = None, offset: np.ndarray | int = 0, esize: Num = ELEM_BYTES) -> None:
         """Charge moving `rows` rows of `row_bytes` between the memory operand `raw` (plus `offset`
-        bytes) and the instruction's tile (or, without `tile`, the controller / global buffer side).
-        `idx` holds each instruction at most once."""
+        bytes; elements of `esize` bytes) and the instruction's tile (or, without `tile`, the
+        controller / global buffer side). `idx` holds each instruction at most once."""
         cm = self.cm
-        space, base, pitch = self._where(raw, offset)
+        space, base, pitch = self._where(raw, offset, esize)
         rows = np.asarray(rows, dtype=np.float64) * np.ones(len(idx))
         row_bytes = np.asarray(row_bytes, dtype=np.float64) * np.ones(len(idx))
         nbytes = rows * row_bytes
@@ -466,17 +522,19 @@ class _Acc:
             (self.up if write else self.down)[idx] += nbytes
             self.energy["noc"][idx] += nbytes * cm.e_noc_byte_hop * cm.hops(tile)
 
-    def _where(self, raw: np.ndarray, offset: np.ndarray | int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Memory space, byte address of the first row and row pitch of memory operands."""
+    def _where(self, raw: np.ndarray, offset: np.ndarray | int = 0, esize: Num = ELEM_BYTES
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Memory space, byte address of the first row and row pitch of memory operands (row
+        strides count elements of `esize` bytes)."""
         space, roff, addr, stride = mem_parts(raw)
-        pitch = stride * ELEM_BYTES
+        pitch = (stride * np.asarray(esize)).astype(np.int64)
         return space, addr + self.regs[roff] * pitch + offset, pitch
 
-    def first_row_cycles(self, raw: np.ndarray, row_bytes: np.ndarray) -> np.ndarray:
+    def first_row_cycles(self, raw: np.ndarray, row_bytes: np.ndarray, esize: Num = ELEM_BYTES) -> np.ndarray:
         """Cycles the first row of the memory operands `raw` takes to or from a tile: its slowest
         resource on the way (the DRAM channels holding it, or the buffer's port; the interconnect)."""
         cm = self.cm
-        space, base, pitch = self._where(raw)
+        space, base, pitch = self._where(raw, 0, esize)
         row_bytes = np.asarray(row_bytes, dtype=np.float64) * np.ones(len(space))
         out = row_bytes / cm.gbuf_bpc
         d = np.flatnonzero(space == DRAM_SPACE)
@@ -504,6 +562,8 @@ class _Acc:
         has_main = self.main_unit >= 0
         add(ar[has_main], self.main_unit[has_main], busy_main[has_main],
             np.where(self.hold, self.main_busy, busy_main)[has_main])
+        has_also = self.also_unit >= 0
+        add(ar[has_also], self.also_unit[has_also], self.also_busy[has_also], self.also_busy[has_also])
         rows, chans = np.nonzero(chan_busy)
         add(rows, chans, chan_busy[rows, chans], np.zeros(len(rows)))
         for j, unit in ((0, cm.gbuf_rd_unit), (1, cm.gbuf_wr_unit)):
@@ -528,7 +588,7 @@ class _Acc:
         kinds["code"] = np.full(n, float(INSTR_BYTES))
         self.energy["dram"] += INSTR_BYTES * cm.e_dram_rd
         self.energy["buffer"] += cm.e_fetch - INSTR_BYTES * cm.e_dram_rd
-        return InstrCosts(ptr, unit, busy, compute, self.main_unit, latency, dram_done, self.energy,
+        return InstrCosts(ptr, unit, busy, compute, self.main_unit, self.also_unit, latency, dram_done, self.energy,
                           self.kind_bytes.sum(axis=1) + INSTR_BYTES, kinds, self.macs,
                           cm.fetch_costs(n, self.map.code_base))
 

@@ -66,6 +66,32 @@ WEIGHT_TYPES: tuple[str, ...] = ("f32", "i8", "u8", "i4", "u4")
 ACT, IDS = "f32", "i32"
 
 
+def unpack(raw: np.ndarray, wt: str, count: int) -> np.ndarray:
+    """`count` weights of integer type `wt` from their packed bytes (4-bit types two to a byte,
+    low nibble first), as int16."""
+    t = elem(wt)
+    if t.bits == 8:
+        return raw[:count].view(t.numpy).astype(np.int16)
+    nib = np.empty(2 * len(raw), np.int16)
+    nib[0::2], nib[1::2] = raw & 0x0F, raw >> 4
+    nib = nib[:count]
+    return np.where(nib > t.hi, nib - 16, nib) if t.signed else nib
+
+
+def pack(values: np.ndarray, wt: str) -> np.ndarray:
+    """The packed bytes of integer weights of type `wt` (row-major, 4-bit types two to a byte)."""
+    t = elem(wt)
+    v = np.asarray(values).reshape(-1).astype(np.int64)
+    if v.size and (v.min() < t.lo or v.max() > t.hi):
+        raise ValueError(f"values outside the range of {wt} [{t.lo}, {t.hi}]")
+    if t.bits == 8:
+        return v.astype(t.numpy).view(np.uint8)
+    u = (v & 0x0F).astype(np.uint8)
+    if u.size % 2:
+        u = np.append(u, np.uint8(0))
+    return u[0::2] | (u[1::2] << 4)
+
+
 def elem(name: str) -> ElemType:
     """The element type called `name`."""
     try:

@@ -53,6 +53,7 @@ class Stream:
     wait: np.ndarray  # uint64 barrier masks
     sig: np.ndarray  # barrier signalled (0: none)
     unit: np.ndarray  # executing unit, or -1
+    also: np.ndarray  # a second executing unit (an MVM's SFU), or -1
     time: np.ndarray  # its duration plus latency (what the next instruction on its unit waits for)
     dram_done: np.ndarray  # cycles from its start until its DRAM transfer completes (0: none)
     pools: np.ndarray  # [n, DRAM channels + len(POOLS)] cycles on each DRAM channel and pooled resource
@@ -80,7 +81,8 @@ class Stream:
         np.add.at(pools, (costs.instr_of()[keep], which[keep]), costs.busy[keep])
         kind = np.where(np.isin(opcode, list(_LOAD_OPS)), LOAD, np.where(np.isin(opcode, list(_JOIN_OPS)), JOIN, WORK))
         return cls(np.asarray(op, dtype=np.int64), kind, np.asarray(wait, dtype=np.uint64),
-                   np.asarray(sig, dtype=np.int64), costs.main, costs.duration() + costs.latency, costs.dram_done,
+                   np.asarray(sig, dtype=np.int64), costs.main, costs.also, costs.duration() + costs.latency,
+                   costs.dram_done,
                    pools, float(costs.fetch.dispatch), cm.hw.dram.max_outstanding, costs.fetch.per_block,
                    costs.fetch.busy, float(costs.fetch.latency))
 
@@ -90,8 +92,8 @@ class Stream:
         blocks = -(-len(index) // self.per_block)
         fetch = self.fetch[np.minimum(np.arange(blocks), len(self.fetch) - 1)]
         return Stream(self.op[index], self.kind[index], self.wait[index], self.sig[index], self.unit[index],
-                      self.time[index], self.dram_done[index], self.pools[index], self.dispatch, self.max_outstanding,
-                      self.per_block, fetch, self.fetch_latency)
+                      self.also[index], self.time[index], self.dram_done[index], self.pools[index], self.dispatch,
+                      self.max_outstanding, self.per_block, fetch, self.fetch_latency)
 
 
 def estimate(stream: Stream) -> float:
@@ -115,19 +117,21 @@ def play(stream: Stream) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     sptr, sbits = mask_bits(np.bitwise_or.reduceat(sig_bits, first))
     pools = np.add.reduceat(stream.pools, first, axis=0)
     # per item: time each executing unit is busy; instructions without one add up on their own
-    runs = stream.unit >= 0
-    span = int(stream.unit.max(initial=0)) + 1
-    keys, inverse = np.unique(item[runs] * span + stream.unit[runs], return_inverse=True)
+    runs, seconds = stream.unit >= 0, stream.also >= 0
+    span = int(max(stream.unit.max(initial=0), stream.also.max(initial=0))) + 1
+    pairs = np.concatenate([item[runs] * span + stream.unit[runs], item[seconds] * span + stream.also[seconds]])
+    keys, inverse = np.unique(pairs, return_inverse=True)
     eptr = np.zeros(n_items + 1, dtype=np.int64)
     np.cumsum(np.bincount(keys // span, minlength=n_items), out=eptr[1:])
     alone = np.bincount(item, weights=np.where(runs, 0.0, stream.time), minlength=n_items)
+    busy = np.bincount(inverse, weights=np.concatenate([stream.time[runs], stream.time[seconds]]))
     # weight loads queue on the pooled resources one after another: they are played one by one
     at = np.flatnonzero(stream.kind == LOAD)
     lptr = np.zeros(n_items + 1, dtype=np.int64)
     np.cumsum(np.bincount(item[at], minlength=n_items), out=lptr[1:])
     starts, ends = _play(n, first, stream.dispatch, stream.per_block, stream.fetch, stream.fetch_latency, wptr,
-                         wbits, sptr, sbits, eptr, keys % span, np.bincount(inverse, weights=stream.time[runs]),
-                         pools, alone, np.maximum.reduceat(stream.dram_done, first), lptr, stream.unit[at],
+                         wbits, sptr, sbits, eptr, keys % span, busy, pools, alone,
+                         np.maximum.reduceat(stream.dram_done, first), lptr, stream.unit[at],
                          stream.time[at], stream.dram_done[at], stream.pools[at], span,
                          Bookings.empty(stream.pools.shape[1]), np.zeros(stream.max_outstanding))
     return first, starts, ends

@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
-from isa.fields import DIM, DTYPE, F32, FLAG, MEM, Kind, U
+from isa.fields import DIM, DTYPE, F32, FLAG, MEM, WTYPE, Kind, U
 
 WORD_BITS = 64
 INSTR_WORDS = 8
@@ -126,22 +126,39 @@ _TABLE: tuple[InstrDef, ...] = (
              (TILE, _f("m0", U(8), "first macro of the group in the tile"),
               _f("k", U(16), "weight rows (reduction length)"),
               _f("n", U(16), "weight columns (outputs)"),
-              _f("wbits", U(6), "bits per weight (32 = float)"),
-              _f("src", MEM, "weight group in DRAM, k x n row-major")),
+              _f("wt", WTYPE, "weight type: f32, or an integer type of `macro.weight_bits`"),
+              _f("src", MEM, "weight group in DRAM, k x n row-major, packed (4-bit types two to a byte, "
+                 "low nibble first)")),
              "tile", "macro_write",
-             "W[tile, m0] = src[0:k, 0:n]   (macros m0 .. m0 + ceil(k/rows)*ceil(n*wbits/cols) - 1)",
+             "W[tile, m0] = src[0:k, 0:n]   (macros m0 .. m0 + ceil(k/rows)*ceil(n*bits(wt)/cols) - 1)",
              "load a weight group from DRAM into a tile's CIM macros (uses the DRAM channel too)"),
     InstrDef("mvm", 0x13,
              (TILE, _f("m0", U(8), "first macro of the loaded group"),
               _f("k", U(16), "weight rows"), _f("n", U(16), "weight columns"),
-              _f("wbits", U(6), "bits per weight"), _f("abits", U(6), "input bits fed serially"),
+              _f("wt", WTYPE, "weight type of the loaded group"),
+              _f("xt", DTYPE, "input type, fed bit-serially: bits(xt) input bits (f32: 32, float compute)"),
+              _f("gk", U(16), "rows per partial-sum group with its own scales (0: all k rows)"),
               _f("acc", FLAG, "accumulate into dst instead of overwriting"),
-              _dst("partial sums, nvec x n"), _f("src", MEM, "input vectors, nvec x k"),
-              _f("nvec", DIM, _ROWS_DOC)),
+              _f("nvec", DIM, _ROWS_DOC), _f("wst", DTYPE, "element type of the weight scales"),
+              _dst("results, nvec x n f32"), _f("src", MEM, "input vectors, nvec x k of type xt"),
+              _f("xs", MEM, "input scales, nvec x G f32 (integer inputs)"),
+              _f("ws", MEM, "weight scales, G x n of type wst (integer weights)"),
+              _f("wz", MEM, "weight zero points, G x n u8 (unsigned weight types)")),
              "tile", "mvm",
-             "dst[0:nvec, 0:n] (+)= src[0:nvec, 0:k] @ W[tile, m0]   (bit-serial inputs, adder tree "
-             "across the group's macros, shift-and-add of input bits)",
-             "matrix-vector multiply in a tile's macros, one input vector after another"),
+             "G = ceil(k/gk) groups of gk rows (gk = 0: one group of all k rows).\n"
+             "f32 weights (f32 inputs): dst (+)= src @ W.\n"
+             "integer weights: a signed type holds W as stored; an unsigned one stands for W - z with a zero\n"
+             "point z[g,j] = wz[g,j] per group and column.\n"
+             "integer inputs (i8, u8): for each vector r, group g, column j the macros feed the input bit\n"
+             "planes b = 0 .. bits(xt)-1 of src[r, rows of g] (two's complement: the top plane of a signed\n"
+             "type counts -2^b) through the adder tree, p_b = sum_k bit_b(src[r,k]) * W[k,j] (exact), and\n"
+             "accumulate acc = sat(acc + 2^b p_b) in macro.accum_bits bits, saturating at every step. The\n"
+             "tile's SFU takes acc - z[g,j] * sum_k src[r,k] (exact) for unsigned weights, then adds\n"
+             "f32(that) * (xs[r,g] * ws[g,j]) over g in order, in f32: dst[r,j] (+)= that sum.\n"
+             "f32 inputs: dst[r,j] (+)= sum over g in order of (src[r, rows of g] @ (W - z)[rows of g, j]) * ws[g,j],\n"
+             "in f32",
+             "matrix-vector multiply in a tile's macros, one input vector after another; integer partial sums "
+             "are rescaled to f32 by the tile's SFU as they leave the macros"),
     InstrDef("tred", 0x14,
              (_dst(), _f("src", MEM, "first partial-sum slice"), ROWS, COLS,
               _f("count", U(8), "number of partial-sum slices"),
@@ -195,6 +212,15 @@ _TABLE: tuple[InstrDef, ...] = (
              "sfu", "sfu", "dst (+)= alpha * (a @ (b.T if tb else b))",
              "small matrix product of two activations on an SFU (attention scores, P@V)",
              {"mul": 1, "add": 1}),
+    InstrDef("vquant", 0x45,
+             (TILE, _dst("quantized values, rows x cols i8"), _f("sc", MEM, "scales, rows x G f32"),
+              _f("src", MEM, "source, rows x cols f32"), ROWS, COLS,
+              _f("group", U(16), "columns per scale (0: the whole row)")),
+             "sfu", "sfu",
+             "for each row r and group g of `group` columns: s = max |src[r, g]| / 127; sc[r,g] = s;\n"
+             "dst[r,c] = clip(round_half_even(src[r,c] * (s ? 1/s : 0)), -127, 127)   (f32 arithmetic)",
+             "dynamic symmetric int8 quantization of activations, one scale per row and group",
+             {"add": 2, "mul": 1}),
     InstrDef("vcausal", 0x44, (TILE, _dst("scores, updated in place"), ROWS, COLS,
                                _f("diag", DIM, "column offset of the diagonal")),
              "sfu", "sfu", "dst[r,c] = -inf where c > r + diag",

@@ -141,7 +141,7 @@ class _Plan:
         regs[REGS.index("seq")], regs[REGS.index("past")], regs[REGS.index("ctx")] = rows, past, rows + past
         costs = ctx.cost.instr_costs(cols, regs, DramMap.from_meta(entry.meta))
         self.stream = Stream.priced(ctx.cost, costs, cols.opcode, cols.sig, cols.wait, entry.debug.instr_op)
-        self.tile_unit = ctx.cost.tile_unit
+        self.tile_unit, self.sfu_unit = ctx.cost.tile_unit, ctx.cost.sfu_unit
         op_of = entry.debug.instr_op.astype(np.int64)
         position = {id(op): i for i, op in enumerate(module.ops)}
         self.linear_at = {position[id(op)]: k for k, op in enumerate(linears)}
@@ -204,12 +204,14 @@ class _Plan:
         cand = self.stream.take(np.maximum(idx, 0))
         for pos, s, o in syncs:
             cand.op[pos], cand.kind[pos], cand.wait[pos], cand.sig[pos] = o, JOIN, members[s], stage_barrier(s)
-            cand.unit[pos], cand.time[pos], cand.dram_done[pos] = -1, 0.0, 0.0
+            cand.unit[pos], cand.also[pos], cand.time[pos], cand.dram_done[pos] = -1, -1, 0.0, 0.0
             cand.pools[pos] = 0.0
         for pos, s, tile in loads:
             cand.wait[pos], cand.unit[pos] = load_wait(s, nsets), self.tile_unit(tile)
         for pos, tile in mvms:
             cand.unit[pos] = self.tile_unit(tile)
+            if cand.also[pos] >= 0:  # the tile's SFU rescales integer partial sums
+                cand.also[pos] = self.sfu_unit(tile)
         return estimate(cand)
 
 

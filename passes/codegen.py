@@ -22,13 +22,15 @@ import numpy as np
 
 from cimc.ir.core import CTX, SEQ, Module, Op, Value
 from cimc.ir.ops import traits
+from cimc.ir.quant import QuantWeight, materialize
+from isa.dtypes import elem, pack
 from isa.encoding import Instr, encode
 from isa.fields import REGS, SPACES, Dim, Mem
 from isa.hw import HardwareConfig
 from isa.program import ArraySegment, DebugInfo, DramImage, Entry, Program, Symbol
 from isa.spec import N_BARRIERS
 from passes.schedule import attention_shape, last_uses, reads, scratch_bytes, scratch_layout, value_bytes
-from passes.tiling import Tiling, act_bits, align
+from passes.tiling import Tiling, align
 from passes.traffic import min_traffic
 
 G, D = SPACES.index("g"), SPACES.index("d")  # memory spaces
@@ -87,25 +89,44 @@ def _space(attr: dict) -> int:
 
 @dataclass(frozen=True)
 class GroupSegment:
-    """A linear's weight groups in stream order, produced one group at a time."""
+    """A linear's weight groups in stream order, produced one group at a time: each group's
+    weights (f32, or packed integers followed by their scales and zero points, `Tiling.parts`)."""
 
     offset: int
     size: int
     tiling: Tiling
-    matrix: Callable[[], np.ndarray]  # the [K, N] weight (may be a transposed memory map)
+    matrix: Callable[[], np.ndarray | QuantWeight]  # the [K, N] weight (may be a transposed memory map)
 
     def chunks(self) -> Iterator[np.ndarray]:
         w = self.matrix()
+        t = self.tiling
         pos = 0
-        for _, k0, k1, n0, n1, off in self.tiling.layout(self.offset):
+        for g, (_, k0, k1, n0, n1, off) in enumerate(t.layout(self.offset)):
             if off > self.offset + pos:
                 yield np.zeros(off - self.offset - pos, np.uint8)
                 pos = off - self.offset
-            block = np.ascontiguousarray(w[k0:k1, n0:n1], dtype="<f4")
+            if isinstance(w, QuantWeight):
+                block = self._quantized(w, g, k0, k1, n0, n1)
+            else:
+                block = np.ascontiguousarray(w[k0:k1, n0:n1], dtype="<f4")
             yield block
             pos += block.nbytes
         if pos < self.size:
             yield np.zeros(self.size - pos, np.uint8)
+
+    def _quantized(self, w: QuantWeight, g: int, k0: int, k1: int, n0: int, n1: int) -> np.ndarray:
+        t = self.tiling
+        scales_at, zero_at, size = t.parts(g)
+        out = np.zeros(size, np.uint8)
+        packed = pack(w.q[k0:k1, n0:n1], t.wt)
+        out[:len(packed)] = packed
+        g0, g1 = (k0 // t.gk, -(-k1 // t.gk)) if t.gk else (0, 1)
+        scales = np.ascontiguousarray(w.scales[g0:g1, n0:n1], dtype=elem(t.st).np()).view(np.uint8).reshape(-1)
+        out[scales_at:scales_at + len(scales)] = scales
+        if w.zero is not None:
+            zero = np.ascontiguousarray(w.zero[g0:g1, n0:n1], dtype=np.uint8).reshape(-1)
+            out[zero_at:zero_at + len(zero)] = zero
+        return out
 
 
 @dataclass
@@ -168,9 +189,9 @@ class _Codegen:
         s = op.attrs["scratch"]
         space = _space(s)
         base = s["addr"] + (self.rw_base if space == D else 0)
-        for n, off, _, cols in scratch_layout(op, self.bounds):
+        for n, off, _, cols, esize in scratch_layout(op, self.bounds):
             if n == name:
-                return Mem(space, base + off + col * F32, cols)
+                return Mem(space, base + off + col * esize, cols)
         raise KeyError(name)
 
     def waits(self, op: Op) -> int:
@@ -258,7 +279,10 @@ class _Codegen:
             self.layouts[id(op)] = list(t.layout(base))
             image.add(GroupSegment(base, op.attrs["dram"]["bytes"], t, self._matrix(w)))
 
-    def _matrix(self, w: Op) -> Callable[[], np.ndarray]:
+    def _matrix(self, w: Op) -> Callable[[], np.ndarray | QuantWeight]:
+        if w.name == "qweight":
+            k, n = (int(d) for d in w.result.type.shape)
+            return lambda: materialize(w.attrs, w.result.type.dtype, (k, n), self.weight)
         init, tr = w.attrs["init"], w.attrs.get("transpose", False)
         return lambda: self.weight(init).T if tr else self.weight(init)
 
@@ -304,7 +328,7 @@ class _Codegen:
             self.op_index = self.op_pos[id(op)]
             t = self.tilings[id(op)]
             _, k0, k1, n0, n1, off = self.layouts[id(op)][g]
-            self.emit("wload", wait=wait, tile=tile, m0=0, k=k1 - k0, n=n1 - n0, wbits=t.wbits,
+            self.emit("wload", wait=wait, tile=tile, m0=0, k=k1 - k0, n=n1 - n0, wt=t.wt,
                       src=Mem(D, off, n1 - n0))
         self.op_index = saved
 
@@ -334,19 +358,33 @@ class _Codegen:
         x, out = op.operands[0], op.result
         t = self.tilings[id(op)]
         sig, wait = self.barrier[id(op)], self.op_wait
-        ab = act_bits(t.wbits, self.hw.macro.act_bits)
         rows = self.bound_rows(out)
         layout, nvec = self.layouts[id(op)], self.rows(out)
         dst0, src0 = self.mem(out), self.mem(x)
+        xt, xs0, none = op.attrs.get("act", "f32"), Mem(G, 0, 0), Mem(G, 0, 0)
+        if xt == "i8":  # the tile's SFU quantizes the inputs once, for every group
+            src0, xs0 = self.scratch(op, "xq"), self.scratch(op, "xs")
+            self.emit("vquant", sig=sig, wait=wait, tile=op.attrs["sfu"], dst=src0, sc=xs0, src=self.mem(x),
+                      rows=nvec, cols=t.k, group=t.gk)
+            wait |= 1 << sig
+        xsize = elem(xt).nbytes
         psum = self.scratch(op, "psum") if t.kchunks > 1 else None
         for s, g, tile in self.op_groups[id(op)]:
-            kc, k0, k1, n0, n1, _ = layout[g]
+            kc, k0, k1, n0, n1, off = layout[g]
             if psum is None:
                 dst = dst0._replace(addr=dst0.addr + n0 * F32)
             else:
                 dst = Mem(psum.space, psum.addr + (kc * rows * t.n + n0) * F32, t.n)
-            self.emit("mvm", sig=sig, wait=wait, tile=tile, m0=0, k=k1 - k0, n=n1 - n0, wbits=t.wbits, abits=ab,
-                      acc=0, dst=dst, src=src0._replace(addr=src0.addr + k0 * F32), nvec=nvec)
+            scaled = {}
+            if t.st:
+                scales_at, zero_at, _ = t.parts(g)
+                g0 = k0 // t.gk if t.gk else 0
+                scaled = {"wst": t.st, "ws": Mem(D, off + scales_at, n1 - n0),
+                          "wz": Mem(D, off + zero_at, n1 - n0) if t.zero_points else none,
+                          "xs": xs0._replace(addr=xs0.addr + g0 * F32) if xt == "i8" else none}
+            self.emit("mvm", sig=sig, wait=wait, tile=tile, m0=0, k=k1 - k0, n=n1 - n0, wt=t.wt, xt=xt, gk=t.gk,
+                      acc=0, nvec=nvec, dst=dst, src=src0._replace(addr=src0.addr + k0 * xsize),
+                      **({"wst": "f32", "ws": none, "wz": none, "xs": none} | scaled))
             self._finish_group(s, op)
         own = 1 << sig
         if psum is not None:

@@ -31,24 +31,27 @@ from passes.tiling import DRAM_ALIGN, Tiling, align
 ELEM = elem(ACT).nbytes  # scratch tensors hold activations
 
 
-def scratch_layout(op: Op, bounds: dict[str, int]) -> list[tuple[str, int, int, int]]:
-    """(name, byte offset, rows, cols) of the scratch tensors an op needs while it runs."""
+def scratch_layout(op: Op, bounds: dict[str, int]) -> list[tuple[str, int, int, int, int]]:
+    """(name, byte offset, rows, cols, element bytes) of the scratch tensors an op needs while it
+    runs: f32 unless said otherwise."""
     rows = op.results[0].type.bound_shape(bounds)[0] if op.results else 0
-    parts: list[tuple[str, int, int]] = []
+    parts: list[tuple[str, int, int, int]] = []
     if op.name == "linear" and "tiling" in op.attrs:
         t = Tiling.from_attr(op.attrs["tiling"])
         if t.kchunks > 1:
-            parts.append(("psum", rows * t.kchunks, t.n))
+            parts.append(("psum", rows * t.kchunks, t.n, ELEM))
+        if op.attrs.get("act") == "i8":  # the inputs as int8, and their scales
+            parts += [("xq", rows, t.k, 1), ("xs", rows, -(-t.k // t.gk) if t.gk else 1, ELEM)]
     elif op.name == "attention":
         for slot in range(op.attrs.get("slots", 1)):
-            parts += _attention_parts(slot, *attention_shape(op, bounds))
+            parts += [(*p, ELEM) for p in _attention_parts(slot, *attention_shape(op, bounds))]
     elif op.name in ("rms_norm", "softmax"):
         cols = int(op.results[0].type.shape[1])
-        parts += [("t", rows, cols if op.name == "rms_norm" else 1), ("s", rows, 1)]
+        parts += [("t", rows, cols if op.name == "rms_norm" else 1, ELEM), ("s", rows, 1, ELEM)]
     out, off = [], 0
-    for name, r, c in parts:
-        out.append((name, off, r, c))
-        off = align(off + r * c * ELEM)
+    for name, r, c, e in parts:
+        out.append((name, off, r, c, e))
+        off = align(off + r * c * e)
     return out
 
 
@@ -79,7 +82,7 @@ def _attention_parts(slot: int, grouped: bool, queries: int, past: int, new: int
 
 def scratch_bytes(op: Op, bounds: dict[str, int]) -> int:
     lay = scratch_layout(op, bounds)
-    return align(lay[-1][1] + lay[-1][2] * lay[-1][3] * ELEM) if lay else 0
+    return align(lay[-1][1] + lay[-1][2] * lay[-1][3] * lay[-1][4]) if lay else 0
 
 
 def attention_slots(op: Op, bounds: dict[str, int], tiles: int, budget: int) -> int:
@@ -184,7 +187,7 @@ class SchedulePass:
         dying: dict[int, list[tuple[str, int, int]]] = {}
         next_sfu = 0
         for i, op in enumerate(module.ops):
-            if traits(op).unit == "sfu":
+            if traits(op).unit == "sfu" or op.attrs.get("act") == "i8":  # an int8 linear quantizes its input
                 rw.set_attr(op, "sfu", next_sfu)
                 next_sfu = (next_sfu + 1) % tiles
             if op.name == "attention":

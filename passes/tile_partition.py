@@ -1,8 +1,9 @@
 """`tile-partition`: cut every linear's weight matrix into macro-sized blocks, grouped per tile.
 
-Adds a `tiling` attribute to each `linear` (see `passes.tiling.Tiling`): the weight bits (32 in
-fp32 mode), the block shape `rows x per_macro`, how many blocks a tile group holds along K and N,
-and the resulting number of K and N chunks.
+Adds a `tiling` attribute to each `linear` (see `passes.tiling.Tiling`): the weight type (f32,
+or the integer type of its `qweight` with its scale groups and scale type), the block shape
+`rows x per_macro`, how many blocks a tile group holds along K and N, and the resulting number
+of K and N chunks.
 """
 
 from __future__ import annotations
@@ -12,10 +13,9 @@ from typing import ClassVar
 
 from cimc.ir.core import Module, Rewriter
 from isa.diag import CimcError
+from isa.dtypes import elem
 from passes.manager import PassContext, register
 from passes.tiling import Tiling
-
-WEIGHT_BITS = {"fp32": 32}
 
 
 @register
@@ -24,15 +24,21 @@ class TilePartitionPass:
     name: ClassVar[str] = "tile-partition"
 
     def run(self, module: Module, rw: Rewriter, ctx: PassContext) -> None:
-        mode = module.attrs.get("weights", "fp32")
-        if mode not in WEIGHT_BITS:
-            raise CimcError(f"weights mode {mode!r} is not supported yet (supported: {', '.join(WEIGHT_BITS)})")
-        wbits = WEIGHT_BITS[mode]
         m, c = ctx.hw.macro, ctx.hw.chip
-        if wbits > m.cols:
-            raise CimcError(f"{wbits}-bit weights do not fit a macro row of {m.cols} columns")
         for op in module.walk("linear"):
-            k, n = op.operands[1].type.shape
-            t = Tiling.plan(int(k), int(n), wbits, m.rows, m.cols, c.macros_per_tile)
-            rw.set_attr(op, "tiling", t.to_attr())
+            w = op.operands[1]
+            k, n = (int(d) for d in w.type.shape)
+            t = elem(w.type.dtype)
+            if not t.is_float and t.bits not in m.weight_bits:
+                raise CimcError(f"linear {op.loc!r}: {t.bits}-bit weights do not fit the macros, which store "
+                                f"{', '.join(map(str, m.weight_bits))}-bit weights (macro.weight_bits)")
+            if t.bits > m.cols:
+                raise CimcError(f"linear {op.loc!r}: {t.bits}-bit weights do not fit a macro row of {m.cols} columns")
+            q = w.owner.attrs if w.owner is not None and w.owner.name == "qweight" else {}
+            try:
+                tiling = Tiling.plan(k, n, w.type.dtype, m.rows, m.cols, c.macros_per_tile, q.get("group", 0),
+                                     q.get("scale_type", ""))
+            except ValueError as e:
+                raise CimcError(f"linear {op.loc!r}: {e}") from None
+            rw.set_attr(op, "tiling", tiling.to_attr())
         rw.set_module_attr("hw", {"name": ctx.hw.name, "fingerprint": ctx.hw.fingerprint()})

@@ -40,7 +40,7 @@ def min_traffic(module: Module, hw: HardwareConfig) -> MinTraffic:
     for op in module.ops:
         if op.name == "linear":
             t = Tiling.from_attr(op.attrs["tiling"])
-            terms["weights"][0] += t.k * t.n * t.wbits / 8
+            terms["weights"][0] += t.least_bytes()
             if len(op.operands) == 3:
                 _once(seen, op.operands[2], terms)
         elif op.name == "embedding":

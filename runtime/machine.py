@@ -13,6 +13,7 @@ import numpy as np
 
 from isa.cost import macros_used
 from isa.diag import CimcError
+from isa.dtypes import elem
 from isa.fields import REGS, SPACES, Mem
 from isa.program import Program
 
@@ -21,6 +22,17 @@ G = SPACES.index("g")
 
 class SimError(CimcError):
     """The program did something the machine cannot do (bad address, bad index, ...)."""
+
+
+@dataclass
+class Group:
+    """A weight group held in a tile's macros: its values (unpacked), the macros it occupies, its
+    type, and (filled on first use) its sums of |w| per partial-sum group size."""
+
+    weights: np.ndarray
+    macros: int
+    wt: str
+    abs_sums: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -33,7 +45,8 @@ class Machine:
     rw_base: int
     regs: np.ndarray
     array: tuple[int, int, int, int]  # tiles, macros per tile, macro rows, macro cols
-    macros: dict[tuple[int, int], tuple[np.ndarray, int]] = field(default_factory=dict)  # (tile, m0) -> group, macros
+    accum_bits: int  # width of a macro's partial-sum accumulator
+    macros: dict[tuple[int, int], Group] = field(default_factory=dict)  # (tile, m0) -> the group loaded there
     trace: list | None = None  # when set: (instr, space, lo, hi, write, row pitch, row bytes) per access
     current: int = 0
 
@@ -49,19 +62,21 @@ class Machine:
         return cls(np.zeros(max(gbuf, 64), np.uint8), program.dram.array(),
                    np.zeros(max(int(meta["rw_bytes"]), 64), np.uint8), int(meta["rw_base"]),
                    np.zeros(len(REGS), np.int64),
-                   (int(chip["tiles"]), int(chip["macros_per_tile"]), int(macro["rows"]), int(macro["cols"])))
+                   (int(chip["tiles"]), int(chip["macros_per_tile"]), int(macro["rows"]), int(macro["cols"])),
+                   int(macro["accum_bits"]))
 
-    def load_group(self, tile: int, m0: int, weights: np.ndarray, wbits: int) -> None:
-        """Write a weight group into macros m0.. of a tile; groups it overlaps are overwritten."""
+    def load_group(self, tile: int, m0: int, weights: np.ndarray, wt: str) -> None:
+        """Write a weight group of type `wt` into macros m0.. of a tile; groups it overlaps are
+        overwritten."""
         tiles, per_tile, rows, cols = self.array
-        used = macros_used(*weights.shape, wbits, rows, cols)
+        used = macros_used(*weights.shape, elem(wt).bits, rows, cols)
         if tile >= tiles or m0 + used > per_tile:
-            raise SimError(f"a {weights.shape[0]} x {weights.shape[1]} group of {wbits}-bit weights needs {used} "
+            raise SimError(f"a {weights.shape[0]} x {weights.shape[1]} group of {wt} weights needs {used} "
                            f"macros from tile {tile} macro {m0}; the chip has {tiles} tiles of {per_tile} macros")
-        for key in [key for key, (_, n) in self.macros.items() if key[0] == tile and m0 < key[1] + n
+        for key in [key for key, g in self.macros.items() if key[0] == tile and m0 < key[1] + g.macros
                     and key[1] < m0 + used]:
             del self.macros[key]
-        self.macros[(tile, m0)] = weights, used
+        self.macros[(tile, m0)] = Group(weights, used, wt)
         self.touch_macros(tile, m0, used, write=True)
 
     def _memory(self, m: Mem, write: bool) -> tuple[np.ndarray, int]:

@@ -1,4 +1,4 @@
-"""What each instruction does to the machine state, in numpy (fp32 datapath).
+"""What each instruction does to the machine state, in numpy (the macros' integer arithmetic in `runtime.macro`).
 
 One function per row of the ISA table, registered by mnemonic; `SEMANTICS` must cover the table
 exactly (checked at import). Functions only compute: timing and energy are charged elsewhere
@@ -13,11 +13,12 @@ from functools import partial
 
 import numpy as np
 
-from isa.dtypes import elem
+from isa.dtypes import elem, unpack
 from isa.encoding import Instr
-from isa.fields import DTYPES, Dim
+from isa.fields import DTYPES, WEIGHT_TYPES, Dim
 from isa.spec import BY_NAME
 from runtime.machine import Machine, SimError
+from runtime.macro import abs_sums, float_partial_sums, group_sums, partial_sums, rescale
 
 Semantics = Callable[[Machine, dict], None]
 SEMANTICS: dict[str, Semantics] = {}
@@ -63,22 +64,49 @@ def _gather(m: Machine, f: dict) -> None:
 
 @sem("wload")
 def _wload(m: Machine, f: dict) -> None:
-    m.load_group(f["tile"], f["m0"], np.array(m.view(f["src"], f["k"], f["n"]), dtype=F32), f["wbits"])
+    k, n, wt = f["k"], f["n"], WEIGHT_TYPES[f["wt"]]
+    t = elem(wt)
+    if t.is_float:
+        w = np.array(m.view(f["src"], k, n, dtype=t.numpy), dtype=F32)
+    else:
+        raw = m.view(f["src"]._replace(stride=0), 1, t.packed_bytes(k * n), dtype="u1")[0]
+        w = unpack(raw, wt, k * n).reshape(k, n)
+    m.load_group(f["tile"], f["m0"], w, wt)
 
 
 @sem("mvm")
 def _mvm(m: Machine, f: dict) -> None:
+    k, n, wt, xt = f["k"], f["n"], WEIGHT_TYPES[f["wt"]], DTYPES[f["xt"]]
     group = m.macros.get((f["tile"], f["m0"]))
-    if group is None or group[0].shape != (f["k"], f["n"]):
-        got = "nothing" if group is None else f"a {group[0].shape[0]} x {group[0].shape[1]} group"
-        raise SimError(f"mvm on tile {f['tile']} macro {f['m0']} expects a {f['k']} x {f['n']} weight group, "
+    if group is None or group.weights.shape != (k, n) or group.wt != wt:
+        got = "nothing" if group is None else f"a {group.weights.shape[0]} x {group.weights.shape[1]} {group.wt} group"
+        raise SimError(f"mvm on tile {f['tile']} macro {f['m0']} expects a {k} x {n} {wt} weight group, "
                        f"but {got} is loaded there")
-    w, used = group
-    m.touch_macros(f["tile"], f["m0"], used, write=False)
+    m.touch_macros(f["tile"], f["m0"], group.macros, write=False)
     nvec = dim(m, f["nvec"])
-    x = m.view(f["src"], nvec, f["k"])
-    y = np.matmul(x, w)
-    dst = m.view(f["dst"], nvec, f["n"], write=True)
+    x_type, w_type = elem(xt), elem(wt)
+    if w_type.is_float:
+        if not x_type.is_float or x_type.bits != 32:
+            raise SimError(f"mvm: f32 weights take f32 inputs, not {xt}")
+        y = np.matmul(m.view(f["src"], nvec, k), group.weights)
+    else:
+        if xt not in ("f32", "i8", "u8"):
+            raise SimError(f"mvm: integer weights take f32, i8 or u8 inputs, not {xt}")
+        gk = f["gk"] or k
+        groups = -(-k // gk)
+        ws = np.array(m.view(f["ws"], groups, n, dtype=elem(DTYPES[f["wst"]]).numpy))
+        z = None if w_type.signed else np.array(m.view(f["wz"], groups, n, dtype="u1"))
+        x = np.array(m.view(f["src"], nvec, k, dtype=x_type.numpy))
+        if x_type.is_float:
+            y = rescale(float_partial_sums(x, group.weights, gk, z), None, ws)
+        else:
+            if gk not in group.abs_sums:
+                group.abs_sums[gk] = abs_sums(group.weights, gk)
+            p = partial_sums(x, group.weights, gk, xt, m.accum_bits, group.abs_sums[gk])
+            if z is not None:
+                p = p - z[None].astype(np.int64) * group_sums(x, gk)[:, :, None]
+            y = rescale(p, np.array(m.view(f["xs"], nvec, groups)), ws)
+    dst = m.view(f["dst"], nvec, n, write=True)
     if f["acc"]:
         dst += y
     else:
@@ -192,6 +220,22 @@ def _vmm(m: Machine, f: dict) -> None:
         dst += res
     else:
         dst[...] = res
+
+
+@sem("vquant")
+def _vquant(m: Machine, f: dict) -> None:
+    rows, cols = dim(m, f["rows"]), dim(m, f["cols"])
+    g = f["group"] or cols
+    groups = -(-cols // g)
+    x = np.zeros((rows, groups * g), F32)
+    x[:, :cols] = m.view(f["src"], rows, cols)
+    x = x.reshape(rows, groups, g)
+    scale = (np.abs(x).max(axis=2, initial=F32(0)) / F32(127)).astype(F32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(scale != 0, F32(1) / scale, F32(0)).astype(F32)
+    q = np.clip(np.rint(x * inv[:, :, None]), -127, 127).astype(np.int8).reshape(rows, groups * g)[:, :cols]
+    m.view(f["sc"], rows, groups, write=True)[...] = scale
+    m.view(f["dst"], rows, cols, dtype="i1", write=True)[...] = q
 
 
 @sem("vcausal")

@@ -7,7 +7,8 @@ stays in the buffer until it starts (units keep no queues of their own), so bloc
 fetched into the half block b - 1 used once every instruction of block b - 1 has started
 (blocks 0 and 1 at the start). An instruction is ready when it is dispatched, every barrier in its wait
 mask is clear (every earlier instruction that signals one of them has ended), the unit that
-executes it (a tile or an SFU) has finished its previous instruction, and, if it touches DRAM,
+executes it (a tile or an SFU; an MVM of integer weights also uses its tile's SFU) has finished
+its previous instruction, and, if it touches DRAM,
 one of the controller's `dram.max_outstanding` transfer slots is free (a slot frees when its
 transfer has completed: its data moved and its first-access latency passed).
 
@@ -17,8 +18,8 @@ shared by several requesters, so they serve transfers by time, not by program or
 that is ready early uses the idle time left before transfers booked later (a weight load
 waiting for its stage, say), if it fits there (`isa.booking`). It holds each resource for that
 resource's busy time and ends when the slowest is done plus its latency (DRAM first access,
-interconnect hops); its executing unit is held until it ends, so units run their instructions in
-program order. The loop is compiled with numba.
+interconnect hops); its executing units are held until it ends, so units run their instructions
+in program order. The loop is compiled with numba.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def schedule(costs: InstrCosts, sig: np.ndarray, wait: np.ndarray, n_units: int,
     np.cumsum(np.bincount(blocks, minlength=len(fetch.busy)), out=fptr[1:])
     wptr, wbits = mask_bits(wait)
     start, end, f_start, f_end = _play(
-        costs.ptr, costs.unit, costs.busy, costs.main, costs.latency, costs.dram_done,
+        costs.ptr, costs.unit, costs.busy, costs.main, costs.also, costs.latency, costs.dram_done,
         np.asarray(sig, dtype=np.int64), wptr, wbits, fptr, chans.astype(np.int64), fetch.busy[blocks, chans],
         float(fetch.latency), int(fetch.per_block), float(fetch.dispatch), Bookings.empty(n_units),
         int(max_outstanding))
@@ -71,8 +72,8 @@ def _fetch(bk, b, ready, fptr, funit, fbusy, flat, slots, f_start, f_end):
 
 
 @njit(cache=True)
-def _play(ptr, unit, busy, main, lat, dram_done, sig, wptr, wbits, fptr, funit, fbusy, flat, per_block, dispatch, bk,
-          max_outstanding):
+def _play(ptr, unit, busy, main, also, lat, dram_done, sig, wptr, wbits, fptr, funit, fbusy, flat, per_block,
+          dispatch, bk, max_outstanding):
     n, n_blocks = len(main), len(fptr) - 1
     done = np.zeros(len(bk.horizon))  # executing units: when their last instruction ends
     bar = np.zeros(N_BARRIERS)
@@ -102,14 +103,16 @@ def _play(ptr, unit, busy, main, lat, dram_done, sig, wptr, wbits, fptr, funit, 
         if dram_done[i]:
             slot = np.argmin(slots)
             t = max(t, slots[slot])
-        u0 = main[i]
+        u0, u1 = main[i], also[i]
         if u0 >= 0:
             t = max(t, done[u0])
+        if u1 >= 0:
+            t = max(t, done[u1])
         longest = 0.0
         c = 0
         for j in range(ptr[i], ptr[i + 1]):
             longest = max(longest, busy[j])
-            if unit[j] != u0:
+            if unit[j] != u0 and unit[j] != u1:
                 moves_u[c], moves_d[c] = unit[j], busy[j]
                 c += 1
         if c:
@@ -117,6 +120,8 @@ def _play(ptr, unit, busy, main, lat, dram_done, sig, wptr, wbits, fptr, funit, 
         e = t + longest + lat[i]
         if u0 >= 0:
             done[u0] = e
+        if u1 >= 0:
+            done[u1] = e
         if dram_done[i]:  # its slot frees when its data has come, not when it ends
             slots[slot] = t + dram_done[i]
         start[i], end[i] = t, e

@@ -56,8 +56,9 @@ def make_program(dram: DramImage | None = None) -> Program:
     instrs = [
         Instr("dma", {"dst": Mem(0, 0x100, 6), "src": Mem(1, 0x40, 6), "rows": Dim(0, 1), "cols": Dim(0, 6),
                       "dt": "f32"}, sig=1),
-        Instr("mvm", {"tile": 1, "m0": 2, "k": 6, "n": 8, "wbits": 8, "abits": 8, "acc": 0,
-                      "dst": Mem(0, 0x200, 8), "src": Mem(0, 0x100, 6), "nvec": Dim(1, 0)},
+        Instr("mvm", {"tile": 1, "m0": 2, "k": 6, "n": 8, "wt": "i8", "xt": "i8", "gk": 0, "acc": 0,
+                      "wst": "f16", "dst": Mem(0, 0x200, 8), "src": Mem(0, 0x100, 6), "nvec": Dim(1, 0),
+                      "xs": Mem(0, 0x300, 1), "ws": Mem(1, 0x400, 8), "wz": Mem(0, 0, 0)},
               sig=2, wait=1 << 1),
         Instr("vaffine", {"tile": 1, "dst": Mem(1, 0x3800, 8, 2), "src": Mem(0, 0x200, 8), "rows": Dim(1, 0),
                           "cols": Dim(0, 8), "alpha": -0.0, "beta": float("inf")}, wait=1 << 2),

@@ -17,12 +17,14 @@ RNG = np.random.default_rng(7)
 R, C = 3, 8  # rows, cols of the test operands
 A, B, OUT, EXTRA = 0x000, 0x400, 0x800, 0xC00  # byte addresses in the global buffer
 RW = 0x10000  # DRAM read-write region base
+NONE = Mem(0, 0, 0)
+F32_MVM = {"wt": "f32", "xt": "f32", "gk": 0, "wst": "f32", "xs": NONE, "ws": NONE, "wz": NONE}  # float MVM fields
 
 
 def _machine(seq: int = R) -> Machine:
     image = RNG.standard_normal(256).astype("<f4").view(np.uint8)
     m = Machine(np.zeros(0x1000, np.uint8), image, np.zeros(0x400, np.uint8), RW,
-                np.array([0, seq, 0, seq], np.int64), (8, 4, C, 128))
+                np.array([0, seq, 0, seq], np.int64), (8, 4, C, 128), 24)
     for addr in (A, B):
         m.view(Mem(0, addr, C), R, C, write=True)[...] = RNG.standard_normal((R, C)).astype(np.float32) + 0.5
     return m
@@ -48,7 +50,7 @@ UNARY = {
 }
 BINARY = {"vadd": np.add, "vsub": np.subtract, "vmul": np.multiply, "vdiv": np.divide, "vmax": np.maximum}
 COVERED = {*UNARY, *BINARY, "halt", "sync", "dma", "gather", "wload", "mvm", "tred", "vaffine", "vrsum", "vrmax",
-           "vrope", "vmm", "vcausal"}
+           "vrope", "vmm", "vcausal", "vquant"}
 
 
 def test_every_instruction_has_a_semantics_test() -> None:
@@ -112,32 +114,32 @@ def test_gather_checks_the_vocabulary() -> None:
 def test_wload_then_mvm_with_accumulate() -> None:
     m = _machine()
     w = np.array(m.view(Mem(1, 0, 4), C, 4))
-    run(m, "wload", tile=5, m0=0, k=C, n=4, wbits=32, src=Mem(1, 0, 4))
+    run(m, "wload", tile=5, m0=0, k=C, n=4, wt="f32", src=Mem(1, 0, 4))
     x = _get(m, A)
-    run(m, "mvm", tile=5, m0=0, k=C, n=4, wbits=32, abits=32, acc=0, dst=g(OUT, 4), src=g(A), nvec=Dim(1, 0))
+    run(m, "mvm", tile=5, m0=0, k=C, n=4, **F32_MVM, acc=0, dst=g(OUT, 4), src=g(A), nvec=Dim(1, 0))
     np.testing.assert_allclose(_get(m, OUT, R, 4, 4), x @ w, rtol=1e-5)
-    run(m, "mvm", tile=5, m0=0, k=C, n=4, wbits=32, abits=32, acc=1, dst=g(OUT, 4), src=g(A), nvec=Dim(1, 0))
+    run(m, "mvm", tile=5, m0=0, k=C, n=4, **F32_MVM, acc=1, dst=g(OUT, 4), src=g(A), nvec=Dim(1, 0))
     np.testing.assert_allclose(_get(m, OUT, R, 4, 4), 2 * (x @ w), rtol=1e-5)
-    with pytest.raises(SimError, match="expects a 8 x 2 weight group"):
-        run(m, "mvm", tile=5, m0=0, k=C, n=2, wbits=32, abits=32, acc=0, dst=g(OUT, 4), src=g(A), nvec=R)
+    with pytest.raises(SimError, match="expects a 8 x 2 f32 weight group"):
+        run(m, "mvm", tile=5, m0=0, k=C, n=2, **F32_MVM, acc=0, dst=g(OUT, 4), src=g(A), nvec=R)
     with pytest.raises(SimError, match="but nothing is loaded"):
-        run(m, "mvm", tile=6, m0=0, k=C, n=4, wbits=32, abits=32, acc=0, dst=g(OUT, 4), src=g(A), nvec=R)
+        run(m, "mvm", tile=6, m0=0, k=C, n=4, **F32_MVM, acc=0, dst=g(OUT, 4), src=g(A), nvec=R)
 
 
 def test_weight_groups_occupy_macros() -> None:
     """A group takes ceil(k/rows) * ceil(n*wbits/cols) macros: it must fit its tile, and loading
     over part of an earlier group overwrites that group."""
     m = _machine()  # 8 tiles of 4 macros of C rows x 128 columns
-    run(m, "wload", tile=1, m0=0, k=C, n=8, wbits=32, src=Mem(1, 0, 8))  # macros 0-1
-    run(m, "wload", tile=1, m0=2, k=C, n=8, wbits=32, src=Mem(1, 0, 8))  # macros 2-3
+    run(m, "wload", tile=1, m0=0, k=C, n=8, wt="f32", src=Mem(1, 0, 8))  # macros 0-1
+    run(m, "wload", tile=1, m0=2, k=C, n=8, wt="f32", src=Mem(1, 0, 8))  # macros 2-3
     with pytest.raises(SimError, match="needs 2 macros from tile 1 macro 3; the chip has 8 tiles of 4 macros"):
-        run(m, "wload", tile=1, m0=3, k=C, n=8, wbits=32, src=Mem(1, 0, 8))
+        run(m, "wload", tile=1, m0=3, k=C, n=8, wt="f32", src=Mem(1, 0, 8))
     with pytest.raises(SimError, match="from tile 8 macro 0"):
-        run(m, "wload", tile=8, m0=0, k=C, n=4, wbits=32, src=Mem(1, 0, 4))
-    run(m, "wload", tile=1, m0=1, k=C, n=4, wbits=32, src=Mem(1, 0, 4))  # macro 1: overwrites the first group
-    with pytest.raises(SimError, match="tile 1 macro 0 expects a 8 x 8 weight group, but nothing is loaded"):
-        run(m, "mvm", tile=1, m0=0, k=C, n=8, wbits=32, abits=32, acc=0, dst=g(OUT, 8), src=g(A), nvec=R)
-    run(m, "mvm", tile=1, m0=2, k=C, n=8, wbits=32, abits=32, acc=0, dst=g(OUT, 8), src=g(A), nvec=R)
+        run(m, "wload", tile=8, m0=0, k=C, n=4, wt="f32", src=Mem(1, 0, 4))
+    run(m, "wload", tile=1, m0=1, k=C, n=4, wt="f32", src=Mem(1, 0, 4))  # macro 1: overwrites the first group
+    with pytest.raises(SimError, match="tile 1 macro 0 expects a 8 x 8 f32 weight group, but nothing is loaded"):
+        run(m, "mvm", tile=1, m0=0, k=C, n=8, **F32_MVM, acc=0, dst=g(OUT, 8), src=g(A), nvec=R)
+    run(m, "mvm", tile=1, m0=2, k=C, n=8, **F32_MVM, acc=0, dst=g(OUT, 8), src=g(A), nvec=R)
 
 
 def test_rope_rotates_halves_per_head() -> None:

@@ -131,7 +131,7 @@ def _priced(instrs: list, hw=None, regs=(0, 1, 0, 1)):
 def _wload(tile: int = 5, k: int = 128, n: int = 64, addr: int = 0):
     from isa.encoding import Instr
     from isa.fields import Mem
-    return Instr("wload", {"tile": tile, "m0": 0, "k": k, "n": n, "wbits": 32, "src": Mem(1, addr, n)})
+    return Instr("wload", {"tile": tile, "m0": 0, "k": k, "n": n, "wt": "f32", "src": Mem(1, addr, n)})
 
 
 def _uses(cm: CostModel, costs, i: int) -> dict[str, float]:
@@ -166,8 +166,10 @@ def test_weight_load_holds_every_resource_on_its_path() -> None:
 def _mvm(src_space: int, tile: int = 5, k: int = 128, n: int = 64, nvec: int = 4, acc: int = 0):
     from isa.encoding import Instr
     from isa.fields import Dim, Mem
-    return Instr("mvm", {"tile": tile, "m0": 0, "k": k, "n": n, "wbits": 32, "abits": 32, "acc": acc,
-                         "dst": Mem(0, 1 << 16, n), "src": Mem(src_space, 0, k), "nvec": Dim(0, nvec)})
+    none = Mem(0, 0, 0)
+    return Instr("mvm", {"tile": tile, "m0": 0, "k": k, "n": n, "wt": "f32", "xt": "f32", "gk": 0, "acc": acc,
+                         "nvec": Dim(0, nvec), "wst": "f32", "dst": Mem(0, 1 << 16, n), "src": Mem(src_space, 0, k),
+                         "xs": none, "ws": none, "wz": none})
 
 
 @pytest.mark.parametrize("src_space", [0, 1])

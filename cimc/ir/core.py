@@ -160,6 +160,14 @@ class Rewriter:
         self.replaced += len(old.uses)
         old.uses = []
 
+    def set_operand(self, op: Op, i: int, new: Value) -> None:
+        """Make operand i of `op` be `new`."""
+        old = op.operands[i]
+        old.uses.remove((op, i))
+        op.operands[i] = new
+        new.uses.append((op, i))
+        self.replaced += 1
+
     def erase(self, op: Op) -> None:
         """Remove an op whose results are unused."""
         for r in op.results:

@@ -11,7 +11,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from cimc.ir.core import CTX, SEQ, Dim, Op, TensorType
+from cimc.ir.quant import QUANT_TYPES
 from isa.dtypes import ACT, IDS
+
+#: How a linear's inputs enter the macros (its `act`).
+ACTS = ("f32", "i8")
 
 
 class TypeRuleError(ValueError):
@@ -146,6 +150,11 @@ def _linear(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
     rows, k = _matrix(ts[0], "input")
     wk, n = _matrix(ts[1], "weight")
     _float(ts[0], "input")
+    quantized = ts[1].dtype in QUANT_TYPES
+    _need(quantized or ts[1].dtype == ACT, f"weight must be {ACT} or one of {', '.join(QUANT_TYPES)}, got {ts[1]}")
+    act = attrs.get("act", ACT)
+    _need(act in ACTS, f"act must be one of {', '.join(ACTS)}, got {act!r}")
+    _need(quantized or act == ACT, f"act {act} needs integer weights (a qweight), got {ts[1]}")
     _need(k == wk, f"input has {k} columns but the weight has {wk} rows")
     if len(ts) == 3:
         _need(ts[2].shape == (n,), f"bias must be f32[{n}], got {ts[2]}")
@@ -208,6 +217,11 @@ _def("output", ("value",), _none, "a graph output, written to DRAM under its ONN
      "cache shown as [1, heads, ctx, head_dim]", _IO, {"heads": "int"}, unit="none", interface=True, effect=True)
 _def("weight", (), from_attr, "an ONNX initializer (optionally transposed), read lazily from the model",
      {"init": "str"}, {"transpose": "bool"}, unit="none", constant=True)
+_def("qweight", (), from_attr,
+     "integer weights [K, N] with a scale (and, for unsigned types, a zero point) per group of `group` rows "
+     "(0: all K) and column; `format` says where the numbers come from (cimc.ir.quant)",
+     {"init": "str", "format": "str", "group": "int", "scale_type": "str"},
+     {"transpose": "bool", "scales": "str", "zero_points": "str"}, unit="none", constant=True)
 _def("const", (), from_attr,
      "a constant folded at compile time; `data` is base64 of little-endian row-major values, "
      "position tables (ctx rows) stored up to max_ctx", {"data": "str"}, unit="none", constant=True)
@@ -218,7 +232,10 @@ _def("kv_append", ("cache", "x"), _kv_append,
      "write x's rows at positions past .. past+seq-1 of the cache; the result is the updated cache", unit="dma",
      state=True, effect=True)
 _def("embedding", ("ids", "table"), _embedding, "table rows gathered by token id", unit="dma")
-_def("linear", ("x", "w", "bias?"), _linear, "x @ w (+ bias): the op that runs on the CIM macros", unit="macro")
+_def("linear", ("x", "w", "bias?"), _linear,
+     "x @ w (+ bias): the op that runs on the CIM macros; with integer weights, `act` is how its inputs enter "
+     "the macros: f32 (float compute on the exact dequantized weights) or i8 (dynamic symmetric int8, one "
+     "scale per token and weight scale group)", optional={"act": "str"}, unit="macro")
 _def("rms_norm", ("x", "w"), _rms_norm, "x / sqrt(mean(x^2, cols) + eps) * w", {"eps": "float"})
 _def("rope", ("x", "cos", "sin"), _rope,
      "rotary embedding, rotate-half form, applied to each head_dim slice of each row", {"head_dim": "int"})

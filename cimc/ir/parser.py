@@ -6,6 +6,7 @@ Errors are `SourceError`s: `file:line:col: message` with the line and a caret.
 from __future__ import annotations
 
 import json
+import re
 from functools import cache
 from importlib import resources
 
@@ -15,11 +16,14 @@ from cimc.ir.core import CTX, SEQ, Module, Op, TensorType, Value
 from cimc.ir.printer import VERSION
 from cimc.ir.verifier import VerifyError, verify_module
 from isa.diag import SourceError
+from isa.dtypes import ELEM_TYPES
 
 
 @cache
 def _parser() -> Lark:
     grammar = resources.files("cimc.ir").joinpath("grammar.lark").read_text()
+    types = " | ".join(f'"{t}"' for t in sorted(ELEM_TYPES, key=len, reverse=True))
+    grammar = re.sub(r"^DTYPE:.*$", f"DTYPE: {types}", grammar, flags=re.M)
     return Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True)
 
 

@@ -1,0 +1,114 @@
+"""What a `qweight` op holds, in numbers: integer weights, their scales and zero points.
+
+A `qweight` is a `[K, N]` matrix of an integer type (`i4`, `i8`, or `u4`, `u8` with zero
+points) with one scale (and zero point) per group of `group` rows and column (`group = 0`: one
+per column over all K). Its `format` says where the numbers come from:
+
+- `rtn`: the float initializer `init` (transposed with `transpose`), quantized at compile time by
+  symmetric round-to-nearest: per group and column, m is the value of largest magnitude and
+  s = m / -2^(b-1), stored as `scale_type`; q = clip(round_half_even(w / s), lo, hi) with the
+  stored s (so the extreme value maps to -2^(b-1) exactly and no level is wasted, as MLAS's
+  blockwise quantizer and llama.cpp's Q4_0 do). An all-zero group has s = 0 and q = 0.
+- `matmulnbits`: a `com.microsoft:MatMulNBits` node's own initializers, kept as they are: `init`
+  is B `[N, K/block, block*bits/8]` (two 4-bit values to a byte, low nibble first), `scales`
+  `[N * K/block]`, `zero_points` (optional) packed like B per row of N; without zero points the
+  zero point is 2^(bits-1) and the weights are stored exactly as the signed type q - 2^(bits-1).
+
+`materialize` turns an op's attributes into a `QuantWeight`; codegen streams it into DRAM and
+the tests compare it with onnxruntime's own dequantization.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from isa.dtypes import elem
+
+#: Integer weight types a `qweight` may have, and the formats it may come from.
+QUANT_TYPES = ("i4", "i8", "u4", "u8")
+FORMATS = ("rtn", "matmulnbits")
+
+
+@dataclass(frozen=True)
+class QuantWeight:
+    """q [K, N] (int16, values of `wt`), scales [G, N] (of `scale_type`) and zero points [G, N]
+    (uint8; None for a signed `wt`), G = ceil(K / group) (1 for group 0)."""
+
+    q: np.ndarray
+    scales: np.ndarray
+    zero: np.ndarray | None
+    group: int
+
+    def dequantize(self) -> np.ndarray:
+        """The float weights these stand for: (q - zero) * scale, in f32."""
+        k = self.q.shape[0]
+        rows = np.repeat(np.arange(self.scales.shape[0]), self.group or k)[:k]
+        w = self.q.astype(np.float32)
+        if self.zero is not None:
+            w = w - self.zero[rows].astype(np.float32)
+        return w * self.scales[rows].astype(np.float32)
+
+
+def groups(k: int, group: int) -> int:
+    """Scale groups along K."""
+    return -(-k // group) if group else 1
+
+
+def rtn(w: np.ndarray, wt: str, group: int, scale_type: str) -> QuantWeight:
+    """Symmetric round-to-nearest quantization of a float [K, N] matrix (see the module doc)."""
+    t = elem(wt)
+    k, n = w.shape
+    g = groups(k, group)
+    size = group or k
+    padded = np.zeros((g * size, n), np.float32)
+    padded[:k] = w
+    blocks = padded.reshape(g, size, n)
+    at = np.abs(blocks).argmax(axis=1)  # [G, N]
+    m = np.take_along_axis(blocks, at[:, None, :], axis=1)[:, 0, :]
+    scales = (m / np.float32(t.lo)).astype(elem(scale_type).np())
+    s = scales.astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(s[:, None, :] != 0, np.rint(blocks / s[:, None, :]), 0.0)
+    q = np.clip(q, t.lo, t.hi).astype(np.int16).reshape(g * size, n)[:k]
+    return QuantWeight(q, scales, None, group)
+
+
+def _nibbles(raw: np.ndarray, count: int, bits: int) -> np.ndarray:
+    """The first `count` unsigned values of `bits` bits per row of packed bytes [rows, bytes]."""
+    raw = np.asarray(raw, np.uint8)
+    if bits == 8:
+        return raw[:, :count].astype(np.int16)
+    out = np.empty((raw.shape[0], raw.shape[1] * 2), np.int16)
+    out[:, 0::2], out[:, 1::2] = raw & 0x0F, raw >> 4
+    return out[:, :count]
+
+
+def matmulnbits(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int, n: int, bits: int,
+                block: int) -> QuantWeight:
+    """A MatMulNBits node's weights as a QuantWeight (see the module doc)."""
+    g = groups(k, block)
+    q = _nibbles(np.asarray(b).reshape(n, -1), g * block, bits).reshape(n, g * block)[:, :k].T
+    s = np.asarray(scales).reshape(n, g).T
+    if zero_points is None:
+        return QuantWeight(np.ascontiguousarray(q - (1 << (bits - 1))), np.ascontiguousarray(s), None, block)
+    z = _nibbles(np.asarray(zero_points).reshape(n, -1), g, bits).T.astype(np.uint8)
+    return QuantWeight(np.ascontiguousarray(q), np.ascontiguousarray(s), np.ascontiguousarray(z), block)
+
+
+def materialize(attrs: dict, wt: str, shape: tuple[int, int], get: Callable[[str], np.ndarray]) -> QuantWeight:
+    """The numbers of a `qweight` with these attributes, type and [K, N] shape; `get` reads an
+    initializer by name."""
+    k, n = shape
+    fmt = attrs["format"]
+    if fmt == "rtn":
+        w = get(attrs["init"])
+        w = w.T if attrs.get("transpose", False) else w
+        return rtn(np.asarray(w, np.float32), wt, attrs["group"], attrs["scale_type"])
+    if fmt == "matmulnbits":
+        zp = attrs.get("zero_points", "")
+        return matmulnbits(get(attrs["init"]), get(attrs["scales"]), get(zp) if zp else None, k, n,
+                           elem(wt).bits, attrs["group"])
+    raise ValueError(f"unknown qweight format {fmt!r} (formats: {', '.join(FORMATS)})")

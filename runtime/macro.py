@@ -1,0 +1,103 @@
+"""The CIM macros' integer arithmetic, bit-exact, and the packing of weights in DRAM.
+
+A digital SRAM CIM macro multiplies bit-serially: input bit plane b of every row enters the
+adder tree, which sums bit_b(x[k]) * w[k] over the rows exactly, and a shift-and-add
+accumulator of `accum_bits` bits adds 2^b times that sum, the top plane of a signed input
+negated (two's complement). The accumulator saturates at every step. `partial_sums` computes
+exactly that. Every intermediate sum is bounded by sum |w| times the largest input magnitude
+(2^(bits-1) signed, 2^bits - 1 unsigned; the low-bit prefixes stay below it), so where that
+bound fits the accumulator, checked per column, no step saturates and the result is the plain
+integer product: computed as one matrix product in float64 (exact: every value is far below
+2^53). Only the columns that could saturate are computed plane by plane.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from isa.dtypes import elem
+
+
+def abs_sums(w: np.ndarray, gk: int) -> np.ndarray:
+    """[G, n] sum of |w| over each group of gk rows."""
+    k, n = w.shape
+    groups = -(-k // gk)
+    padded = np.zeros((groups * gk, n), np.int64)
+    padded[:k] = np.abs(w)
+    return padded.reshape(groups, gk, n).sum(axis=1)
+
+
+def partial_sums(x: np.ndarray, w: np.ndarray, gk: int, xt: str, accum_bits: int,
+                 sums: np.ndarray | None = None) -> np.ndarray:
+    """[nvec, G, n] int64: per group of gk rows, the macros' saturating bit-serial products of
+    the integer inputs x [nvec, k] (type xt) with the integer weights w [k, n]. `sums` is
+    `abs_sums(w, gk)`, if known."""
+    t = elem(xt)
+    nvec, k = x.shape
+    n = w.shape[1]
+    groups = -(-k // gk)
+    xg = np.zeros((nvec, groups * gk), np.int64)
+    xg[:, :k] = x
+    wg = np.zeros((groups * gk, n), np.int64)
+    wg[:k] = w
+    xg = xg.reshape(nvec, groups, gk).transpose(1, 0, 2)  # [G, nvec, gk]
+    wg = wg.reshape(groups, gk, n)  # [G, gk, n]
+    out = np.matmul(xg.astype(np.float64), wg.astype(np.float64)).transpose(1, 0, 2)  # [nvec, G, n], exact
+    hi = (1 << (accum_bits - 1)) - 1
+    if sums is None:
+        sums = abs_sums(w, gk)
+    largest = (1 << (t.bits - 1)) if t.signed else (1 << t.bits) - 1  # |x| and every low-bit prefix
+    risky = sums * largest > hi  # [G, n]: columns some step of which could saturate
+    if risky.any():
+        gs, js = np.nonzero(risky)
+        out[:, gs, js] = _bit_serial(xg[gs], wg[gs, :, js], t.bits, t.signed, accum_bits)
+    return out.astype(np.int64)
+
+
+def float_partial_sums(x: np.ndarray, w: np.ndarray, gk: int, z: np.ndarray | None = None) -> np.ndarray:
+    """[nvec, G, n] f32: per group of gk rows, f32 inputs x [nvec, k] times the integer weights
+    (minus their zero points z [G, n], if any)."""
+    nvec, k = x.shape
+    groups = -(-k // gk)
+    xg = np.zeros((nvec, groups * gk), np.float32)
+    xg[:, :k] = x
+    wg = np.zeros((groups * gk, w.shape[1]), np.float32)
+    wg[:k] = w
+    wg = wg.reshape(groups, gk, -1)
+    if z is not None:
+        wg = wg - z[:, None, :].astype(np.float32)
+    return np.matmul(xg.reshape(nvec, groups, gk).transpose(1, 0, 2), wg).transpose(1, 0, 2)
+
+
+def group_sums(x: np.ndarray, gk: int) -> np.ndarray:
+    """[nvec, G] int64: the sum of the integer inputs x [nvec, k] over each group of gk rows."""
+    nvec, k = x.shape
+    groups = -(-k // gk)
+    xg = np.zeros((nvec, groups * gk), np.int64)
+    xg[:, :k] = x
+    return xg.reshape(nvec, groups, gk).sum(axis=2)
+
+
+def _bit_serial(x: np.ndarray, w: np.ndarray, bits: int, signed: bool, accum_bits: int) -> np.ndarray:
+    """x [m, nvec, gk], w [m, gk] (integers; one column each): the accumulator, plane by plane -> [nvec, m]."""
+    lo, hi = -(1 << (accum_bits - 1)), (1 << (accum_bits - 1)) - 1
+    xi = x & ((1 << bits) - 1)  # two's complement bit patterns
+    w = w.astype(np.float64)
+    acc = np.zeros((x.shape[1], x.shape[0]), np.int64)
+    for b in range(bits):
+        plane = ((xi >> b) & 1).astype(np.float64)  # [m, nvec, gk]
+        p = np.einsum("mvk,mk->vm", plane, w).astype(np.int64)
+        step = -(p << b) if signed and b == bits - 1 else p << b
+        acc = np.clip(acc + step, lo, hi)
+    return acc
+
+
+def rescale(p: np.ndarray, xs: np.ndarray | None, ws: np.ndarray) -> np.ndarray:
+    """[nvec, n] f32: sum over groups g, in order, of f32(p[:, g]) * (xs[:, g] * ws[g]) (p [nvec, G, n],
+    xs [nvec, G] or None for float inputs, ws [G, n])."""
+    ws = ws.astype(np.float32)
+    y = np.zeros((p.shape[0], p.shape[2]), np.float32)
+    for g in range(p.shape[1]):
+        scale = ws[g][None, :] if xs is None else xs[:, g:g + 1].astype(np.float32) * ws[g][None, :]
+        y += p[:, g].astype(np.float32) * scale
+    return y
