@@ -171,6 +171,16 @@ def test_vmm_causal_softmax_pieces() -> None:
     np.testing.assert_allclose(_get(m, EXTRA), 1.5 * (p @ k), rtol=1e-5)
 
 
+def test_vquant_scales_each_row_group() -> None:
+    m = _machine()
+    x = _get(m, A)
+    run(m, "vquant", tile=3, dst=g(OUT), sc=g(EXTRA, 2), src=g(A), rows=R, cols=C, group=C // 2)
+    s = (np.abs(x).reshape(R, 2, C // 2).max(axis=2) / np.float32(127)).astype(np.float32)
+    np.testing.assert_array_equal(_get(m, EXTRA, R, 2, 2), s)
+    want = np.clip(np.rint(x * np.repeat(np.float32(1) / s, C // 2, axis=1)), -127, 127)
+    np.testing.assert_array_equal(np.array(m.view(g(OUT), R, C, dtype="i1")), want)
+
+
 def test_attention_pieces_over_no_keys() -> None:
     """With nothing cached, the past-key block of an attention has no columns: its row maximum
     is -inf, its row sum 0, and its product adds nothing."""
