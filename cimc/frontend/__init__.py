@@ -7,9 +7,11 @@ from pathlib import Path
 
 import onnx
 
+from cimc.frontend import quantized  # noqa: F401  (registers its converters)
+from cimc.frontend.converters import STANDARD, Unsupported, find
 from cimc.frontend.fold import Binding, analyze, find_roles, position_tables, prepare
 from cimc.frontend.lift import Lifter, cannot_compile
-from cimc.frontend.model import OnnxModel, WeightStore, open_model
+from cimc.frontend.model import Node, OnnxModel, WeightStore, open_model
 from cimc.ir.core import Module
 from isa.diag import CimcError
 
@@ -30,11 +32,9 @@ def import_onnx(path: str | os.PathLike, *, max_seq: int = 256, max_ctx: int | N
     if max_ctx < max_seq:
         raise CimcError(f"--max-ctx ({max_ctx}) must be at least --max-seq ({max_seq})")
     model, weights = open_model(path)
-    standard = ("", "ai.onnx")
-    foreign = [(n, "operator not supported yet" if n.domain not in standard else "not a standard ONNX operator")
-               for n in model.nodes if n.domain not in standard or not onnx.defs.has(n.op_type)]
-    if foreign:
-        raise cannot_compile(model, foreign)
+    refused = [(n, why) for n in model.nodes if (why := _refusal(model, n))]
+    if refused:
+        raise cannot_compile(model, refused)
     dims = dict(dims or {})
     roles = find_roles(model)
     # The graph is lifted at small, distinct lengths (no axis of interest has size 1), compared
@@ -50,3 +50,17 @@ def import_onnx(path: str | os.PathLike, *, max_seq: int = 256, max_ctx: int | N
     facts["table"] = analyze(model, prep, Binding(max(max_ctx, past + 6), 0), dims, roles, only=tables)
     module = Lifter(model, facts, roles, max_seq, max_ctx, Path(path).stem).run()
     return module, weights
+
+
+def _refusal(model: OnnxModel, node: Node) -> str:
+    """Why `node` cannot be compiled, from its op and attributes alone ("" if it may be)."""
+    conv = find(node)
+    if conv is not None:
+        try:
+            conv.check(model, node)
+        except Unsupported as e:
+            return str(e)
+        return ""
+    if node.domain not in STANDARD:
+        return "operator not supported yet"
+    return "" if onnx.defs.has(node.op_type) else "not a standard ONNX operator"

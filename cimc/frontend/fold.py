@@ -29,6 +29,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
+from cimc.frontend import converters
 from cimc.frontend.model import Node, OnnxModel, WeightStore
 from isa.diag import CimcError
 
@@ -103,8 +104,13 @@ def data_values(model: OnnxModel, roles: Roles) -> set[str]:
 
 
 def weight_derived(model: OnnxModel, data: set[str]) -> set[str]:
-    """Weight initializers and static values computed from them (kept lazy, never folded)."""
+    """Weight initializers (float matrices, and those a converter keeps on disk) and static
+    values computed from them (kept lazy, never folded)."""
     lazy = {name for name in model.initializers if model.is_weight(name)}
+    for n in model.nodes:
+        conv = converters.find(n)
+        if conv is not None:
+            lazy.update(name for name in conv.lazy(n) if name in model.initializers)
     for n in model.nodes:
         if not any(i in data for i in n.inputs) and any(i in lazy for i in n.inputs):
             lazy.update(o for o in n.outputs if o)
@@ -278,11 +284,20 @@ def _infer_shapes(model: OnnxModel, among: list[Node], values: dict[str, np.ndar
     inputs = [helper.make_tensor_value_info(k, types[k], shapes[k]) for k in model.inputs]
     inputs += [helper.make_tensor_value_info(k, model.initializers[k].data_type, shapes[k])
                for k in model.initializers if k in lazy]
-    consumed = {i for nd in nodes for i in nd.inputs}
+    protos: list[onnx.NodeProto] = []
+    for nd in nodes:
+        conv = converters.find(nd)
+        if conv is None:
+            protos.append(nd.proto)
+            continue
+        standin, extra = conv.standin(nd)  # ONNX does not know the op: standard nodes with its shapes
+        protos += standin
+        inputs += extra
+    consumed = {i for p in protos for i in p.input}
     inits = [numpy_helper.from_array(v, k) for k, v in values.items() if k in consumed]
     produced = [o for nd in nodes for o in nd.outputs if o]
     outputs = [o for o in model.outputs if o in set(produced)] or produced[-1:]
-    graph = helper.make_graph([nd.proto for nd in nodes], "infer", inputs,
+    graph = helper.make_graph(protos, "infer", inputs,
                               [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in outputs], inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in model.opsets.items()],
                               ir_version=model.proto.ir_version)

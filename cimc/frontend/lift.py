@@ -22,17 +22,15 @@ from math import prod
 import numpy as np
 from onnx import TensorProto
 
+from cimc.frontend import converters
 from cimc.frontend import views as V
+from cimc.frontend.converters import Unsupported
 from cimc.frontend.fold import Facts, Roles
 from cimc.frontend.model import FLOAT_TYPES, Node, OnnxModel
 from cimc.frontend.views import Axis, View, ViewError
 from cimc.ir.core import CTX, SEQ, Module, Rewriter, TensorType, Value
 from cimc.ir.ops import OPS
 from isa.diag import CimcError
-
-
-class Unsupported(Exception):
-    """Raised by a handler: this node cannot be compiled, for the given reason."""
 
 
 class Poisoned(Exception):
@@ -277,8 +275,11 @@ class Lifter:
                 self.env[o] = Bad(node)
             return
         try:
-            if all(isinstance(a, (Lazy, Static)) or a is None for a in args):
-                result: Term = self._weight_expr(node, args)
+            conv = converters.find(node)
+            if conv is not None:
+                result: Term = conv.lift(self, node, args)
+            elif all(isinstance(a, (Lazy, Static)) or a is None for a in args):
+                result = self._weight_expr(node, args)
             else:
                 handler = getattr(self, f"_on_{node.op_type}", None)
                 if handler is None:
@@ -313,8 +314,8 @@ class Lifter:
             return None
         if name in self.env:
             return self.env[name]
-        if self.model.is_weight(name):
-            self.env[name] = Lazy(name, tuple(self.model.initializers[name].dims))
+        if self.model.is_weight(name) or (name in self.model.initializers and name not in self.f1.values):
+            self.env[name] = Lazy(name, tuple(self.model.initializers[name].dims))  # kept on disk
         else:
             self.env[name] = self._static(name)
         return self.env[name]
@@ -453,17 +454,25 @@ class Lifter:
         return self._view_of(out, self.shape(node.outputs[0]))
 
     def _linear(self, node: Node, x: Term, w: Term, bias: Term | None) -> Term:
-        xv = self.need_view(x, "input")
-        if not self._is_plain(xv):
-            raise Unsupported("MatMul input is not a [tokens, features] activation")
         if isinstance(w, Static) and w.init and w.value.ndim == 2:
             w = Lazy(w.name, w.value.shape)
         if not isinstance(w, Lazy) or len(w.shape) != 2:
             raise Unsupported("MatMul weight must be a 2-D initializer (or its Transpose)")
-        operands = [xv.base, self.weight(w)]
+        return self.linear(node, x, self.weight(w), bias)
+
+    def linear(self, node: Node, x: Term, w: Value, bias: Term | None, attrs: dict | None = None) -> View:
+        """`linear(x, w (+ bias))` for `node`, whose first output it becomes; x must be a
+        [tokens, features] activation with as many features as w has rows."""
+        xv = self.need_view(x, "input")
+        if not self._is_plain(xv):
+            raise Unsupported(f"{node.op_type} input is not a [tokens, features] activation")
+        k, n = w.type.shape
+        if xv.base.type.shape[1] != k:
+            raise Unsupported(f"the input has {xv.base.type.shape[1]} features but the weight has {k} rows")
+        operands = [xv.base, w]
         if bias is not None:
-            operands.append(self._row_vector(bias, operands[1].type.shape[1]))
-        out = self._op("linear", operands, node.name)
+            operands.append(self._row_vector(bias, n))
+        out = self._op("linear", operands, node.name, attrs)
         return self._view_of(out, self.shape(node.outputs[0]))
 
     def _row_vector(self, term: Term, n: object) -> Value:
