@@ -374,10 +374,11 @@ class CostModel:
         elems = nvec * groups * n
         zero = ~_WSIGNED[f["wt"].astype(np.int64)]
         muls = np.where(int_inputs, 2.0, 1.0) + zero
-        adds = 1.0 + zero + np.where(zero, nvec * k / np.maximum(elems, 1.0), 0.0)
-        work = elems * (muls + adds)
+        sums = np.where(zero, nvec * k + elems, 0.0)  # integer: the inputs summed per group, then subtracted
+        work = elems * (muls + 1.0) + sums
         acc.also(idx, self.sfu_unit(tile), np.ceil(work / self.hw.sfu.lanes) * self.hw.sfu.cycles_per_op)
-        acc.energy["sfu"][idx] += elems * (muls * self.e_sfu["mul"] + adds * self.e_sfu["add"])
+        acc.energy["sfu"][idx] += (elems * (muls * self.e_sfu["mul"] + self.e_sfu["add"])
+                                   + sums * self.hw.sfu.e_int32_add_pj)
         wsize = _DBYTES[f["wst"].astype(np.int64)]
         acc.move(idx, f["ws"], groups, n * wsize, write=False, tile=tile, esize=wsize)
         zp = np.flatnonzero(zero)

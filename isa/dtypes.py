@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,37 @@ def pack(values: np.ndarray, wt: str) -> np.ndarray:
     if u.size % 2:
         u = np.append(u, np.uint8(0))
     return u[0::2] | (u[1::2] << 4)
+
+
+def pack_blocks(q: np.ndarray, wt: str, blocks: np.ndarray, out: np.ndarray) -> None:
+    """Pack blocks of the integer weights `q` [K, N] of type `wt` into `out` (uint8): each row
+    (k0, k1, n0, n1, offset) of `blocks` is q[k0:k1, n0:n1] packed row-major like `pack`, from
+    byte `offset`. ValueError if a value is outside the type's range."""
+    t = elem(wt)
+    bad = _pack_blocks(q, np.asarray(blocks, np.int64), t.bits, t.lo, t.hi, out)
+    if bad:
+        raise ValueError(f"{bad} value(s) outside the range of {wt} [{t.lo}, {t.hi}]")
+
+
+@njit(cache=True)
+def _pack_blocks(q: np.ndarray, blocks: np.ndarray, bits: int, lo: int, hi: int, out: np.ndarray) -> int:
+    bad = 0
+    for b in range(blocks.shape[0]):
+        k0, k1, n0, n1, off = blocks[b]
+        i = 0
+        for r in range(k0, k1):
+            for c in range(n0, n1):
+                v = int(q[r, c])
+                if v < lo or v > hi:
+                    bad += 1
+                if bits == 8:
+                    out[off + i] = v & 0xFF
+                elif i & 1:
+                    out[off + (i >> 1)] |= (v & 0x0F) << 4
+                else:
+                    out[off + (i >> 1)] = v & 0x0F
+                i += 1
+    return bad
 
 
 def elem(name: str) -> ElemType:

@@ -201,14 +201,14 @@ FIELDS: dict[str, FieldSpec] = {spec.key: spec for spec in SCHEMA}
 NOT_MODELLED: dict[str, str] = {
     "chip.tech_nm": "label: the energies are given for it",
     "chip.vdd_v": "label: the energies are given for it",
-    "macro.weight_bits": "the fp32 datapath stores 32-bit weights; INT4/INT8 will check it",
-    "macro.accum_bits": "the fp32 datapath accumulates in fp32",
+    "macro.act_bits": "integer inputs enter at their type's width (int8: 8 bits); float inputs at 32",
     "buffer.tile_act.size_kb": "activations are staged in the global buffer",
     "dram.type": "label",
     "dram.mts": "label: each channel carries peak_gbps / channels_x16",
-    "sfu.dtype": "the fp32 datapath uses the fp32 energies", "sfu.e_add_pj": "the fp32 datapath uses e_add_fp32_pj",
-    "sfu.e_mul_pj": "the fp32 datapath uses e_mul_fp32_pj", "sfu.e_int8_add_pj": "no integer SFU ops yet",
-    "sfu.e_int32_add_pj": "no integer SFU ops yet",
+    "sfu.dtype": "the SFUs compute in fp32 (activations, scales and rescaled partial sums are f32)",
+    "sfu.e_add_pj": "the SFUs compute in fp32: e_add_fp32_pj",
+    "sfu.e_mul_pj": "the SFUs compute in fp32: e_mul_fp32_pj",
+    "sfu.e_int8_add_pj": "the integer sums of zero-point corrections are priced as INT32 adds",
 }
 #: Effects no key controls, listed by `cimc hw show` and docs/numerics-and-timing.md.
 NOT_MODELLED_EFFECTS: tuple[str, ...] = (

@@ -23,7 +23,7 @@ import numpy as np
 from cimc.ir.core import CTX, SEQ, Module, Op, Value
 from cimc.ir.ops import traits
 from cimc.ir.quant import QuantWeight, materialize
-from isa.dtypes import elem, pack
+from isa.dtypes import elem, pack_blocks
 from isa.encoding import Instr, encode
 from isa.fields import REGS, SPACES, Dim, Mem
 from isa.hw import HardwareConfig
@@ -100,32 +100,35 @@ class GroupSegment:
     def chunks(self) -> Iterator[np.ndarray]:
         w = self.matrix()
         t = self.tiling
+        if isinstance(w, QuantWeight):
+            yield self._quantized(w)
+            return
         pos = 0
-        for g, (_, k0, k1, n0, n1, off) in enumerate(t.layout(self.offset)):
+        for _, k0, k1, n0, n1, off in t.layout(self.offset):
             if off > self.offset + pos:
                 yield np.zeros(off - self.offset - pos, np.uint8)
                 pos = off - self.offset
-            if isinstance(w, QuantWeight):
-                block = self._quantized(w, g, k0, k1, n0, n1)
-            else:
-                block = np.ascontiguousarray(w[k0:k1, n0:n1], dtype="<f4")
+            block = np.ascontiguousarray(w[k0:k1, n0:n1], dtype="<f4")
             yield block
             pos += block.nbytes
         if pos < self.size:
             yield np.zeros(self.size - pos, np.uint8)
 
-    def _quantized(self, w: QuantWeight, g: int, k0: int, k1: int, n0: int, n1: int) -> np.ndarray:
+    def _quantized(self, w: QuantWeight) -> np.ndarray:
+        """The whole segment: every group's packed weights, scales and zero points."""
         t = self.tiling
-        scales_at, zero_at, size = t.parts(g)
-        out = np.zeros(size, np.uint8)
-        packed = pack(w.q[k0:k1, n0:n1], t.wt)
-        out[:len(packed)] = packed
-        g0, g1 = (k0 // t.gk, -(-k1 // t.gk)) if t.gk else (0, 1)
-        scales = np.ascontiguousarray(w.scales[g0:g1, n0:n1], dtype=elem(t.st).np()).view(np.uint8).reshape(-1)
-        out[scales_at:scales_at + len(scales)] = scales
-        if w.zero is not None:
-            zero = np.ascontiguousarray(w.zero[g0:g1, n0:n1], dtype=np.uint8).reshape(-1)
-            out[zero_at:zero_at + len(zero)] = zero
+        out = np.zeros(self.size, np.uint8)
+        layout = list(t.layout(0))
+        pack_blocks(w.q, t.wt, np.array([(k0, k1, n0, n1, off) for _, k0, k1, n0, n1, off in layout]), out)
+        stype = elem(t.st).np()
+        for g, (_, k0, k1, n0, n1, off) in enumerate(layout):
+            scales_at, zero_at, _ = t.parts(g)
+            g0, g1 = (k0 // t.gk, -(-k1 // t.gk)) if t.gk else (0, 1)
+            scales = np.ascontiguousarray(w.scales[g0:g1, n0:n1], dtype=stype).view(np.uint8).reshape(-1)
+            out[off + scales_at:off + scales_at + len(scales)] = scales
+            if w.zero is not None:
+                zero = np.ascontiguousarray(w.zero[g0:g1, n0:n1], dtype=np.uint8).reshape(-1)
+                out[off + zero_at:off + zero_at + len(zero)] = zero
         return out
 
 
@@ -595,6 +598,21 @@ class _Codegen:
                      meta)
 
 
+def weights_summary(module: Module) -> str:
+    """How the linears' weights and inputs are held, e.g. `i4 group 32 (f16 scales), i8 inputs`;
+    the distinct kinds joined by ` + ` with their counts when they differ."""
+    kinds: dict[str, int] = {}
+    for op in module.walk("linear"):
+        t = Tiling.from_attr(op.attrs["tiling"])
+        text = "f32" if not t.st else (f"{t.wt} " + (f"group {t.gk}" if t.gk else "per channel")
+                                       + f" ({t.st} scales{', zero points' if t.zero_points else ''})"
+                                       + f", {op.attrs.get('act', 'f32')} inputs")
+        kinds[text] = kinds.get(text, 0) + 1
+    if len(kinds) == 1:
+        return next(iter(kinds))
+    return " + ".join(f"{n} x {text}" for text, n in kinds.items())
+
+
 def emit_program(modules: dict[str, Module], weight: WeightSource, hw: HardwareConfig) -> Program:
     """Generate a program with one entry per module (each through the whole pass pipeline).
 
@@ -618,9 +636,11 @@ def emit_program(modules: dict[str, Module], weight: WeightSource, hw: HardwareC
     module = next(iter(modules.values()))
     embedding = next(module.walk("embedding"), None)
     cached = all(att.operands[1].type.shape[0] == CTX for att in module.walk("attention"))
+    linears = list(module.walk("linear"))
     meta = {"model": module.name, "source": module.attrs.get("source", ""),
             "vocab": int(embedding.operands[1].type.shape[0]) if embedding is not None else None,
-            "kv_cache": cached,
-            "weights": module.attrs.get("weights", "fp32"), "max_ctx": module.max_ctx,
+            "kv_cache": cached, "weights": weights_summary(module),
+            "weight_count": sum(int(op.attrs["tiling"]["k"]) * int(op.attrs["tiling"]["n"]) for op in linears),
+            "max_ctx": module.max_ctx,
             "rw_base": rw_base, "rw_bytes": rw_bytes}
     return Program(entries, first, hw.to_dict(), hw.fingerprint(), meta)

@@ -54,6 +54,9 @@ class QuantizePass:
 
     def run(self, module: Module, rw: Rewriter, ctx: PassContext) -> None:
         self.check(ctx.hw.macro.weight_bits)
+        if not self.bits and self.act and all(op.operands[1].type.dtype == "f32" for op in module.walk("linear")):
+            raise CimcError(f"quantize: act {self.act} applies to integer weights, and this model has none; "
+                            "add --weights int8 or int4")
         made: dict[int, Value] = {}
         for op in list(module.walk("linear")):
             w = op.operands[1]

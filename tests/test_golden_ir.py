@@ -9,6 +9,7 @@ Every golden file must also parse back and print identically.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -25,8 +26,8 @@ MODELS = {"tiny_llama": EXAMPLE,
 PASSES = ["frontend", *(p.split("{")[0] for p in DEFAULT_PIPELINE.split(","))]
 
 
-def _dumps(model: Path) -> dict[str, str]:
-    opts = CompileOptions(max_seq=16)
+def _dumps(model: Path, **options: object) -> dict[str, str]:
+    opts = CompileOptions(max_seq=16, **options)  # type: ignore[arg-type]
     module, _ = load_module(model, opts)
     out = {"frontend": print_module(module)}
     opts.dump_after = {"all"}
@@ -48,6 +49,23 @@ def test_golden_dumps(name: str) -> None:
             path.write_text(text)
         assert path.is_file(), f"missing golden file {path.name}; run with CIMC_UPDATE_GOLDEN=1"
         assert text == path.read_text(), f"IR after {step} differs from {path.name}"
+
+
+def test_golden_quantized_dumps() -> None:
+    """`--weights int4` (group 32, int8 activations): the quantize pass and what it changes after it."""
+    dumps = _dumps(EXAMPLE, weights="int4")
+    want = ["frontend", "lift-idioms", "insert-kv-cache", "quantize", "tile-partition", "place-weights"]
+    assert list(dumps)[: len(want)] == want
+    for i, step in enumerate(want[3:], 3):
+        path = GOLDEN / f"tiny_llama_int4.{i:02d}-{step}.cimir"
+        if os.environ.get("CIMC_UPDATE_GOLDEN"):
+            path.write_text(dumps[step])
+        assert path.is_file(), f"missing golden file {path.name}; run with CIMC_UPDATE_GOLDEN=1"
+        assert dumps[step] == path.read_text(), f"IR after {step} differs from {path.name}"
+    quantized = dumps["quantize"]
+    matrices = re.findall(r"= weight\(\).*: f32\[\d+,\d+\]", quantized)
+    assert quantized.count("qweight()") == 15 and len(matrices) == 1, matrices  # only the embedding table is left
+    assert quantized.count('act = "i8"') == 15 and quantized.count('format = "rtn", group = 32, init') == 15
 
 
 @pytest.mark.parametrize("path", sorted(GOLDEN.glob("*.cimir")), ids=lambda p: p.name)

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 from isa.dtypes import elem
 
@@ -34,8 +35,9 @@ FORMATS = ("rtn", "matmulnbits")
 
 @dataclass(frozen=True)
 class QuantWeight:
-    """q [K, N] (int16, values of `wt`), scales [G, N] (of `scale_type`) and zero points [G, N]
-    (uint8; None for a signed `wt`), G = ceil(K / group) (1 for group 0)."""
+    """q [K, N] (int8, or uint8 for the unsigned types: values of `wt`), scales [G, N] (of
+    `scale_type`) and zero points [G, N] (uint8; None for a signed `wt`), G = ceil(K / group)
+    (1 for group 0)."""
 
     q: np.ndarray
     scales: np.ndarray
@@ -58,22 +60,54 @@ def groups(k: int, group: int) -> int:
 
 
 def rtn(w: np.ndarray, wt: str, group: int, scale_type: str) -> QuantWeight:
-    """Symmetric round-to-nearest quantization of a float [K, N] matrix (see the module doc)."""
+    """Symmetric round-to-nearest quantization of a float [K, N] matrix (see the module doc).
+    Two passes of compiled loops over the weights (a transposed view is walked in its own memory
+    order): a 1B-parameter model quantizes in seconds."""
     t = elem(wt)
-    k, n = w.shape
-    g = groups(k, group)
+    k = w.shape[0]
     size = group or k
-    padded = np.zeros((g * size, n), np.float32)
-    padded[:k] = w
-    blocks = padded.reshape(g, size, n)
-    at = np.abs(blocks).argmax(axis=1)  # [G, N]
-    m = np.take_along_axis(blocks, at[:, None, :], axis=1)[:, 0, :]
+    trans = not w.flags.c_contiguous and w.T.flags.c_contiguous
+    a = np.ascontiguousarray(w.T if trans else w, dtype=np.float32)
+    m = _extremes(a, trans, size, groups(k, group))
     scales = (m / np.float32(t.lo)).astype(elem(scale_type).np())
-    s = scales.astype(np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(s[:, None, :] != 0, np.rint(blocks / s[:, None, :]), 0.0)
-    q = np.clip(q, t.lo, t.hi).astype(np.int16).reshape(g * size, n)[:k]
-    return QuantWeight(q, scales, None, group)
+    q = _levels(a, trans, size, scales.astype(np.float32), t.lo, t.hi)
+    return QuantWeight(q.T if trans else q, scales, None, group)
+
+
+@njit(cache=True)
+def _extremes(a: np.ndarray, trans: bool, size: int, g: int) -> np.ndarray:
+    """[G, N]: per group of `size` rows and column, the value of largest magnitude (the first on
+    ties) of the [K, N] matrix `a` (`a.T` with `trans`)."""
+    k, n = (a.shape[1], a.shape[0]) if trans else a.shape
+    m = np.zeros((g, n), np.float32)
+    best = np.full((g, n), -1.0, np.float32)
+    if trans:
+        for c in range(n):
+            for r in range(k):
+                v = a[c, r]
+                if abs(v) > best[r // size, c]:
+                    best[r // size, c], m[r // size, c] = abs(v), v
+    else:
+        for r in range(k):
+            gi = r // size
+            for c in range(n):
+                v = a[r, c]
+                if abs(v) > best[gi, c]:
+                    best[gi, c], m[gi, c] = abs(v), v
+    return m
+
+
+@njit(cache=True)
+def _levels(a: np.ndarray, trans: bool, size: int, s: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """int8, laid out like `a`: clip(round_half_even(w / s), lo, hi) per element, 0 where the
+    scale is 0."""
+    q = np.empty(a.shape, np.int8)
+    for i in range(a.shape[0]):
+        for j in range(a.shape[1]):
+            r, c = (j, i) if trans else (i, j)
+            d = s[r // size, c]
+            q[i, j] = 0 if d == 0 else min(max(np.rint(a[i, j] / d), lo), hi)
+    return q
 
 
 def _nibbles(raw: np.ndarray, count: int, bits: int) -> np.ndarray:
@@ -93,9 +127,11 @@ def matmulnbits(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | Non
     q = _nibbles(np.asarray(b).reshape(n, -1), g * block, bits).reshape(n, g * block)[:, :k].T
     s = np.asarray(scales).reshape(n, g).T
     if zero_points is None:
-        return QuantWeight(np.ascontiguousarray(q - (1 << (bits - 1))), np.ascontiguousarray(s), None, block)
+        return QuantWeight(np.ascontiguousarray(q - (1 << (bits - 1)), dtype=np.int8), np.ascontiguousarray(s), None,
+                           block)
     z = _nibbles(np.asarray(zero_points).reshape(n, -1), g, bits).T.astype(np.uint8)
-    return QuantWeight(np.ascontiguousarray(q), np.ascontiguousarray(s), np.ascontiguousarray(z), block)
+    return QuantWeight(np.ascontiguousarray(q, dtype=np.uint8), np.ascontiguousarray(s), np.ascontiguousarray(z),
+                       block)
 
 
 def materialize(attrs: dict, wt: str, shape: tuple[int, int], get: Callable[[str], np.ndarray]) -> QuantWeight:
