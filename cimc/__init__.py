@@ -8,6 +8,7 @@ The Python API, imported on first use (so `import cimc` stays cheap)::
     cimc.write_binary("model.cimb", program)
     result = cimc.simulate(program, {"input_ids": ids})          # outputs, report
     gen = cimc.generate(cimc.Session(program), [1, 5, 9], 16)     # greedy tokens, report
+    acc = cimc.measure_accuracy(program, "model.onnx", [1, 5, 9], 16)  # logits vs onnxruntime, teacher-forced
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ _API = {
     "CompileOptions": "cimc.driver", "compile_model": "cimc.driver",
     "load_hw": "isa.hw", "read_binary": "isa.binary", "write_binary": "isa.binary",
     "Session": "runtime.interpreter", "simulate": "runtime.interpreter", "generate": "runtime.generate",
+    "measure_accuracy": "cimc.accuracy",
 }
 __all__ = sorted(_API)
 

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -263,13 +264,29 @@ def _ids(text: str) -> list[int]:
         raise CimcError(f"--prompt-ids {text!r}: expected comma-separated token ids, e.g. 1,5,9,2") from None
 
 
+def _progress_bar(label: str) -> Callable[[int, int], None]:
+    """A progress callback drawing `cimc: LABEL[####....] done/total tokens` on stderr."""
+    def progress(done: int, total: int) -> None:
+        width = 30
+        fill = width * done // total
+        print(f"\rcimc: {label}[{'#' * fill}{'.' * (width - fill)}] {done}/{total} tokens", end="", file=sys.stderr,
+              flush=True)
+    return progress
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
+    from cimc.accuracy import find_reference, measure_accuracy
     from cimc.driver import compile_model
     from isa.binary import read_binary
     from runtime.generate import generate, render_text
     from runtime.interpreter import Session
+    from runtime.report import render_accuracy
     from runtime.trace import write_trace
 
+    if args.accuracy and args.no_numerics:
+        raise CimcError("--accuracy compares computed logits with onnxruntime: drop --no-numerics")
+    if args.reference and not args.accuracy:
+        raise CimcError("--reference names the model --accuracy compares with: add --accuracy")
     prompt = _ids(args.prompt_ids)
     if args.model.endswith(".cimb"):
         program = read_binary(args.model, verify_dram=not args.no_numerics)
@@ -284,19 +301,19 @@ def cmd_generate(args: argparse.Namespace) -> None:
                    f"max-ctx {opts.max_ctx}) ...")
         program = compile_model(args.model, opts)
         hw = opts.hw
+    reference = find_reference(args.model, program, args.reference) if args.accuracy else None
     session = Session(program, hw, name=args.model)
     bar = sys.stderr.isatty() and not args.quiet
-
-    def progress(done: int, total: int) -> None:
-        width = 30
-        fill = width * done // total
-        print(f"\rcimc: [{'#' * fill}{'.' * (width - fill)}] {done}/{total} tokens", end="", file=sys.stderr,
-              flush=True)
-
     gen = generate(session, prompt, args.max_new_tokens, numerics=not args.no_numerics,
-                   progress=progress if bar else None)
+                   progress=_progress_bar("") if bar else None)
     if bar:
         print(file=sys.stderr)
+    if reference is not None:
+        _log(args, f"cimc: accuracy: onnxruntime on {reference}, then the simulator teacher-forced on its tokens ...")
+        gen.report["accuracy"] = measure_accuracy(session, reference, prompt, args.max_new_tokens,
+                                                  progress=_progress_bar("accuracy ") if bar else None)
+        if bar:
+            print(file=sys.stderr)
     if args.report_json:
         _text_out(args.report_json, json.dumps(gen.report, indent=1) + "\n")
     if args.trace:
@@ -305,7 +322,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.quiet:
         print(" ".join(map(str, gen.tokens)) if gen.tokens else "")
     else:
-        print(render_text(gen.report))
+        print("\n".join(filter(None, [render_text(gen.report), render_accuracy(gen.report)])))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -375,6 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-numerics", action="store_true",
                    help="timing and energy only: price prefill and every decode step without computing values "
                         "(no tokens; for large models)")
+    p.add_argument("--accuracy", action="store_true",
+                   help="also compare the simulator's logits with onnxruntime's on the ONNX model, teacher-forced "
+                        "on onnxruntime's greedy tokens: logit error, cosine, top-1 agreement (report key accuracy)")
+    p.add_argument("--reference", metavar="FILE.onnx",
+                   help="with --accuracy: the ONNX model the binary was compiled from (default: the .onnx given, "
+                        "or the source model the binary records, next to it)")
     _add_hw(p)
     p.add_argument("-q", "--quiet", action="store_true", help="print only the generated ids")
     p.set_defaults(func=cmd_generate)

@@ -86,12 +86,22 @@ def build_report(program: Program, entry: Entry, cost: CostModel, costs: InstrCo
         "min_dram_bytes_by_kind": least,
         "min_dram_bytes": sum(least.values()),
         "macs": float(costs.macs.sum()),
+        "weights": _weights(program, costs),
         "units": units,
         "unit_kinds": dict(zip(names, cost.unit_kinds(), strict=True)),
         "layers": layers,
         "ops": kinds,
         "estimated_cycles": estimated,
     }
+
+
+def _weights(program: Program, costs: InstrCosts) -> dict:
+    """How the weights are held, and the bits per weight this run streamed from DRAM (weights,
+    scales, zero points and padding, over the number of weights)."""
+    count = int(program.meta.get("weight_count") or 0)
+    streamed = float(costs.dram_kind_bytes["weights"].sum())
+    return {"kind": program.meta.get("weights", ""), "count": count,
+            "bits_per_weight_streamed": streamed * 8 / count if count else 0.0}
 
 
 def _layer_order(name: str) -> tuple:
@@ -107,6 +117,13 @@ def _si(x: float, unit: str) -> str:
         if abs(x) >= scale or scale == 1e-12:
             return f"{x / scale:.3g} {prefix}{unit}"
     return f"{x:.3g} {unit}"
+
+
+def _weights_line(r: dict) -> list[str]:
+    w = r.get("weights") or {}
+    if not w.get("count"):
+        return []
+    return [f"  weights {w['kind']}: {w['bits_per_weight_streamed']:.2f} bits per weight streamed"]
 
 
 def render_text(r: dict) -> str:
@@ -125,6 +142,7 @@ def render_text(r: dict) -> str:
         "          " + ", ".join(f"{LABELS[k]} {v / tot:.1%}" for k, v in r["energy_pj"].items() if v > 0),
         "  DRAM    " + ", ".join(f"{DRAM_KINDS[k]} {v / 1e6:,.3f} MB" for k, v in r["dram_bytes_by_kind"].items()
                                  if v > 0),
+        *_weights_line(r),
         "  units   busy cycles   utilization",
     ]
     kinds = r["unit_kinds"]
@@ -143,3 +161,20 @@ def render_text(r: dict) -> str:
                      f"{_si(d['energy_pj'] * 1e-12, 'J'):>11}  {d['energy_pj'] / tot:>6.1%}  "
                      f"{d['dram_bytes'] / 1e6:>8.2f}  {d['instructions']:>7,}")
     return "\n".join(lines)
+
+
+def render_accuracy(gen: dict) -> str:
+    """The `accuracy` entry of a generation report (see `cimc.accuracy`) as two lines under the
+    generation report; empty when the report has none."""
+    acc = gen.get("accuracy")
+    if not acc:
+        return ""
+    tokens, ref = gen.get("tokens") or [], acc["reference_tokens"]
+    same = next((i for i, (a, b) in enumerate(zip(tokens, ref, strict=False)) if a != b), min(len(tokens), len(ref)))
+    greedy = ("greedy tokens identical to onnxruntime's" if same == len(tokens) == len(ref)
+              else f"greedy tokens depart from onnxruntime's at token {same + 1} of {len(ref)}")
+    weights = f"weights {acc['weights']}; " if acc.get("weights") else ""
+    return (f"  accuracy    vs onnxruntime ({acc['reference']}), teacher-forced over {acc['positions']} position(s): "
+            f"top-1 {acc['top1_agreement']:.1%}, cosine {acc['mean_cosine']:.6f}, "
+            f"|logit error| max {acc['max_abs_error']:.3g}, mean {acc['mean_abs_error']:.3g}\n"
+            f"              {weights}{greedy}")
