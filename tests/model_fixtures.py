@@ -37,3 +37,14 @@ def max_err(got: np.ndarray, want: np.ndarray) -> float:
     assert got.shape == want.shape, (got.shape, want.shape)
     assert np.isfinite(got).all()
     return float(np.abs(got.astype(np.float64) - want.astype(np.float64)).max())
+
+
+def cosine_error(got: np.ndarray, want: np.ndarray) -> float:
+    """1 - mean cosine similarity (in float64) of the last-axis rows of two same-shaped arrays
+    (logit rows); `got` must be finite."""
+    assert got.shape == want.shape, (got.shape, want.shape)
+    assert np.isfinite(got).all()
+    a = got.reshape(-1, got.shape[-1]).astype(np.float64)
+    b = want.reshape(-1, want.shape[-1]).astype(np.float64)
+    cos = (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    return float(1.0 - cos.mean())
