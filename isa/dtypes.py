@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 
 @dataclass(frozen=True)
@@ -103,13 +103,14 @@ def pack_blocks(q: np.ndarray, wt: str, blocks: np.ndarray, out: np.ndarray) -> 
         raise ValueError(f"{bad} value(s) outside the range of {wt} [{t.lo}, {t.hi}]")
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def _pack_blocks(q: np.ndarray, blocks: np.ndarray, bits: int, lo: int, hi: int, out: np.ndarray) -> int:
     bad = 0
-    for b in range(blocks.shape[0]):
+    for b in prange(blocks.shape[0]):
         k0, k1, n0, n1, off = blocks[b]
-        i = 0
+        width = n1 - n0
         for r in range(k0, k1):
+            i = (r - k0) * width
             for c in range(n0, n1):
                 v = int(q[r, c])
                 if v < lo or v > hi:

@@ -10,6 +10,7 @@ packed weights, then (integer weights) its scales, one row per `gk` weight rows.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -96,6 +97,7 @@ class Tiling:
     def groups(self) -> int:
         return self.kchunks * self.nchunks
 
+    @functools.cache  # noqa: B019 (tilings are few, small and immutable)
     def group(self, g: int) -> tuple[int, int, int, int, int]:
         """(kchunk, k0, k1, n0, n1) of group `g` (N-major order)."""
         nc, kc = divmod(g, self.kchunks)
@@ -108,6 +110,7 @@ class Tiling:
             return 0
         return -(-(k1 - k0) // self.gk) if self.gk else 1
 
+    @functools.cache  # noqa: B019
     def parts(self, g: int) -> tuple[int, int, int]:
         """Byte offsets of group g's scales and zero points from its start, and its size: the
         packed weights, then (integer weights) the scales, then (unsigned) the zero points, each

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from isa.dtypes import elem
 
@@ -74,7 +74,7 @@ def rtn(w: np.ndarray, wt: str, group: int, scale_type: str) -> QuantWeight:
     return QuantWeight(q.T if trans else q, scales, None, group)
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def _extremes(a: np.ndarray, trans: bool, size: int, g: int) -> np.ndarray:
     """[G, N]: per group of `size` rows and column, the value of largest magnitude (the first on
     ties) of the [K, N] matrix `a` (`a.T` with `trans`)."""
@@ -82,30 +82,29 @@ def _extremes(a: np.ndarray, trans: bool, size: int, g: int) -> np.ndarray:
     m = np.zeros((g, n), np.float32)
     best = np.full((g, n), -1.0, np.float32)
     if trans:
-        for c in range(n):
+        for c in prange(n):
             for r in range(k):
                 v = a[c, r]
                 if abs(v) > best[r // size, c]:
                     best[r // size, c], m[r // size, c] = abs(v), v
     else:
-        for r in range(k):
-            gi = r // size
-            for c in range(n):
-                v = a[r, c]
-                if abs(v) > best[gi, c]:
-                    best[gi, c], m[gi, c] = abs(v), v
+        for gi in prange(g):
+            for r in range(gi * size, min(k, gi * size + size)):
+                for c in range(n):
+                    v = a[r, c]
+                    if abs(v) > best[gi, c]:
+                        best[gi, c], m[gi, c] = abs(v), v
     return m
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def _levels(a: np.ndarray, trans: bool, size: int, s: np.ndarray, lo: int, hi: int) -> np.ndarray:
     """int8, laid out like `a`: clip(round_half_even(w / s), lo, hi) per element, 0 where the
     scale is 0."""
     q = np.empty(a.shape, np.int8)
-    for i in range(a.shape[0]):
+    for i in prange(a.shape[0]):
         for j in range(a.shape[1]):
-            r, c = (j, i) if trans else (i, j)
-            d = s[r // size, c]
+            d = s[j // size, i] if trans else s[i // size, j]
             q[i, j] = 0 if d == 0 else min(max(np.rint(a[i, j] / d), lo), hi)
     return q
 
