@@ -7,6 +7,7 @@ memory operand plus a shape into a numpy view, so instruction semantics are plai
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,12 +28,15 @@ class SimError(CimcError):
 @dataclass
 class Group:
     """A weight group held in a tile's macros: its values (unpacked), the macros it occupies, its
-    type, and (filled on first use) its sums of |w| per partial-sum group size."""
+    type, and what the simulator derives from it once (filled on first use, kept as long as the
+    group is): its sums of |w| per partial-sum group size, and its f32 dequantized weights per
+    scale operand."""
 
     weights: np.ndarray
     macros: int
     wt: str
     abs_sums: dict[int, np.ndarray] = field(default_factory=dict)
+    dequantized: dict[tuple, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -47,6 +51,9 @@ class Machine:
     array: tuple[int, int, int, int]  # tiles, macros per tile, macro rows, macro cols
     accum_bits: int  # width of a macro's partial-sum accumulator
     macros: dict[tuple[int, int], Group] = field(default_factory=dict)  # (tile, m0) -> the group loaded there
+    #: groups unpacked from the read-only DRAM image, by (address, k, n, type): the image never
+    #: changes, so each is unpacked once per machine (a speed-up of the simulator, not a cost)
+    decoded: dict[tuple[int, int, int, str], Group] = field(default_factory=dict)
     trace: list | None = None  # when set: (instr, space, lo, hi, write, row pitch, row bytes) per access
     current: int = 0
 
@@ -65,18 +72,34 @@ class Machine:
                    (int(chip["tiles"]), int(chip["macros_per_tile"]), int(macro["rows"]), int(macro["cols"])),
                    int(macro["accum_bits"]))
 
-    def load_group(self, tile: int, m0: int, weights: np.ndarray, wt: str) -> None:
-        """Write a weight group of type `wt` into macros m0.. of a tile; groups it overlaps are
-        overwritten."""
-        tiles, per_tile, rows, cols = self.array
-        used = macros_used(*weights.shape, elem(wt).bits, rows, cols)
+    def group(self, src: Mem, k: int, n: int, wt: str, unpack: Callable[[], np.ndarray]) -> Group:
+        """The k x n group of type `wt` stored at `src`, unpacked by `unpack()`: once per machine
+        for groups in the read-only image, every time for groups in the read-write region."""
+        key = (src.addr, k, n, wt)
+        if not self.read_only(src) or key not in self.decoded:
+            _, rows, cols = self.array[1:]
+            group = Group(unpack(), macros_used(k, n, elem(wt).bits, rows, cols), wt)
+            if not self.read_only(src):
+                return group
+            self.decoded[key] = group
+        return self.decoded[key]
+
+    def read_only(self, m: Mem) -> bool:
+        """Whether operand `m` lies in the read-only DRAM image (which no run changes)."""
+        return m.space != G and m.addr < self.rw_base
+
+    def load_group(self, tile: int, m0: int, group: Group) -> None:
+        """Write a weight group into macros m0.. of a tile; groups it overlaps are overwritten."""
+        tiles, per_tile = self.array[:2]
+        used = group.macros
         if tile >= tiles or m0 + used > per_tile:
-            raise SimError(f"a {weights.shape[0]} x {weights.shape[1]} group of {wt} weights needs {used} "
-                           f"macros from tile {tile} macro {m0}; the chip has {tiles} tiles of {per_tile} macros")
+            k, n = group.weights.shape
+            raise SimError(f"a {k} x {n} group of {group.wt} weights needs {used} macros from tile {tile} macro "
+                           f"{m0}; the chip has {tiles} tiles of {per_tile} macros")
         for key in [key for key, g in self.macros.items() if key[0] == tile and m0 < key[1] + g.macros
                     and key[1] < m0 + used]:
             del self.macros[key]
-        self.macros[(tile, m0)] = Group(weights, used, wt)
+        self.macros[(tile, m0)] = group
         self.touch_macros(tile, m0, used, write=True)
 
     def _memory(self, m: Mem, write: bool) -> tuple[np.ndarray, int]:

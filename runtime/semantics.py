@@ -64,14 +64,15 @@ def _gather(m: Machine, f: dict) -> None:
 
 @sem("wload")
 def _wload(m: Machine, f: dict) -> None:
-    k, n, wt = f["k"], f["n"], WEIGHT_TYPES[f["wt"]]
+    k, n, wt, src = f["k"], f["n"], WEIGHT_TYPES[f["wt"]], f["src"]
     t = elem(wt)
     if t.is_float:
-        w = np.array(m.view(f["src"], k, n, dtype=t.numpy), dtype=F32)
+        weights = m.view(src, k, n, dtype=t.numpy)  # from the read-only image: used in place, not copied
+        group = m.group(src, k, n, wt, lambda: weights if m.read_only(src) else np.array(weights, dtype=F32))
     else:
-        raw = m.view(f["src"]._replace(stride=0), 1, t.packed_bytes(k * n), dtype="u1")[0]
-        w = unpack(raw, wt, k * n).reshape(k, n)
-    m.load_group(f["tile"], f["m0"], w, wt)
+        raw = m.view(src._replace(stride=0), 1, t.packed_bytes(k * n), dtype="u1")[0]
+        group = m.group(src, k, n, wt, lambda: unpack(raw, wt, k * n).reshape(k, n))
+    m.load_group(f["tile"], f["m0"], group)
 
 
 @sem("mvm")
