@@ -69,6 +69,10 @@ _WSIGNED = np.array([elem(t).signed for t in WEIGHT_TYPES])
 _DBITS = np.array([elem(t).bits for t in DTYPES], dtype=np.float64)  # by `dt`/`xt` code
 _DBYTES = np.array([elem(t).nbytes for t in DTYPES], dtype=np.float64)
 _DFLOAT = np.array([elem(t).is_float for t in DTYPES])
+_U8 = DTYPES.index("u8")  # `xt` code of u8 inputs, which carry a zero point
+#: SFU operations per element of `vquant` with asym (DynamicQuantizeLinear): the block's minimum and
+#: maximum, a division by the scale, adding the zero point and clipping.
+VQUANT_ASYM_OPS = {"add": 3, "mul": 1, "recip": 1}
 
 
 def macros_used(k: int, n: int, wbits: int, rows: int, cols: int) -> int:
@@ -263,9 +267,9 @@ class CostModel:
         m = self.hw.macro
         return nvec * abits * m.cycles_per_input_bit + m.pipeline_cycles
 
-    def sfu_cycles(self, elements: Num, ops_per_element: float) -> np.ndarray:
+    def sfu_cycles(self, elements: Num, ops_per_element: Num) -> np.ndarray:
         """SFU lanes each do one primitive op per cycle."""
-        work = elements * max(ops_per_element, 1.0)
+        work = elements * np.maximum(ops_per_element, 1.0)
         return np.ceil(work / self.hw.sfu.lanes) * self.hw.sfu.cycles_per_op
 
     def e_slice_fj(self, wbits: Num) -> np.ndarray:
@@ -348,9 +352,12 @@ class CostModel:
         # result leaves after they end: a vector's transfer each way adds to the compute time
         fill = (acc.first_row_cycles(f["src"], k * xsize, xsize)
                 + acc.first_row_cycles(f["dst"], n * ELEM_BYTES))
-        acc.main(idx, self.tile_unit(tile), self.mvm_cycles(nvec, abits) + np.where(nvec > 0, fill, 0.0))
+        # u8 inputs carry a zero point: the weights' column sums take one more, all-ones, input plane
+        planes = np.where((xt == _U8) & ~_WFLOAT[wt], 1.0, 0.0)
+        macro = self.mvm_cycles(nvec, abits) + planes * self.hw.macro.cycles_per_input_bit
+        acc.main(idx, self.tile_unit(tile), macro + np.where(nvec > 0, fill, 0.0))
         acc.macs[idx] += nvec * k * n
-        acc.energy["mvm"][idx] += nvec * abits * k * n * self.e_slice_fj(wbits) / 1000
+        acc.energy["mvm"][idx] += (nvec * abits + planes) * k * n * self.e_slice_fj(wbits) / 1000
         acc.move(idx, f["src"], nvec, k * xsize, write=False, tile=tile, esize=xsize)
         acc.move(idx, f["dst"], nvec, n * ELEM_BYTES, write=True, tile=tile)
         accumulate = f["acc"].astype(bool)
@@ -361,20 +368,25 @@ class CostModel:
         scaled = np.flatnonzero(~_WFLOAT[wt])
         if len(scaled):  # integer weights: the tile's SFU rescales every group's partial sums
             self._rescale(idx[scaled], {name: v[scaled] for name, v in f.items()}, acc, k[scaled], n[scaled],
-                          nvec[scaled], tile[scaled], ~_DFLOAT[xt[scaled]])
+                          nvec[scaled], tile[scaled], ~_DFLOAT[xt[scaled]], xt[scaled] == _U8)
 
-    def _rescale(self, idx, f, acc: _Acc, k, n, nvec, tile, int_inputs) -> None:
+    def _rescale(self, idx, f, acc: _Acc, k, n, nvec, tile, int_inputs, asym) -> None:
         """The tile's SFU turns each group's partial sums into f32 and adds them up with their
         scales: `nvec x G x n` elements, each a multiply by the weight scale (and by the input
         scale, for integer inputs) and an add; unsigned weights add the zero-point correction
-        (a multiply and an add per element, after summing each vector's inputs per group). It
-        reads the weight scales (and zero points) once and the input scales of every vector."""
+        (a multiply and an add per element, after summing each vector's inputs per group), and
+        u8 inputs (`asym`) their zero point's: xz times the weights' column sum (a multiply and an
+        add per element) and, with unsigned weights too, K_g * xz * z (another). It reads the
+        weight scales (and zero points) once and the input scales (u8: scale and zero point) of
+        every vector."""
         gk = f["gk"].astype(np.float64)
         groups = np.where(gk > 0, np.ceil(k / np.maximum(gk, 1)), 1.0)
         elems = nvec * groups * n
         zero = ~_WSIGNED[f["wt"].astype(np.int64)]
-        muls = np.where(int_inputs, 2.0, 1.0) + zero
-        sums = np.where(zero, nvec * k + elems, 0.0)  # integer: the inputs summed per group, then subtracted
+        both = asym & zero
+        muls = np.where(int_inputs, 2.0, 1.0) + zero + asym + both
+        # integer adds: the inputs summed per group, then each correction subtracted (or added)
+        sums = np.where(zero, nvec * k + elems, 0.0) + np.where(asym, elems, 0.0) + np.where(both, elems, 0.0)
         work = elems * (muls + 1.0) + sums
         acc.also(idx, self.sfu_unit(tile), np.ceil(work / self.hw.sfu.lanes) * self.hw.sfu.cycles_per_op)
         acc.energy["sfu"][idx] += (elems * (muls * self.e_sfu["mul"] + self.e_sfu["add"])
@@ -386,7 +398,9 @@ class CostModel:
             acc.move(idx[zp], f["wz"][zp], groups[zp], n[zp], write=False, tile=tile[zp], esize=1)
         ints = np.flatnonzero(int_inputs)
         if len(ints):
-            acc.move(idx[ints], f["xs"][ints], nvec[ints], groups[ints] * ELEM_BYTES, write=False, tile=tile[ints])
+            per_vector = np.where(asym, 2.0, groups)  # u8: one scale and one zero point per vector
+            acc.move(idx[ints], f["xs"][ints], nvec[ints], per_vector[ints] * ELEM_BYTES, write=False,
+                     tile=tile[ints])
 
     def _cost_reduce(self, mnemonic, idx, f, acc: _Acc) -> None:
         """Partial sums are added where they are stored, by an adder next to the global buffer
@@ -406,6 +420,8 @@ class CostModel:
         spec = BY_NAME[mnemonic]
         tile = f["tile"].astype(np.int64)
         ones = np.ones(len(idx))
+        ops: Num = float(sum(spec.sfu_ops.values()))
+        per_element: Num = self.sfu_energy_per_element(mnemonic)
         if mnemonic == "vmm":
             m, k, n = (self._dim(f, x, acc) for x in ("m", "k", "n"))
             elems = m * k * n
@@ -425,13 +441,18 @@ class CostModel:
             written = (rows, ones) if mnemonic in ("vrsum", "vrmax") else (rows, cols)
             if mnemonic == "vcausal":
                 reads = [("dst", rows, cols)]
-            elif mnemonic == "vquant":  # i8 values out, one f32 scale per row and group
+            elif mnemonic == "vquant":  # 8-bit values out, one f32 scale per row and group (asym: scale, zero point)
                 group = f["group"].astype(np.float64)
-                groups = np.where(group > 0, np.ceil(cols / np.maximum(group, 1)), 1.0)
-                reads = [("src", rows, cols)]
+                asym = f["asym"].astype(bool)
+                groups = np.where(asym, 2.0, np.where(group > 0, np.ceil(cols / np.maximum(group, 1)), 1.0))
+                # asym reads the block twice: its range first, then the values to quantize
+                reads = [("src", rows, cols), ("src", np.where(asym, rows, 0.0), cols)]
                 acc.move(idx, f["sc"], rows, groups * ELEM_BYTES, write=True, tile=tile)
                 acc.move(idx, f["dst"], rows, cols, write=True, tile=tile, esize=1)
                 written = None
+                ops = np.where(asym, sum(VQUANT_ASYM_OPS.values()), ops)
+                per_element = np.where(asym, sum(self.e_sfu[o] * c for o, c in VQUANT_ASYM_OPS.items()),
+                                       per_element)
             elif mnemonic == "vrope":  # one table row of head_dim per row, not per head
                 hd = f["hd"].astype(np.float64)
                 reads = [("src", rows, cols), ("cos", rows, hd), ("sin", rows, hd)]
@@ -441,9 +462,8 @@ class CostModel:
                     if name in spec.field_names:
                         bcast = f[name[0] + "bc"].astype(bool) if name in ("a", "b") else np.zeros(len(idx), bool)
                         reads.append((name, rows, np.where(bcast, 1.0, cols)))
-        ops = float(sum(spec.sfu_ops.values()))
         acc.main(idx, self.sfu_unit(tile), self.sfu_cycles(elems, ops))
-        acc.energy["sfu"][idx] += elems * self.sfu_energy_per_element(mnemonic)
+        acc.energy["sfu"][idx] += elems * per_element
         for name, r, c in reads:
             _, _, _, stride = mem_parts(f[name])
             r = np.where(stride == 0, np.minimum(r, 1.0), r)  # a broadcast row is read once

@@ -136,25 +136,32 @@ _TABLE: tuple[InstrDef, ...] = (
              (TILE, _f("m0", U(8), "first macro of the loaded group"),
               _f("k", U(16), "weight rows"), _f("n", U(16), "weight columns"),
               _f("wt", WTYPE, "weight type of the loaded group"),
-              _f("xt", DTYPE, "input type, fed bit-serially: bits(xt) input bits (f32: 32, float compute)"),
+              _f("xt", DTYPE, "input type, fed bit-serially: bits(xt) input bits (f32: 32, float compute; u8: "
+                 "with a zero point per vector)"),
               _f("gk", U(16), "rows per partial-sum group with its own scales (0: all k rows)"),
               _f("acc", FLAG, "accumulate into dst instead of overwriting"),
               _f("nvec", DIM, _ROWS_DOC), _f("wst", DTYPE, "element type of the weight scales"),
               _dst("results, nvec x n f32"), _f("src", MEM, "input vectors, nvec x k of type xt"),
-              _f("xs", MEM, "input scales, nvec x G f32 (integer inputs)"),
+              _f("xs", MEM, "input scales: nvec x G f32 (i8 inputs), or nvec x 2 f32, each vector's scale and "
+                 "zero point (u8 inputs)"),
               _f("ws", MEM, "weight scales, G x n of type wst (integer weights)"),
               _f("wz", MEM, "weight zero points, G x n u8 (unsigned weight types)")),
              "tile", "mvm",
              "G = ceil(k/gk) groups of gk rows (gk = 0: one group of all k rows).\n"
              "f32 weights (f32 inputs): dst (+)= src @ W.\n"
-             "integer weights: a signed type holds W as stored; an unsigned one stands for W - z with a zero\n"
-             "point z[g,j] = wz[g,j] per group and column.\n"
+             "integer weights: a signed type holds W = Q as stored (z = 0); an unsigned one stands for\n"
+             "W = Q - z with a zero point z[g,j] = wz[g,j] per group and column.\n"
              "integer inputs (i8, u8): for each vector r, group g, column j the macros feed the input bit\n"
              "planes b = 0 .. bits(xt)-1 of src[r, rows of g] (two's complement: the top plane of a signed\n"
-             "type counts -2^b) through the adder tree, p_b = sum_k bit_b(src[r,k]) * W[k,j] (exact), and\n"
-             "accumulate acc = sat(acc + 2^b p_b) in macro.accum_bits bits, saturating at every step. The\n"
-             "tile's SFU takes acc - z[g,j] * sum_k src[r,k] (exact) for unsigned weights, then adds\n"
-             "f32(that) * (xs[r,g] * ws[g,j]) over g in order, in f32: dst[r,j] (+)= that sum.\n"
+             "type counts -2^b) through the adder tree, p_b = sum_k bit_b(src[r,k]) * Q[k,j] (exact; Q the\n"
+             "stored weights), and accumulate acc = sat(acc + 2^b p_b) in macro.accum_bits bits, saturating\n"
+             "at every step. i8 inputs have scale s[r,g] = xs[r,g] and zero point xz[r] = 0; u8 inputs have\n"
+             "s[r,g] = xs[r,0] for every g and xz[r] = xs[r,1] (a whole number 0..255). The tile's SFU makes\n"
+             "acc exact over the zero points (integers; K_g rows in group g; sum_k Q[k,j] is one all-ones\n"
+             "input plane through the adder tree):\n"
+             "c = acc - z[g,j] * sum_k src[r,k] - xz[r] * sum_k Q[k,j] + K_g * xz[r] * z[g,j],\n"
+             "which is sum_k (src[r,k] - xz[r]) * (Q[k,j] - z[g,j]) when nothing saturated; then it adds\n"
+             "f32(c) * (s[r,g] * ws[g,j]) over g in order, in f32: dst[r,j] (+)= that sum.\n"
              "f32 inputs: dst[r,j] (+)= sum over g in order of (src[r, rows of g] @ (W - z)[rows of g, j]) * ws[g,j],\n"
              "in f32",
              "matrix-vector multiply in a tile's macros, one input vector after another; integer partial sums "
@@ -213,13 +220,22 @@ _TABLE: tuple[InstrDef, ...] = (
              "small matrix product of two activations on an SFU (attention scores, P@V)",
              {"mul": 1, "add": 1}),
     InstrDef("vquant", 0x45,
-             (TILE, _dst("quantized values, rows x cols i8"), _f("sc", MEM, "scales, rows x G f32"),
+             (TILE, _f("asym", FLAG, "onnxruntime's DynamicQuantizeLinear: asymmetric u8 over the whole block"),
+              _dst("quantized values, rows x cols i8 (u8 with asym)"),
+              _f("sc", MEM, "scales, rows x G f32 (asym: rows x 2, each row's scale and zero point)"),
               _f("src", MEM, "source, rows x cols f32"), ROWS, COLS,
-              _f("group", U(16), "columns per scale (0: the whole row)")),
+              _f("group", U(16), "columns per scale (0: the whole row; asym: must be 0)")),
              "sfu", "sfu",
-             "for each row r and group g of `group` columns: s = max |src[r, g]| / 127; sc[r,g] = s;\n"
-             "dst[r,c] = clip(round_half_even(src[r,c] * (s ? 1/s : 0)), -127, 127)   (f32 arithmetic)",
-             "dynamic symmetric int8 quantization of activations, one scale per row and group",
+             "asym = 0: for each row r and group g of `group` columns: s = max |src[r, g]| / 127; sc[r,g] = s;\n"
+             "dst[r,c] = clip(round_half_even(src[r,c] * (s ? 1/s : 0)), -127, 127)   (i8, f32 arithmetic)\n"
+             "asym = 1: one scale and zero point for the whole rows x cols block (group = 0):\n"
+             "lo = min(0, min src), hi = max(0, max src); s = hi == lo ? 1 : (hi - lo) / 255;\n"
+             "z = round_half_even(clip(0 - lo / s, 0, 255));\n"
+             "dst[r,c] = clip(round_half_even(src[r,c] / s) + z, 0, 255)   (u8, f32 arithmetic);\n"
+             "sc[r,0] = s, sc[r,1] = z for every row r   (priced at add 3, mul 1, recip 1 per element,\n"
+             "src read twice: its range, then its values)",
+             "dynamic quantization of activations: symmetric int8 per row and group, or (asym) asymmetric uint8 "
+             "over the whole block",
              {"add": 2, "mul": 1}),
     InstrDef("vcausal", 0x44, (TILE, _dst("scores, updated in place"), ROWS, COLS,
                                _f("diag", DIM, "column offset of the diagonal")),

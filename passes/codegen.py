@@ -22,7 +22,7 @@ import numpy as np
 
 from cimc.ir.core import CTX, SEQ, Module, Op, Value
 from cimc.ir.ops import traits
-from cimc.ir.quant import QuantWeight, materialize
+from cimc.ir.quant import QuantWeight, materialize, weight_values
 from isa.dtypes import elem, pack_blocks
 from isa.encoding import Instr, encode
 from isa.fields import REGS, SPACES, Dim, Mem
@@ -286,8 +286,7 @@ class _Codegen:
         if w.name == "qweight":
             k, n = (int(d) for d in w.result.type.shape)
             return lambda: materialize(w.attrs, w.result.type.dtype, (k, n), self.weight)
-        init, tr = w.attrs["init"], w.attrs.get("transpose", False)
-        return lambda: self.weight(init).T if tr else self.weight(init)
+        return lambda: weight_values(w.attrs, self.weight)
 
     def _layout_consts(self, image: DramImage) -> None:
         addr = self.const_base = align(image.size, 4096)
@@ -365,10 +364,11 @@ class _Codegen:
         layout, nvec = self.layouts[id(op)], self.rows(out)
         dst0, src0 = self.mem(out), self.mem(x)
         xt, xs0, none = op.attrs.get("act", "f32"), Mem(G, 0, 0), Mem(G, 0, 0)
-        if xt == "i8":  # the tile's SFU quantizes the inputs once, for every group
+        if xt in ("i8", "u8"):  # the tile's SFU quantizes the inputs once, for every group
             src0, xs0 = self.scratch(op, "xq"), self.scratch(op, "xs")
-            self.emit("vquant", sig=sig, wait=wait, tile=op.attrs["sfu"], dst=src0, sc=xs0, src=self.mem(x),
-                      rows=nvec, cols=t.k, group=t.gk)
+            asym = int(xt == "u8")  # DynamicQuantizeLinear: one scale and zero point for the whole input
+            self.emit("vquant", sig=sig, wait=wait, tile=op.attrs["sfu"], asym=asym, dst=src0, sc=xs0,
+                      src=self.mem(x), rows=nvec, cols=t.k, group=0 if asym else t.gk)
             wait |= 1 << sig
         xsize = elem(xt).nbytes
         psum = self.scratch(op, "psum") if t.kchunks > 1 else None
@@ -384,7 +384,7 @@ class _Codegen:
                 g0 = k0 // t.gk if t.gk else 0
                 scaled = {"wst": t.st, "ws": Mem(D, off + scales_at, n1 - n0),
                           "wz": Mem(D, off + zero_at, n1 - n0) if t.zero_points else none,
-                          "xs": xs0._replace(addr=xs0.addr + g0 * F32) if xt == "i8" else none}
+                          "xs": xs0._replace(addr=xs0.addr + g0 * F32) if xt == "i8" else xs0}
             self.emit("mvm", sig=sig, wait=wait, tile=tile, m0=0, k=k1 - k0, n=n1 - n0, wt=t.wt, xt=xt, gk=t.gk,
                       acc=0, nvec=nvec, dst=dst, src=src0._replace(addr=src0.addr + k0 * xsize),
                       **({"wst": "f32", "ws": none, "wz": none, "xs": none} | scaled))

@@ -42,6 +42,8 @@ def scratch_layout(op: Op, bounds: dict[str, int]) -> list[tuple[str, int, int, 
             parts.append(("psum", rows * t.kchunks, t.n, ELEM))
         if op.attrs.get("act") == "i8":  # the inputs as int8, and their scales
             parts += [("xq", rows, t.k, 1), ("xs", rows, -(-t.k // t.gk) if t.gk else 1, ELEM)]
+        elif op.attrs.get("act") == "u8":  # the inputs as uint8, and each row's scale and zero point
+            parts += [("xq", rows, t.k, 1), ("xs", rows, 2, ELEM)]
     elif op.name == "attention":
         for slot in range(op.attrs.get("slots", 1)):
             parts += [(*p, ELEM) for p in _attention_parts(slot, *attention_shape(op, bounds))]
@@ -187,7 +189,7 @@ class SchedulePass:
         dying: dict[int, list[tuple[str, int, int]]] = {}
         next_sfu = 0
         for i, op in enumerate(module.ops):
-            if traits(op).unit == "sfu" or op.attrs.get("act") == "i8":  # an int8 linear quantizes its input
+            if traits(op).unit == "sfu" or op.attrs.get("act") in ("i8", "u8"):  # an 8-bit linear quantizes its input
                 rw.set_attr(op, "sfu", next_sfu)
                 next_sfu = (next_sfu + 1) % tiles
             if op.name == "attention":

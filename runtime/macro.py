@@ -9,6 +9,9 @@ exactly that. Every intermediate sum is bounded by sum |w| times the largest inp
 bound fits the accumulator, checked per column, no step saturates and the result is the plain
 integer product: computed as one matrix product in float64 (exact: every value is far below
 2^53). Only the columns that could saturate are computed plane by plane.
+
+Zero points (`zero_point_sums`): the SFU makes the partial sums exact over the weights' zero
+points z and the inputs' zero point xz (u8 inputs), with integer sums of the stored values.
 """
 
 from __future__ import annotations
@@ -76,6 +79,33 @@ def group_sums(x: np.ndarray, gk: int) -> np.ndarray:
     xg = np.zeros((nvec, groups * gk), np.int64)
     xg[:, :k] = x
     return xg.reshape(nvec, groups, gk).sum(axis=2)
+
+
+def column_sums(w: np.ndarray, gk: int) -> np.ndarray:
+    """[G, n] int64: the sum of the stored weights w [k, n] over each group of gk rows (what one
+    all-ones input plane gives through the adder tree)."""
+    k, n = w.shape
+    groups = -(-k // gk)
+    padded = np.zeros((groups * gk, n), np.int64)
+    padded[:k] = w
+    return padded.reshape(groups, gk, n).sum(axis=1)
+
+
+def zero_point_sums(p: np.ndarray, x: np.ndarray, w: np.ndarray, gk: int, z: np.ndarray | None,
+                    xz: np.ndarray | None) -> np.ndarray:
+    """[nvec, G, n] int64: the partial sums p of the stored inputs x [nvec, k] and weights w [k, n]
+    made exact over the weights' zero points z [G, n] and the inputs' xz [nvec] (None: 0):
+    p - z * sum_k x - xz * sum_k w + K_g * xz * z, K_g the rows of group g."""
+    if z is not None:
+        p = p - z[None].astype(np.int64) * group_sums(x, gk)[:, :, None]
+    if xz is not None:
+        xz = xz.astype(np.int64)[:, None, None]
+        p = p - xz * column_sums(w, gk)[None]
+        if z is not None:
+            k = w.shape[0]
+            rows = np.minimum(gk, k - gk * np.arange(-(-k // gk)))  # K_g: the last group may be shorter
+            p = p + xz * (rows[:, None] * z.astype(np.int64))[None]
+    return p
 
 
 def _bit_serial(x: np.ndarray, w: np.ndarray, bits: int, signed: bool, accum_bits: int) -> np.ndarray:

@@ -15,10 +15,10 @@ import numpy as np
 
 from isa.dtypes import elem, unpack
 from isa.encoding import Instr
-from isa.fields import DTYPES, WEIGHT_TYPES, Dim
+from isa.fields import DTYPES, WEIGHT_TYPES, Dim, Mem
 from isa.spec import BY_NAME
 from runtime.machine import Machine, SimError
-from runtime.macro import abs_sums, float_partial_sums, group_sums, partial_sums, rescale
+from runtime.macro import abs_sums, float_partial_sums, partial_sums, rescale, zero_point_sums
 
 Semantics = Callable[[Machine, dict], None]
 SEMANTICS: dict[str, Semantics] = {}
@@ -104,14 +104,25 @@ def _mvm(m: Machine, f: dict) -> None:
             if gk not in group.abs_sums:
                 group.abs_sums[gk] = abs_sums(group.weights, gk)
             p = partial_sums(x, group.weights, gk, xt, m.accum_bits, group.abs_sums[gk])
-            if z is not None:
-                p = p - z[None].astype(np.int64) * group_sums(x, gk)[:, :, None]
-            y = rescale(p, np.array(m.view(f["xs"], nvec, groups)), ws)
+            xs, xz = _input_scales(m, f["xs"], nvec, groups, xt)
+            y = rescale(zero_point_sums(p, x, group.weights, gk, z, xz), xs, ws)
     dst = m.view(f["dst"], nvec, n, write=True)
     if f["acc"]:
         dst += y
     else:
         dst[...] = y
+
+
+def _input_scales(m: Machine, xs: Mem, nvec: int, groups: int, xt: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """An integer-input mvm's scales [nvec, groups] and zero points [nvec] (None for i8) from `xs`:
+    one scale per vector and group (i8), or each vector's scale and zero point (u8)."""
+    if xt == "i8":
+        return np.array(m.view(xs, nvec, groups)), None
+    sz = np.array(m.view(xs, nvec, 2))
+    xz = sz[:, 1]
+    if not np.all((xz >= 0) & (xz <= 255) & (xz == np.floor(xz))):
+        raise SimError(f"mvm: u8 input zero points must be whole numbers 0..255, got {xz[:4].tolist()}")
+    return np.repeat(sz[:, :1], groups, axis=1), xz.astype(np.int64)
 
 
 @sem("tred")
@@ -226,6 +237,9 @@ def _vmm(m: Machine, f: dict) -> None:
 @sem("vquant")
 def _vquant(m: Machine, f: dict) -> None:
     rows, cols = dim(m, f["rows"]), dim(m, f["cols"])
+    if f["asym"]:
+        _vquant_asym(m, f, rows, cols)
+        return
     g = f["group"] or cols
     groups = -(-cols // g)
     x = np.zeros((rows, groups * g), F32)
@@ -237,6 +251,20 @@ def _vquant(m: Machine, f: dict) -> None:
     q = np.clip(np.rint(x * inv[:, :, None]), -127, 127).astype(np.int8).reshape(rows, groups * g)[:, :cols]
     m.view(f["sc"], rows, groups, write=True)[...] = scale
     m.view(f["dst"], rows, cols, dtype="i1", write=True)[...] = q
+
+
+def _vquant_asym(m: Machine, f: dict, rows: int, cols: int) -> None:
+    """onnxruntime's DynamicQuantizeLinear (its CPU kernel's f32 arithmetic) over the whole block."""
+    if f["group"]:
+        raise SimError(f"vquant: asym quantizes the whole block, so group must be 0, not {f['group']}")
+    x = np.array(m.view(f["src"], rows, cols))
+    lo, hi = x.min(initial=F32(0)), x.max(initial=F32(0))  # the range, widened to hold 0
+    s = F32(1) if hi == lo else F32(hi - lo) / F32(255)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        z = np.rint(np.clip(F32(0) - lo / s, F32(0), F32(255)))
+        q = np.clip(np.rint(x / s) + z, 0, 255)
+    m.view(f["sc"], rows, 2, write=True)[...] = np.array([s, z], F32)
+    m.view(f["dst"], rows, cols, dtype="u1", write=True)[...] = q.astype(np.uint8)
 
 
 @sem("vcausal")

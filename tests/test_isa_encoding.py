@@ -70,8 +70,8 @@ CASES = [
                     "cols": Dim(0, 576), "hd": 64}),
     Instr("vmm", {"tile": 19, "dst": Mem(G, 0x1E0, 256), "a": Mem(G, 0x1F0, 64), "b": Mem(D, 0x200, 64),
                   "m": Dim(SEQ, 0), "k": Dim(0, 64), "n": Dim(CTX, 0), "tb": 1, "acc": 1, "alpha": 0.125}),
-    Instr("vquant", {"tile": 21, "dst": Mem(G, 0x220, 576), "sc": Mem(G, 0x230, 18), "src": Mem(G, 0x240, 576),
-                     "rows": Dim(SEQ, 0), "cols": Dim(0, 576), "group": 32}, sig=6),
+    Instr("vquant", {"tile": 21, "asym": 1, "dst": Mem(G, 0x220, 576), "sc": Mem(G, 0x230, 2),
+                     "src": Mem(G, 0x240, 576), "rows": Dim(SEQ, 0), "cols": Dim(0, 576), "group": 0}, sig=6),
     Instr("vcausal", {"tile": 20, "dst": Mem(G, 0x210, 256), "rows": Dim(SEQ, 0), "cols": Dim(CTX, 0),
                       "diag": Dim(PAST, 0)}, sig=4, wait=1 << 2),]
 
@@ -89,8 +89,8 @@ GOLDEN = {
              " 0000000000000000 0000000000000000 0000000000000000 0000000000000000",
     "mvm": "1309070c00018000 0000000000000000 1c08c00000000100 0000200000800000"
            " 0000100000000100 0000300000080000 0100008100800000 0180008100800000",
-    "vquant": "4506150000000000 0000000000000000 0022000000400200 0023000000120000"
-              " 0024000000400200 0100000009002000 0000000000000000 0000000000000000",
+    "vquant": "4506150100000000 0000000000000000 0022000000400200 0023000000020000"
+              " 0024000000400200 0100000009000000 0000000000000000 0000000000000000",
     "tred": "1400000000000000 0002000000000000 0000030000400000 0000400000400000"
             " 0700000001000400 0000010000000000 0000000000000000 0000000000000000",
     "vadd": "2000000000000000 0000000000000000 0010000000200000 0020000000200000"
@@ -185,6 +185,20 @@ def test_mem_operand_bits_by_hand():
     assert src & 0b11 == 1 and (src >> 2) & 0b11 == 2
     assert (src >> 4) & ((1 << 36) - 1) == 0x123456789 and src >> 40 == 4096
     assert code[24] == 0x01 | (2 << 2) | (0x9 << 4)  # space d, roff %past, low address nibble 9
+
+
+def test_vquant_asym_flag_by_hand():
+    # vquant: tile in byte 2, the asym flag right after it (bit 24 = byte 3, bit 0); sc (word 3) holds
+    # each row's scale and zero point (stride 2); group (0) in bits 48-63 of word 5
+    vq = BY_NAME["vquant"]
+    assert (vq.field("asym").word, vq.field("asym").shift) == (0, 24)
+    code = encode([case("vquant")])
+    assert code[2] == 21 and code[3] == 0x01 and code[4:8] == bytes(4)
+    assert _word(code, 3) == (0x230 << 4) | (2 << 40)
+    assert _word(code, 5) >> 48 == 0
+    sym = case("vquant")
+    sym.f["asym"] = 0
+    assert encode([sym])[3] == 0
 
 
 def test_field_packing_by_hand():

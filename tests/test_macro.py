@@ -1,13 +1,17 @@
 """The integer macro datapath (i4/u4/i8/u8 weights, i8/u8 inputs fed bit-serially, a saturating
-accumulator, per-group scales and zero points) and `vquant`, against a reference written from the
-ISA text of `mvm` and `vquant`; weight packing; whole instructions on a small machine."""
+accumulator, per-group scales, weight zero points and u8 inputs' zero points) and `vquant` (also
+asym: onnxruntime's DynamicQuantizeLinear, checked against onnxruntime's own kernel), against a
+reference written from the ISA text of `mvm` and `vquant`; weight packing; whole instructions on a
+small machine."""
 
 from __future__ import annotations
 
 import itertools
 
 import numpy as np
+import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper
 
 from isa.dtypes import elem, pack, unpack
 from isa.encoding import Instr
@@ -60,17 +64,34 @@ def exact_products(x: np.ndarray, w: np.ndarray, gk: int) -> np.ndarray:
 
 def ref_mvm(x: np.ndarray, w: np.ndarray, gk: int, xt: str, accum_bits: int, xs: np.ndarray, ws: np.ndarray,
             z: np.ndarray | None = None) -> np.ndarray:
-    """[nvec, n] f32 of an integer-input mvm: acc - z * (sum of the group's inputs), then the sum over
-    groups in order of f32(that) * (xs[r,g] * ws[g,j]), in f32."""
+    """[nvec, n] f32 of an integer-input mvm. `xs` as in memory: i8 inputs have a scale per vector and
+    group [nvec, G] and no zero point; u8 inputs [nvec, 2], each vector's scale and zero point xz.
+    Per group, c = acc - z * (sum of the group's inputs) - xz * (sum of the group's stored weights)
+    + (rows of the group) * xz * z in integers, then the sum over groups in order of
+    f32(c) * (scale * ws[g,j]), in f32."""
     p = ref_partial_sums(x, w, gk, xt, accum_bits)
     groups = ref_groups(w.shape[0], gk)
-    if z is not None:
-        for g, rows in enumerate(groups):
-            p[:, g] -= np.outer(x[:, rows].astype(np.int64).sum(axis=1), z[g].astype(np.int64))
+    scale = xs if xt == "i8" else np.repeat(xs[:, :1], len(groups), axis=1)
+    xz = np.zeros(x.shape[0], np.int64) if xt == "i8" else xs[:, 1].astype(np.int64)
+    zero = np.zeros((len(groups), w.shape[1]), np.int64) if z is None else z.astype(np.int64)
+    for g, rows in enumerate(groups):
+        for r in range(x.shape[0]):
+            for j in range(w.shape[1]):
+                xsum = sum(int(v) for v in x[r, rows])
+                wsum = sum(int(v) for v in w[rows, j])
+                count = rows.stop - rows.start
+                p[r, g, j] += -int(zero[g, j]) * xsum - int(xz[r]) * wsum + count * int(xz[r]) * int(zero[g, j])
     y = np.zeros((x.shape[0], w.shape[1]), F32)
     for g in range(len(groups)):
-        y = y + p[:, g].astype(F32) * (xs[:, g:g + 1].astype(F32) * ws[g].astype(F32))
+        y = y + p[:, g].astype(F32) * (scale[:, g:g + 1].astype(F32) * ws[g].astype(F32))
     return y
+
+
+def input_scales(rng: np.random.Generator, xt: str, nvec: int, groups: int) -> np.ndarray:
+    """Random input scales as `xs` holds them: [nvec, G] (i8), or [nvec, 2] scale and zero point (u8)."""
+    if xt == "i8":
+        return (rng.random((nvec, groups)) * 0.05 + 0.001).astype(F32)
+    return np.stack([rng.random(nvec) * 0.05 + 0.001, rng.integers(0, 256, nvec)], axis=1).astype(F32)
 
 
 def ref_float_mvm(x: np.ndarray, w: np.ndarray, gk: int, ws: np.ndarray, z: np.ndarray | None = None) -> np.ndarray:
@@ -270,16 +291,17 @@ def mvm(m: Machine, x: np.ndarray, k: int, n: int, wt: str, xt: str, gk: int = 0
         z: np.ndarray | None = None) -> np.ndarray:
     """Write the operands into the global buffer, run one mvm and return its nvec x n result."""
     groups = len(ref_groups(k, gk))
+    xcols = 2 if xt == "u8" else groups  # u8: each vector's scale and zero point
     nvec = x.shape[0]
     m.view(Mem(0, X, k), nvec, k, dtype=elem(xt).numpy, write=True)[...] = x
     if xs is not None:
-        m.view(Mem(0, XS, groups), nvec, groups, write=True)[...] = xs
+        m.view(Mem(0, XS, xcols), nvec, xcols, write=True)[...] = xs
     if ws is not None:
         m.view(Mem(0, WS, n), groups, n, dtype=elem(wst).numpy, write=True)[...] = ws
     if z is not None:
         m.view(Mem(0, WZ, n), groups, n, dtype="u1", write=True)[...] = z
     run(m, "mvm", tile=TILE, m0=0, k=k, n=n, wt=wt, xt=xt, gk=gk, acc=acc, nvec=nvec, wst=wst, dst=Mem(0, OUT, n),
-        src=Mem(0, X, k), xs=Mem(0, XS, groups), ws=Mem(0, WS, n), wz=Mem(0, WZ, n))
+        src=Mem(0, X, k), xs=Mem(0, XS, xcols), ws=Mem(0, WS, n), wz=Mem(0, WZ, n))
     return np.array(m.view(Mem(0, OUT, n), nvec, n))
 
 
@@ -290,6 +312,9 @@ def mvm(m: Machine, x: np.ndarray, k: int, n: int, wt: str, xt: str, gk: int = 0
     ("i8", "u8", 64, 0, "f32", 32),
     ("u8", "i8", 100, 64, "f32", 10),  # saturating
     ("i8", "u4", 13, 4, "f32", 9),  # odd count of nibbles, saturating
+    ("u8", "u8", 72, 32, "f32", 24),  # both zero points, a partial last group
+    ("u8", "i4", 50, 0, "f16", 24),
+    ("u8", "u8", 40, 0, "f32", 14),  # saturating
 ])
 def test_integer_mvm_is_bit_exact(xt: str, wt: str, k: int, gk: int, wst: str, accum_bits: int) -> None:
     rng = np.random.default_rng(k + gk)
@@ -302,12 +327,40 @@ def test_integer_mvm_is_bit_exact(xt: str, wt: str, k: int, gk: int, wst: str, a
     y = np.zeros((nvec, n), F32)
     for acc in (0, 1):  # the second product accumulates onto the first
         x = random_ints(rng, xt, (nvec, k))
-        xs = (rng.random((nvec, groups)) * 0.05 + 0.001).astype(F32)
+        xs = input_scales(rng, xt, nvec, groups)
         want = ref_mvm(x, w, gk, xt, accum_bits, xs, ws, z)
         y = y + want if acc else want
         np.testing.assert_array_equal(mvm(m, x, k, n, wt, xt, gk, acc=acc, xs=xs, ws=ws, wst=wst, z=z), y)
     if accum_bits <= 12:
         assert (ref_partial_sums(x, w, gk, xt, accum_bits) != exact_products(x, w, gk)).any(), "nothing saturated"
+
+
+@pytest.mark.parametrize("wt", ["i8", "u8", "i4", "u4"])
+def test_input_zero_points_give_the_exact_integer_product(wt: str) -> None:
+    """u8 inputs with zero point xz stand for x - xz: when nothing saturates the result is
+    f32(sum (x - xz)(w - z)) * (scale * ws), as onnxruntime's MatMulInteger then Mul computes it."""
+    rng = np.random.default_rng(len(wt))
+    k, n, gk, nvec = 96, 5, 32, 3
+    w = random_ints(rng, wt, (k, n))
+    z = None if elem(wt).signed else rng.integers(0, elem(wt).hi + 1, (3, n))
+    x = random_ints(rng, "u8", (nvec, k))
+    xz = rng.integers(0, 256, nvec)
+    xs = np.stack([np.full(nvec, 0.03125), xz], axis=1).astype(F32)
+    ws = np.full((3, n), 0.5, F32)
+    got = mvm(load(w, wt, 32), x, k, n, wt, "u8", gk, xs=xs, ws=ws, z=z)
+    wz = w - (0 if z is None else np.repeat(z, gk, axis=0))
+    exact = (x - xz[:, None]).astype(np.int64) @ wz.astype(np.int64)
+    np.testing.assert_array_equal(got, exact.astype(F32) * F32(0.015625))  # powers of two: the f32 sum is exact
+
+
+def test_u8_zero_points_must_be_whole_numbers() -> None:
+    rng = np.random.default_rng(4)
+    m = load(random_ints(rng, "i8", (8, 4)), "i8", 24)
+    x = random_ints(rng, "u8", (2, 8))
+    with pytest.raises(SimError, match=r"u8 input zero points must be whole numbers 0\.\.255"):
+        mvm(m, x, 8, 4, "i8", "u8", xs=np.array([[0.5, 3.5], [0.5, 1]], F32), ws=np.ones((1, 4), F32))
+    with pytest.raises(SimError, match=r"u8 input zero points must be whole numbers 0\.\.255"):
+        mvm(m, x, 8, 4, "i8", "u8", xs=np.array([[0.5, 256], [0.5, 1]], F32), ws=np.ones((1, 4), F32))
 
 
 def test_zero_points_are_subtracted_exactly() -> None:
@@ -365,16 +418,18 @@ def test_mvm_refuses_mismatched_types_and_groups() -> None:
 Q, SC = 0x1000, 0x2000
 
 
-def vquant(x: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
-    """Run vquant on x (rows x cols f32) with `group` columns per scale: (the i8 values, the scales)."""
+def vquant(x: np.ndarray, group: int, asym: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Run vquant on x (rows x cols f32) with `group` columns per scale: (the i8 values, the scales);
+    with asym (group 0), (the u8 values, each row's scale and zero point)."""
     rows, cols = x.shape
-    groups = len(ref_groups(cols, group))
+    groups = 2 if asym else len(ref_groups(cols, group))
     m = Machine(np.zeros(0x3000, np.uint8), np.zeros(64, np.uint8), np.zeros(64, np.uint8), 0x100000,
                 np.zeros(4, np.int64), (1, 1, 64, 64), 24)
     m.view(Mem(0, 0, cols), rows, cols, write=True)[...] = x
-    run(m, "vquant", tile=0, dst=Mem(0, Q, cols), sc=Mem(0, SC, groups), src=Mem(0, 0, cols), rows=rows, cols=cols,
-        group=group)
-    return np.array(m.view(Mem(0, Q, cols), rows, cols, dtype="i1")), np.array(m.view(Mem(0, SC, groups), rows, groups))
+    run(m, "vquant", tile=0, asym=asym, dst=Mem(0, Q, cols), sc=Mem(0, SC, groups), src=Mem(0, 0, cols), rows=rows,
+        cols=cols, group=group)
+    q = np.array(m.view(Mem(0, Q, cols), rows, cols, dtype="u1" if asym else "i1"))
+    return q, np.array(m.view(Mem(0, SC, groups), rows, groups))
 
 
 @pytest.mark.parametrize(("cols", "group"), [(32, 8), (20, 8), (17, 0), (24, 24)])
@@ -414,3 +469,55 @@ def test_vquant_clips_at_127() -> None:
         q, sc = vquant(x, 4)
         assert 0 < sc[0, 0] < np.finfo(F32).smallest_normal and np.isinf(F32(1) / sc[0, 0])
     np.testing.assert_array_equal(q[0], [127, -127, 127, -127, 127, -127, 42, 0])
+
+
+# ---- vquant asym: onnxruntime's DynamicQuantizeLinear ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dynamic_quantize() -> ort.InferenceSession:
+    """onnxruntime's DynamicQuantizeLinear CPU kernel on an f32 [rows, cols] input."""
+    node = helper.make_node("DynamicQuantizeLinear", ["x"], ["y", "s", "z"])
+    graph = helper.make_graph([node], "dql", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["r", "c"])],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, ["r", "c"]),
+                               helper.make_tensor_value_info("s", TensorProto.FLOAT, []),
+                               helper.make_tensor_value_info("z", TensorProto.UINT8, [])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+ASYM_INPUTS = {
+    "normal": lambda rng: rng.standard_normal((5, 48)).astype(F32),
+    "wide": lambda rng: (rng.standard_normal((3, 70)) * rng.choice([1e-3, 1, 1e3], (3, 1))).astype(F32),
+    "positive": lambda rng: np.abs(rng.standard_normal((4, 16))).astype(F32) + 0.25,  # lo = 0: z = 0
+    "negative": lambda rng: -np.abs(rng.standard_normal((4, 16))).astype(F32) - 0.25,  # hi = 0: z = 255
+    "zeros": lambda rng: np.zeros((2, 8), F32),  # hi == lo: s = 1, z = 0
+    "one-row": lambda rng: rng.standard_normal((1, 33)).astype(F32),
+    "ties": lambda rng: np.array([[-1.0, 254.0 / 255 * 2.5, 0.5, 1.5, 2.5, 3.5, 254.0, -0.5]], F32),
+}
+
+
+@pytest.mark.parametrize("case", ASYM_INPUTS)
+def test_vquant_asym_is_onnxruntimes_dynamic_quantize_linear(case: str, dynamic_quantize) -> None:
+    """Bit for bit: the u8 values, the scale and the zero point of onnxruntime's CPU kernel."""
+    x = ASYM_INPUTS[case](np.random.default_rng(len(case)))
+    want_q, want_s, want_z = dynamic_quantize.run(None, {"x": x})
+    q, sc = vquant(x, 0, asym=1)
+    np.testing.assert_array_equal(q, want_q)
+    np.testing.assert_array_equal(sc[:, 0], np.full(x.shape[0], want_s, F32))
+    np.testing.assert_array_equal(sc[:, 1], np.full(x.shape[0], want_z, F32))
+
+
+def test_vquant_asym_by_hand() -> None:
+    """[-1, 0.5, 3]: lo = -1, hi = 3, s = 4/255, z = rne(255/4) = 64; q = clip(rne(x / s) + 64)."""
+    q, sc = vquant(np.array([[-1.0, 0.5, 3.0], [0.0, 2.0, -0.25]], F32), 0, asym=1)
+    s = F32(4) / F32(255)
+    assert sc[0, 0] == sc[1, 0] == s and sc[0, 1] == sc[1, 1] == 64
+    want = np.clip(np.rint(np.array([[-1.0, 0.5, 3.0], [0.0, 2.0, -0.25]], F32) / s) + 64, 0, 255)
+    np.testing.assert_array_equal(q, want)
+    assert q[0, 0] == 0 and q[0, 2] == 255  # the ends of the range land on the ends of u8
+
+
+def test_vquant_asym_takes_no_groups() -> None:
+    with pytest.raises(SimError, match="asym quantizes the whole block, so group must be 0, not 8"):
+        vquant(np.ones((2, 16), F32), 8, asym=1)

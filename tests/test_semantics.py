@@ -174,11 +174,25 @@ def test_vmm_causal_softmax_pieces() -> None:
 def test_vquant_scales_each_row_group() -> None:
     m = _machine()
     x = _get(m, A)
-    run(m, "vquant", tile=3, dst=g(OUT), sc=g(EXTRA, 2), src=g(A), rows=R, cols=C, group=C // 2)
+    run(m, "vquant", tile=3, asym=0, dst=g(OUT), sc=g(EXTRA, 2), src=g(A), rows=R, cols=C, group=C // 2)
     s = (np.abs(x).reshape(R, 2, C // 2).max(axis=2) / np.float32(127)).astype(np.float32)
     np.testing.assert_array_equal(_get(m, EXTRA, R, 2, 2), s)
     want = np.clip(np.rint(x * np.repeat(np.float32(1) / s, C // 2, axis=1)), -127, 127)
     np.testing.assert_array_equal(np.array(m.view(g(OUT), R, C, dtype="i1")), want)
+
+
+def test_vquant_asym_quantizes_the_whole_block() -> None:
+    """One scale and zero point for all rows (DynamicQuantizeLinear), written once per row."""
+    m = _machine()
+    m.view(g(A), R, C, write=True)[...] = x = _get(m, A) - 1.0  # values of both signs
+    run(m, "vquant", tile=3, asym=1, dst=g(OUT), sc=g(EXTRA, 2), src=g(A), rows=R, cols=C, group=0)
+    lo, hi = np.float32(min(0.0, x.min())), np.float32(max(0.0, x.max()))
+    s = (hi - lo) / np.float32(255)
+    z = np.rint(np.clip(np.float32(0) - lo / s, 0, 255))
+    np.testing.assert_array_equal(_get(m, EXTRA, R, 2, 2), np.tile([s, z], (R, 1)).astype(np.float32))
+    want = np.clip(np.rint(x / s) + z, 0, 255)
+    np.testing.assert_array_equal(np.array(m.view(g(OUT), R, C, dtype="u1")), want)
+    assert want.min() == 0 and want.max() == 255
 
 
 def test_attention_pieces_over_no_keys() -> None:

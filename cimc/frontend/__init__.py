@@ -7,7 +7,7 @@ from pathlib import Path
 
 import onnx
 
-from cimc.frontend import quantized  # noqa: F401  (registers its converters)
+from cimc.frontend import qdq, quantized  # noqa: F401  (register their converters)
 from cimc.frontend.converters import STANDARD, Unsupported, find
 from cimc.frontend.fold import Binding, analyze, find_roles, position_tables, prepare
 from cimc.frontend.lift import Lifter, cannot_compile
@@ -48,7 +48,7 @@ def import_onnx(path: str | os.PathLike, *, max_seq: int = 256, max_ctx: int | N
     facts = {k: analyze(model, prep, b, dims, roles) for k, b in bindings.items()}
     tables = position_tables(model, facts["main"], facts["seq"])
     facts["table"] = analyze(model, prep, Binding(max(max_ctx, past + 6), 0), dims, roles, only=tables)
-    module = Lifter(model, facts, roles, max_seq, max_ctx, Path(path).stem).run()
+    module = Lifter(model, facts, roles, max_seq, max_ctx, Path(path).stem, weights.get).run()
     return module, weights
 
 

@@ -1,12 +1,16 @@
-"""Converters for operators outside the standard ONNX domain, found by (domain, op type).
+"""Converters for operators the lifter's own handlers do not take, found by (domain, op type):
+contrib ops, and the standard quantization ops (whose checks need the graph around them).
 
 A converter states in one place everything the frontend must know about its op: the `check`
-made before any folding (attributes and initializer metadata only, so a bad node is reported
-with every other node that cannot be compiled and no weight is read), the initializers it keeps
-on disk (`lazy`: never folded nor given to shape inference, read by the backend), a `standin` of
-standard ONNX nodes with the op's output shapes for ONNX shape inference (which does not know
-the op), and `lift`, which builds its IR. Modules that define converters register them on
-import (`cimc/frontend/__init__.py` imports them).
+made before any folding (attributes, initializer metadata and the graph's structure only, so a
+bad node is reported with every other node that cannot be compiled and no weight is read), the
+initializers it keeps on disk (`lazy`: never folded nor given to shape inference, read by the
+backend), a `standin` of standard ONNX nodes with the op's output shapes for ONNX shape
+inference (which does not know a contrib op; a standard op stands for itself), and `lift`, which
+builds its IR (a term, or a tuple of terms, one per output). `IDIOMS` are rules anchored at a
+standard op where a chain of nodes ends (like RoPE's final Add in the lifter): each takes the
+lifter and the deferred expression and returns the lifted value, or None. Modules that define
+converters and idioms register them on import (`cimc/frontend/__init__.py` imports them).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import TYPE_CHECKING
 import onnx
 
 if TYPE_CHECKING:
-    from cimc.frontend.lift import Lifter, Term
+    from cimc.frontend.lift import Expr, Lifter, Term
     from cimc.frontend.model import Node, OnnxModel
 
 
@@ -37,12 +41,13 @@ class Converter:
     domain: str
     op_type: str
     check: Callable[[OnnxModel, Node], object]  # raises Unsupported
-    lazy: Callable[[Node], list[str]]
+    lazy: Callable[[OnnxModel, Node], list[str]]
     standin: Callable[[Node], tuple[list[onnx.NodeProto], list[onnx.ValueInfoProto]]]
-    lift: Callable[[Lifter, Node, list], Term]  # raises Unsupported
+    lift: Callable[[Lifter, Node, list], Term | tuple[Term, ...]]  # raises Unsupported
 
 
 CONVERTERS: dict[tuple[str, str], Converter] = {}
+IDIOMS: dict[str, list[Callable[[Lifter, Expr], Term | None]]] = {}
 
 
 def register(conv: Converter) -> Converter:
@@ -53,6 +58,11 @@ def register(conv: Converter) -> Converter:
     return conv
 
 
+def register_idiom(op_type: str, rule: Callable[[Lifter, Expr], Term | None]) -> None:
+    """Add a rule tried where a deferred expression of a standard `op_type` node is made."""
+    IDIOMS.setdefault(op_type, []).append(rule)
+
+
 def find(node: Node) -> Converter | None:
     """The converter for a node's domain and op type, if any."""
-    return CONVERTERS.get((node.domain or "", node.op_type))
+    return CONVERTERS.get(("" if node.domain in STANDARD else node.domain, node.op_type))

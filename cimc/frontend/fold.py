@@ -110,7 +110,7 @@ def weight_derived(model: OnnxModel, data: set[str]) -> set[str]:
     for n in model.nodes:
         conv = converters.find(n)
         if conv is not None:
-            lazy.update(name for name in conv.lazy(n) if name in model.initializers)
+            lazy.update(name for name in conv.lazy(model, n) if name in model.initializers)
     for n in model.nodes:
         if not any(i in data for i in n.inputs) and any(i in lazy for i in n.inputs):
             lazy.update(o for o in n.outputs if o)

@@ -4,19 +4,22 @@ Nodes are visited in topological order. Each ONNX value becomes a *term*:
   - `View`: a strided view of an IR value (layout ops like Reshape/Transpose only re-view);
   - `Static`: a value known at compile time (folded, or a small initializer);
   - `Lazy`: a weight matrix (an initializer, maybe transposed) left on disk;
+  - `QLazy`: integer weights a DequantizeLinear dequantizes, left on disk (a `qweight` where a
+    MatMul or Gemm takes them, a float table dequantized at compile time where a Gather does);
   - `Expr`: an op that cannot be lowered on its own (it works on a head-split view, or is part
     of attention); it waits for an idiom rule to consume it;
   - `Bad`: a node that cannot be compiled, with the reason.
 Idiom rules are anchored where an idiom ends: RoPE at its final Add, attention at the
-`MatMul(softmax, V)`. A rule that does not match records why, so an unsupported model gets one
-error listing every node that could not be compiled and the near-miss reasons.
+`MatMul(softmax, V)`; converters may register more (`converters.IDIOMS`, e.g. quantize_dynamic's
+MatMulInteger chain at its final Mul). A rule that does not match records why, so an unsupported
+model gets one error listing every node that could not be compiled and the near-miss reasons.
 """
 
 from __future__ import annotations
 
 import base64
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from math import prod
 
 import numpy as np
@@ -30,6 +33,7 @@ from cimc.frontend.model import FLOAT_TYPES, Node, OnnxModel
 from cimc.frontend.views import Axis, View, ViewError
 from cimc.ir.core import CTX, SEQ, Module, Rewriter, TensorType, Value
 from cimc.ir.ops import OPS
+from cimc.ir.quant import ONNX_INTS, held_type
 from isa.diag import CimcError
 
 
@@ -54,6 +58,24 @@ class Lazy:
 
 
 @dataclass
+class QLazy:
+    """Integer weights `init` (stored `shape`, numpy type name `dtype`) that DequantizeLinear `node`
+    dequantizes with `scales` and `zero_points` ("" if none): one scale (`per_tensor`), one per index
+    of `axis`, or one per `block` indices along it; viewed transposed with `transpose`."""
+
+    node: Node
+    init: str
+    shape: tuple[int, ...]
+    dtype: str
+    scales: str
+    zero_points: str
+    axis: int
+    block: int
+    per_tensor: bool
+    transpose: bool = False
+
+
+@dataclass
 class Expr:
     node: Node
     args: list
@@ -64,7 +86,7 @@ class Bad:
     node: Node
 
 
-Term = View | Static | Lazy | Expr | Bad
+Term = View | Static | Lazy | QLazy | Expr | Bad
 
 _INT = {TensorProto.INT64, TensorProto.INT32}
 _UNARY = {"Neg": "neg", "Exp": "exp", "Sqrt": "sqrt", "Reciprocal": "reciprocal", "Sigmoid": "sigmoid",
@@ -84,11 +106,12 @@ class Lifter:
     """Builds the IR module for one model; see the module docstring."""
 
     def __init__(self, model: OnnxModel, facts: dict[str, Facts], roles: Roles, max_seq: int, max_ctx: int,
-                 name: str) -> None:
+                 name: str, weights: Callable[[str], np.ndarray]) -> None:
         # facts: "main" (seq and past >= 2 and distinct, so no such axis looks like a size-1
         # axis), "seq" (one more token), "past" (more cached tokens; exports with a cache only),
         # "table" (max_ctx tokens, nothing cached: every position of a position table).
         self.model, self.roles, self.max_ctx = model, roles, max_ctx
+        self.weights = weights  # reads an initializer kept on disk (zero points, to pick a weight type)
         self.f1, self.f2, self.fpast, self.ftab = facts["main"], facts["seq"], facts.get("past"), facts["table"]
         self.n, self.past = self.f1.binding.seq, self.f1.binding.past
         self.module = Module(name, {"max_seq": max_seq, "max_ctx": max_ctx, "source": model.path.name})
@@ -277,8 +300,8 @@ class Lifter:
         try:
             conv = converters.find(node)
             if conv is not None:
-                result: Term = conv.lift(self, node, args)
-            elif all(isinstance(a, (Lazy, Static)) or a is None for a in args):
+                result: Term | tuple[Term, ...] = conv.lift(self, node, args)
+            elif all(isinstance(a, (Lazy, QLazy, Static)) or a is None for a in args):
                 result = self._weight_expr(node, args)
             else:
                 handler = getattr(self, f"_on_{node.op_type}", None)
@@ -290,6 +313,11 @@ class Lifter:
         except (Unsupported, ViewError) as e:
             self.reasons[node.name] = str(e) or self.near_miss.get(node.name, "not supported")
             result = self._placeholder(node) or Bad(node)
+        if isinstance(result, tuple):  # one term per output
+            for o, term in zip(node.outputs, result, strict=False):
+                if o:
+                    self.env[o] = term
+            return
         self.env[outs[0]] = result
         for o in outs[1:]:
             self.env[o] = Bad(node)
@@ -326,9 +354,11 @@ class Lifter:
 
     def _weight_expr(self, node: Node, args: list) -> Term:
         src = args[0]
-        if node.op_type == "Transpose" and isinstance(src, Lazy) and len(src.shape) == 2 \
+        if node.op_type == "Transpose" and isinstance(src, (Lazy, QLazy)) and len(src.shape) == 2 \
                 and list(node.attrs.get("perm", [1, 0])) == [1, 0]:
-            return Lazy(src.init, src.shape, not src.transpose)
+            return _transposed(src)
+        if node.op_type == "Identity" and isinstance(src, QLazy):
+            return src
         if node.op_type in ("Identity", "Cast") and isinstance(src, Lazy):
             if node.op_type == "Cast" and node.attrs.get("to") != TensorProto.FLOAT:
                 raise Unsupported("weights may only be cast to float32")
@@ -386,6 +416,8 @@ class Lifter:
         return args[0]
 
     def _on_Cast(self, node: Node, args: list) -> Term:
+        if isinstance(args[0], Expr):  # part of a chain an idiom may consume (quantize_dynamic's)
+            return Expr(node, args)
         et = self.f1.elem_types.get(node.inputs[0])
         if node.attrs.get("to") == TensorProto.FLOAT and et in FLOAT_TYPES:
             return args[0]
@@ -442,18 +474,79 @@ class Lifter:
 
     def _on_Gather(self, node: Node, args: list) -> Term:
         table, ids = args
-        if node.attrs.get("axis", 0) != 0 or not isinstance(table, (Lazy, Static)):
+        if node.attrs.get("axis", 0) != 0 or not isinstance(table, (Lazy, QLazy, Static)):
             raise Unsupported("only Gather of table rows by token id (axis 0 of a constant table) is supported")
+        lazy = Lazy(table.name, table.value.shape) if isinstance(table, Static) else table
+        if len(lazy.shape) != 2 or lazy.transpose:
+            raise Unsupported("the embedding table must be a [vocab, hidden] initializer")
+        if isinstance(lazy, QLazy):
+            return self.embedding(node, ids, self.dequantized_table(lazy.init, lazy.scales, lazy.zero_points,
+                                                                    lazy.axis, lazy.block))
+        if _dtype_name(self.model.initializers[lazy.init].data_type) in ONNX_INTS:  # quantize_dynamic's table
+            self.near_miss[node.name] = f"Gather of the integer table {lazy.init!r} must be followed by the " \
+                                        "DequantizeLinear that dequantizes it"
+            return Expr(node, args)
+        return self.embedding(node, ids, self.weight(lazy))
+
+    def embedding(self, node: Node, ids: Term, table: Value) -> View:
+        """`embedding(ids, table)` for `node`, whose first output it becomes."""
         idv = self.need_view(ids, "indices")
         if idv.base.type.dtype != "i32" or not self._is_plain(idv):
             raise Unsupported("Gather indices must be the token ids")
-        lazy = table if isinstance(table, Lazy) else Lazy(table.name, table.value.shape)
-        if len(lazy.shape) != 2 or lazy.transpose:
-            raise Unsupported("the embedding table must be a [vocab, hidden] initializer")
-        out = self._op("embedding", [idv.base, self.weight(lazy)], node.name)
+        out = self._op("embedding", [idv.base, table], node.name)
         return self._view_of(out, self.shape(node.outputs[0]))
 
+    def dequantized_table(self, init: str, scales: str, zero_points: str, axis: int, block: int) -> Value:
+        """A float `weight` of the integer initializer `init` dequantized at compile time (format
+        `dequantize`, see cimc.ir.quant), one per distinct set of attributes."""
+        attrs = {"init": init, "format": "dequantize", "scales": scales, "axis": axis} | \
+            ({"zero_points": zero_points} if zero_points else {}) | ({"block": block} if block else {})
+        for op in self.module.walk("weight"):
+            if op.attrs == attrs:
+                return op.result
+        shape = tuple(self.model.initializers[init].dims)
+        return self.rw.create("weight", [], [TensorType("f32", shape)], attrs, init).result
+
+    def qweight(self, attrs: dict, wt: str, shape: tuple[int, int], loc: str) -> Value:
+        """The `qweight` with these attributes, type and [K, N] shape (one per distinct set, shared
+        by the nodes using it)."""
+        t = TensorType(wt, shape)
+        for op in self.module.walk("qweight"):
+            if op.attrs == attrs and op.result.type == t:
+                return op.result
+        return self.rw.create("qweight", [], [t], attrs, loc).result
+
+    def _dequantized(self, q: QLazy) -> Value:
+        """The `qweight` (format `dequantizelinear`) a MatMul or Gemm takes from a DequantizeLinear:
+        scales per tensor, per output column, or in blocks along the reduction axis; anything else
+        the macros' per-column scales cannot hold is refused, naming the node and the value."""
+        where = f"weight {q.init!r} of DequantizeLinear {q.node.name!r}"
+        if len(q.shape) != 2:
+            raise Unsupported(f"{where} has shape {list(q.shape)}; a MatMul weight must be a matrix")
+        k_axis = 1 if q.transpose else 0
+        k, n = reversed(q.shape) if q.transpose else q.shape
+        if q.per_tensor:
+            group = 0
+        elif q.block:
+            if q.axis != k_axis:
+                raise Unsupported(f"{where} has blocks of {q.block} along axis {q.axis}, the output axis of "
+                                  f"[K={k}, N={n}]; blocks must run along the reduction axis K")
+            group = q.block
+        elif q.axis == k_axis:
+            raise Unsupported(f"{where} has one scale per row of the reduction axis (axis {q.axis} is K={k}); the "
+                              "macros scale each output column (or block of K rows), so quantize per output "
+                              "channel or in blocks along K")
+        else:
+            group = 0
+        zero = self.weights(q.zero_points) if q.zero_points else None
+        attrs = {"init": q.init, "format": "dequantizelinear", "group": group, "scale_type": "f32",
+                 "scales": q.scales} | ({"zero_points": q.zero_points} if q.zero_points else {}) \
+            | ({"transpose": True} if q.transpose else {})
+        return self.qweight(attrs, held_type(q.dtype, zero), (int(k), int(n)), q.init)
+
     def _linear(self, node: Node, x: Term, w: Term, bias: Term | None) -> Term:
+        if isinstance(w, QLazy):  # weight-only QDQ: the graph computes in float on the dequantized weights
+            return self.linear(node, x, self._dequantized(w), bias, {"act": "f32"})
         if isinstance(w, Static) and w.init and w.value.ndim == 2:
             w = Lazy(w.name, w.value.shape)
         if not isinstance(w, Lazy) or len(w.shape) != 2:
@@ -482,7 +575,7 @@ class Lifter:
 
     def _on_MatMul(self, node: Node, args: list) -> Term:
         a, b = args
-        if isinstance(b, (Lazy, Static)):
+        if isinstance(b, (Lazy, QLazy, Static)):
             return self._linear(node, a, b, None)
         expr = Expr(node, args)
         matched = self._match_attention(expr)
@@ -494,9 +587,9 @@ class Lifter:
             raise Unsupported("Gemm with transA, alpha or beta is not supported")
         w = args[1]
         if at.get("transB", 0):
-            if not isinstance(w, Lazy):
+            if not isinstance(w, (Lazy, QLazy)):
                 raise Unsupported("Gemm weight must be an initializer")
-            w = Lazy(w.init, w.shape, not w.transpose)
+            w = _transposed(w)
         return self._linear(node, args[0], w, args[2] if len(args) > 2 else None)
 
     # ---- elementwise ---------------------------------------------------------------------
@@ -590,7 +683,16 @@ class Lifter:
                 return rope
         return term
 
-    _on_Sub = _on_Mul = _on_Div = _on_Max = _binary
+    def _on_Mul(self, node: Node, args: list) -> Term:
+        term = self._binary(node, args)
+        if isinstance(term, Expr):
+            for rule in converters.IDIOMS.get("Mul", []):
+                matched = rule(self, term)
+                if matched is not None:
+                    return matched
+        return term
+
+    _on_Sub = _on_Div = _on_Max = _binary
 
     def _unary(self, node: Node, args: list) -> Term:
         if isinstance(args[0], Expr) or (isinstance(args[0], View) and self._plain(args[0]) is None):
@@ -830,6 +932,11 @@ class Lifter:
             if np.any(m[~upper] != 0) or np.any(m[upper] > -1e4):
                 raise Unsupported(f"mask {mask.name!r} is not causal (0 on and below the diagonal, "
                                   "very negative above)")
+
+
+def _transposed(w: Lazy | QLazy) -> Lazy | QLazy:
+    """The transposed view of a weight left on disk."""
+    return Lazy(w.init, w.shape, not w.transpose) if isinstance(w, Lazy) else replace(w, transpose=not w.transpose)
 
 
 def _split_mul(t: Term, kind: type) -> tuple | None:

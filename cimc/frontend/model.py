@@ -21,6 +21,8 @@ from onnx import TensorProto, helper, numpy_helper
 from isa.diag import CimcError
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+#: 4-bit integer types: stored two to a byte, low nibble first (ONNX's packing).
+PACKED_4BIT = {TensorProto.INT4, TensorProto.UINT4}
 
 
 @dataclass
@@ -86,6 +88,8 @@ class WeightStore:
         dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
         if need == 0:
             return np.zeros(tuple(t.dims), dtype=dtype)
+        if t.data_type in PACKED_4BIT:
+            return _unpack_4bit(np.memmap(target, dtype=np.uint8, mode="r", offset=offset, shape=(need,)), t)
         return np.memmap(target, dtype=dtype, mode="r", offset=offset, shape=tuple(t.dims))
 
     def external(self, name: str) -> tuple[Path, int, int]:
@@ -104,7 +108,9 @@ class WeightStore:
             length = None if length is None else int(length)
         except ValueError:
             raise CimcError(f"{where} has a non-integer external data offset or length") from None
-        need = int(np.prod(t.dims, dtype=np.int64)) * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        count = int(np.prod(t.dims, dtype=np.int64))
+        need = (count + 1) // 2 if t.data_type in PACKED_4BIT else \
+            count * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
         if offset < 0 or (length is not None and length != need):
             raise CimcError(f"{where} has offset {offset} and length {length}; expected a length of {need} bytes")
         try:
@@ -123,6 +129,17 @@ class WeightStore:
         for name, t in self.model.initializers.items():
             if t.data_location == TensorProto.EXTERNAL:
                 self.external(name)
+
+
+def _unpack_4bit(raw: np.ndarray, t: TensorProto) -> np.ndarray:
+    """A 4-bit initializer's values from its packed bytes, as the ml_dtypes type numpy_helper gives."""
+    count = int(np.prod(t.dims, dtype=np.int64))
+    values = np.empty(2 * raw.size, np.int8)
+    values[0::2], values[1::2] = raw & 0x0F, raw >> 4
+    values = values[:count]
+    if t.data_type == TensorProto.INT4:
+        values = np.where(values > 7, values - 16, values).astype(np.int8)
+    return values.astype(helper.tensor_dtype_to_np_dtype(t.data_type)).reshape(tuple(t.dims))
 
 
 def open_model(path: str | os.PathLike) -> tuple[OnnxModel, WeightStore]:

@@ -24,7 +24,6 @@ from onnx import TensorProto, helper
 from cimc.frontend.converters import Converter, Unsupported, register
 from cimc.frontend.lift import Lifter, Term
 from cimc.frontend.model import Node, OnnxModel
-from cimc.ir.core import TensorType, Value
 
 #: Signed (no zero points) and unsigned (uint8 zero points) weight types per bit width.
 BITS = {4: ("i4", "u4"), 8: ("i8", "u8")}
@@ -109,7 +108,7 @@ def _type_name(et: int) -> str:
     return TensorProto.DataType.Name(et).lower()
 
 
-def lazy(node: Node) -> list[str]:
+def lazy(model: OnnxModel, node: Node) -> list[str]:
     """B, scales and zero points: read by codegen, never at import."""
     return [name for name in node.inputs[1:4] if name]
 
@@ -128,16 +127,8 @@ def lift(lifter: Lifter, node: Node, args: list) -> Term:
     if features != nb.k:
         raise Unsupported(f"K={nb.k} but input A {node.inputs[0]!r} has {features} features")
     bias = args[5] if nb.bias else None
-    return lifter.linear(node, args[0], _qweight(lifter, nb), bias, {"act": nb.act})
-
-
-def _qweight(lifter: Lifter, nb: NBits) -> Value:
-    """The `qweight` of these initializers (one per distinct set, shared by the nodes using it)."""
-    attrs, t = nb.qweight_attrs(), TensorType(nb.wt, (nb.k, nb.n))
-    for op in lifter.module.walk("qweight"):
-        if op.attrs == attrs and op.result.type == t:
-            return op.result
-    return lifter.rw.create("qweight", [], [t], attrs, nb.b).result
+    return lifter.linear(node, args[0], lifter.qweight(nb.qweight_attrs(), nb.wt, (nb.k, nb.n), nb.b), bias,
+                         {"act": nb.act})
 
 
 register(Converter("com.microsoft", "MatMulNBits", read, lazy, standin, lift))

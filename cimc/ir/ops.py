@@ -14,8 +14,9 @@ from cimc.ir.core import CTX, SEQ, Dim, Op, TensorType
 from cimc.ir.quant import QUANT_TYPES
 from isa.dtypes import ACT, IDS
 
-#: How a linear's inputs enter the macros (its `act`).
-ACTS = ("f32", "i8")
+#: How a linear's inputs enter the macros (its `act`): float, dynamic symmetric int8 per token and
+#: weight scale group, or onnxruntime's DynamicQuantizeLinear (asymmetric uint8 over the whole input).
+ACTS = ("f32", "i8", "u8")
 
 
 class TypeRuleError(ValueError):
@@ -215,8 +216,10 @@ _def("input", (), from_attr, "a graph input placed in DRAM; ids become i32; with
      interface=True)
 _def("output", ("value",), _none, "a graph output, written to DRAM under its ONNX name; with `heads`, a KV "
      "cache shown as [1, heads, ctx, head_dim]", _IO, {"heads": "int"}, unit="none", interface=True, effect=True)
-_def("weight", (), from_attr, "an ONNX initializer (optionally transposed), read lazily from the model",
-     {"init": "str"}, {"transpose": "bool"}, unit="none", constant=True)
+_def("weight", (), from_attr, "an ONNX initializer (optionally transposed), read lazily from the model; with "
+     "`format = dequantize`, an integer initializer dequantized at compile time (cimc.ir.quant)",
+     {"init": "str"}, {"transpose": "bool", "format": "str", "scales": "str", "zero_points": "str", "axis": "int",
+                       "block": "int"}, unit="none", constant=True)
 _def("qweight", (), from_attr,
      "integer weights [K, N] with a scale (and, for unsigned types, a zero point) per group of `group` rows "
      "(0: all K) and column; `format` says where the numbers come from (cimc.ir.quant)",
@@ -234,8 +237,9 @@ _def("kv_append", ("cache", "x"), _kv_append,
 _def("embedding", ("ids", "table"), _embedding, "table rows gathered by token id", unit="dma")
 _def("linear", ("x", "w", "bias?"), _linear,
      "x @ w (+ bias): the op that runs on the CIM macros; with integer weights, `act` is how its inputs enter "
-     "the macros: f32 (float compute on the exact dequantized weights) or i8 (dynamic symmetric int8, one "
-     "scale per token and weight scale group)", optional={"act": "str"}, unit="macro")
+     "the macros: f32 (float compute on the exact dequantized weights), i8 (dynamic symmetric int8, one "
+     "scale per token and weight scale group) or u8 (onnxruntime's DynamicQuantizeLinear: asymmetric uint8, "
+     "one scale and zero point for the whole input)", optional={"act": "str"}, unit="macro")
 _def("rms_norm", ("x", "w"), _rms_norm, "x / sqrt(mean(x^2, cols) + eps) * w", {"eps": "float"})
 _def("rope", ("x", "cos", "sin"), _rope,
      "rotary embedding, rotate-half form, applied to each head_dim slice of each row", {"head_dim": "int"})

@@ -13,6 +13,19 @@ per column over all K). Its `format` says where the numbers come from:
   is B `[N, K/block, block*bits/8]` (two 4-bit values to a byte, low nibble first), `scales`
   `[N * K/block]`, `zero_points` (optional) packed like B per row of N; without zero points the
   zero point is 2^(bits-1) and the weights are stored exactly as the signed type q - 2^(bits-1).
+- `dequantizelinear` (a `DequantizeLinear` of an integer initializer feeding a MatMul or Gemm) and
+  `matmulinteger` (the weight `B` of quantize_dynamic's `MatMulInteger` chain): `init` is the ONNX
+  int8/uint8/int4/uint4 tensor (`[K, N]`, or `[N, K]` with `transpose`), `scales` and
+  `zero_points` (optional, of `init`'s type) a scalar (per tensor: repeated per column), a vector
+  `[N]` (per column) or a matrix of `K/group` blocks along K (`[K/group, N]`, transposed with
+  `init`). Nothing is requantized: a signed tensor without zero points (or with all-zero ones)
+  keeps its type; an unsigned one keeps its type and zero points (0 when absent); a signed one
+  with nonzero zero points becomes the unsigned type, q + 2^(b-1) with zero points z + 2^(b-1),
+  which stands for the same q - z.
+
+A float `weight` op with `format = dequantize` is a DequantizeLinear of an integer initializer
+computed at compile time (`dequantize`): (q - z) * s in f32 with the scale per tensor, per `axis`
+or in blocks of `block` along it, as ONNX defines it (a quantized embedding table).
 
 `materialize` turns an op's attributes into a `QuantWeight`; codegen streams it into DRAM and
 the tests compare it with onnxruntime's own dequantization.
@@ -30,7 +43,12 @@ from isa.dtypes import elem
 
 #: Integer weight types a `qweight` may have, and the formats it may come from.
 QUANT_TYPES = ("i4", "i8", "u4", "u8")
-FORMATS = ("rtn", "matmulnbits")
+FORMATS = ("rtn", "matmulnbits", "dequantizelinear", "matmulinteger")
+#: Formats of a float `weight` whose numbers are computed at compile time.
+WEIGHT_FORMATS = ("dequantize",)
+#: numpy names of the ONNX integer types whose values a `qweight` may take as they are (a signed
+#: one with nonzero zero points shifts to the unsigned type of its width).
+ONNX_INTS = {"int8": "i8", "uint8": "u8", "int4": "i4", "uint4": "u4"}
 
 
 @dataclass(frozen=True)
@@ -133,6 +151,81 @@ def matmulnbits(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | Non
                        block)
 
 
+def _ints(a: np.ndarray) -> np.ndarray:
+    """ONNX integers (int8/uint8, or ml_dtypes int4/uint4) as int16."""
+    return np.asarray(a).astype(np.int16)
+
+
+def _per_column(a: np.ndarray, transpose: bool, n: int) -> np.ndarray:
+    """Scales or zero points as [G, N]: a scalar repeated per column, a vector [N], or blocks along K
+    ([G, N], [N, G] with `transpose`)."""
+    a = np.asarray(a)
+    if a.size == 1:
+        return np.full((1, n), a.reshape(-1)[0], a.dtype)
+    if a.ndim == 1:
+        return a.reshape(1, n)
+    return np.ascontiguousarray(a.T if transpose else a)
+
+
+def held_type(dtype: str, zero_points: np.ndarray | None) -> str:
+    """The `qweight` type that holds ONNX integers of numpy type `dtype` (int8, uint8, int4, uint4)
+    with these zero points exactly: their own type, or for a signed one with a nonzero zero point
+    the unsigned type of its width (see the module doc)."""
+    t = elem(ONNX_INTS[dtype])
+    if t.signed and zero_points is not None and _ints(zero_points).any():
+        return f"u{t.bits}"
+    return t.name
+
+
+def onnx_integer(q: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, wt: str, group: int,
+                 transpose: bool) -> QuantWeight:
+    """An ONNX integer weight tensor with its scales and zero points as a QuantWeight of type `wt`
+    (see the module doc: formats `dequantizelinear` and `matmulinteger`)."""
+    t, src = elem(wt), elem(ONNX_INTS[np.asarray(q).dtype.name])
+    q = _ints(q).T if transpose else _ints(q)
+    n = q.shape[1]
+    s = _per_column(scales, transpose, n)
+    z = np.zeros(s.shape, np.int16) if zero_points is None else _ints(_per_column(zero_points, transpose, n))
+    if src.bits != t.bits or (t.signed and not src.signed):
+        raise ValueError(f"{src.name} weights cannot be held as {wt}")
+    shift = 1 << (t.bits - 1) if src.signed and not t.signed else 0
+    if t.signed:
+        if z.any():
+            raise ValueError(f"{src.name} weights with nonzero zero points cannot be held as {wt}")
+        return QuantWeight(np.ascontiguousarray(q, dtype=np.int8), s, None, group)
+    return QuantWeight(np.ascontiguousarray(q + shift, dtype=np.uint8), s, np.ascontiguousarray(z + shift, np.uint8),
+                       group)
+
+
+def dequantize(q: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, axis: int, block: int) -> np.ndarray:
+    """ONNX DequantizeLinear of a 2-D integer tensor, in f32: (q - z) * s, computed as onnxruntime
+    does (the integer difference converted to f32, times the scale), the scale and zero point
+    per tensor (one value), per `axis` (a vector) or in blocks of `block` along `axis`."""
+    q = _ints(q).astype(np.int32)
+    s = np.asarray(scales, np.float32)
+    z = np.zeros(s.shape, np.int32) if zero_points is None else _ints(zero_points).astype(np.int32)
+    if s.size == 1:
+        s, z = s.reshape(1, 1), z.reshape(1, 1)
+    elif block:
+        s, z = (np.repeat(a, block, axis=axis).take(range(q.shape[axis]), axis=axis) for a in (s, z))
+    else:
+        shape = (-1, 1) if axis == 0 else (1, -1)
+        s, z = s.reshape(shape), z.reshape(shape)
+    return (q - z).astype(np.float32) * s
+
+
+def weight_values(attrs: dict, get: Callable[[str], np.ndarray]) -> np.ndarray:
+    """The float matrix a `weight` op stands for: its initializer (transposed with `transpose`), or
+    with `format = dequantize` that initializer dequantized (`dequantize`)."""
+    w = get(attrs["init"])
+    if attrs.get("format") == "dequantize":
+        zp = attrs.get("zero_points", "")
+        w = dequantize(w, get(attrs["scales"]), get(zp) if zp else None, attrs["axis"], attrs.get("block", 0))
+    elif attrs.get("format", ""):
+        raise ValueError(f"unknown weight format {attrs['format']!r} (formats: {', '.join(WEIGHT_FORMATS)})")
+    return w.T if attrs.get("transpose", False) else w
+
+
 def materialize(attrs: dict, wt: str, shape: tuple[int, int], get: Callable[[str], np.ndarray]) -> QuantWeight:
     """The numbers of a `qweight` with these attributes, type and [K, N] shape; `get` reads an
     initializer by name."""
@@ -146,4 +239,8 @@ def materialize(attrs: dict, wt: str, shape: tuple[int, int], get: Callable[[str
         zp = attrs.get("zero_points", "")
         return matmulnbits(get(attrs["init"]), get(attrs["scales"]), get(zp) if zp else None, k, n,
                            elem(wt).bits, attrs["group"])
+    if fmt in ("dequantizelinear", "matmulinteger"):
+        zp = attrs.get("zero_points", "")
+        return onnx_integer(get(attrs["init"]), get(attrs["scales"]), get(zp) if zp else None, wt, attrs["group"],
+                            attrs.get("transpose", False))
     raise ValueError(f"unknown qweight format {fmt!r} (formats: {', '.join(FORMATS)})")
