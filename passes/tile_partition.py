@@ -41,4 +41,9 @@ class TilePartitionPass:
             except ValueError as e:
                 raise CimcError(f"linear {op.loc!r}: {e}") from None
             rw.set_attr(op, "tiling", tiling.to_attr())
+            rows = min(k, tiling.gk or tiling.group_k)
+            if op.attrs.get("act") == "u8" and not t.signed and rows * 255 * t.hi >= 1 << (m.accum_bits - 1):
+                ctx.notes.append(f"linear {op.loc!r}: uint8 inputs times {w.type.dtype} weights over {rows} rows can "
+                                 f"exceed the {m.accum_bits}-bit accumulator, which saturates as the hardware "
+                                 f"would (--set macro.accum_bits={m.accum_bits + 8} gives the exact product)")
         rw.set_module_attr("hw", {"name": ctx.hw.name, "fingerprint": ctx.hw.fingerprint()})
