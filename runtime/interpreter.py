@@ -22,7 +22,7 @@ from isa.hw import FIELDS, HardwareConfig
 from isa.program import Entry, Program, Symbol
 from runtime.machine import Machine, SimError
 from runtime.report import build_report
-from runtime.semantics import execute
+from runtime.semantics import SEMANTICS
 from runtime.timing import Timeline, schedule
 from runtime.trace import TraceRun
 
@@ -279,15 +279,16 @@ def _execute(entry: Entry, instrs: list, machine: Machine, accesses: list | None
              progress: Callable[[int, int], None] | None) -> None:
     if accesses is not None:
         machine.trace = accesses
-    for i, ins in enumerate(instrs):
-        machine.current = i
-        try:
-            execute(machine, ins)
-        except SimError as e:
-            op = entry.debug.ops[int(entry.debug.instr_op[i])]
-            where = f"instruction {i} ({ins.op}, from {op['op']} at ONNX node {op['loc']!r})"
-            raise SimError(f"{where}: {e.message}") from None
-        if progress is not None and i % 4096 == 0:
-            progress(i, len(instrs))
-        if ins.op == "halt":
-            break
+    i = 0
+    try:
+        for i, ins in enumerate(instrs):
+            machine.current = i
+            SEMANTICS[ins.op](machine, ins.f)
+            if progress is not None and i % 4096 == 0:
+                progress(i, len(instrs))
+            if ins.op == "halt":
+                break
+    except SimError as e:
+        op = entry.debug.ops[int(entry.debug.instr_op[i])]
+        where = f"instruction {i} ({instrs[i].op}, from {op['op']} at ONNX node {op['loc']!r})"
+        raise SimError(f"{where}: {e.message}") from None

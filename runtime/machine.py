@@ -7,6 +7,7 @@ memory operand plus a shape into a numpy view, so instruction semantics are plai
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -21,6 +22,11 @@ from isa.program import Program
 G = SPACES.index("g")
 
 
+@functools.cache
+def _itemsize(dtype: str) -> int:
+    return np.dtype(dtype).itemsize
+
+
 class SimError(CimcError):
     """The program did something the machine cannot do (bad address, bad index, ...)."""
 
@@ -29,14 +35,14 @@ class SimError(CimcError):
 class Group:
     """A weight group held in a tile's macros: its values (unpacked), the macros it occupies, its
     type, and what the simulator derives from it once (filled on first use, kept as long as the
-    group is): its sums of |w| per partial-sum group size, and its f32 dequantized weights per
-    scale operand."""
+    group is): its sums of |w| per partial-sum group size, and the scales and zero points an MVM
+    read for it from the read-only image, by their operands."""
 
     weights: np.ndarray
     macros: int
     wt: str
     abs_sums: dict[int, np.ndarray] = field(default_factory=dict)
-    dequantized: dict[tuple, np.ndarray] = field(default_factory=dict)
+    scales: dict[tuple, tuple[np.ndarray, np.ndarray | None]] = field(default_factory=dict)
 
 
 @dataclass
@@ -51,6 +57,7 @@ class Machine:
     array: tuple[int, int, int, int]  # tiles, macros per tile, macro rows, macro cols
     accum_bits: int  # width of a macro's partial-sum accumulator
     macros: dict[tuple[int, int], Group] = field(default_factory=dict)  # (tile, m0) -> the group loaded there
+    loaded: dict[int, list[int]] = field(default_factory=dict)  # tile -> the m0 of each group in `macros`
     #: groups unpacked from the read-only DRAM image, by (address, k, n, type): the image never
     #: changes, so each is unpacked once per machine (a speed-up of the simulator, not a cost)
     decoded: dict[tuple[int, int, int, str], Group] = field(default_factory=dict)
@@ -71,6 +78,11 @@ class Machine:
                    np.zeros(len(REGS), np.int64),
                    (int(chip["tiles"]), int(chip["macros_per_tile"]), int(macro["rows"]), int(macro["cols"])),
                    int(macro["accum_bits"]))
+
+    def cached_group(self, src: Mem, k: int, n: int, wt: str) -> Group | None:
+        """The group `group` unpacked before from the read-only image, when no access is being
+        traced (a traced run reads it again, so the access is recorded)."""
+        return self.decoded.get((src.addr, k, n, wt)) if self.trace is None and self.read_only(src) else None
 
     def group(self, src: Mem, k: int, n: int, wt: str, unpack: Callable[[], np.ndarray]) -> Group:
         """The k x n group of type `wt` stored at `src`, unpacked by `unpack()`: once per machine
@@ -96,10 +108,12 @@ class Machine:
             k, n = group.weights.shape
             raise SimError(f"a {k} x {n} group of {group.wt} weights needs {used} macros from tile {tile} macro "
                            f"{m0}; the chip has {tiles} tiles of {per_tile} macros")
-        for key in [key for key, g in self.macros.items() if key[0] == tile and m0 < key[1] + g.macros
-                    and key[1] < m0 + used]:
-            del self.macros[key]
+        starts = self.loaded.setdefault(tile, [])
+        for start in [s for s in starts if m0 < s + self.macros[(tile, s)].macros and s < m0 + used]:
+            del self.macros[(tile, start)]
+            starts.remove(start)
         self.macros[(tile, m0)] = group
+        starts.append(m0)
         self.touch_macros(tile, m0, used, write=True)
 
     def _memory(self, m: Mem, write: bool) -> tuple[np.ndarray, int]:
@@ -114,7 +128,7 @@ class Machine:
     def view(self, m: Mem, rows: int, cols: int, *, dtype: str = "<f4", col_bcast: bool = False,
              write: bool = False) -> np.ndarray:
         """The [rows, cols] operand at `m` (row stride m.stride elements; stride 0 broadcasts a row)."""
-        esize = np.dtype(dtype).itemsize
+        esize = _itemsize(dtype)
         mem, off = self._memory(m, write)
         off += int(self.regs[m.roff]) * m.stride * esize
         rstride, cstride = m.stride * esize, 0 if col_bcast else esize

@@ -17,6 +17,7 @@ points z and the inputs' zero point xz (u8 inputs), with integer sums of the sto
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 from isa.dtypes import elem
 
@@ -57,19 +58,34 @@ def partial_sums(x: np.ndarray, w: np.ndarray, gk: int, xt: str, accum_bits: int
     return out.astype(np.int64)
 
 
-def float_partial_sums(x: np.ndarray, w: np.ndarray, gk: int, z: np.ndarray | None = None) -> np.ndarray:
-    """[nvec, G, n] f32: per group of gk rows, f32 inputs x [nvec, k] times the integer weights
-    (minus their zero points z [G, n], if any)."""
+def float_mvm(x: np.ndarray, w: np.ndarray, gk: int, z: np.ndarray | None, ws: np.ndarray) -> np.ndarray:
+    """[nvec, n] f32: f32 inputs x [nvec, k] times the integer weights w [k, n] minus their zero
+    points z [G, n] (if any), per group of gk rows, each group's sums times its scales ws [G, n]
+    added in group order, all in f32."""
+    zero = _NO_ZERO if z is None else np.ascontiguousarray(z, np.uint8)
+    return _float_mvm(np.ascontiguousarray(x, np.float32), w, gk, zero, np.ascontiguousarray(ws, np.float32))
+
+
+_NO_ZERO = np.zeros((0, 0), np.uint8)
+
+
+@njit(cache=True)
+def _float_mvm(x: np.ndarray, w: np.ndarray, gk: int, z: np.ndarray, ws: np.ndarray) -> np.ndarray:
     nvec, k = x.shape
-    groups = -(-k // gk)
-    xg = np.zeros((nvec, groups * gk), np.float32)
-    xg[:, :k] = x
-    wg = np.zeros((groups * gk, w.shape[1]), np.float32)
-    wg[:k] = w
-    wg = wg.reshape(groups, gk, -1)
-    if z is not None:
-        wg = wg - z[:, None, :].astype(np.float32)
-    return np.matmul(xg.reshape(nvec, groups, gk).transpose(1, 0, 2), wg).transpose(1, 0, 2)
+    n = w.shape[1]
+    y = np.zeros((nvec, n), np.float32)
+    part = np.empty(n, np.float32)
+    for r in range(nvec):
+        for g in range(ws.shape[0]):
+            part[:] = 0
+            for kk in range(g * gk, min(k, g * gk + gk)):
+                xv = x[r, kk]
+                for j in range(n):
+                    wv = np.float32(w[kk, j]) - (np.float32(z[g, j]) if z.shape[0] else np.float32(0))
+                    part[j] += xv * wv
+            for j in range(n):
+                y[r, j] += part[j] * ws[g, j]
+    return y
 
 
 def group_sums(x: np.ndarray, gk: int) -> np.ndarray:
@@ -122,12 +138,19 @@ def _bit_serial(x: np.ndarray, w: np.ndarray, bits: int, signed: bool, accum_bit
     return acc
 
 
-def rescale(p: np.ndarray, xs: np.ndarray | None, ws: np.ndarray) -> np.ndarray:
-    """[nvec, n] f32: sum over groups g, in order, of f32(p[:, g]) * (xs[:, g] * ws[g]) (p [nvec, G, n],
-    xs [nvec, G] or None for float inputs, ws [G, n])."""
-    ws = ws.astype(np.float32)
-    y = np.zeros((p.shape[0], p.shape[2]), np.float32)
-    for g in range(p.shape[1]):
-        scale = ws[g][None, :] if xs is None else xs[:, g:g + 1].astype(np.float32) * ws[g][None, :]
-        y += p[:, g].astype(np.float32) * scale
+def rescale(p: np.ndarray, xs: np.ndarray, ws: np.ndarray) -> np.ndarray:
+    """[nvec, n] f32: sum over groups g, in order, of f32(p[:, g]) * (xs[:, g] * ws[g]) (p [nvec, G, n]
+    integer, xs [nvec, G], ws [G, n]), in f32."""
+    return _rescale(np.ascontiguousarray(p, np.int64), np.ascontiguousarray(xs, np.float32),
+                    np.ascontiguousarray(ws, np.float32))
+
+
+@njit(cache=True)
+def _rescale(p: np.ndarray, xs: np.ndarray, ws: np.ndarray) -> np.ndarray:
+    nvec, groups, n = p.shape
+    y = np.zeros((nvec, n), np.float32)
+    for r in range(nvec):
+        for g in range(groups):
+            for j in range(n):
+                y[r, j] += np.float32(p[r, g, j]) * (xs[r, g] * ws[g, j])
     return y

@@ -17,8 +17,8 @@ from isa.dtypes import elem, unpack
 from isa.encoding import Instr
 from isa.fields import DTYPES, WEIGHT_TYPES, Dim, Mem
 from isa.spec import BY_NAME
-from runtime.machine import Machine, SimError
-from runtime.macro import abs_sums, float_partial_sums, partial_sums, rescale, zero_point_sums
+from runtime.machine import Group, Machine, SimError
+from runtime.macro import abs_sums, float_mvm, partial_sums, rescale, zero_point_sums
 
 Semantics = Callable[[Machine, dict], None]
 SEMANTICS: dict[str, Semantics] = {}
@@ -65,6 +65,10 @@ def _gather(m: Machine, f: dict) -> None:
 @sem("wload")
 def _wload(m: Machine, f: dict) -> None:
     k, n, wt, src = f["k"], f["n"], WEIGHT_TYPES[f["wt"]], f["src"]
+    group = m.cached_group(src, k, n, wt)
+    if group is not None:
+        m.load_group(f["tile"], f["m0"], group)
+        return
     t = elem(wt)
     if t.is_float:
         weights = m.view(src, k, n, dtype=t.numpy)  # from the read-only image: used in place, not copied
@@ -89,18 +93,23 @@ def _mvm(m: Machine, f: dict) -> None:
     if w_type.is_float:
         if not x_type.is_float or x_type.bits != 32:
             raise SimError(f"mvm: f32 weights take f32 inputs, not {xt}")
-        y = np.matmul(m.view(f["src"], nvec, k), group.weights)
+        dst = m.view(f["dst"], nvec, n, write=True)
+        if f["acc"]:
+            dst += np.matmul(m.view(f["src"], nvec, k), group.weights)
+        else:
+            np.matmul(m.view(f["src"], nvec, k), group.weights, out=dst)
+        return
     else:
         if xt not in ("f32", "i8", "u8"):
             raise SimError(f"mvm: integer weights take f32, i8 or u8 inputs, not {xt}")
         gk = f["gk"] or k
         groups = -(-k // gk)
-        ws = np.array(m.view(f["ws"], groups, n, dtype=elem(DTYPES[f["wst"]]).numpy))
-        z = None if w_type.signed else np.array(m.view(f["wz"], groups, n, dtype="u1"))
-        x = np.array(m.view(f["src"], nvec, k, dtype=x_type.numpy))
+        ws, z = _weight_scales(m, f, group, groups, n, w_type.signed)
+        x = m.view(f["src"], nvec, k, dtype=x_type.numpy)
         if x_type.is_float:
-            y = rescale(float_partial_sums(x, group.weights, gk, z), None, ws)
+            y = float_mvm(x, group.weights, gk, z, ws)
         else:
+            x = np.array(x)
             if gk not in group.abs_sums:
                 group.abs_sums[gk] = abs_sums(group.weights, gk)
             p = partial_sums(x, group.weights, gk, xt, m.accum_bits, group.abs_sums[gk])
@@ -111,6 +120,20 @@ def _mvm(m: Machine, f: dict) -> None:
         dst += y
     else:
         dst[...] = y
+
+
+def _weight_scales(m: Machine, f: dict, group: Group, groups: int, n: int, signed: bool
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
+    """An mvm's weight scales [groups, n] (f32) and zero points (u8; None for signed weights), read
+    once per group when they lie in the read-only image and no access is traced."""
+    key = (f["ws"], f["wst"], None if signed else f["wz"])
+    if key in group.scales and m.trace is None:
+        return group.scales[key]
+    ws = np.array(m.view(f["ws"], groups, n, dtype=elem(DTYPES[f["wst"]]).numpy), dtype=F32)
+    z = None if signed else np.array(m.view(f["wz"], groups, n, dtype="u1"))
+    if m.read_only(f["ws"]) and (signed or m.read_only(f["wz"])):
+        group.scales[key] = ws, z
+    return ws, z
 
 
 def _input_scales(m: Machine, xs: Mem, nvec: int, groups: int, xt: str) -> tuple[np.ndarray, np.ndarray | None]:
