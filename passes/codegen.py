@@ -48,6 +48,16 @@ def stage_barrier(s: int) -> int:
     return STAGE_BARRIERS[s % len(STAGE_BARRIERS)]
 
 
+def free_barrier(start: int, mask: int) -> int:
+    """The data barrier an op signals: the `start`-th in turn, or the next one not in `mask`, the
+    barriers it waits on. Barriers are reused round-robin, so an older op may share one; an op
+    waiting on its own barrier would wait for its own earlier instructions (its MVMs would run one
+    after another)."""
+    n = len(DATA_BARRIERS)
+    return next((b for j in range(n) if not (mask >> (b := DATA_BARRIERS[(start + j) % n])) & 1),
+                DATA_BARRIERS[start % n])
+
+
 def load_wait(s: int, sets: int) -> int:
     """The wait mask of stage s's weight loads: the sync of the last stage that used their macro set."""
     return 1 << stage_barrier(s - sets) if s >= sets else 0
@@ -247,8 +257,8 @@ class _Codegen:
         for i, op in enumerate(self.module.ops):
             self.op_index = i
             if traits(op).unit != "none":
-                self.barrier[id(op)] = DATA_BARRIERS[i % len(DATA_BARRIERS)]
                 self.op_wait = self.waits(op)  # fixed while the op is emitted (nothing retires meanwhile)
+                self.barrier[id(op)] = free_barrier(i, self.op_wait)
                 getattr(self, f"_op_{op.name}")(op)
                 bit = 1 << self.barrier[id(op)]
                 for v in reads(op):
@@ -367,9 +377,12 @@ class _Codegen:
         if xt in ("i8", "u8"):  # the tile's SFU quantizes the inputs once, for every group
             src0, xs0 = self.scratch(op, "xq"), self.scratch(op, "xs")
             asym = int(xt == "u8")  # DynamicQuantizeLinear: one scale and zero point for the whole input
-            self.emit("vquant", sig=sig, wait=wait, tile=op.attrs["sfu"], asym=asym, dst=src0, sc=xs0,
+            # its own barrier, so that each MVM waits for it alone, not for the MVMs before it (a
+            # barrier shared with an older op only adds a wait that has long been met)
+            quantized = free_barrier(self.op_index + len(DATA_BARRIERS) // 2, wait | 1 << sig)
+            self.emit("vquant", sig=quantized, wait=wait, tile=op.attrs["sfu"], asym=asym, dst=src0, sc=xs0,
                       src=self.mem(x), rows=nvec, cols=t.k, group=0 if asym else t.gk)
-            wait |= 1 << sig
+            wait |= 1 << quantized
         xsize = elem(xt).nbytes
         psum = self.scratch(op, "psum") if t.kchunks > 1 else None
         for s, g, tile in self.op_groups[id(op)]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,26 @@ def test_estimate_and_simulation_agree_at_int4(sessions: dict[str, Session]) -> 
     for entry, past in (("prefill", 0), ("decode", 9)):
         r = sessions["int4"].run(entry, numerics=False, tokens=8 if entry == "prefill" else 1, past=past).report
         assert r["estimated_cycles"] == pytest.approx(r["cycles"], rel=0.3), (entry, r["estimated_cycles"], r["cycles"])
+
+
+def test_mvms_of_one_linear_run_side_by_side(tmp_path: Path) -> None:
+    """The MVMs of one quantized linear wait for its inputs' quantization, not for each other:
+    on different tiles they overlap in time (a 2048-wide MLP has several groups per linear)."""
+    from cimc.synth import DecoderConfig, build_decoder_onnx
+    from isa.encoding import decode
+
+    path = build_decoder_onnx(DecoderConfig(hidden=128, intermediate=2048, layers=1), tmp_path / "wide.onnx")
+    session = Session(compile_model(path, CompileOptions(max_seq=4, weights="int4")))
+    r = session.run("decode", numerics=False, past=2)
+    code = decode(session.entry("decode").code)
+    mvms = [i for i, ins in enumerate(code) if ins.op == "mvm"]
+    by_sig: dict[int, list[int]] = {}
+    for i in mvms:
+        by_sig.setdefault(code[i].sig, []).append(i)
+    tl = r.timeline
+    overlapping = [sig for sig, ids in by_sig.items() if len(ids) > 1 and any(
+        tl.start[b] < tl.end[a] for a, b in itertools.pairwise(ids))]
+    assert overlapping, "every linear's MVMs ran one after another"
 
 
 def test_bound_holds_for_integer_weights(sessions: dict[str, Session]) -> None:

@@ -33,10 +33,12 @@ def _hw(name: str):
     return load_hw("edgecim-28nm") if HW_VARIANTS[name] is None else load_hw(None, HW_VARIANTS[name])
 
 
+@pytest.mark.parametrize("weights", ["fp32", "int4", "int8"])
 @pytest.mark.parametrize("variant", sorted(HW_VARIANTS))
-def test_timeline_respects_every_dependency(variant: str) -> None:
-    """Every memory/macro access conflict in the numeric run is ordered in simulated time."""
-    program = compile_model(EXAMPLE, CompileOptions(max_seq=16, hw=_hw(variant)))
+def test_timeline_respects_every_dependency(variant: str, weights: str) -> None:
+    """Every memory/macro access conflict in the numeric run is ordered in simulated time (with
+    integer weights too: the inputs' quantization, scales and partial sums)."""
+    program = compile_model(EXAMPLE, CompileOptions(max_seq=16, hw=_hw(variant), weights=weights))
     r = simulate(program, {"input_ids": IDS}, trace_accesses=True)
     assert r.accesses
     hazards = find_hazards(r.accesses, r.timeline)
@@ -433,3 +435,16 @@ def test_dram_traffic_of_copies_and_gathers() -> None:
     channel_cycles = [sum(b for u, b in _uses(cm, costs, i).items() if u.startswith("dram")) for i in range(5)]
     assert channel_cycles == pytest.approx(list(data / cm.chan_bpc))
     assert set(_uses(cm, costs, 0)) == {"dram0", "dram1", "dram2", "dram3", "gbuf.wr"}  # 1 KB from 0x4000, no link
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int4"])
+def test_no_mvm_waits_for_its_own_barrier(weights: str) -> None:
+    """Barriers are reused round-robin; an op must not signal one it waits on, or its MVMs wait for
+    each other and run one after another (the IR has more ops than there are barriers)."""
+    from isa.encoding import decode
+
+    program = compile_model(shared_model("qwen2_a_dynamo"), CompileOptions(max_seq=4, weights=weights))
+    for entry in program.entries:
+        code = decode(entry.code)
+        mvms = [ins for ins in code if ins.op == "mvm"]
+        assert not [ins for ins in mvms if ins.wait >> ins.sig & 1], entry.name
