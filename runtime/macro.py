@@ -62,11 +62,37 @@ def float_mvm(x: np.ndarray, w: np.ndarray, gk: int, z: np.ndarray | None, ws: n
     """[nvec, n] f32: f32 inputs x [nvec, k] times the integer weights w [k, n] minus their zero
     points z [G, n] (if any), per group of gk rows, each group's sums times its scales ws [G, n]
     added in group order, all in f32."""
-    zero = _NO_ZERO if z is None else np.ascontiguousarray(z, np.uint8)
-    return _float_mvm(np.ascontiguousarray(x, np.float32), w, gk, zero, np.ascontiguousarray(ws, np.float32))
+    ws = np.ascontiguousarray(ws, np.float32)
+    if x.shape[0] < 4:  # a few vectors: one pass of compiled loops
+        zero = _NO_ZERO if z is None else np.ascontiguousarray(z, np.uint8)
+        return _float_mvm(np.ascontiguousarray(x, np.float32), w, gk, zero, ws)
+    # many vectors (a prompt): each group's products as one matrix product, then scaled in order
+    nvec, k = x.shape
+    groups = ws.shape[0]
+    xg = np.zeros((nvec, groups * gk), np.float32)
+    xg[:, :k] = x
+    wg = np.zeros((groups * gk, w.shape[1]), np.float32)
+    wg[:k] = w
+    wg = wg.reshape(groups, gk, -1)
+    if z is not None:
+        wg -= z[:, None, :].astype(np.float32)
+    part = np.matmul(xg.reshape(nvec, groups, gk).transpose(1, 0, 2), wg)  # [G, nvec, n]
+    return _scaled_sum(np.ascontiguousarray(part), ws)
 
 
 _NO_ZERO = np.zeros((0, 0), np.uint8)
+
+
+@njit(cache=True)
+def _scaled_sum(part: np.ndarray, ws: np.ndarray) -> np.ndarray:
+    """[nvec, n]: the sum over groups g, in order, of part[g] * ws[g], in f32."""
+    groups, nvec, n = part.shape
+    y = np.zeros((nvec, n), np.float32)
+    for g in range(groups):
+        for r in range(nvec):
+            for j in range(n):
+                y[r, j] += part[g, r, j] * ws[g, j]
+    return y
 
 
 @njit(cache=True)
