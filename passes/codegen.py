@@ -23,7 +23,7 @@ import numpy as np
 from cimc.ir.core import CTX, SEQ, Module, Op, Value
 from cimc.ir.ops import traits
 from cimc.ir.quant import QuantWeight, materialize, weight_values
-from isa.dtypes import elem, pack_blocks
+from isa.dtypes import ACT, elem, pack_blocks
 from isa.encoding import Instr, encode
 from isa.fields import REGS, SPACES, Dim, Mem
 from isa.hw import HardwareConfig
@@ -38,7 +38,7 @@ PAST = REGS.index("past")  # register offsetting the rows of position-indexed op
 SEQ_DIM, PAST_DIM, CTX_DIM = (Dim(REGS.index(r), 0) for r in ("seq", "past", "ctx"))  # sizes from registers
 DATA_BARRIERS = range(1, 48)
 STAGE_BARRIERS = range(48, N_BARRIERS)
-F32 = 4
+F32 = elem(ACT).nbytes  # activations, partial sums and scales
 
 WeightSource = Callable[[str], np.ndarray]
 
@@ -373,7 +373,7 @@ class _Codegen:
         rows = self.bound_rows(out)
         layout, nvec = self.layouts[id(op)], self.rows(out)
         dst0, src0 = self.mem(out), self.mem(x)
-        xt, xs0, none = op.attrs.get("act", "f32"), Mem(G, 0, 0), Mem(G, 0, 0)
+        xt, xs0, none = op.attrs.get("act", ACT), Mem(G, 0, 0), Mem(G, 0, 0)
         if xt in ("i8", "u8"):  # the tile's SFU quantizes the inputs once, for every group
             src0, xs0 = self.scratch(op, "xq"), self.scratch(op, "xs")
             asym = int(xt == "u8")  # DynamicQuantizeLinear: one scale and zero point for the whole input
@@ -400,7 +400,7 @@ class _Codegen:
                           "xs": xs0._replace(addr=xs0.addr + g0 * F32) if xt == "i8" else xs0}
             self.emit("mvm", sig=sig, wait=wait, tile=tile, m0=0, k=k1 - k0, n=n1 - n0, wt=t.wt, xt=xt, gk=t.gk,
                       acc=0, nvec=nvec, dst=dst, src=src0._replace(addr=src0.addr + k0 * xsize),
-                      **({"wst": "f32", "ws": none, "wz": none, "xs": none} | scaled))
+                      **({"wst": ACT, "ws": none, "wz": none, "xs": none} | scaled))
             self._finish_group(s, op)
         own = 1 << sig
         if psum is not None:
@@ -508,7 +508,7 @@ class _Codegen:
     def _op_kv_append(self, op: Op) -> None:
         cache, x = op.operands
         self.emit("dma", sig=self.barrier[id(op)], wait=self.op_wait, dst=self.mem(cache)._replace(roff=PAST),
-                  src=self.mem(x), rows=self.rows(x), cols=self.cols(x), dt="f32")
+                  src=self.mem(x), rows=self.rows(x), cols=self.cols(x), dt=ACT)
 
     def _op_attention(self, op: Op) -> None:
         """Softmax attention per KV group (one token) or per query head, over the run's new keys
@@ -617,9 +617,9 @@ def weights_summary(module: Module) -> str:
     kinds: dict[str, int] = {}
     for op in module.walk("linear"):
         t = Tiling.from_attr(op.attrs["tiling"])
-        text = "f32" if not t.st else (f"{t.wt} " + (f"group {t.gk}" if t.gk else "per channel")
+        text = ACT if not t.st else (f"{t.wt} " + (f"group {t.gk}" if t.gk else "per channel")
                                        + f" ({t.st} scales{', zero points' if t.zero_points else ''})"
-                                       + f", {op.attrs.get('act', 'f32')} inputs")
+                                       + f", {op.attrs.get('act', ACT)} inputs")
         kinds[text] = kinds.get(text, 0) + 1
     if len(kinds) == 1:
         return next(iter(kinds))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from cimc.ir.core import CTX, Module, Rewriter, TensorType
+from isa.dtypes import ACT
 from passes.manager import PassContext, register
 
 
@@ -30,7 +31,7 @@ class InsertKvCachePass:
             layer = {"layer": att.attrs["layer"]} if "layer" in att.attrs else {}
             cached = []
             for kind, x in (("key", k), ("value", v)):
-                t = TensorType("f32", (CTX, x.type.shape[1]))
+                t = TensorType(ACT, (CTX, x.type.shape[1]))
                 cache = rw.create("kv_cache", [], [t], {"name": f"layer{index}.{kind}", **layer}, att.loc, before=att)
                 cached.append(rw.create("kv_append", [cache.result, x], [t], dict(layer), att.loc, before=att).result)
             new = rw.create("attention", [q, *cached], [att.result.type], dict(att.attrs), att.loc, before=att)

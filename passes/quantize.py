@@ -21,6 +21,7 @@ from typing import ClassVar
 from cimc.ir.core import Module, Rewriter, TensorType, Value
 from cimc.ir.ops import ACTS
 from isa.diag import CimcError
+from isa.dtypes import ACT
 from passes.manager import PassContext, register
 
 BITS = {4: "i4", 8: "i8"}
@@ -54,13 +55,13 @@ class QuantizePass:
 
     def run(self, module: Module, rw: Rewriter, ctx: PassContext) -> None:
         self.check(ctx.hw.macro.weight_bits)
-        if not self.bits and self.act and all(op.operands[1].type.dtype == "f32" for op in module.walk("linear")):
+        if not self.bits and self.act and all(op.operands[1].type.dtype == ACT for op in module.walk("linear")):
             raise CimcError(f"quantize: act {self.act} applies to integer weights, and this model has none; "
                             "add --weights int8 or int4")
         made: dict[int, Value] = {}
         for op in list(module.walk("linear")):
             w = op.operands[1]
-            if w.type.dtype == "f32" and self.bits:
+            if w.type.dtype == ACT and self.bits:
                 if w.owner is None or w.owner.name != "weight":
                     raise CimcError(f"quantize: the weight of linear {op.loc!r} is not an initializer")
                 k, n = (int(d) for d in w.type.shape)
@@ -78,5 +79,5 @@ class QuantizePass:
                 rw.set_attr(op, "act", self.act or "i8")
                 if not w.uses:
                     rw.erase(w.owner)
-            elif self.act and w.type.dtype != "f32":
+            elif self.act and w.type.dtype != ACT:
                 rw.set_attr(op, "act", self.act)

@@ -35,6 +35,7 @@ from cimc.ir.core import CTX, SEQ, Module, Rewriter, TensorType, Value
 from cimc.ir.ops import OPS
 from cimc.ir.quant import ONNX_INTS, held_type
 from isa.diag import CimcError
+from isa.dtypes import ACT
 
 
 class Poisoned(Exception):
@@ -185,7 +186,7 @@ class Lifter:
                                   f"{TensorProto.DataType.Name(t.data_type)}; only float32 weights are supported")
             shape = tuple(reversed(lazy.shape)) if lazy.transpose else lazy.shape
             attrs = {"init": lazy.init} | ({"transpose": True} if lazy.transpose else {})
-            self._weights[key] = self.rw.create("weight", [], [TensorType("f32", shape)], attrs, lazy.init).result
+            self._weights[key] = self.rw.create("weight", [], [TensorType(ACT, shape)], attrs, lazy.init).result
         return self._weights[key]
 
     def const(self, s: Static, arr: np.ndarray, positions: bool) -> Value:
@@ -200,7 +201,7 @@ class Lifter:
         if key not in self._consts:
             data = base64.b64encode(np.ascontiguousarray(arr, dtype="<f4").tobytes()).decode()
             shape = (CTX, *arr.shape[1:]) if positions else arr.shape
-            self._consts[key] = self.rw.create("const", [], [TensorType("f32", shape)], {"data": data},
+            self._consts[key] = self.rw.create("const", [], [TensorType(ACT, shape)], {"data": data},
                                                s.name).result
         return self._consts[key]
 
@@ -242,7 +243,7 @@ class Lifter:
         if et in _INT and len(seq) == 1 and len(core) == 1:
             t = TensorType("i32", (SEQ,))
         elif et == TensorProto.FLOAT and len(seq) == 1 and seq[0] == len(shape) - 2 and len(core) == 2:
-            t = TensorType("f32", (SEQ, shape[-1]))
+            t = TensorType(ACT, (SEQ, shape[-1]))
         else:
             raise CimcError(f"{self.model.path}: graph input {name!r} {onnx_shape} is not a token sequence "
                             "([1, seq] ids or [1, seq, hidden] floats); other inputs are not supported yet")
@@ -256,7 +257,7 @@ class Lifter:
             raise CimcError(f"{self.model.path}: KV cache input {name!r} {self.axis_names(name)} is not "
                             "[batch, kv_heads, past, head_dim]")
         _, heads, past, hd = shape
-        t = TensorType("f32", (CTX, heads * hd))
+        t = TensorType(ACT, (CTX, heads * hd))
         cache = self.rw.create("kv_cache", [], [t], {**attrs, "heads": heads}, name).result
         return View(cache, (Axis(1), Axis(heads, 0, hd), Axis(past, 1, 0), Axis(hd, 0, 1)))
 
@@ -334,7 +335,7 @@ class Lifter:
         if any(d != 1 for d in lead) or len([d for d in rest if d != 1]) > 1:
             return None
         cols = int(np.prod(rest)) if rest else 1
-        base = self.rw.create("const", [], [TensorType("f32", (SEQ, cols))], {"data": ""}, node.name).result
+        base = self.rw.create("const", [], [TensorType(ACT, (SEQ, cols))], {"data": ""}, node.name).result
         return self._view_of(base, shape)
 
     def _term(self, name: str) -> Term | None:
@@ -505,7 +506,7 @@ class Lifter:
             if op.attrs == attrs:
                 return op.result
         shape = tuple(self.model.initializers[init].dims)
-        return self.rw.create("weight", [], [TensorType("f32", shape)], attrs, init).result
+        return self.rw.create("weight", [], [TensorType(ACT, shape)], attrs, init).result
 
     def qweight(self, attrs: dict, wt: str, shape: tuple[int, int], loc: str) -> Value:
         """The `qweight` with these attributes, type and [K, N] shape (one per distinct set, shared
@@ -539,14 +540,14 @@ class Lifter:
         else:
             group = 0
         zero = self.weights(q.zero_points) if q.zero_points else None
-        attrs = {"init": q.init, "format": "dequantizelinear", "group": group, "scale_type": "f32",
+        attrs = {"init": q.init, "format": "dequantizelinear", "group": group, "scale_type": ACT,
                  "scales": q.scales} | ({"zero_points": q.zero_points} if q.zero_points else {}) \
             | ({"transpose": True} if q.transpose else {})
         return self.qweight(attrs, held_type(q.dtype, zero), (int(k), int(n)), q.init)
 
     def _linear(self, node: Node, x: Term, w: Term, bias: Term | None) -> Term:
         if isinstance(w, QLazy):  # weight-only QDQ: the graph computes in float on the dequantized weights
-            return self.linear(node, x, self._dequantized(w), bias, {"act": "f32"})
+            return self.linear(node, x, self._dequantized(w), bias, {"act": ACT})
         if isinstance(w, Static) and w.init and w.value.ndim == 2:
             w = Lazy(w.name, w.value.shape)
         if not isinstance(w, Lazy) or len(w.shape) != 2:
