@@ -73,10 +73,18 @@ def unpack(raw: np.ndarray, wt: str, count: int) -> np.ndarray:
     t = elem(wt)
     if t.bits == 8:
         return raw[:count].view(t.numpy).astype(np.int16)
-    nib = np.empty(2 * len(raw), np.int16)
-    nib[0::2], nib[1::2] = raw & 0x0F, raw >> 4
-    nib = nib[:count]
-    return np.where(nib > t.hi, nib - 16, nib) if t.signed else nib
+    if count > 2 * len(raw):
+        raise ValueError(f"{count} {wt} weights need {t.packed_bytes(count)} bytes, got {len(raw)}")
+    return _nibbles(np.ascontiguousarray(raw, np.uint8), count, t.signed)
+
+
+@njit(cache=True)
+def _nibbles(raw: np.ndarray, count: int, signed: bool) -> np.ndarray:
+    out = np.empty(count, np.int16)
+    for i in range(count):
+        v = (raw[i >> 1] >> 4) if i & 1 else (raw[i >> 1] & 0x0F)
+        out[i] = v - 16 if signed and v > 7 else v
+    return out
 
 
 def pack(values: np.ndarray, wt: str) -> np.ndarray:
