@@ -143,12 +143,12 @@ def matmulnbits(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | Non
     g = groups(k, block)
     q = _nibbles(np.asarray(b).reshape(n, -1), g * block, bits).reshape(n, g * block)[:, :k].T
     s = np.asarray(scales).reshape(n, g).T
+    # q stays in B's (column-major) order: the packer reads any layout, and a 1B-parameter
+    # model's transposed copy would cost seconds
     if zero_points is None:
-        return QuantWeight(np.ascontiguousarray(q - (1 << (bits - 1)), dtype=np.int8), np.ascontiguousarray(s), None,
-                           block)
+        return QuantWeight((q - (1 << (bits - 1))).astype(np.int8), np.ascontiguousarray(s), None, block)
     z = _nibbles(np.asarray(zero_points).reshape(n, -1), g, bits).T.astype(np.uint8)
-    return QuantWeight(np.ascontiguousarray(q, dtype=np.uint8), np.ascontiguousarray(s), np.ascontiguousarray(z),
-                       block)
+    return QuantWeight(q.astype(np.uint8), np.ascontiguousarray(s), np.ascontiguousarray(z), block)
 
 
 def _ints(a: np.ndarray) -> np.ndarray:
