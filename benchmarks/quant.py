@@ -115,6 +115,14 @@ def step_mnb_cimc(model: Path, prompt: int, new: int) -> dict:
             "cimc_functional_peak_rss_mb": _peak_rss_mb(), "weights": program.meta["weights"]}
 
 
+def _warm(model: Path) -> None:
+    """Read the model and its external data once, so the timed steps start from the same page cache."""
+    for path in model.parent.glob(model.name + "*"):
+        with open(path, "rb") as f:
+            while f.read(1 << 24):
+                pass
+
+
 def _child(step: str, *args: str) -> dict:
     out = subprocess.run([sys.executable, __file__, "--step", step, *args], check=True, capture_output=True,
                          text=True)
@@ -172,9 +180,14 @@ def main() -> None:
     figures: dict = {"config": CONFIG}
     model = cached_model(a.cache, lambda path: figures.update(_child("build", str(path))))
 
-    print("1. compile with --weights int4, and an onnxruntime session on the fp32 file ...", flush=True)
-    figures.update(_child("compile", str(model), str(model.with_suffix(".int4.cimb")), "256"))
-    figures.update(_child("ort", str(model)))
+    print("1. compile with --weights int4, and an onnxruntime session on the fp32 file (each twice, "
+          "alternating, after reading the weights once so both find them in the page cache; the faster of each) ...",
+          flush=True)
+    _warm(model)
+    runs = [(_child("compile", str(model), str(model.with_suffix(".int4.cimb")), "256"), _child("ort", str(model)))
+            for _ in range(2)]
+    figures.update(min((c for c, _ in runs), key=lambda c: c["compile_int4_s"]))
+    figures.update(min((o for _, o in runs), key=lambda o: o["ort_session_s"]))
     figures["compile_int4_over_ort_session"] = figures["compile_int4_s"] / figures["ort_session_s"]
     print(f"  cimc compile --weights int4 {figures['compile_int4_s']:.1f} s (peak RSS "
           f"{figures['compile_int4_peak_rss_mb']:,.0f} MB, binary {figures['binary_int4_mb']:,.0f} MB); onnxruntime "
