@@ -89,7 +89,8 @@ def test_costs_follow_precision(sessions: dict[str, Session]) -> None:
 def test_estimate_and_simulation_agree_at_int4(sessions: dict[str, Session]) -> None:
     for entry, past in (("prefill", 0), ("decode", 9)):
         r = sessions["int4"].run(entry, numerics=False, tokens=8 if entry == "prefill" else 1, past=past).report
-        assert r["estimated_cycles"] == pytest.approx(r["cycles"], rel=0.05), (entry, r["estimated_cycles"], r["cycles"])
+        assert r["estimated_cycles"] == pytest.approx(r["cycles"], rel=0.05), (entry, r["estimated_cycles"],
+                                                                               r["cycles"])
 
 
 def test_mvms_of_one_linear_run_side_by_side(tmp_path: Path) -> None:

@@ -45,3 +45,14 @@ def test_sample_output_is_current(cli, tmp_path: Path, monkeypatch: pytest.Monke
         assert res.status == 0, res.err
         printed += res.out
     assert printed == output
+
+
+def test_python_api_snippet_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's Python snippet runs as pasted, with the bundled example as its model.onnx."""
+    import shutil
+
+    (snippet,) = re.findall(r"```python\n(.*?)```", README, re.S)
+    shutil.copy(REPO / "examples" / "tiny_llama.onnx", tmp_path / "model.onnx")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(snippet, "README.md", "exec"), {})
+    assert (tmp_path / "model.cimb").is_file()
