@@ -34,10 +34,10 @@ import numpy as np
 
 from isa.atomic import atomic_file
 from isa.diag import CimcError
-from isa.encoding import EncodingError, code_words, decode_one
+from isa.encoding import EncodingError, validate_code
 from isa.fields import DTYPES
 from isa.program import FORMAT_VERSION, DebugInfo, DramImage, Entry, Program, Symbol
-from isa.spec import BY_OPCODE, INSTR_BYTES, INSTR_WORDS, SIG_BITS, SIG_SHIFT
+from isa.spec import INSTR_BYTES
 
 MAGIC = b"CIMB"
 _HEADER = struct.Struct("<4sHHII16sI24xI")  # ..., table crc, padding, header crc (bytes 0-59)
@@ -104,37 +104,6 @@ def symbol_from_json(obj: object) -> Symbol:
 
 def _is_uint(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
-def validate_code(code: bytes) -> None:
-    """Check that every instruction of a code section decodes (as `decode_one` would accept it).
-
-    Vectorised: reserved bits and field values (`Kind.valid_raw`) are checked per opcode with
-    numpy, so large programs are checked in a fraction of a second.
-    Raises `EncodingError` naming the first bad instruction's index.
-    """
-    w = code_words(code)
-    opcode = w[:, 0] & np.uint64(0xFF)
-    known = np.isin(opcode, np.fromiter(BY_OPCODE, dtype=np.uint64))
-    bad = ~known | ((w[:, 1] & np.uint64(1)) != 0)
-    for op in np.unique(opcode[known]):
-        spec = BY_OPCODE[int(op)]
-        rows = np.flatnonzero(opcode == op)
-        sub = w[rows]
-        used = [(1 << (SIG_SHIFT + SIG_BITS)) - 1, (1 << 64) - 1] + [0] * (INSTR_WORDS - 2)
-        row_bad = np.zeros(len(rows), dtype=bool)
-        for fd in spec.fields:
-            mask = (1 << fd.kind.bits) - 1
-            used[fd.word] |= mask << fd.shift
-            raw = (sub[:, fd.word] >> np.uint64(fd.shift)) & np.uint64(mask)
-            row_bad |= ~fd.kind.valid_raw(raw)
-        for k, u in enumerate(used):
-            row_bad |= (sub[:, k] & np.uint64(~u & ((1 << 64) - 1))) != 0
-        bad[rows] |= row_bad
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        decode_one(w[i], i)  # raises the precise error
-        raise AssertionError(f"instruction {i}: validate_code and decode_one disagree")
 
 
 def _dumps(obj: object) -> bytes:

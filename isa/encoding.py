@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit
 
 from isa.fields import FieldError, PackError
-from isa.spec import BY_NAME, BY_OPCODE, INSTR_BYTES, INSTR_WORDS, N_BARRIERS, SIG_SHIFT, InstrDef
+from isa.spec import BY_NAME, BY_OPCODE, INSTR_BYTES, INSTR_WORDS, N_BARRIERS, SIG_BITS, SIG_SHIFT, InstrDef
 
 
 class EncodingError(ValueError):
@@ -128,9 +128,51 @@ def code_words(code: bytes) -> np.ndarray:
     return np.frombuffer(code, dtype="<u8").reshape(-1, INSTR_WORDS)
 
 
+def validate_code(code: bytes) -> None:
+    """Check that every instruction of a code section decodes (as `decode_one` would accept it).
+
+    Vectorised: reserved bits and field values (`Kind.valid_raw`) are checked per opcode with
+    numpy, so large programs are checked in a fraction of a second.
+    Raises `EncodingError` naming the first bad instruction's index.
+    """
+    w = code_words(code)
+    opcode = w[:, 0] & np.uint64(0xFF)
+    known = np.isin(opcode, np.fromiter(BY_OPCODE, dtype=np.uint64))
+    bad = ~known | ((w[:, 1] & np.uint64(1)) != 0)
+    for op in np.unique(opcode[known]):
+        spec = BY_OPCODE[int(op)]
+        rows = np.flatnonzero(opcode == op)
+        sub = w[rows]
+        used = [(1 << (SIG_SHIFT + SIG_BITS)) - 1, (1 << 64) - 1] + [0] * (INSTR_WORDS - 2)
+        row_bad = np.zeros(len(rows), dtype=bool)
+        for fd in spec.fields:
+            mask = (1 << fd.kind.bits) - 1
+            used[fd.word] |= mask << fd.shift
+            raw = (sub[:, fd.word] >> np.uint64(fd.shift)) & np.uint64(mask)
+            row_bad |= ~fd.kind.valid_raw(raw)
+        for k, u in enumerate(used):
+            row_bad |= (sub[:, k] & np.uint64(~u & ((1 << 64) - 1))) != 0
+        bad[rows] |= row_bad
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        decode_one(w[i], i)  # raises the precise error
+        raise AssertionError(f"instruction {i}: validate_code and decode_one disagree")
+
+
 def decode(code: bytes) -> list[Instr]:
-    """Decode a whole code section into instructions (checks every word)."""
-    return [decode_one(row, i) for i, row in enumerate(code_words(code))]
+    """Decode a whole code section into instructions (checks every word, vectorised, then builds
+    the instructions column by column)."""
+    validate_code(code)
+    cols = decode_columns(code)
+    out: list[Instr | None] = [None] * len(cols.opcode)
+    sig, wait = cols.sig.tolist(), cols.wait.tolist()
+    for mnemonic, idx in cols.rows.items():
+        spec = BY_NAME[mnemonic]
+        values = [fd.kind.unpack_many(cols.fields[mnemonic][fd.name]) for fd in spec.fields]
+        names = spec.field_names
+        for k, i in enumerate(idx.tolist()):
+            out[i] = Instr(mnemonic, {n: v[k] for n, v in zip(names, values, strict=True)}, sig[i], wait[i])
+    return out  # type: ignore[return-value]
 
 
 @dataclass

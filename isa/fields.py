@@ -84,6 +84,10 @@ class Kind:
     def unpack(self, raw: int) -> object:
         return raw
 
+    def unpack_many(self, raw: np.ndarray) -> list:
+        """Vectorised `unpack` of packed values (uint64 array)."""
+        return raw.astype(np.int64).tolist() if self.bits < 63 else [self.unpack(int(r)) for r in raw]
+
     def valid_raw(self, raw: np.ndarray) -> np.ndarray:
         """Vectorised: which packed values (uint64 array) decode to a valid value."""
         return np.ones(raw.shape, dtype=bool)
@@ -156,6 +160,10 @@ class DimKind(Kind):
     def unpack(self, raw: int) -> Dim:
         return Dim(raw & 3, raw >> 2)
 
+    def unpack_many(self, raw: np.ndarray) -> list:
+        r = raw.astype(np.int64)
+        return list(map(Dim, (r & 3).tolist(), (r >> 2).tolist()))
+
     def _pack_fast(self, values: list) -> tuple[np.ndarray, np.ndarray] | None:
         types = {type(v) for v in values}
         if types <= {Dim}:
@@ -225,6 +233,12 @@ class MemKind(Kind):
     def unpack(self, raw: int) -> Mem:
         return Mem(raw & 3, (raw >> 4) & ((1 << self.ADDR_BITS) - 1), raw >> 40, (raw >> 2) & 3)
 
+    def unpack_many(self, raw: np.ndarray) -> list:
+        r = raw.astype(np.uint64)
+        space, roff = (r & np.uint64(3)).tolist(), ((r >> np.uint64(2)) & np.uint64(3)).tolist()
+        addr = ((r >> np.uint64(4)) & np.uint64((1 << self.ADDR_BITS) - 1)).tolist()
+        return list(map(Mem, space, addr, (r >> np.uint64(40)).tolist(), roff))
+
     def valid_raw(self, raw: np.ndarray) -> np.ndarray:
         return (raw & np.uint64(3)) < len(SPACES)
 
@@ -265,6 +279,9 @@ class F32Kind(Kind):
 
     def unpack(self, raw: int) -> float:
         return struct.unpack("<f", struct.pack("<I", raw))[0]
+
+    def unpack_many(self, raw: np.ndarray) -> list:
+        return raw.astype(np.uint32).view(np.float32).astype(np.float64).tolist()
 
     def valid_raw(self, raw: np.ndarray) -> np.ndarray:
         return ~np.isnan(raw.astype(np.uint32).view(np.float32))

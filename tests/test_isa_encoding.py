@@ -303,3 +303,18 @@ def test_decode_wrong_length():
     with pytest.raises(EncodingError, match="not a multiple of 64"):
         decode_columns(bytes(65))
     assert decode(b"") == []
+
+
+def test_decode_builds_what_decode_one_builds():
+    """`decode` checks a code section at once and builds its instructions column by column: the
+    same instructions (fields, values and their types) as decoding each one on its own."""
+    code = encode(CASES)
+    whole = decode(code)
+    single = [decode_one(w, i) for i, w in enumerate(code_words(code))]
+    assert whole == single
+    for a, b in zip(whole, single, strict=True):
+        assert [type(v) for v in a.f.values()] == [type(v) for v in b.f.values()], a.op
+    bad = bytearray(code)
+    bad[64 * 3 + 7] |= 0x80  # a reserved bit of the fourth instruction
+    with pytest.raises(EncodingError, match="instruction 3"):
+        decode(bytes(bad))
