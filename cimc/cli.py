@@ -289,6 +289,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise CimcError("--reference names the model --accuracy compares with: add --accuracy")
     prompt = _ids(args.prompt_ids)
     if args.model.endswith(".cimb"):
+        given = [flag for flag, value in (("--weights", args.weights != "fp32"), ("--group-size", args.group_size),
+                                          ("--act", args.act), ("--max-seq", args.max_seq), ("--max-ctx", args.max_ctx),
+                                          ("--pipeline", args.pipeline), ("--dim", args.dim)) if value]
+        if given:
+            raise CimcError(f"{args.model} is compiled already: {', '.join(given)} apply when generating from an "
+                            ".onnx (compile again with them, or drop them)")
         program = read_binary(args.model, verify_dram=not args.no_numerics)
         hw = _hw(args, required=False)
     else:

@@ -223,6 +223,8 @@ NOT_MODELLED_EFFECTS: tuple[str, ...] = (
     "the global buffer; the tile buffer is charged energy per byte)",
     "router and repeater energy and area beyond the wires' pJ/bit/mm and pitch",
     "area of the SFUs and the partial-sum adder; area and leakage of the control unit and the DRAM PHY",
+    "scale groups shorter than a macro's rows: the adder tree is taken to be segmented, one accumulator per "
+    "group, at no time or energy beyond the SFU's rescaling of every group's partial sums",
 )
 #: Values the simulator cannot model: asking for them is an error, not a silently ignored knob.
 UNSUPPORTED: dict[str, tuple[object, str]] = {

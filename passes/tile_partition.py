@@ -13,9 +13,19 @@ from typing import ClassVar
 
 from cimc.ir.core import Module, Rewriter
 from isa.diag import CimcError
-from isa.dtypes import elem
+from isa.dtypes import ElemType, elem
 from passes.manager import PassContext, register
 from passes.tiling import Tiling
+
+#: The largest input magnitude of each integer input scheme (`act`).
+INPUT_MAX = {"i8": 127, "u8": 255}
+
+
+def _worst_sum(act: str | None, t: ElemType, rows: int) -> int:
+    """The largest partial sum an accumulator can see: rows x largest input x largest stored weight."""
+    if act not in INPUT_MAX or t.is_float:
+        return 0
+    return rows * INPUT_MAX[act] * max(abs(t.lo), t.hi)
 
 
 @register
@@ -25,6 +35,7 @@ class TilePartitionPass:
 
     def run(self, module: Module, rw: Rewriter, ctx: PassContext) -> None:
         m, c = ctx.hw.macro, ctx.hw.chip
+        wide: list[tuple[str, int]] = []  # linears whose worst-case sums overflow the accumulator
         for op in module.walk("linear"):
             w = op.operands[1]
             k, n = (int(d) for d in w.type.shape)
@@ -41,9 +52,13 @@ class TilePartitionPass:
             except ValueError as e:
                 raise CimcError(f"linear {op.loc!r}: {e}") from None
             rw.set_attr(op, "tiling", tiling.to_attr())
-            rows = min(k, tiling.gk or tiling.group_k)
-            if op.attrs.get("act") == "u8" and not t.signed and rows * 255 * t.hi >= 1 << (m.accum_bits - 1):
-                ctx.notes.append(f"linear {op.loc!r}: uint8 inputs times {w.type.dtype} weights over {rows} rows can "
-                                 f"exceed the {m.accum_bits}-bit accumulator, which saturates as the hardware "
-                                 f"would (--set macro.accum_bits={m.accum_bits + 8} gives the exact product)")
+            worst = _worst_sum(op.attrs.get("act"), t, min(k, tiling.gk or tiling.group_k))
+            if worst >= 1 << (m.accum_bits - 1):
+                wide.append((op.loc, worst))
+        if wide:
+            loc, worst = max(wide, key=lambda lw: lw[1])
+            ctx.notes.append(f"{len(wide)} linear(s), e.g. {loc!r}: worst-case partial sums (largest inputs times "
+                             f"largest weights over a scale group) can exceed the {m.accum_bits}-bit accumulator, "
+                             "which saturates as the hardware would (--set "
+                             f"macro.accum_bits={worst.bit_length() + 1} holds the worst case)")
         rw.set_module_attr("hw", {"name": ctx.hw.name, "fingerprint": ctx.hw.fingerprint()})

@@ -58,9 +58,9 @@ class Machine:
     accum_bits: int  # width of a macro's partial-sum accumulator
     macros: dict[tuple[int, int], Group] = field(default_factory=dict)  # (tile, m0) -> the group loaded there
     loaded: dict[int, list[int]] = field(default_factory=dict)  # tile -> the m0 of each group in `macros`
-    #: groups unpacked from the read-only DRAM image, by (address, k, n, type): the image never
+    #: groups unpacked from the read-only DRAM image, by (operand, k, n, type): the image never
     #: changes, so each is unpacked once per machine (a speed-up of the simulator, not a cost)
-    decoded: dict[tuple[int, int, int, str], Group] = field(default_factory=dict)
+    decoded: dict[tuple[Mem, int, int, str], Group] = field(default_factory=dict)
     trace: list | None = None  # when set: (instr, space, lo, hi, write, row pitch, row bytes) per access
     current: int = 0
 
@@ -82,19 +82,23 @@ class Machine:
     def cached_group(self, src: Mem, k: int, n: int, wt: str) -> Group | None:
         """The group `group` unpacked before from the read-only image, when no access is being
         traced (a traced run reads it again, so the access is recorded)."""
-        return self.decoded.get((src.addr, k, n, wt)) if self.trace is None and self.read_only(src) else None
+        return self.decoded.get((src, k, n, wt)) if self.trace is None and self._cacheable(src) else None
 
     def group(self, src: Mem, k: int, n: int, wt: str, unpack: Callable[[], np.ndarray]) -> Group:
         """The k x n group of type `wt` stored at `src`, unpacked by `unpack()`: once per machine
         for groups in the read-only image, every time for groups in the read-write region."""
-        key = (src.addr, k, n, wt)
-        if not self.read_only(src) or key not in self.decoded:
+        key = (src, k, n, wt)
+        if not self._cacheable(src) or key not in self.decoded:
             _, rows, cols = self.array[1:]
             group = Group(unpack(), macros_used(k, n, elem(wt).bits, rows, cols), wt)
-            if not self.read_only(src):
+            if not self._cacheable(src):
                 return group
             self.decoded[key] = group
         return self.decoded[key]
+
+    def _cacheable(self, src: Mem) -> bool:
+        """A weight group at `src` is always the same: in the read-only image, at a fixed place."""
+        return self.read_only(src) and not src.roff
 
     def read_only(self, m: Mem) -> bool:
         """Whether operand `m` lies in the read-only DRAM image (which no run changes)."""

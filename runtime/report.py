@@ -177,4 +177,4 @@ def render_accuracy(gen: dict) -> str:
     return (f"  accuracy    vs onnxruntime ({acc['reference']}), teacher-forced over {acc['positions']} position(s): "
             f"top-1 {acc['top1_agreement']:.1%}, cosine {acc['mean_cosine']:.6f}, "
             f"|logit error| max {acc['max_abs_error']:.3g}, mean {acc['mean_abs_error']:.3g}\n"
-            f"              {weights}{greedy}")
+            f"              {weights}{greedy}" + (f"\n              note: {acc['note']}" if acc.get("note") else ""))

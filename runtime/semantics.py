@@ -125,13 +125,16 @@ def _mvm(m: Machine, f: dict) -> None:
 def _weight_scales(m: Machine, f: dict, group: Group, groups: int, n: int, signed: bool
                    ) -> tuple[np.ndarray, np.ndarray | None]:
     """An mvm's weight scales [groups, n] (f32) and zero points (u8; None for signed weights), read
-    once per group when they lie in the read-only image and no access is traced."""
-    key = (f["ws"], f["wst"], None if signed else f["wz"])
-    if key in group.scales and m.trace is None:
+    once per group and shape when they lie in the read-only image at a fixed place (no register
+    offsets its rows) and no access is traced."""
+    operands = [f["ws"]] + ([] if signed else [f["wz"]])
+    fixed = all(m.read_only(x) and not x.roff for x in operands)
+    key = (*operands, f["wst"], groups, n)
+    if fixed and key in group.scales and m.trace is None:
         return group.scales[key]
     ws = np.array(m.view(f["ws"], groups, n, dtype=elem(DTYPES[f["wst"]]).numpy), dtype=F32)
     z = None if signed else np.array(m.view(f["wz"], groups, n, dtype="u1"))
-    if m.read_only(f["ws"]) and (signed or m.read_only(f["wz"])):
+    if fixed:
         group.scales[key] = ws, z
     return ws, z
 

@@ -161,3 +161,56 @@ def test_hardware_weight_bits_are_checked_and_28nm_compiles() -> None:
     hw = load_hw("edgecim-28nm")
     program = compile_model(EXAMPLE, CompileOptions(max_seq=4, weights="int8", hw=hw))
     assert program.meta["weights"] == "i8 per channel (f16 scales), i8 inputs"
+
+
+def test_cached_scales_follow_each_mvm_shape() -> None:
+    """The simulator reads a group's scales once, but per shape: an MVM with other scale groups on
+    the same loaded weights and scale address gets its own (a hand-written program may do this)."""
+    from isa.dtypes import pack
+    from isa.fields import DTYPES, REGS, WEIGHT_TYPES, Dim, Mem
+    from runtime.machine import Machine
+    from runtime.semantics import SEMANTICS
+
+    k, n, rng = 32, 4, np.random.default_rng(0)
+    q = rng.integers(-8, 8, (k, n))
+    image = np.zeros(4096, np.uint8)
+    packed = pack(q, "i4")
+    image[:len(packed)] = packed
+    ws = np.arange(1, 9, dtype=np.float32).reshape(2, n)  # two groups of 16 rows
+    image[256:256 + ws.nbytes] = ws.view(np.uint8).reshape(-1)
+    m = Machine(np.zeros(4096, np.uint8), image, np.zeros(64, np.uint8), 4096, np.zeros(len(REGS), np.int64),
+                (1, 16, 128, 128), 24)
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    m.gbuf[:x.nbytes] = x.view(np.uint8).reshape(-1)
+    SEMANTICS["wload"](m, {"tile": 0, "m0": 0, "k": k, "n": n, "wt": WEIGHT_TYPES.index("i4"), "src": Mem(1, 0, n)})
+
+    def mvm(gk: int, dst: int) -> np.ndarray:
+        SEMANTICS["mvm"](m, {"tile": 0, "m0": 0, "k": k, "n": n, "wt": WEIGHT_TYPES.index("i4"),
+                             "xt": DTYPES.index("f32"), "gk": gk, "acc": 0, "nvec": Dim(0, 1),
+                             "wst": DTYPES.index("f32"), "dst": Mem(0, dst, n), "src": Mem(0, 0, k),
+                             "xs": Mem(0, 0, 0), "ws": Mem(1, 256, n), "wz": Mem(0, 0, 0)})
+        return np.array(m.view(Mem(0, dst, n), 1, n))
+
+    np.testing.assert_allclose(mvm(0, 1024), (x @ q) * ws[0], rtol=1e-5)
+    np.testing.assert_allclose(mvm(16, 2048), (x[:, :16] @ q[:16]) * ws[0] + (x[:, 16:] @ q[16:]) * ws[1], rtol=1e-5)
+
+
+def test_narrow_accumulators_are_noted() -> None:
+    """Worst-case int8 partial sums (64 rows x 127 x 128 here) that a narrow accumulator cannot hold
+    are named in the pass notes, with the width that holds them; 24 bits hold them silently."""
+    from cimc.driver import compile_module, load_module
+
+    notes = {}
+    for bits in (16, 24):
+        opts = CompileOptions(max_seq=4, weights="int8", hw=load_hw(None, [f"macro.accum_bits={bits}"]))
+        module, weights = load_module(EXAMPLE, opts)
+        notes[bits] = compile_module(module, weights, opts)[1].notes
+    assert [n for n in notes[16] if "can exceed the 16-bit accumulator" in n and "accum_bits=22" in n], notes[16]
+    assert not [n for n in notes[24] if "accumulator" in n], notes[24]
+
+
+def test_generate_on_a_binary_refuses_compile_options(cli, tmp_path: Path) -> None:
+    binary = tmp_path / "m.cimb"
+    write_binary(binary, compile_model(EXAMPLE, CompileOptions(max_seq=4, max_ctx=8)))
+    res = cli("generate", binary, "--prompt-ids", "1,2", "--max-new-tokens", "2", "--weights", "int4", "--act", "int8")
+    assert_user_error(res, [f"{binary} is compiled already", "--weights, --act"])
