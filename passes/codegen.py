@@ -265,7 +265,7 @@ class _Codegen:
                     self.readers[id(v)] = self.readers.get(id(v), 0) | bit
                 scratch = self._scratch_region(op)
                 if scratch is not None:
-                    self.retired.append((*scratch, bit))
+                    self._retire_region(*scratch, bit)
             for v in dying.get(i, []):
                 self._retire(v)
         self.op_index = len(self.module.ops) - 1
@@ -279,7 +279,15 @@ class _Codegen:
             return
         mask = self.readers.get(id(v), 0) | (1 << self.barrier[id(owner)] if id(owner) in self.barrier else 0)
         m = owner.attrs["mem"]
-        self.retired.append((_space(m), m["addr"], m["addr"] + value_bytes(v, self.bounds), mask))
+        self._retire_region(_space(m), m["addr"], m["addr"] + value_bytes(v, self.bounds), mask)
+
+    def _retire_region(self, space: int, lo: int, hi: int, mask: int) -> None:
+        """Record that [lo, hi) is free once the barriers in `mask` are clear. Earlier records inside
+        it are dropped: whoever wrote this region last already waited for their readers, so waiting
+        for this record orders a later writer after them too (keeping them would only pile every old
+        barrier into later wait masks, until an op waited on all of them, its own included)."""
+        self.retired = [r for r in self.retired if not (r[0] == space and lo <= r[1] and r[2] <= hi)]
+        self.retired.append((space, lo, hi, mask))
 
     # ---- DRAM image ----------------------------------------------------------------------
 
