@@ -75,7 +75,9 @@ def _wload(m: Machine, f: dict) -> None:
         group = m.group(src, k, n, wt, lambda: weights if m.read_only(src) else np.array(weights, dtype=F32))
     else:
         raw = m.view(src._replace(stride=0), 1, t.packed_bytes(k * n), dtype="u1")[0]
-        group = m.group(src, k, n, wt, lambda: unpack(raw, wt, k * n).reshape(k, n))
+        held = np.int8 if t.signed else np.uint8  # what a 4-bit weight needs; 8-bit ones keep int16 (|-128|)
+        group = m.group(src, k, n, wt, lambda: unpack(raw, wt, k * n).reshape(k, n).astype(
+            held if t.bits == 4 else np.int16))
     m.load_group(f["tile"], f["m0"], group)
 
 
