@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 from model_fixtures import shared_model
 
+from cimc.accuracy import measure_accuracy, reference_logits
 from cimc.driver import CompileOptions, compile_model
 from runtime.generate import generate
 from runtime.interpreter import Session
@@ -110,3 +111,13 @@ def test_what_cannot_be_honoured_is_refused(op_type: str, attr: str, value: obje
     assert res.status == 2 and not out.exists() and "internal error" not in res.err
     lines = [line for line in res.err.splitlines() if node in line]
     assert len(lines) == 1 and needle in lines[0] and op_type in lines[0], res.err
+
+
+def test_accuracy_reference_drives_the_genai_graph(programs) -> None:
+    """`--accuracy` runs onnxruntime on the export itself: its symbolic head_dim comes from the
+    GroupQueryAttention, and the simulator matches it teacher-forced."""
+    path = shared_model("llama_d_genai_int4")
+    tokens, _ = reference_logits(path, PROMPT, NEW)
+    assert tokens == ort_greedy(path, PROMPT, NEW)
+    acc = measure_accuracy(programs("llama_d_genai_int4"), path, PROMPT, NEW)
+    assert acc["top1_agreement"] == 1.0 and acc["max_abs_error"] <= TOL, acc
