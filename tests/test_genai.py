@@ -12,9 +12,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 from model_fixtures import shared_model
+from onnx import TensorProto, helper, numpy_helper
 
 from cimc.accuracy import measure_accuracy, reference_logits
 from cimc.driver import CompileOptions, compile_model
+from cimc.ir.quant import gather_blocks
 from runtime.generate import generate
 from runtime.interpreter import Session
 
@@ -121,3 +123,29 @@ def test_accuracy_reference_drives_the_genai_graph(programs) -> None:
     assert tokens == ort_greedy(path, PROMPT, NEW)
     acc = measure_accuracy(programs("llama_d_genai_int4"), path, PROMPT, NEW)
     assert acc["top1_agreement"] == 1.0 and acc["max_abs_error"] <= TOL, acc
+
+
+@pytest.mark.parametrize("zero_points", [False, True])
+def test_gather_block_quantized_table_is_onnxruntimes(zero_points: bool) -> None:
+    """The compile-time dequantized table equals what onnxruntime's GatherBlockQuantized gathers,
+    with packed 4-bit zero points or without (then 8)."""
+    rng = np.random.default_rng(0)
+    vocab, hidden, block = 6, 96, 32
+    data = rng.integers(0, 256, (vocab, hidden // 2), dtype=np.uint8)
+    scales = rng.random((vocab, hidden // block)).astype(np.float32)
+    zp = rng.integers(0, 256, (vocab, 2), dtype=np.uint8)  # 3 blocks: two bytes a row, the last nibble unused
+    inits = [numpy_helper.from_array(data, "d"), numpy_helper.from_array(scales, "s")]
+    ins = ["d", "ids", "s"]
+    if zero_points:
+        inits.append(numpy_helper.from_array(zp, "z"))
+        ins.append("z")
+    node = helper.make_node("GatherBlockQuantized", ins, ["y"], domain="com.microsoft", bits=4, block_size=block,
+                            gather_axis=0, quantize_axis=1)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [vocab])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    want = sess.run(None, {"ids": np.arange(vocab, dtype=np.int64)})[0]
+    got = gather_blocks(data, scales, zp if zero_points else None, 4, block)
+    assert got.shape == want.shape and np.array_equal(got, want)
