@@ -73,8 +73,9 @@ def reference_logits(path: str | os.PathLike, prompt: Sequence[int], new_tokens:
     if "logits" not in outputs:
         raise CimcError(f"{path}: has no 'logits' output (it has {', '.join(outputs)})")
     empty: dict[str, np.ndarray] = {}
+    fixed = _fixed_dims(path) if past_names else {}
     for name in past_names:
-        shape = inputs[name].shape
+        shape = [fixed.get(d, d) if isinstance(d, str) else d for d in inputs[name].shape]
         if len(shape) != 4 or not all(isinstance(d, int) for d in (shape[1], shape[3])):
             raise CimcError(f"{path}: past input {name!r} has shape {shape}; expected [batch, heads, past, head_dim] "
                             "with fixed heads and head_dim")
@@ -103,6 +104,19 @@ def reference_logits(path: str | os.PathLike, prompt: Sequence[int], new_tokens:
             step_ids = [tokens[-1]]
     full = run(prompt + tokens[:-1], 0, empty)["logits"]
     return tokens, np.asarray(full[0], np.float32)
+
+
+def _fixed_dims(path: str | os.PathLike) -> dict[str, int]:
+    """Named dimensions the graph's own ops fix (a genai export's symbolic head_dim is its
+    GroupQueryAttention's), as the frontend finds them; {} if it cannot read the model."""
+    from cimc.frontend import open_model
+    from cimc.frontend.fold import find_roles
+
+    try:
+        model, _ = open_model(path)
+        return find_roles(model).dims
+    except CimcError:
+        return {}
 
 
 def _first_line(e: Exception) -> str:

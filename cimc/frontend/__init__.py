@@ -7,7 +7,7 @@ from pathlib import Path
 
 import onnx
 
-from cimc.frontend import qdq, quantized  # noqa: F401  (register their converters)
+from cimc.frontend import contrib_attention, contrib_embedding, contrib_norms, qdq, quantized  # noqa: F401
 from cimc.frontend.converters import STANDARD, Unsupported, find
 from cimc.frontend.fold import Binding, analyze, find_roles, position_tables, prepare
 from cimc.frontend.lift import Lifter, cannot_compile
@@ -35,8 +35,8 @@ def import_onnx(path: str | os.PathLike, *, max_seq: int = 256, max_ctx: int | N
     refused = [(n, why) for n in model.nodes if (why := _refusal(model, n))]
     if refused:
         raise cannot_compile(model, refused)
-    dims = dict(dims or {})
     roles = find_roles(model)
+    dims = roles.dims | dict(dims or {})
     # The graph is lifted at small, distinct lengths (no axis of interest has size 1), compared
     # with one more token and, with a cache, more cached tokens; position tables (RoPE) are
     # folded at max_ctx tokens so they cover every position.

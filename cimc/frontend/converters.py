@@ -7,10 +7,11 @@ bad node is reported with every other node that cannot be compiled and no weight
 initializers it keeps on disk (`lazy`: never folded nor given to shape inference, read by the
 backend), a `standin` of standard ONNX nodes with the op's output shapes for ONNX shape
 inference (which does not know a contrib op; a standard op stands for itself), and `lift`, which
-builds its IR (a term, or a tuple of terms, one per output). `IDIOMS` are rules anchored at a
-standard op where a chain of nodes ends (like RoPE's final Add in the lifter): each takes the
-lifter and the deferred expression and returns the lifted value, or None. Modules that define
-converters and idioms register them on import (`cimc/frontend/__init__.py` imports them).
+builds its IR (a term, or a tuple of terms, one per output). An op that keeps a KV cache also says
+which graph inputs are its past caches, presents and attention mask (`roles`, see fold.Roles).
+`IDIOMS` are rules anchored at a standard op where a chain of nodes ends (like RoPE's final Add in
+the lifter): each takes the lifter and the deferred expression and returns the lifted value,
+or None. Modules that define converters and idioms register them on import (`cimc/frontend/__init__.py` imports them).
 """
 
 from __future__ import annotations
@@ -44,6 +45,18 @@ class Converter:
     lazy: Callable[[OnnxModel, Node], list[str]]
     standin: Callable[[Node], tuple[list[onnx.NodeProto], list[onnx.ValueInfoProto]]]
     lift: Callable[[Lifter, Node, list], Term | tuple[Term, ...]]  # raises Unsupported
+    roles: Callable[[OnnxModel, Node], CacheRoles] | None = None
+
+
+@dataclass(frozen=True)
+class CacheRoles:
+    """What an attention op with a KV cache tells the role finder: past input -> present output,
+    the integer graph inputs that are its attention mask (assumed all ones, checked at run time),
+    and named dimensions it fixes (a symbolic head_dim)."""
+
+    caches: dict[str, str]
+    masks: list[str]
+    dims: dict[str, int]
 
 
 CONVERTERS: dict[tuple[str, str], Converter] = {}

@@ -35,6 +35,8 @@ from isa.diag import CimcError
 
 #: Ops whose output depends on the input's shape only, never on its values.
 SHAPE_OPS = {"Shape", "Size"}
+#: Ops that gather embedding rows by token id (input 1): ONNX's, and onnxruntime's int4 table.
+EMBEDDING_GATHERS = ("Gather", "GatherBlockQuantized")
 
 
 @dataclass(frozen=True)
@@ -64,13 +66,15 @@ class Roles:
     assumed: dict[str, str] = field(default_factory=dict)  # input -> "ones" | "positions"
     seq_param: str = ""
     past_param: str = ""
+    ctx_params: set[str] = field(default_factory=set)  # names of past + seq (an attention op's mask)
+    dims: dict[str, int] = field(default_factory=dict)  # dimensions an op fixes (a symbolic head_dim)
 
 
 def find_roles(model: OnnxModel) -> Roles:
     """Classify the graph inputs (token ids, KV caches, mask and positions) by their use."""
     roles = Roles()
     for name, vi in model.inputs.items():
-        if any(n.op_type == "Gather" and n.inputs[1:2] == [name] for n in model.consumers.get(name, [])):
+        if any(n.op_type in EMBEDDING_GATHERS and n.inputs[1:2] == [name] for n in model.consumers.get(name, [])):
             roles.tokens = name
             dims = vi.type.tensor_type.shape.dim
             roles.seq_param = dims[1].dim_param if len(dims) > 1 else ""
@@ -82,8 +86,23 @@ def find_roles(model: OnnxModel) -> Roles:
                     roles.caches[name] = n.outputs[0]
                     params = [d.dim_param for d in vi.type.tensor_type.shape.dim[1:] if d.dim_param]
                     roles.past_param = params[-1] if params else roles.past_param
+    for n in model.nodes:  # attention ops that keep a cache (GroupQueryAttention)
+        conv = converters.find(n)
+        if conv is None or conv.roles is None:
+            continue
+        found = conv.roles(model, n)
+        roles.caches.update(found.caches)
+        roles.dims.update(found.dims)
+        for past in found.caches:
+            dims = model.inputs[past].type.tensor_type.shape.dim
+            roles.past_param = dims[2].dim_param if len(dims) == 4 and dims[2].dim_param else roles.past_param
+        for mask in found.masks:
+            roles.assumed[mask] = "ones"
+            dims = model.inputs[mask].type.tensor_type.shape.dim
+            if len(dims) == 2 and dims[1].dim_param:
+                roles.ctx_params.add(dims[1].dim_param)
     for name, vi in model.inputs.items():
-        if name == roles.tokens or name in roles.caches or vi.type.tensor_type.elem_type not in (
+        if name in (roles.tokens, *roles.caches, *roles.assumed) or vi.type.tensor_type.elem_type not in (
                 TensorProto.INT64, TensorProto.INT32):
             continue
         kinds = [_dim_kind(d.dim_param, roles) for d in vi.type.tensor_type.shape.dim[1:]]
@@ -152,6 +171,8 @@ def bind_inputs(model: OnnxModel, roles: Roles, b: Binding, dims: dict[str, int]
 
 def _dim_kind(param: str, roles: Roles) -> str:
     """Whether a symbolic dim is the token count, the cached length, or their sum ('ctx')."""
+    if param and param in roles.ctx_params:
+        return "ctx"
     names = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", param or ""))
     seq = bool(roles.seq_param) and roles.seq_param in names
     past = bool(roles.past_param) and roles.past_param in names

@@ -360,6 +360,9 @@ class Lifter:
             return _transposed(src)
         if node.op_type == "Identity" and isinstance(src, QLazy):
             return src
+        if node.op_type == "Reshape" and isinstance(src, Lazy) and not src.transpose \
+                and self.model.initializers[src.init].data_type not in FLOAT_TYPES:
+            return Lazy(src.init, self.shape(node.outputs[0]))  # packed integers a converter reads (row-major)
         if node.op_type in ("Identity", "Cast") and isinstance(src, Lazy):
             if node.op_type == "Cast" and node.attrs.get("to") != TensorProto.FLOAT:
                 raise Unsupported("weights may only be cast to float32")

@@ -219,12 +219,12 @@ _def("output", ("value",), _none, "a graph output, written to DRAM under its ONN
 _def("weight", (), from_attr, "an ONNX initializer (optionally transposed), read lazily from the model; with "
      "`format = dequantize`, an integer initializer dequantized at compile time (cimc.ir.quant)",
      {"init": "str"}, {"transpose": "bool", "format": "str", "scales": "str", "zero_points": "str", "axis": "int",
-                       "block": "int"}, unit="none", constant=True)
+                       "block": "int", "bits": "int"}, unit="none", constant=True)
 _def("qweight", (), from_attr,
      "integer weights [K, N] with a scale (and, for unsigned types, a zero point) per group of `group` rows "
      "(0: all K) and column; `format` says where the numbers come from (cimc.ir.quant)",
      {"init": "str", "format": "str", "group": "int", "scale_type": "str"},
-     {"transpose": "bool", "scales": "str", "zero_points": "str"}, unit="none", constant=True)
+     {"transpose": "bool", "scales": "str", "zero_points": "str", "cols": "list"}, unit="none", constant=True)
 _def("const", (), from_attr,
      "a constant folded at compile time; `data` is base64 of little-endian row-major values, "
      "position tables (ctx rows) stored up to max_ctx", {"data": "str"}, unit="none", constant=True)

@@ -25,7 +25,13 @@ per column over all K). Its `format` says where the numbers come from:
 
 A float `weight` op with `format = dequantize` is a DequantizeLinear of an integer initializer
 computed at compile time (`dequantize`): (q - z) * s in f32 with the scale per tensor, per `axis`
-or in blocks of `block` along it, as ONNX defines it (a quantized embedding table).
+or in blocks of `block` along it, as ONNX defines it (a quantized embedding table). With `format =
+gatherblockquantized` it is a `com.microsoft:GatherBlockQuantized` table (`gather_blocks`): `init`
+holds `bits`-bit values packed two to a uint8 (low nibble first), one row per table row, `scales`
+one per `block` columns of a row, `zero_points` (optional) packed like the values, else 2^(bits-1).
+
+A `qweight` with `cols = [c0, c1, n]` holds columns c0 .. c1-1 of the `[K, n]` weights its format
+defines (one of the q, k and v blocks of a packed projection).
 
 `materialize` turns an op's attributes into a `QuantWeight`; codegen streams it into DRAM and
 the tests compare it with onnxruntime's own dequantization.
@@ -45,7 +51,7 @@ from isa.dtypes import elem
 QUANT_TYPES = ("i4", "i8", "u4", "u8")
 FORMATS = ("rtn", "matmulnbits", "dequantizelinear", "matmulinteger")
 #: Formats of a float `weight` whose numbers are computed at compile time.
-WEIGHT_FORMATS = ("dequantize",)
+WEIGHT_FORMATS = ("dequantize", "gatherblockquantized")
 #: numpy names of the ONNX integer types whose values a `qweight` may take as they are (a signed
 #: one with nonzero zero points shifts to the unsigned type of its width).
 ONNX_INTS = {"int8": "i8", "uint8": "u8", "int4": "i4", "uint4": "u4"}
@@ -214,11 +220,36 @@ def dequantize(q: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None
     return (q - z).astype(np.float32) * s
 
 
+def _unpack(a: np.ndarray, rows: int, bits: int) -> np.ndarray:
+    """`bits`-bit values packed in uint8 (low nibble first for 4 bits), one row per table row."""
+    a = np.asarray(a, np.uint8).reshape(rows, -1)
+    if bits == 8:
+        return a.astype(np.int32)
+    return np.stack([a & 0xF, a >> 4], axis=-1).reshape(rows, -1).astype(np.int32)
+
+
+def gather_blocks(q: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int,
+                  block: int) -> np.ndarray:
+    """A GatherBlockQuantized table in f32: (q - z) * s per `block` columns of each row, as
+    onnxruntime computes it (z = 2^(bits-1) without zero points)."""
+    rows = np.asarray(scales).shape[0]
+    s = np.asarray(scales, np.float32).reshape(rows, -1)
+    vals = _unpack(q, rows, bits)
+    cols = vals.shape[1]
+    z = np.full(s.shape, 1 << (bits - 1), np.int32) if zero_points is None else \
+        _unpack(zero_points, rows, bits)[:, :s.shape[1]]
+    rep = np.repeat(np.arange(s.shape[1]), block)[:cols]
+    return (vals - z[:, rep]).astype(np.float32) * s[:, rep]
+
+
 def weight_values(attrs: dict, get: Callable[[str], np.ndarray]) -> np.ndarray:
     """The float matrix a `weight` op stands for: its initializer (transposed with `transpose`), or
     with `format = dequantize` that initializer dequantized (`dequantize`)."""
     w = get(attrs["init"])
-    if attrs.get("format") == "dequantize":
+    if attrs.get("format") == "gatherblockquantized":
+        zp = attrs.get("zero_points", "")
+        w = gather_blocks(w, get(attrs["scales"]), get(zp) if zp else None, attrs["bits"], attrs["block"])
+    elif attrs.get("format") == "dequantize":
         zp = attrs.get("zero_points", "")
         w = dequantize(w, get(attrs["scales"]), get(zp) if zp else None, attrs["axis"], attrs.get("block", 0))
     elif attrs.get("format", ""):
@@ -229,6 +260,11 @@ def weight_values(attrs: dict, get: Callable[[str], np.ndarray]) -> np.ndarray:
 def materialize(attrs: dict, wt: str, shape: tuple[int, int], get: Callable[[str], np.ndarray]) -> QuantWeight:
     """The numbers of a `qweight` with these attributes, type and [K, N] shape; `get` reads an
     initializer by name."""
+    if "cols" in attrs:
+        c0, c1, full = attrs["cols"]
+        inner = materialize({k: v for k, v in attrs.items() if k != "cols"}, wt, (shape[0], full), get)
+        return QuantWeight(inner.q[:, c0:c1], np.ascontiguousarray(inner.scales[:, c0:c1]),
+                           None if inner.zero is None else np.ascontiguousarray(inner.zero[:, c0:c1]), inner.group)
     k, n = shape
     fmt = attrs["format"]
     if fmt == "rtn":

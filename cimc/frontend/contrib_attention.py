@@ -1,0 +1,253 @@
+"""`com.microsoft:GroupQueryAttention` (onnxruntime-genai exports) -> `rope` + KV cache + `attention`.
+
+Accepted form (what the genai model builder emits for a decoder): packed `query` [1, seq,
+(num_heads + 2 kv_num_heads) * head_dim] from one projection, `key` and `value` empty;
+`past_key`/`past_value` graph inputs [batch, kv_heads, past, head_dim] whose presents are graph
+outputs; `seqlens_k` and `total_sequence_length` computed from the attention mask (which, like an
+optimum export's mask, is assumed all ones with batch 1 and checked at run time, so they must fold
+to past + seq - 1 and past + seq); `do_rotary = 1` with `cos_cache`/`sin_cache` initializers
+[max_positions, head_dim / 2] in the rotate-half (non-interleaved) form.
+
+The packed projection is split into its q, k and v column blocks (the producing linear, and a
+constant bias add after it, become one per block over the same input: the integer weights'
+`cols`, see cimc.ir.quant), so each block is a whole activation. Then q and k get `rope` with
+tables [cos, cos] and [sin, sin] (x*cos + rotate_half(x)*sin per head is onnxruntime's
+non-interleaved rotary), k and v are appended to the caches (`kv_append`: the presents hold
+positions 0 .. past+seq-1), and `attention` runs causally over the caches with the node's
+`scale` (0: 1/sqrt(head_dim)).
+
+Refused, with the value named: `softcap` other than 0, `local_window_size` other than -1,
+`rotary_interleaved = 1`, `do_rotary = 0`, `smooth_softmax`, separate key/value inputs,
+position ids, attention bias or head sinks, caches that are not graph inputs and outputs,
+rotary tables that are not initializers of the right shape or shorter than `--max-ctx`.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from cimc.frontend.converters import CacheRoles, Converter, Unsupported, register
+from cimc.frontend.lift import Lifter, Static, Term, View
+from cimc.frontend.model import Node, OnnxModel
+from cimc.frontend.views import Axis
+from cimc.ir.core import Value
+
+
+def _ints(node: Node) -> tuple[int, int]:
+    at = node.attrs
+    for name in ("num_heads", "kv_num_heads"):
+        if name not in at:
+            raise Unsupported(f"attribute {name} is missing")
+    heads, kvh = int(at["num_heads"]), int(at["kv_num_heads"])
+    if heads < 1 or kvh < 1 or heads % kvh:
+        raise Unsupported(f"num_heads={heads} must be a positive multiple of kv_num_heads={kvh}")
+    return heads, kvh
+
+
+def check(model: OnnxModel, node: Node) -> int:
+    """Attributes, inputs and initializer metadata; returns head_dim (from the rotary tables)."""
+    _ints(node)
+    at = node.attrs
+    if float(at.get("softcap", 0.0)) != 0.0:
+        raise Unsupported(f"softcap={float(at['softcap'])} is not supported (only 0)")
+    if int(at.get("local_window_size", -1)) != -1:
+        raise Unsupported(f"local_window_size={int(at['local_window_size'])} is not supported "
+                          "(only -1: no sliding window)")
+    if int(at.get("rotary_interleaved", 0)) != 0:
+        raise Unsupported(f"rotary_interleaved={int(at['rotary_interleaved'])} is not supported (only 0)")
+    if int(at.get("do_rotary", 0)) != 1:
+        raise Unsupported(f"do_rotary={int(at.get('do_rotary', 0))} is not supported (only 1: rotary inside)")
+    for name in ("smooth_softmax", "qk_output"):  # 0 or -1: off
+        if int(at.get(name, 0)) not in (0, -1):
+            raise Unsupported(f"{name}={int(at[name])} is not supported")
+    if len(node.outputs) > 3 and any(node.outputs[3:]):
+        raise Unsupported(f"output {node.outputs[3]!r} (the QK matrix) is not supported")
+    ins = (node.inputs + [""] * 12)[:12]
+    _query, key, value, past_k, past_v, seqlens, total, cos, sin = ins[:9]
+    if key or value:
+        raise Unsupported(f"separate key {key!r} and value {value!r} inputs are not supported (packed qkv only)")
+    for i, what in ((9, "position_ids"), (10, "attention_bias"), (11, "head_sink")):
+        if ins[i]:
+            raise Unsupported(f"input {what} {ins[i]!r} is not supported")
+    outs = ([*node.outputs, "", "", ""])[:3]
+    for past, present, what in ((past_k, outs[1], "key"), (past_v, outs[2], "value")):
+        if past not in model.inputs or present not in model.outputs:
+            raise Unsupported(f"past_{what} {past!r} and present_{what} {present!r} must be a graph input and "
+                              "output (the KV cache)")
+    if not (seqlens and total):
+        raise Unsupported("inputs seqlens_k and total_sequence_length are required")
+    dims = []
+    for name, what in ((cos, "cos_cache"), (sin, "sin_cache")):
+        t = model.initializers.get(name)
+        if t is None or t.data_type != TensorProto.FLOAT or len(t.dims) != 2:
+            raise Unsupported(f"{what} {name!r} must be a float32 [positions, head_dim/2] initializer")
+        dims.append(list(t.dims))
+    if dims[0] != dims[1]:
+        raise Unsupported(f"cos_cache {dims[0]} and sin_cache {dims[1]} differ in shape")
+    return 2 * dims[0][1]
+
+
+def roles(model: OnnxModel, node: Node) -> CacheRoles:
+    """The past/present pairs, the mask inputs seqlens_k and total_sequence_length come from, and
+    the head_dim a symbolic cache dimension stands for."""
+    ins = (node.inputs + [""] * 7)[:7]
+    outs = ([*node.outputs, "", "", ""])[:3]
+    caches = {p: o for p, o in ((ins[3], outs[1]), (ins[4], outs[2])) if p in model.inputs and o}
+    lengths = {n for n in ins[5:7] if n}
+    masks = sorted({i for nd in model.upstream(lengths) for i in nd.inputs if i in model.inputs
+                    and model.inputs[i].type.tensor_type.elem_type in (TensorProto.INT64, TensorProto.INT32)})
+    dims: dict[str, int] = {}
+    try:
+        hd = check(model, node)
+    except Unsupported:
+        return CacheRoles(caches, masks, dims)
+    for past in caches:
+        d = model.inputs[past].type.tensor_type.shape.dim
+        if len(d) == 4 and d[3].dim_param:
+            dims[d[3].dim_param] = hd
+    return CacheRoles(caches, masks, dims)
+
+
+def lazy(model: OnnxModel, node: Node) -> list[str]:
+    return [n for n in node.inputs[7:9] if n]
+
+
+def standin(node: Node) -> tuple[list[onnx.NodeProto], list[onnx.ValueInfoProto]]:
+    """output: Gather(query, [heads*hd] indices, -1); presents: Concat(past, Transpose(Gather(query,
+    [kv_heads, hd] indices, -1))) along the positions. head_dim is twice the rotary table's width,
+    so the index tensors are built from cos_cache rows (Concat), for shape inference to size."""
+    heads, kvh = _ints(node)
+    ins = (node.inputs + [""] * 9)[:9]
+    outs = ([*node.outputs, "", "", ""])[:3]
+    cos, pre = ins[7], f"{node.name}/standin"
+    scalar, one = f"{pre}_scalar", f"{pre}_one"
+    extra = [helper.make_tensor_value_info(scalar, TensorProto.INT64, []),
+             helper.make_tensor_value_info(one, TensorProto.INT64, [1])]
+
+    def mk(op: str, inputs: list[str], out: str, **attrs) -> onnx.NodeProto:
+        return helper.make_node(op, inputs, [out], name=out, **attrs)
+
+    nodes = [mk("Gather", [cos, scalar], f"{pre}_r", axis=0),  # [hd/2]
+             mk("Concat", [f"{pre}_r"] * (2 * heads), f"{pre}_qf", axis=0),  # [heads*hd]
+             mk("Cast", [f"{pre}_qf"], f"{pre}_qi", to=TensorProto.INT64),
+             mk("Gather", [ins[0], f"{pre}_qi"], outs[0], axis=-1),
+             mk("Gather", [cos, one], f"{pre}_r2", axis=0),  # [1, hd/2]
+             mk("Concat", [f"{pre}_r2"] * 2, f"{pre}_hd", axis=1),  # [1, hd]
+             mk("Concat", [f"{pre}_hd"] * kvh, f"{pre}_kvf", axis=0),  # [kvh, hd]
+             mk("Cast", [f"{pre}_kvf"], f"{pre}_kvi", to=TensorProto.INT64),
+             mk("Gather", [ins[0], f"{pre}_kvi"], f"{pre}_new", axis=-1),  # [1, seq, kvh, hd]
+             mk("Transpose", [f"{pre}_new"], f"{pre}_newt", perm=[0, 2, 1, 3])]
+    for past, present in ((ins[3], outs[1]), (ins[4], outs[2])):
+        if present:
+            nodes.append(mk("Concat", [past, f"{pre}_newt"], present, axis=2))
+    return nodes, extra
+
+
+def _vector_of(lifter: Lifter, v: Value) -> np.ndarray | None:
+    """The numbers of a constant vector operand (a `const`, or a plain float `weight`)."""
+    op = v.owner
+    if op is None or v.type.rank != 1:
+        return None
+    if op.name == "const":
+        return np.frombuffer(base64.b64decode(op.attrs["data"]), "<f4")
+    if op.name == "weight" and set(op.attrs) == {"init"}:
+        return np.asarray(lifter.weights(op.attrs["init"]), np.float32).reshape(-1)
+    return None
+
+
+def split_columns(lifter: Lifter, v: Value, c0: int, c1: int, loc: str) -> Value:
+    """Columns c0 .. c1-1 of the activation `v`, recomputed from the producing linear (integer
+    weights, their `cols`) and the elementwise ops by constant vectors after it."""
+    op = v.owner
+    n = int(v.type.shape[1])
+    if op is not None and op.name == "linear" and op.operands[1].owner is not None \
+            and op.operands[1].owner.name == "qweight":
+        w = op.operands[1]
+        attrs = dict(w.owner.attrs)
+        b0, _, full = attrs.pop("cols", [0, n, n])
+        attrs["cols"] = [b0 + c0, b0 + c1, full]
+        qw = lifter.qweight(attrs, w.type.dtype, (int(w.type.shape[0]), c1 - c0), w.owner.loc)
+        operands = [op.operands[0], qw]
+        if len(op.operands) > 2:
+            bias = _vector_of(lifter, op.operands[2])
+            if bias is None:
+                raise Unsupported("the packed qkv projection's bias is not a constant vector")
+            operands.append(_const(lifter, bias[c0:c1], f"{loc}:bias[{c0}:{c1}]"))
+        return lifter._op("linear", operands, op.loc, {k: op.attrs[k] for k in ("act",) if k in op.attrs})
+    if op is not None and op.name in ("add", "mul", "sub") and len(op.operands) == 2:
+        a, b = op.operands
+        for x, c, left in ((a, b, True), (b, a, False)):
+            vec = _vector_of(lifter, c)
+            if vec is not None and x.type.rank == 2 and vec.size == n:
+                part = split_columns(lifter, x, c0, c1, loc)
+                cv = _const(lifter, vec[c0:c1], f"{op.loc}:[{c0}:{c1}]")
+                return lifter._op(op.name, [part, cv] if left else [cv, part], op.loc)
+    what = op.name if op is not None else "a graph input"
+    raise Unsupported(f"packed qkv comes from {what}, not from a projection with integer weights (and constant "
+                      "vector ops after it) that can be split into its q, k and v column blocks")
+
+
+def _const(lifter: Lifter, arr: np.ndarray, name: str) -> Value:
+    arr = np.ascontiguousarray(arr, np.float32)
+    return lifter.const(Static(name, arr, None, False), arr, False)
+
+
+def _table(lifter: Lifter, node: Node, name: str) -> Value:
+    half = np.asarray(lifter.weights(name), np.float32)
+    if half.shape[0] < lifter.max_ctx:
+        raise Unsupported(f"{name!r} has {half.shape[0]} positions, fewer than --max-ctx {lifter.max_ctx}")
+    full = np.concatenate([half, half], axis=1)
+    return lifter.const(Static(name, full, None, True), full, True)
+
+
+def _length(term: Term, name: str, want: tuple[int, int]) -> None:
+    if not isinstance(term, Static):
+        raise Unsupported(f"{name} does not fold to a constant: the attention mask must be all ones (batch 1)")
+    for value, w in ((term.value, want[0]), (term.value2, want[1])):
+        if value is not None and np.asarray(value).ravel().tolist() != [w]:
+            raise Unsupported(f"{name} is {np.asarray(value).ravel().tolist()}, not [{w}]: the attention mask must "
+                              "be all ones with batch 1")
+
+
+def lift(lifter: Lifter, node: Node, args: list) -> tuple[Term, ...]:
+    hd = check(lifter.model, node)
+    heads, kvh = _ints(node)
+    packed = lifter.need_view(args[0], "query")
+    if not lifter._is_plain(packed):
+        raise Unsupported(f"query {node.inputs[0]!r} is not a [tokens, features] activation")
+    p = packed.base
+    cols = int(p.type.shape[1])
+    if cols != (heads + 2 * kvh) * hd:
+        raise Unsupported(f"query has {cols} features; packed qkv needs (num_heads + 2*kv_num_heads) * head_dim "
+                          f"= {(heads + 2 * kvh) * hd}")
+    ctx = lifter.n + lifter.past
+    _length(args[5], "seqlens_k", (ctx - 1, ctx))
+    _length(args[6], "total_sequence_length", (ctx, ctx + 1))
+    caches = []
+    for term, name in ((args[3], node.inputs[3]), (args[4], node.inputs[4])):
+        if not (isinstance(term, View) and term.base.owner is not None and term.base.owner.name == "kv_cache"):
+            raise Unsupported(f"past {name!r} is not a KV cache input")
+        if term.base.type.shape[1] != kvh * hd:
+            raise Unsupported(f"past {name!r} has {term.base.type.shape[1]} columns, not kv_num_heads*head_dim "
+                              f"= {kvh * hd}")
+        caches.append(term.base)
+    q, k, v = (split_columns(lifter, p, c0, c1, node.name) for c0, c1 in
+               ((0, heads * hd), (heads * hd, (heads + kvh) * hd), ((heads + kvh) * hd, cols)))
+    cos, sin = (_table(lifter, node, name) for name in node.inputs[7:9])
+    q = lifter._op("rope", [q, cos, sin], node.name, {"head_dim": hd})
+    k = lifter._op("rope", [k, cos, sin], node.name, {"head_dim": hd})
+    kc = lifter._op("kv_append", [caches[0], k], node.name)
+    vc = lifter._op("kv_append", [caches[1], v], node.name)
+    scale = float(node.attrs.get("scale", 0.0)) or 1.0 / math.sqrt(hd)
+    attrs = {"heads": heads, "kv_heads": kvh, "head_dim": hd, "scale": float(np.float32(scale)), "causal": True}
+    out = lifter._op("attention", [q, kc, vc], node.name, attrs)
+    present = (Axis(1), Axis(kvh, 0, hd), Axis(ctx, 1, 0), Axis(hd, 0, 1))
+    return lifter._view_of(out, lifter.shape(node.outputs[0])), View(kc, present), View(vc, present)
+
+
+register(Converter("com.microsoft", "GroupQueryAttention", check, lazy, standin, lift, roles))

@@ -1,0 +1,116 @@
+"""onnxruntime's fused RMS norms (onnxruntime-genai exports) -> `rms_norm`, and `add` for the skip.
+
+- `SimplifiedLayerNormalization(X, scale) -> (Y, inv_std_var)`: filed under the default domain
+  (onnx.checker rejects it; onnxruntime runs it) as `Y = X / sqrt(mean(X^2) + epsilon) * scale`
+  over the last axis: `rms_norm(X, scale)`.
+- `com.microsoft:SkipSimplifiedLayerNormalization(input, skip, gamma, bias?) -> (output, mean,
+  inv_std_var, input_skip_bias_sum)`: `s = input + skip (+ bias)`, `output = rms_norm(s, gamma)`;
+  `input_skip_bias_sum` is `s` (the next residual). The mean and inv_std_var outputs are not
+  produced (a node using them is refused).
+
+Only the last axis (`axis = -1`) and float32 statistics (`stash_type = 1`) are accepted; the
+scale must be a constant vector as wide as the features, a bias a constant vector too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from cimc.frontend.converters import Converter, Unsupported, register
+from cimc.frontend.lift import Bad, Lazy, Lifter, Static, Term
+from cimc.frontend.model import Node, OnnxModel
+from cimc.ir.core import Value
+
+DEFAULT_EPS = 1e-5
+
+
+def _check(node: Node, inputs: int) -> None:
+    at = node.attrs
+    if int(at.get("axis", -1)) != -1:
+        raise Unsupported(f"axis={at['axis']} is not supported (only -1, the last axis)")
+    if int(at.get("stash_type", 1)) != 1:
+        raise Unsupported(f"stash_type={at['stash_type']} is not supported (only 1: float32 statistics)")
+    eps = float(at.get("epsilon", DEFAULT_EPS))
+    if not eps >= 0:
+        raise Unsupported(f"epsilon={eps} must be non-negative")
+    if len([i for i in node.inputs[:inputs] if i]) < inputs:
+        raise Unsupported(f"needs {inputs} inputs, got {node.inputs}")
+
+
+def check_simplified(model: OnnxModel, node: Node) -> None:
+    _check(node, 2)
+
+
+def check_skip(model: OnnxModel, node: Node) -> None:
+    _check(node, 3)
+    if len(node.inputs) > 3 and node.inputs[3] and node.inputs[3] not in model.initializers:
+        raise Unsupported(f"bias {node.inputs[3]!r} is not an initializer")
+
+
+def lazy(model: OnnxModel, node: Node) -> list[str]:
+    return []
+
+
+def _standin(node: Node, x: str, extra: list[onnx.NodeProto]) -> tuple[list[onnx.NodeProto], list]:
+    """The normalized output shaped like X (the statistics are not produced: no shape)."""
+    out = node.outputs[0]
+    return [*extra, helper.make_node("Identity", [x], [out], name=f"{node.name}/standin")], []
+
+
+def standin_simplified(node: Node) -> tuple[list[onnx.NodeProto], list]:
+    return _standin(node, node.inputs[0], [])
+
+
+def standin_skip(node: Node) -> tuple[list[onnx.NodeProto], list]:
+    total = node.outputs[3] if len(node.outputs) > 3 and node.outputs[3] else f"{node.name}/standin_sum"
+    add = helper.make_node("Add", node.inputs[:2], [total], name=f"{node.name}/standin_add")
+    return _standin(node, total, [add])
+
+
+def _vector(lifter: Lifter, node: Node, term: Term, name: str, cols: int) -> Value:
+    """A constant vector of `cols` values (the scale or bias)."""
+    if isinstance(term, Lazy):
+        raise Unsupported(f"{name} {term.init!r} must be a vector of {cols} values, got {list(term.shape)}")
+    if not isinstance(term, Static) or np.asarray(term.value).size != cols:
+        shape = list(np.asarray(term.value).shape) if isinstance(term, Static) else "an activation"
+        raise Unsupported(f"{name} must be a constant vector of {cols} values, got {shape}")
+    return lifter.const(term, np.asarray(term.value, np.float32).reshape(-1), False)
+
+
+def _activation(lifter: Lifter, node: Node, term: Term, what: str):
+    v = lifter.need_view(term, what)
+    if not lifter._is_plain(v):
+        raise Unsupported(f"{what} {node.inputs[0]!r} is not a [tokens, features] activation")
+    return v
+
+
+def _norm(lifter: Lifter, node: Node, x: Value, scale: Term) -> Value:
+    cols = int(x.type.shape[1])
+    w = _vector(lifter, node, scale, "scale", cols)
+    return lifter._op("rms_norm", [x, w], node.name, {"eps": float(node.attrs.get("epsilon", DEFAULT_EPS))})
+
+
+def lift_simplified(lifter: Lifter, node: Node, args: list) -> tuple[Term, ...]:
+    x = _activation(lifter, node, args[0], "input X")
+    y = _norm(lifter, node, x.base, args[1])
+    return lifter._view_of(y, lifter.shape(node.outputs[0])), Bad(node)
+
+
+def lift_skip(lifter: Lifter, node: Node, args: list) -> tuple[Term, ...]:
+    x = _activation(lifter, node, args[0], "input")
+    skip = _activation(lifter, node, args[1], "skip")
+    if x.base.type != skip.base.type:
+        raise Unsupported(f"input {x.base.type} and skip {skip.base.type} differ in shape")
+    total = lifter._op("add", [x.base, skip.base], node.name)
+    if len(args) > 3 and args[3] is not None:
+        total = lifter._op("add", [total, _vector(lifter, node, args[3], "bias", int(x.base.type.shape[1]))],
+                           node.name)
+    y = _norm(lifter, node, total, args[2])
+    shape = lifter.shape(node.inputs[0])
+    return lifter._view_of(y, shape), Bad(node), Bad(node), lifter._view_of(total, shape)
+
+
+register(Converter("", "SimplifiedLayerNormalization", check_simplified, lazy, standin_simplified, lift_simplified))
+register(Converter("com.microsoft", "SkipSimplifiedLayerNormalization", check_skip, lazy, standin_skip, lift_skip))
