@@ -96,11 +96,21 @@ _BINARY = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Max": "max"}
 _REDUCE = {"ReduceMean": "reduce_mean", "ReduceSum": "reduce_sum", "ReduceMax": "reduce_max"}
 
 
-def cannot_compile(model: OnnxModel, failures: list[tuple[Node, str]]) -> CimcError:
+class CannotCompile(CimcError):
+    """The one error listing every node that cannot be compiled; `failures` keeps the nodes and
+    reasons (for `cimc check`, which groups them)."""
+
+    def __init__(self, message: str, *, detail: str = "", failures: list[tuple[Node, str]] | None = None) -> None:
+        super().__init__(message, detail=detail)
+        self.failures = list(failures or [])
+
+
+def cannot_compile(model: OnnxModel, failures: list[tuple[Node, str]]) -> CannotCompile:
     """The one error listing every node that cannot be compiled, and why."""
     lines = [f"  {n.name} [{n.op_type}" + (f" (domain {n.domain})" if n.domain not in ("", "ai.onnx") else "")
              + f"]: {reason}" for n, reason in failures]
-    return CimcError(f"{model.path}: cannot compile {len(lines)} node(s); nothing was written", detail="\n".join(lines))
+    return CannotCompile(f"{model.path}: cannot compile {len(lines)} node(s); nothing was written",
+                         detail="\n".join(lines), failures=failures)
 
 
 class Lifter:
@@ -137,8 +147,10 @@ class Lifter:
         return self.module
 
     def _fail(self) -> None:
-        by_node = {n.name: n for n in self.model.nodes}
-        raise cannot_compile(self.model, [(by_node[name], reason) for name, reason in self.reasons.items()])
+        # a reason is keyed by node name, or by graph output name (reported at the node making it)
+        by_node = {o: n for n in self.model.nodes for o in n.outputs if o} | {n.name: n for n in self.model.nodes}
+        raise cannot_compile(self.model, [(by_node[name], reason) for name, reason in self.reasons.items()
+                                          if name in by_node])
 
     # ---- helpers -------------------------------------------------------------------------
 
