@@ -8,6 +8,7 @@ The Python API, imported on first use (so `import cimc` stays cheap)::
     cimc.write_binary("model.cimb", program)
     result = cimc.simulate(program, {"input_ids": ids})          # outputs, report
     gen = cimc.generate(cimc.Session(program), [1, 5, 9], 16)     # greedy tokens, report
+    cimc.check_model("model.onnx")                               # compiles? architecture, or why not
     acc = cimc.measure_accuracy(program, "model.onnx", [1, 5, 9], 16)  # logits vs onnxruntime, teacher-forced
 """
 
@@ -17,7 +18,7 @@ import importlib
 from typing import Any
 
 _API = {
-    "CompileOptions": "cimc.driver", "compile_model": "cimc.driver",
+    "CompileOptions": "cimc.driver", "compile_model": "cimc.driver", "check_model": "cimc.driver",
     "load_hw": "isa.hw", "read_binary": "isa.binary", "write_binary": "isa.binary",
     "Session": "runtime.interpreter", "simulate": "runtime.interpreter", "generate": "runtime.generate",
     "measure_accuracy": "cimc.accuracy",

@@ -87,15 +87,21 @@ def _hw(args: argparse.Namespace, required: bool = True):
     return load_hw(args.hw, args.hw_set)
 
 
-def _options(args: argparse.Namespace):
-    from cimc.driver import SCHEDULES, CompileOptions
-
+def _dims(items: list[str]) -> dict[str, int]:
+    """`--dim NAME=N` options as a dict."""
     dims = {}
-    for item in args.dim:
+    for item in items:
         name, _, value = item.partition("=")
         if not name or not value.isdigit() or int(value) < 1:
             raise CimcError(f"--dim {item!r}: expected NAME=N with a dimension name and a positive integer N")
         dims[name] = int(value)
+    return dims
+
+
+def _options(args: argparse.Namespace):
+    from cimc.driver import SCHEDULES, CompileOptions
+
+    dims = _dims(args.dim)
     group = args.group_size
     if group is not None:
         if group != "channel" and not group.isdigit():
@@ -175,6 +181,15 @@ def _load_inputs(path: str, entry) -> dict[str, np.ndarray]:
     except CimcError as e:
         raise CimcError(f"{path}: {e}") from None
     return arrays
+
+
+def cmd_check(args: argparse.Namespace) -> None:
+    from cimc.driver import check_model, render_check, render_unsupported
+
+    result = check_model(args.model, dims=_dims(args.dim))
+    if not result["compiles"]:
+        raise render_unsupported(result)
+    print(render_check(result))
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -360,6 +375,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-passes", action="store_true", help="print how long each pass took")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("check", help="tell whether cimc can compile a model (frontend only, fast): the "
+                       "architecture it recognised, or every node it cannot compile, grouped", epilog=EPILOG)
+    p.add_argument("model", help="model .onnx")
+    p.add_argument("--dim", action="append", default=[], metavar="NAME=N",
+                   help="bind a named dynamic input dimension other than batch and sequence")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("run", help="simulate a binary: outputs, time and energy", epilog=EPILOG)
     p.add_argument("binary", help="a .cimb from `cimc compile`")

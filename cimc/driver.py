@@ -15,6 +15,7 @@ import numpy as np
 
 import passes  # noqa: F401  (registers the passes)
 from cimc.frontend import import_onnx, open_model
+from cimc.frontend.lift import CannotCompile
 from cimc.ir.core import Module
 from cimc.ir.parser import parse_module
 from cimc.ir.printer import print_module
@@ -193,3 +194,138 @@ def compile_model(path: str | os.PathLike, opts: CompileOptions | None = None) -
     module, weights = load_module(path, opts, need_weights=True)
     assert weights is not None
     return compile_module(module, weights, opts)[0]
+
+
+# ---- cimc check --------------------------------------------------------------------------------
+
+#: `check_model` lifts at this many tokens: enough for the frontend's checks, and fast.
+CHECK_MAX_SEQ = 8
+
+
+def _hint(domain: str, reason: str) -> str:
+    """What a user can do about a node `cimc check` reports, from its domain and reason."""
+    if reason == "operator not supported yet":
+        return "a contrib op cimc does not support yet: export without it (a plain torch.onnx export, no " \
+               "onnxruntime fusions) or ask for a converter"
+    if reason == "not a standard ONNX operator":
+        return "not in any ONNX opset: re-export with standard ONNX ops only"
+    if "idiom" in reason or "no decoder idiom" in reason or "is supported in" in reason or "must be followed" in reason:
+        return "a decoder pattern that did not match (near miss above): compare the export with a supported one"
+    if reason.startswith("op ") and "not supported on activations" in reason:
+        return "no lowering for this op on activations: export without it"
+    return "this use of the op is not supported (see the reason)"
+
+
+def _group_failures(failures: list) -> list[dict]:
+    """Unsupported nodes grouped by (domain, op type, reason), most frequent first."""
+    groups: dict[tuple[str, str, str], list[str]] = {}
+    for node, reason in failures:
+        domain = "" if node.domain in ("", "ai.onnx") else node.domain
+        groups.setdefault((domain, node.op_type, reason), []).append(node.name)
+    return [{"domain": d, "op_type": op, "count": len(names), "nodes": names, "reason": reason,
+             "hint": _hint(d, reason)}
+            for (d, op, reason), names in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))]
+
+
+def _weight_format(op, act: str) -> str:
+    """How a linear's weight operand is stored: f32, or e.g. `int4 matmulnbits (group 32, act i8)`."""
+    if op is None:
+        return "computed"
+    dtype = op.result.type.dtype
+    if op.name == "weight":
+        return dtype + (f" (act {act})" if act else "")
+    if op.name != "qweight":
+        return op.name
+    bits = "".join(ch for ch in dtype if ch.isdigit())
+    kind = ("uint" if dtype.startswith("u") else "int") + bits
+    group = op.attrs.get("group", op.attrs.get("block"))
+    notes = [f"group {group}" if group else "per channel" if group == 0 else "", f"act {act}" if act else ""]
+    notes = [n for n in notes if n]
+    return f"{kind} {op.attrs.get('format', '?')}" + (f" ({', '.join(notes)})" if notes else "")
+
+
+def _summary(module: Module) -> dict:
+    """What the lifted IR shows of the model's architecture."""
+    attn = list(module.walk("attention"))
+
+    def one(key: str) -> int | list[int] | None:
+        vals = sorted({int(op.attrs[key]) for op in attn if key in op.attrs})
+        return vals[0] if len(vals) == 1 else (vals or None)
+
+    emb = next(module.walk("embedding"), None)
+    hidden = int(emb.result.type.shape[-1]) if emb is not None else None
+    outs = [op for op in module.outputs() if "heads" not in op.attrs]
+    vocab = int(outs[0].operands[0].type.shape[-1]) if outs and outs[0].operands else None
+    formats: dict[str, int] = {}
+    # the lifter may leave dead ops (a fused projection whose slices were lifted instead): count
+    # only linears an output depends on
+    live: set[int] = set()
+    for op in reversed(module.ops):
+        if not op.results or any(id(user) in live for r in op.results for user in r.users):
+            live.add(id(op))
+    for op in module.walk("linear"):
+        if id(op) not in live:
+            continue
+        fmt = _weight_format(op.operands[1].owner if len(op.operands) > 1 else None, op.attrs.get("act", ""))
+        formats[fmt] = formats.get(fmt, 0) + 1
+    caches = [op.attrs.get("name", "") for op in module.walk("kv_cache")]
+    return {"layers": len(attn), "heads": one("heads"), "kv_heads": one("kv_heads"), "head_dim": one("head_dim"),
+            "hidden": hidden, "vocab": vocab, "kv_cache": bool(caches), "kv_cache_inputs": len(caches),
+            "linears": sum(formats.values()), "weights": formats}
+
+
+def check_model(path: str | os.PathLike, dims: dict[str, int] | None = None) -> dict:
+    """Whether cimc can compile the ONNX model at `path`: the frontend only (no passes, no code),
+    so it is fast. Returns `{"model", "compiles": True, ...architecture}` (see `_summary`: layers,
+    heads, kv_heads, head_dim, hidden, vocab, kv_cache, linears, weights: format -> count of
+    linears) or `{"model", "compiles": False, "unsupported": [{domain, op_type, count, nodes,
+    reason, hint}, ...]}`. A file that is not a readable model raises CimcError as compile does."""
+    if Path(path).suffix == ".cimir":
+        raise CimcError(f"{path}: cimc check takes an .onnx model (an IR dump is lifted already)")
+    try:
+        module, _ = import_onnx(path, max_seq=CHECK_MAX_SEQ, dims=dims)
+    except CannotCompile as e:
+        if not e.failures:
+            raise
+        return {"model": str(path), "compiles": False, "unsupported": _group_failures(e.failures)}
+    return {"model": str(path), "compiles": True, **_summary(module)}
+
+
+def render_check(result: dict) -> str:
+    """`check_model`'s answer for a model that compiles, as one line."""
+    name = Path(result["model"]).name
+
+    def num(v: object) -> str:
+        return "/".join(map(str, v)) if isinstance(v, list) else str(v)
+
+    layers = result["layers"]
+    parts = [f"{layers} layer{'s' if layers != 1 else ''}" if layers else "no attention layers"]
+    if layers:
+        parts.append(f"{num(result['heads'])} heads ({num(result['kv_heads'])} KV heads, "
+                     f"head_dim {num(result['head_dim'])})")
+    if result["hidden"] is not None:
+        parts.append(f"hidden {result['hidden']}")
+    if result["vocab"] is not None:
+        parts.append(f"vocab {result['vocab']}")
+    parts.append(f"KV cache in the export ({result['kv_cache_inputs']} past inputs)" if result["kv_cache"]
+                 else "no KV cache in the export")
+    formats = sorted(result["weights"].items(), key=lambda kv: -kv[1])
+    weights = ", ".join(f"{n} x {fmt}" for fmt, n in formats)
+    if len(formats) == 1:
+        weights += " linears"
+    elif formats:
+        weights = f"{result['linears']} linears: {weights}"
+    return f"{name}: {', '.join(parts)}; weights: {weights or 'no linears'}; compiles"
+
+
+def render_unsupported(result: dict) -> CimcError:
+    """`check_model`'s answer for a model that does not compile, as the error the CLI prints."""
+    groups = result["unsupported"]
+    lines = []
+    for g in groups:
+        op = f"{g['domain']}:{g['op_type']}" if g["domain"] else g["op_type"]
+        nodes = ", ".join(g["nodes"][:3]) + (", ..." if len(g["nodes"]) > 3 else "")
+        lines.append(f"  {op} x {g['count']} ({nodes}): {g['reason']} -- {g['hint']}")
+    n = sum(g["count"] for g in groups)
+    return CimcError(f"{result['model']}: cannot compile {n} node(s) of {len(groups)} kind(s)",
+                     detail="\n".join(lines))
