@@ -205,12 +205,13 @@ CHECK_MAX_SEQ = 8
 def _hint(domain: str, reason: str) -> str:
     """What a user can do about a node `cimc check` reports, from its domain and reason."""
     if reason == "operator not supported yet":
-        return "a contrib op cimc does not support yet: export without it (a plain torch.onnx export, no " \
+        return "a contrib op, not supported yet: export without it (a plain torch.onnx export, no " \
                "onnxruntime fusions) or ask for a converter"
     if reason == "not a standard ONNX operator":
         return "not in any ONNX opset: re-export with standard ONNX ops only"
-    if "idiom" in reason or "no decoder idiom" in reason or "is supported in" in reason or "must be followed" in reason:
-        return "a decoder pattern that did not match (near miss above): compare the export with a supported one"
+    if "idiom" in reason or "is supported in" in reason or "must be followed" in reason:
+        return "a decoder pattern (RoPE, attention, a quantized chain) that did not match; the reason says " \
+               "where it differs: compare the export with a supported one"
     if reason.startswith("op ") and "not supported on activations" in reason:
         return "no lowering for this op on activations: export without it"
     return "this use of the op is not supported (see the reason)"

@@ -105,7 +105,7 @@ def test_check_foreign_ops_grouped(cli, tmp_path: Path) -> None:
     assert_user_error(res, [f"{path}: cannot compile 3 node(s) of 2 kind(s)"],
                       ["Frobnicate x 2 (my_frob, my_frob2): not a standard ONNX operator -- ",
                        "com.microsoft:FastGelu x 1 (my_gelu): operator not supported yet -- "])
-    assert "does not support yet: export without it" in res.err.splitlines()[2]
+    assert "a contrib op, not supported yet: export without it" in res.err.splitlines()[2]
 
 
 def test_check_api_unsupported(tmp_path: Path) -> None:
@@ -133,3 +133,11 @@ def test_check_refuses_ir_dump(cli, tmp_path: Path) -> None:
     path = tmp_path / "model.cimir"
     path.write_text("cimir 1\n")
     assert_user_error(cli("check", path), [f"{path}: ", "takes an .onnx model"])
+
+
+def test_check_hints() -> None:
+    from cimc.driver import _hint
+
+    assert "not supported yet" in _hint("com.microsoft", "operator not supported yet")
+    assert "standard ONNX ops" in _hint("", "not a standard ONNX operator")
+    assert "did not match" in _hint("", "RoPE idiom: Add of products is not x*cos + rotate_half(x)*sin")
