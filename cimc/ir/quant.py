@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
-from isa.dtypes import elem
+from isa.dtypes import elem, unpack
 
 #: Integer weight types a `qweight` may have, and the formats it may come from.
 QUANT_TYPES = ("i4", "i8", "u4", "u8")
@@ -133,27 +133,24 @@ def _levels(a: np.ndarray, trans: bool, size: int, s: np.ndarray, lo: int, hi: i
     return q
 
 
-def _nibbles(raw: np.ndarray, count: int, bits: int) -> np.ndarray:
-    """The first `count` unsigned values of `bits` bits per row of packed bytes [rows, bytes]."""
-    raw = np.asarray(raw, np.uint8)
-    if bits == 8:
-        return raw[:, :count].astype(np.int16)
-    out = np.empty((raw.shape[0], raw.shape[1] * 2), np.int16)
-    out[:, 0::2], out[:, 1::2] = raw & 0x0F, raw >> 4
-    return out[:, :count]
+def _unsigned(raw: np.ndarray, rows: int, bits: int) -> np.ndarray:
+    """Every unsigned `bits`-bit value packed in each of `rows` rows of bytes (4 bits: low nibble
+    first), [rows, values] int16."""
+    raw = np.ascontiguousarray(raw, np.uint8).reshape(rows, -1)
+    return unpack(raw.reshape(-1), f"u{bits}", raw.size * 8 // bits).reshape(rows, -1)
 
 
 def matmulnbits(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int, n: int, bits: int,
                 block: int) -> QuantWeight:
     """A MatMulNBits node's weights as a QuantWeight (see the module doc)."""
     g = groups(k, block)
-    q = _nibbles(np.asarray(b).reshape(n, -1), g * block, bits).reshape(n, g * block)[:, :k].T
+    q = _unsigned(b, n, bits)[:, :k].T
     s = np.asarray(scales).reshape(n, g).T
     # q stays in B's (column-major) order: the packer reads any layout, and a 1B-parameter
     # model's transposed copy would cost seconds
     if zero_points is None:
         return QuantWeight((q - (1 << (bits - 1))).astype(np.int8), np.ascontiguousarray(s), None, block)
-    z = _nibbles(np.asarray(zero_points).reshape(n, -1), g, bits).T.astype(np.uint8)
+    z = _unsigned(zero_points, n, bits)[:, :g].T.astype(np.uint8)
     return QuantWeight(q.astype(np.uint8), np.ascontiguousarray(s), np.ascontiguousarray(z), block)
 
 
@@ -220,24 +217,16 @@ def dequantize(q: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None
     return (q - z).astype(np.float32) * s
 
 
-def _unpack(a: np.ndarray, rows: int, bits: int) -> np.ndarray:
-    """`bits`-bit values packed in uint8 (low nibble first for 4 bits), one row per table row."""
-    a = np.asarray(a, np.uint8).reshape(rows, -1)
-    if bits == 8:
-        return a.astype(np.int32)
-    return np.stack([a & 0xF, a >> 4], axis=-1).reshape(rows, -1).astype(np.int32)
-
-
 def gather_blocks(q: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int,
                   block: int) -> np.ndarray:
     """A GatherBlockQuantized table in f32: (q - z) * s per `block` columns of each row, as
     onnxruntime computes it (z = 2^(bits-1) without zero points)."""
     rows = np.asarray(scales).shape[0]
     s = np.asarray(scales, np.float32).reshape(rows, -1)
-    vals = _unpack(q, rows, bits)
+    vals = _unsigned(q, rows, bits)
     cols = vals.shape[1]
     z = np.full(s.shape, 1 << (bits - 1), np.int32) if zero_points is None else \
-        _unpack(zero_points, rows, bits)[:, :s.shape[1]]
+        _unsigned(zero_points, rows, bits)[:, :s.shape[1]]
     rep = np.repeat(np.arange(s.shape[1]), block)[:cols]
     return (vals - z[:, rep]).astype(np.float32) * s[:, rep]
 
