@@ -83,6 +83,18 @@ def assert_user_error(res, needles: list[str], extra: object = None) -> None:
             assert line.startswith("  ") and needle in line, (line, needle)
 
 
+def assert_node_refused(res, path: Path, out: Path, head: str, needle: str) -> None:
+    """`cimc compile path -o out` refused exactly one node: exit 2, nothing written, no traceback or
+    internal error, the file's one-line error, then one line for the node starting `head: ` and
+    holding `needle`."""
+    lines = res.err.strip().splitlines()
+    assert res.status == 2 and not out.exists(), res.err
+    assert "Traceback" not in res.err and "internal error" not in res.err, res.err
+    assert lines[0] == f"cimc: error: {path}: cannot compile 1 node(s); nothing was written", res.err
+    assert len(lines) == 2 and lines[1].startswith(f"  {head}: "), res.err
+    assert needle in lines[1], res.err
+
+
 def _cimc_exe() -> Path:
     bindir = Path(sys.executable).parent
     for name in ("cimc", "cimc.exe"):
