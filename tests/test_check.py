@@ -6,11 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 from model_fixtures import EXAMPLE, shared_model
-from onnx import TensorProto, helper, numpy_helper
-from test_cli import assert_user_error
+from test_cli import _unsupported_model, assert_user_error
 
 import cimc
 
@@ -56,61 +54,29 @@ def test_check_shared_models(cli, name: str) -> None:
     assert res.out == f"{name}.onnx: {_summary(*ZOO[name])}\n"
 
 
-def _unsupported(path: Path, foreign: bool) -> None:
-    """input_ids -> embedding -> two Erf and a LayerNormalization (with `foreign`: a contrib
-    FastGelu and a made-up default-domain op instead, which are refused before any lifting)
-    (summed) -> MatMul -> logits."""
-    vocab, hidden = 32, 16
-    rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.standard_normal((vocab, hidden)).astype(np.float32), "emb"),
-             numpy_helper.from_array(rng.standard_normal((hidden, vocab)).astype(np.float32), "head"),
-             numpy_helper.from_array(np.ones(hidden, np.float32), "ln_scale"),
-             numpy_helper.from_array(np.zeros(hidden, np.float32), "ln_bias")]
-    nodes = [helper.make_node("Gather", ["emb", "input_ids"], ["h"], name="embed")]
-    if foreign:
-        nodes += [helper.make_node("FastGelu", ["h"], ["a"], name="my_gelu", domain="com.microsoft"),
-                  helper.make_node("Frobnicate", ["h"], ["b"], name="my_frob"),
-                  helper.make_node("Frobnicate", ["h"], ["c"], name="my_frob2")]
-    else:
-        nodes += [helper.make_node("Erf", ["h"], ["a"], name="erf_a"),
-                  helper.make_node("Erf", ["h"], ["b"], name="erf_b"),
-                  helper.make_node("LayerNormalization", ["h", "ln_scale", "ln_bias"], ["c"], name="my_ln",
-                                   axis=-1)]
-    nodes += [helper.make_node("Add", ["a", "b"], ["ab"], name="add1"),
-              helper.make_node("Add", ["ab", "c"], ["s"], name="add2"),
-              helper.make_node("MatMul", ["s", "head"], ["logits"], name="lm_head")]
-    graph = helper.make_graph(nodes, "handmade",
-                              [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "seq"])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "seq", vocab])],
-                              inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                    helper.make_opsetid("com.microsoft", 1)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
+UNSUPPORTED = ["Erf", "Erf", "LayerNormalization"]
+#: contrib and made-up ops, refused before any lifting
+FOREIGN = ["com.microsoft:FastGelu", "Frobnicate", "Frobnicate"]
 
 
-def test_check_unsupported_ops_grouped(cli, tmp_path: Path) -> None:
-    path = tmp_path / "erf.onnx"
-    _unsupported(path, foreign=False)
+@pytest.mark.parametrize(("ops", "groups"), [
+    (UNSUPPORTED, ["Erf x 2 (my_erf, my_erf2): op Erf is not supported on activations -- ",
+                   "LayerNormalization x 1 (my_layernorm): op LayerNormalization is not supported"]),
+    (FOREIGN, ["Frobnicate x 2 (my_frobnicate, my_frobnicate2): not a standard ONNX operator -- ",
+               "com.microsoft:FastGelu x 1 (my_fastgelu): operator not supported yet -- "]),
+], ids=["unsupported", "foreign"])
+def test_check_lists_nodes_grouped(cli, tmp_path: Path, ops: list[str], groups: list[str]) -> None:
+    path = tmp_path / "bad.onnx"
+    _unsupported_model(path, ops)
     res = cli("check", path)
-    assert_user_error(res, [f"{path}: cannot compile 3 node(s) of 2 kind(s)"],
-                      ["Erf x 2 (erf_a, erf_b): op Erf is not supported on activations -- ",
-                       "LayerNormalization x 1 (my_ln): op LayerNormalization is not supported"])
-
-
-def test_check_foreign_ops_grouped(cli, tmp_path: Path) -> None:
-    path = tmp_path / "foreign.onnx"
-    _unsupported(path, foreign=True)
-    res = cli("check", path)
-    assert_user_error(res, [f"{path}: cannot compile 3 node(s) of 2 kind(s)"],
-                      ["Frobnicate x 2 (my_frob, my_frob2): not a standard ONNX operator -- ",
-                       "com.microsoft:FastGelu x 1 (my_gelu): operator not supported yet -- "])
-    assert "a contrib op, not supported yet: export without it" in res.err.splitlines()[2]
+    assert_user_error(res, [f"{path}: cannot compile 3 node(s) of 2 kind(s)"], groups)
+    if ops is FOREIGN:
+        assert "a contrib op, not supported yet: export without it" in res.err.splitlines()[2]
 
 
 def test_check_api_unsupported(tmp_path: Path) -> None:
     path = tmp_path / "erf.onnx"
-    _unsupported(path, foreign=False)
+    _unsupported_model(path, UNSUPPORTED)
     info = cimc.check_model(path)
     assert info["compiles"] is False
     assert [(g["domain"], g["op_type"], g["count"]) for g in info["unsupported"]] == \

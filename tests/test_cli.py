@@ -118,7 +118,9 @@ def _graph_outputs(model: Path) -> dict[str, list]:
 def _unsupported_model(path: Path, bad_ops: list[str]) -> None:
     """input_ids -> Gather(embedding) -> one branch per op in `bad_ops` (summed) -> MatMul -> logits.
 
-    With `bad_ops == []` the graph is fully supported (a control for the error cases).
+    An op is `OpType` or `domain:OpType`; its node is `my_<optype>` (`my_layernorm` for
+    LayerNormalization), a repeat `my_<optype>2`, `3`, .... With `bad_ops == []` the graph is fully
+    supported (a control for the error cases).
     """
     vocab, hidden = 32, 16
     rng = np.random.default_rng(0)
@@ -127,13 +129,18 @@ def _unsupported_model(path: Path, bad_ops: list[str]) -> None:
              numpy_helper.from_array(np.ones(hidden, np.float32), "ln_scale"),
              numpy_helper.from_array(np.zeros(hidden, np.float32), "ln_bias")]
     nodes = [helper.make_node("Gather", ["emb", "input_ids"], ["h"], name="embed")]
-    branches = []
-    for op in bad_ops:
-        out = f"{op.lower()}_out"
-        if op == "LayerNormalization":
-            nodes.append(helper.make_node(op, ["h", "ln_scale", "ln_bias"], [out], name="my_layernorm", axis=-1))
-        else:
-            nodes.append(helper.make_node(op, ["h"], [out], name=f"my_{op.lower()}"))
+    branches: list[str] = []
+    domains = {""}
+    for i, spec in enumerate(bad_ops):
+        domain, _, op = spec.rpartition(":")
+        domains.add(domain)
+        repeat = bad_ops[:i].count(spec)
+        name = "my_layernorm" if op == "LayerNormalization" else f"my_{op.lower()}"
+        name += str(repeat + 1) if repeat else ""
+        out = f"{name}_out"
+        inputs = ["h", "ln_scale", "ln_bias"] if op == "LayerNormalization" else ["h"]
+        attrs = {"axis": -1} if op == "LayerNormalization" else {}
+        nodes.append(helper.make_node(op, inputs, [out], name=name, domain=domain, **attrs))
         branches.append(out)
     cur = branches[0] if branches else "h"
     for i, other in enumerate(branches[1:]):
@@ -144,7 +151,8 @@ def _unsupported_model(path: Path, bad_ops: list[str]) -> None:
                               [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "seq"])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "seq", vocab])],
                               inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, 17 if d == "" else 1)
+                                                    for d in sorted(domains)])
     model.ir_version = 8
     onnx.save(model, str(path))
 
