@@ -58,21 +58,30 @@ class Lazy:
     transpose: bool = False
 
 
-@dataclass
-class QLazy:
-    """Integer weights `init` (stored `shape`, numpy type name `dtype`) that DequantizeLinear `node`
-    dequantizes with `scales` and `zero_points` ("" if none): one scale (`per_tensor`), one per index
-    of `axis`, or one per `block` indices along it; viewed transposed with `transpose`."""
+@dataclass(frozen=True)
+class Dequant:
+    """A checked DequantizeLinear of an integer initializer (or of a Gather of one: `gathered`):
+    x's numpy type name, its scales and zero points ("" if none), the quantized axis (normalised) and
+    block size (0: per axis), or one scale for the tensor (`per_tensor`)."""
 
-    node: Node
-    init: str
-    shape: tuple[int, ...]
     dtype: str
     scales: str
     zero_points: str
     axis: int
     block: int
     per_tensor: bool
+    gathered: bool
+
+
+@dataclass
+class QLazy:
+    """Integer weights `init` (stored `shape`) that DequantizeLinear `node` dequantizes as `dq` says
+    (its axis counted along the stored tensor); viewed transposed with `transpose`."""
+
+    node: Node
+    init: str
+    shape: tuple[int, ...]
+    dq: Dequant
     transpose: bool = False
 
 
@@ -496,8 +505,9 @@ class Lifter:
         if len(lazy.shape) != 2 or lazy.transpose:
             raise Unsupported("the embedding table must be a [vocab, hidden] initializer")
         if isinstance(lazy, QLazy):
-            return self.embedding(node, ids, self.dequantized_table(lazy.init, lazy.scales, lazy.zero_points,
-                                                                    lazy.axis, lazy.block))
+            dq = lazy.dq
+            return self.embedding(node, ids, self.dequantized_table(lazy.init, dq.scales, dq.zero_points, dq.axis,
+                                                                    dq.block))
         if _dtype_name(self.model.initializers[lazy.init].data_type) in ONNX_INTS:  # quantize_dynamic's table
             self.near_miss[node.name] = f"Gather of the integer table {lazy.init!r} must be followed by the " \
                                         "DequantizeLinear that dequantizes it"
@@ -536,29 +546,29 @@ class Lifter:
         """The `qweight` (format `dequantizelinear`) a MatMul or Gemm takes from a DequantizeLinear:
         scales per tensor, per output column, or in blocks along the reduction axis; anything else
         the macros' per-column scales cannot hold is refused, naming the node and the value."""
-        where = f"weight {q.init!r} of DequantizeLinear {q.node.name!r}"
+        where, dq = f"weight {q.init!r} of DequantizeLinear {q.node.name!r}", q.dq
         if len(q.shape) != 2:
             raise Unsupported(f"{where} has shape {list(q.shape)}; a MatMul weight must be a matrix")
         k_axis = 1 if q.transpose else 0
         k, n = reversed(q.shape) if q.transpose else q.shape
-        if q.per_tensor:
+        if dq.per_tensor:
             group = 0
-        elif q.block:
-            if q.axis != k_axis:
-                raise Unsupported(f"{where} has blocks of {q.block} along axis {q.axis}, the output axis of "
+        elif dq.block:
+            if dq.axis != k_axis:
+                raise Unsupported(f"{where} has blocks of {dq.block} along axis {dq.axis}, the output axis of "
                                   f"[K={k}, N={n}]; blocks must run along the reduction axis K")
-            group = q.block
-        elif q.axis == k_axis:
-            raise Unsupported(f"{where} has one scale per row of the reduction axis (axis {q.axis} is K={k}); the "
+            group = dq.block
+        elif dq.axis == k_axis:
+            raise Unsupported(f"{where} has one scale per row of the reduction axis (axis {dq.axis} is K={k}); the "
                               "macros scale each output column (or block of K rows), so quantize per output "
                               "channel or in blocks along K")
         else:
             group = 0
-        zero = self.weights(q.zero_points) if q.zero_points else None
+        zero = self.weights(dq.zero_points) if dq.zero_points else None
         attrs = {"init": q.init, "format": "dequantizelinear", "group": group, "scale_type": ACT,
-                 "scales": q.scales} | ({"zero_points": q.zero_points} if q.zero_points else {}) \
+                 "scales": dq.scales} | ({"zero_points": dq.zero_points} if dq.zero_points else {}) \
             | ({"transpose": True} if q.transpose else {})
-        return self.qweight(attrs, held_type(q.dtype, zero), (int(k), int(n)), q.init)
+        return self.qweight(attrs, held_type(dq.dtype, zero), (int(k), int(n)), q.init)
 
     def _linear(self, node: Node, x: Term, w: Term, bias: Term | None) -> Term:
         if isinstance(w, QLazy):  # weight-only QDQ: the graph computes in float on the dequantized weights

@@ -31,7 +31,7 @@ import onnx
 from onnx import TensorProto
 
 from cimc.frontend.converters import Converter, Unsupported, register, register_idiom
-from cimc.frontend.lift import Expr, Lazy, Lifter, QLazy, Term, View
+from cimc.frontend.lift import Dequant, Expr, Lazy, Lifter, QLazy, Term, View
 from cimc.frontend.model import Node, OnnxModel
 from cimc.ir.quant import held_type
 
@@ -71,21 +71,6 @@ def _size(t: TensorProto) -> int:
 
 
 # ---- DequantizeLinear ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Dequant:
-    """A checked DequantizeLinear of an integer initializer (or of a Gather of one: `gathered`):
-    x's numpy type name, its scales and zero points ("" if none), the quantized axis (normalised) and
-    block size (0: per axis), or one scale for the tensor (`per_tensor`)."""
-
-    dtype: str
-    scales: str
-    zero_points: str
-    axis: int
-    block: int
-    per_tensor: bool
-    gathered: bool
 
 
 def _source(model: OnnxModel, node: Node, op_type: str) -> str:
@@ -184,7 +169,7 @@ def _dequant_lift(lifter: Lifter, node: Node, args: list) -> Term:
     x = args[0]
     if dq is not None and isinstance(x, Lazy):  # of an initializer, or of its Transpose (a tied LM head)
         axis = 1 - dq.axis if x.transpose else dq.axis  # along the stored tensor (blocks are not transposed)
-        q = QLazy(node, x.init, x.shape, dq.dtype, dq.scales, dq.zero_points, axis, dq.block, dq.per_tensor)
+        q = QLazy(node, x.init, x.shape, replace(dq, axis=axis))
         return replace(q, transpose=True) if x.transpose else q
     if dq is not None and dq.gathered and isinstance(x, Expr) and x.node.op_type == "Gather":
         table, ids = x.args
