@@ -21,10 +21,11 @@ from typing import ClassVar
 from cimc.ir.core import Module, Rewriter, TensorType, Value
 from cimc.ir.ops import ACTS
 from isa.diag import CimcError
-from isa.dtypes import ACT
+from isa.dtypes import ACT, WEIGHT_MODES
 from passes.manager import PassContext, register
 
-BITS = {4: "i4", 8: "i8"}
+#: Bits -> the integer weight type the pass makes (the integer `--weights` modes).
+BITS = {m.bits: m.etype for m in WEIGHT_MODES.values() if m.etype != ACT}
 GROUPS = (0, 16, 32, 64, 128, 256)
 SCALE_TYPES = ("f16", "f32")
 
