@@ -22,13 +22,25 @@ from numba import njit
 from isa.dtypes import elem
 
 
+def _row_groups(w: np.ndarray, gk: int, dtype: type) -> np.ndarray:
+    """w [k, n] as [G, gk, n] of `dtype`, the last group padded with zero rows."""
+    k, n = w.shape
+    out = np.zeros((-(-k // gk) * gk, n), dtype)
+    out[:k] = w
+    return out.reshape(-1, gk, n)
+
+
+def _col_groups(x: np.ndarray, gk: int, dtype: type) -> np.ndarray:
+    """x [nvec, k] as [nvec, G, gk] of `dtype`, the last group padded with zero columns."""
+    nvec, k = x.shape
+    out = np.zeros((nvec, -(-k // gk) * gk), dtype)
+    out[:, :k] = x
+    return out.reshape(nvec, -1, gk)
+
+
 def abs_sums(w: np.ndarray, gk: int) -> np.ndarray:
     """[G, n] sum of |w| over each group of gk rows."""
-    k, n = w.shape
-    groups = -(-k // gk)
-    padded = np.zeros((groups * gk, n), np.int64)
-    padded[:k] = np.abs(w)
-    return padded.reshape(groups, gk, n).sum(axis=1)
+    return _row_groups(np.abs(w), gk, np.int64).sum(axis=1)
 
 
 def partial_sums(x: np.ndarray, w: np.ndarray, gk: int, xt: str, accum_bits: int,
@@ -37,15 +49,8 @@ def partial_sums(x: np.ndarray, w: np.ndarray, gk: int, xt: str, accum_bits: int
     the integer inputs x [nvec, k] (type xt) with the integer weights w [k, n]. `sums` is
     `abs_sums(w, gk)`, if known."""
     t = elem(xt)
-    nvec, k = x.shape
-    n = w.shape[1]
-    groups = -(-k // gk)
-    xg = np.zeros((nvec, groups * gk), np.int64)
-    xg[:, :k] = x
-    wg = np.zeros((groups * gk, n), np.int64)
-    wg[:k] = w
-    xg = xg.reshape(nvec, groups, gk).transpose(1, 0, 2)  # [G, nvec, gk]
-    wg = wg.reshape(groups, gk, n)  # [G, gk, n]
+    xg = _col_groups(x, gk, np.int64).transpose(1, 0, 2)  # [G, nvec, gk]
+    wg = _row_groups(w, gk, np.int64)  # [G, gk, n]
     out = np.matmul(xg.astype(np.float64), wg.astype(np.float64)).transpose(1, 0, 2)  # [nvec, G, n], exact
     hi = (1 << (accum_bits - 1)) - 1
     if sums is None:
@@ -67,16 +72,10 @@ def float_mvm(x: np.ndarray, w: np.ndarray, gk: int, z: np.ndarray | None, ws: n
         zero = _NO_ZERO if z is None else np.ascontiguousarray(z, np.uint8)
         return _float_mvm(np.ascontiguousarray(x, np.float32), w, gk, zero, ws)
     # many vectors (a prompt): each group's products as one matrix product, then scaled in order
-    nvec, k = x.shape
-    groups = ws.shape[0]
-    xg = np.zeros((nvec, groups * gk), np.float32)
-    xg[:, :k] = x
-    wg = np.zeros((groups * gk, w.shape[1]), np.float32)
-    wg[:k] = w
-    wg = wg.reshape(groups, gk, -1)
+    wg = _row_groups(w, gk, np.float32)
     if z is not None:
         wg -= z[:, None, :].astype(np.float32)
-    part = np.matmul(xg.reshape(nvec, groups, gk).transpose(1, 0, 2), wg)  # [G, nvec, n]
+    part = np.matmul(_col_groups(x, gk, np.float32).transpose(1, 0, 2), wg)  # [G, nvec, n]
     return _scaled_sum(np.ascontiguousarray(part), ws)
 
 
@@ -116,21 +115,13 @@ def _float_mvm(x: np.ndarray, w: np.ndarray, gk: int, z: np.ndarray, ws: np.ndar
 
 def group_sums(x: np.ndarray, gk: int) -> np.ndarray:
     """[nvec, G] int64: the sum of the integer inputs x [nvec, k] over each group of gk rows."""
-    nvec, k = x.shape
-    groups = -(-k // gk)
-    xg = np.zeros((nvec, groups * gk), np.int64)
-    xg[:, :k] = x
-    return xg.reshape(nvec, groups, gk).sum(axis=2)
+    return _col_groups(x, gk, np.int64).sum(axis=2)
 
 
 def column_sums(w: np.ndarray, gk: int) -> np.ndarray:
     """[G, n] int64: the sum of the stored weights w [k, n] over each group of gk rows (what one
     all-ones input plane gives through the adder tree)."""
-    k, n = w.shape
-    groups = -(-k // gk)
-    padded = np.zeros((groups * gk, n), np.int64)
-    padded[:k] = w
-    return padded.reshape(groups, gk, n).sum(axis=1)
+    return _row_groups(w, gk, np.int64).sum(axis=1)
 
 
 def zero_point_sums(p: np.ndarray, x: np.ndarray, w: np.ndarray, gk: int, z: np.ndarray | None,
