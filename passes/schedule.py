@@ -41,7 +41,7 @@ def scratch_layout(op: Op, bounds: dict[str, int]) -> list[tuple[str, int, int, 
         if t.kchunks > 1:
             parts.append(("psum", rows * t.kchunks, t.n, ELEM))
         if op.attrs.get("act") == "i8":  # the inputs as int8, and their scales
-            parts += [("xq", rows, t.k, 1), ("xs", rows, -(-t.k // t.gk) if t.gk else 1, ELEM)]
+            parts += [("xq", rows, t.k, 1), ("xs", rows, t.scale_rows(0, t.k), ELEM)]
         elif op.attrs.get("act") == "u8":  # the inputs as uint8, and each row's scale and zero point
             parts += [("xq", rows, t.k, 1), ("xs", rows, 2, ELEM)]
     elif op.name == "attention":

@@ -14,6 +14,7 @@ import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from cimc.ir.quant import groups
 from isa.dtypes import elem
 
 DRAM_ALIGN = 64
@@ -108,7 +109,7 @@ class Tiling:
         """Scale rows of the weights k0 .. k1-1 (0 for float weights)."""
         if not self.st:
             return 0
-        return -(-(k1 - k0) // self.gk) if self.gk else 1
+        return groups(k1 - k0, self.gk)
 
     @functools.cache  # noqa: B019
     def parts(self, g: int) -> tuple[int, int, int]:
@@ -144,6 +145,6 @@ class Tiling:
     def least_bytes(self) -> float:
         """The bytes any layout streams: every weight at its width, every scale and zero point
         once (no padding)."""
-        scales = (-(-self.k // self.gk) if self.gk else 1) * self.n if self.st else 0
+        scales = self.scale_rows(0, self.k) * self.n
         per_scale = (elem(self.st).nbytes if self.st else 0) + (1 if self.zero_points else 0)
         return self.k * self.n * self.wbits / 8 + scales * per_scale
