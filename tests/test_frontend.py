@@ -332,7 +332,7 @@ def test_external_data_file_truncated(tmp_path: Path, cli, keep: float) -> None:
     data = path.with_name("m.onnx.data")
     raw = data.read_bytes()
     data.write_bytes(raw[: int(len(raw) * keep)] if keep > 0 else raw[:keep])
-    truncated = r"initializer '[^']+': external data file m\.onnx\.data is truncated \(needs bytes"
+    truncated = r"initializer '[^']+': external data file 'm\.onnx\.data' is truncated \(needs bytes"
     with pytest.raises(CimcError, match=truncated):
         import_onnx(path, max_seq=8)  # checked when the model is opened
     _check_cli(cli, path, "m.onnx.data", "truncated")
@@ -361,7 +361,8 @@ def test_external_data_symlink_leaving_model_folder(tmp_path: Path) -> None:
 def test_external_data_wrong_length(tmp_path: Path) -> None:
     path = _external(tmp_path)
     name = _edit_external(path, "length", "12")
-    wrong = rf"initializer {re.escape(repr(name))} has offset 0 and length 12; expected a length of \d+"
+    wrong = rf"initializer {re.escape(repr(name))} \('m\.onnx\.data'\) has offset 0 and length 12; expected a " \
+        r"length of \d+"
     with pytest.raises(CimcError, match=wrong):
         import_onnx(path, max_seq=8)  # checked when the model is opened
 

@@ -8,6 +8,7 @@ backend streams its weights into the binary.
 
 from __future__ import annotations
 
+import mmap
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,12 @@ from isa.diag import CimcError
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 #: 4-bit integer types: stored two to a byte, low nibble first (ONNX's packing).
 PACKED_4BIT = {TensorProto.INT4, TensorProto.UINT4}
+#: Element types cimc reads from external data: whole-byte ones and PACKED_4BIT (not strings, nor
+#: the other sub-byte types: 2-bit integers, 4- and 6-bit floats).
+_EXTERNAL_TYPES = {v for k, v in TensorProto.DataType.items()
+                   if k not in ("UNDEFINED", "STRING", "INT2", "UINT2", "FLOAT4E2M1", "FLOAT6E2M3", "FLOAT6E3M2")}
+#: protobuf cannot parse a message of 2 GiB or more: larger models keep their weights in external data.
+PROTOBUF_LIMIT = 2**31
 
 
 @dataclass
@@ -66,12 +73,33 @@ class OnnxModel:
         return t is not None and t.data_type in FLOAT_TYPES and sum(d > 1 for d in t.dims) >= 2
 
 
+class CannotCompile(CimcError):
+    """The one error listing every node that cannot be compiled; `failures` keeps the nodes and
+    reasons (for `cimc check`, which groups them)."""
+
+    def __init__(self, message: str, *, detail: str = "", failures: list[tuple[Node, str]] | None = None) -> None:
+        super().__init__(message, detail=detail)
+        self.failures = list(failures or [])
+
+
+def cannot_compile(model: OnnxModel, failures: list[tuple[Node, str]]) -> CannotCompile:
+    """The one error listing every node that cannot be compiled, and why."""
+    lines = [f"  {n.name} [{n.op_type}" + (f" (domain {n.domain})" if n.domain not in ("", "ai.onnx") else "")
+             + f"]: {reason}" for n, reason in failures]
+    return CannotCompile(f"{model.path}: cannot compile {len(lines)} node(s); nothing was written",
+                         detail="\n".join(lines), failures=failures)
+
+
 class WeightStore:
-    """Reads initializer data by name: memory-maps external data, never copies it twice."""
+    """Reads initializer data by name. External data is memory-mapped, one read-only map per file
+    shared by every tensor in it (a map holds a file descriptor; a tensor per map would exhaust them
+    on a model with thousands of tensors), so a tensor costs no memory until its bytes are used and
+    offsets and sizes past 2 GB are plain integers."""
 
     def __init__(self, model: OnnxModel) -> None:
         self.model = model
         self._cache: dict[str, np.ndarray] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
 
     def get(self, name: str) -> np.ndarray:
         if name not in self._cache:
@@ -88,39 +116,54 @@ class WeightStore:
         dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
         if need == 0:
             return np.zeros(tuple(t.dims), dtype=dtype)
+        if target not in self._maps:
+            with open(target, "rb") as f:
+                self._maps[target] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        raw = np.frombuffer(self._maps[target], np.uint8, count=need, offset=offset)
         if t.data_type in PACKED_4BIT:
-            return _unpack_4bit(np.memmap(target, dtype=np.uint8, mode="r", offset=offset, shape=(need,)), t)
-        return np.memmap(target, dtype=dtype, mode="r", offset=offset, shape=tuple(t.dims))
+            return _unpack_4bit(raw, t)
+        return raw.view(dtype).reshape(tuple(t.dims))
 
     def external(self, name: str) -> tuple[Path, int, int]:
-        """(file, offset, bytes) of an initializer stored as external data, all checked."""
+        """(file, offset, bytes) of an initializer stored as external data, all checked against the
+        tensor's type and shape and the file's size, so nothing is mapped or allocated for a bad one."""
         t = self.model.initializers[name]
         where = f"{self.model.path}: initializer {name!r}"
         info = {e.key: e.value for e in t.external_data}
-        if not info.get("location"):
+        location = info.get("location", "")
+        if not location:
             raise CimcError(f"{where} is marked as external data but names no file (location)")
         base = self.model.path.parent.resolve()
-        target = (base / info["location"]).resolve()
-        if base not in target.parents:
-            raise CimcError(f"{where} points outside the model's folder ({info['location']!r}); refusing to read it")
+        target = (base / location).resolve()
+        if Path(location).is_absolute() or ".." in Path(location).parts or base not in target.parents:
+            raise CimcError(f"{where} points outside the model's folder ({location!r}); external data must be "
+                            "a relative path inside it, without '..' and not through a symlink leaving it")
+        if t.data_type not in _EXTERNAL_TYPES:
+            kind = TensorProto.DataType.Name(t.data_type) if t.data_type in TensorProto.DataType.values() \
+                else f"code {t.data_type}"
+            raise CimcError(f"{where} ({location!r}) has element type {kind}, which cimc cannot read from "
+                            "external data")
+        if any(d < 0 for d in t.dims):
+            raise CimcError(f"{where} ({location!r}) has a negative dimension {list(t.dims)}")
         try:
             offset, length = int(info.get("offset", 0)), info.get("length")
             length = None if length is None else int(length)
         except ValueError:
-            raise CimcError(f"{where} has a non-integer external data offset or length") from None
+            raise CimcError(f"{where} ({location!r}) has a non-integer external data offset or length") from None
         count = int(np.prod(t.dims, dtype=np.int64))
         need = (count + 1) // 2 if t.data_type in PACKED_4BIT else \
             count * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
         if offset < 0 or (length is not None and length != need):
-            raise CimcError(f"{where} has offset {offset} and length {length}; expected a length of {need} bytes")
+            raise CimcError(f"{where} ({location!r}) has offset {offset} and length {length}; expected a length "
+                            f"of {need} bytes ({TensorProto.DataType.Name(t.data_type).lower()} x {list(t.dims)})")
         try:
             size = target.stat().st_size if target.is_file() else -1
         except OSError:
             size = -1
         if size < 0:
-            raise CimcError(f"{where}: external data file {info['location']!r} is missing")
+            raise CimcError(f"{where}: external data file {location!r} is missing")
         if offset + need > size:
-            raise CimcError(f"{where}: external data file {target.name} is truncated (needs bytes up to "
+            raise CimcError(f"{where}: external data file {location!r} is truncated (needs bytes up to "
                             f"{offset + need}, the file has {size})")
         return target, offset, need
 
@@ -147,6 +190,9 @@ def open_model(path: str | os.PathLike) -> tuple[OnnxModel, WeightStore]:
     p = Path(path)
     if not p.is_file():
         raise CimcError(f"{p}: no such file")
+    if p.stat().st_size >= PROTOBUF_LIMIT:
+        raise CimcError(f"{p}: {p.stat().st_size} bytes is over protobuf's 2 GB limit, so it is not a valid ONNX "
+                        "file; save the weights as external data (onnx.save(..., save_as_external_data=True))")
     try:
         proto = onnx.load(str(p), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError) as e:
