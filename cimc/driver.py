@@ -15,7 +15,7 @@ import numpy as np
 
 import passes  # noqa: F401  (registers the passes)
 from cimc.frontend import import_onnx, open_model
-from cimc.frontend.lift import CannotCompile
+from cimc.frontend.model import CannotCompile
 from cimc.ir.core import Module
 from cimc.ir.parser import parse_module
 from cimc.ir.printer import print_module

@@ -10,8 +10,8 @@ import onnx
 from cimc.frontend import contrib_attention, contrib_embedding, contrib_norms, qdq, quantized  # noqa: F401
 from cimc.frontend.converters import STANDARD, Unsupported, find
 from cimc.frontend.fold import Binding, analyze, find_roles, position_tables, prepare
-from cimc.frontend.lift import Lifter, cannot_compile
-from cimc.frontend.model import Node, OnnxModel, WeightStore, open_model
+from cimc.frontend.lift import Lifter
+from cimc.frontend.model import Node, OnnxModel, WeightStore, cannot_compile, open_model
 from cimc.ir.core import Module
 from isa.diag import CimcError
 
@@ -54,6 +54,9 @@ def import_onnx(path: str | os.PathLike, *, max_seq: int = 256, max_ctx: int | N
 
 def _refusal(model: OnnxModel, node: Node) -> str:
     """Why `node` cannot be compiled, from its op and attributes alone ("" if it may be)."""
+    standard = node.domain in STANDARD
+    if not (set(STANDARD) & set(model.opsets) if standard else node.domain in model.opsets):
+        return f"the model imports no opset for its domain {node.domain or 'ai.onnx'!r} (opset_import)"
     conv = find(node)
     if conv is not None:
         try:
@@ -61,6 +64,19 @@ def _refusal(model: OnnxModel, node: Node) -> str:
         except Unsupported as e:
             return str(e)
         return ""
-    if node.domain not in STANDARD:
+    if not standard:
         return "operator not supported yet"
-    return "" if onnx.defs.has(node.op_type) else "not a standard ONNX operator"
+    if not onnx.defs.has(node.op_type):
+        return "not a standard ONNX operator"
+    try:  # its inputs, outputs and attributes against the op's schema at the model's opset
+        onnx.checker.check_node(node.proto, _checker_context(model))
+    except (onnx.checker.ValidationError, onnx.defs.SchemaError) as e:
+        return f"not valid ONNX: {str(e).splitlines()[0]}"
+    return ""
+
+
+def _checker_context(model: OnnxModel) -> onnx.checker.C.CheckerContext:
+    ctx = onnx.checker.C.CheckerContext()
+    ctx.ir_version = model.proto.ir_version
+    ctx.opset_imports = dict(model.opsets)
+    return ctx

@@ -30,7 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from cimc.frontend import converters
-from cimc.frontend.model import Node, OnnxModel, WeightStore
+from cimc.frontend.model import Node, OnnxModel, WeightStore, cannot_compile
 from isa.diag import CimcError
 
 #: Ops whose output depends on the input's shape only, never on its values.
@@ -266,17 +266,11 @@ def _fold_ready(model: OnnxModel, pending: list[Node], values: dict[str, np.ndar
             available.update(o for o in nd.outputs if o)
     if not batch:
         return False
-    needed = {i for nd in batch for i in nd.inputs if i in values}
     produced = [o for nd in batch for o in nd.outputs if o]
-    graph = helper.make_graph(
-        [nd.proto for nd in batch], "fold", [],
-        [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in produced],
-        [numpy_helper.from_array(values[i], i) for i in sorted(needed)],
-    )
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in model.opsets.items()])
     try:
-        results = ReferenceEvaluator(proto).run(None, {})
+        results = _evaluate(model, batch, values)
     except Exception as e:  # the reference evaluator raises many types for unsupported input
+        _blame(model, batch, values)
         names = ", ".join(nd.name for nd in batch[:5])
         more = " ..." if len(batch) > 5 else ""
         raise CimcError(f"{model.path}: cannot evaluate the shape-only subgraph ({names}{more}): "
@@ -285,6 +279,33 @@ def _fold_ready(model: OnnxModel, pending: list[Node], values: dict[str, np.ndar
         values[name] = np.asarray(value)
         shapes[name] = values[name].shape
     return True
+
+
+def _evaluate(model: OnnxModel, batch: list[Node], values: dict[str, np.ndarray]) -> list:
+    """The outputs of `batch` (in order) from one reference-evaluator run on the known `values`."""
+    needed = {i for nd in batch for i in nd.inputs if i in values}
+    produced = [o for nd in batch for o in nd.outputs if o]
+    graph = helper.make_graph(
+        [nd.proto for nd in batch], "fold", [],
+        [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in produced],
+        [numpy_helper.from_array(values[i], i) for i in sorted(needed)],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in model.opsets.items()])
+    return ReferenceEvaluator(proto).run(None, {})
+
+
+def _blame(model: OnnxModel, batch: list[Node], values: dict[str, np.ndarray]) -> None:
+    """The batch failed to evaluate: evaluate its nodes one at a time (in order, on copies) and
+    refuse the first that fails, naming it; returns if each node alone evaluates."""
+    known = dict(values)
+    for nd in batch:
+        try:
+            out = _evaluate(model, [nd], known)
+        except Exception as e:  # as in _fold_ready: any error of the evaluator is this node's
+            why = str(e).splitlines()[0] if str(e) else "no message"
+            raise cannot_compile(model, [(nd, f"cannot be evaluated at compile time ({type(e).__name__}: "
+                                              f"{why})")]) from None
+        known.update(zip([o for o in nd.outputs if o], map(np.asarray, out), strict=True))
 
 
 def _shape_op(nd: Node, shape: tuple[int, ...]) -> dict[str, np.ndarray]:

@@ -29,7 +29,7 @@ from cimc.frontend import converters
 from cimc.frontend import views as V
 from cimc.frontend.converters import Unsupported
 from cimc.frontend.fold import Facts, Roles
-from cimc.frontend.model import FLOAT_TYPES, Node, OnnxModel
+from cimc.frontend.model import FLOAT_TYPES, Node, OnnxModel, cannot_compile
 from cimc.frontend.views import Axis, View, ViewError
 from cimc.ir.core import CTX, SEQ, Module, Rewriter, TensorType, Value
 from cimc.ir.ops import OPS
@@ -103,23 +103,6 @@ _UNARY = {"Neg": "neg", "Exp": "exp", "Sqrt": "sqrt", "Reciprocal": "reciprocal"
           "Tanh": "tanh"}
 _BINARY = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Max": "max"}
 _REDUCE = {"ReduceMean": "reduce_mean", "ReduceSum": "reduce_sum", "ReduceMax": "reduce_max"}
-
-
-class CannotCompile(CimcError):
-    """The one error listing every node that cannot be compiled; `failures` keeps the nodes and
-    reasons (for `cimc check`, which groups them)."""
-
-    def __init__(self, message: str, *, detail: str = "", failures: list[tuple[Node, str]] | None = None) -> None:
-        super().__init__(message, detail=detail)
-        self.failures = list(failures or [])
-
-
-def cannot_compile(model: OnnxModel, failures: list[tuple[Node, str]]) -> CannotCompile:
-    """The one error listing every node that cannot be compiled, and why."""
-    lines = [f"  {n.name} [{n.op_type}" + (f" (domain {n.domain})" if n.domain not in ("", "ai.onnx") else "")
-             + f"]: {reason}" for n, reason in failures]
-    return CannotCompile(f"{model.path}: cannot compile {len(lines)} node(s); nothing was written",
-                         detail="\n".join(lines), failures=failures)
 
 
 class Lifter:
@@ -283,12 +266,21 @@ class Lifter:
         return View(cache, (Axis(1), Axis(heads, 0, hd), Axis(past, 1, 0), Axis(hd, 0, 1)))
 
     def _output(self, name: str) -> None:
+        if name not in self.model.producer:
+            raise CimcError(f"{self.model.path}: graph output {name!r} is a graph input or an initializer, not "
+                            "computed by the model; only computed outputs are supported")
         term = self.env.get(name)
         if isinstance(term, Bad) or term is None:
             return
+        if isinstance(term, Static):
+            self.reasons[name] = f"graph output {name!r} does not depend on the input tokens (a constant)"
+            return
         try:
             v = self.need_view(term, f"graph output {name!r}")
-        except (Unsupported, Poisoned):
+        except Poisoned:
+            return
+        except (Unsupported, ViewError) as e:
+            self.reasons[name] = str(e)
             return
         attrs = {"name": name, "onnx_dtype": _dtype_name(self.f1.elem_types.get(name, 1)),
                  "onnx_shape": self.axis_names(name)}
@@ -349,7 +341,8 @@ class Lifter:
         and every unsupported node is reported at once (the module is discarded on failure)."""
         name = node.outputs[0]
         shape, seq = self.f1.shapes.get(name), self.seq_axes(name)
-        if shape is None or len(seq) != 1 or self.f1.elem_types.get(name) not in FLOAT_TYPES:
+        if shape is None or len(seq) != 1 or shape[seq[0]] != self.n or \
+                self.f1.elem_types.get(name) not in FLOAT_TYPES:
             return None
         lead = [d for i, d in enumerate(shape) if i < seq[0]]
         rest = [d for i, d in enumerate(shape) if i > seq[0]]
@@ -488,7 +481,9 @@ class Lifter:
 
         def apply(v: View) -> View:
             for st, en, ax in zip(starts, ends, axes, strict=True):
-                ax = int(ax) + len(shape) if int(ax) < 0 else int(ax)
+                if not -len(shape) <= int(ax) < len(shape):
+                    raise Unsupported(f"Slice axis {int(ax)} is out of range for a rank-{len(shape)} input")
+                ax = int(ax) % len(shape)
                 lo, hi, _ = slice(int(st), int(en)).indices(shape[ax])
                 v = V.slice_axis(v, ax, lo, max(0, hi - lo))
             return v
