@@ -32,7 +32,8 @@ from onnx.backend.test.runner import Runner
 
 from cimc.backend import CimcBackend
 from cimc.frontend.converters import CONVERTERS, STANDARD
-from cimc.frontend.lift import CannotCompile, Lifter
+from cimc.frontend.lift import Lifter
+from cimc.frontend.model import CannotCompile
 from isa.atomic import atomic_file
 from isa.diag import CimcError
 

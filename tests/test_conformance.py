@@ -16,7 +16,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from cimc.backend import CimcBackend
-from cimc.frontend.lift import CannotCompile
+from cimc.frontend.model import CannotCompile
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("conformance", ROOT / "benchmarks" / "conformance.py")
