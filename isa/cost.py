@@ -439,8 +439,10 @@ class CostModel:
             rows, cols = self._dim(f, "rows", acc), self._dim(f, "cols", acc)
             elems = rows * cols
             written = (rows, ones) if mnemonic in ("vrsum", "vrmax") else (rows, cols)
-            if mnemonic == "vcausal":
+            if mnemonic == "vcausal":  # a window adds a second compare per element
                 reads = [("dst", rows, cols)]
+                ops = np.where(f["window"] > 0, 2.0 * ops, ops)
+                per_element = np.where(f["window"] > 0, 2.0 * per_element, per_element)
             elif mnemonic == "vquant":  # 8-bit values out, one f32 scale per row and group (asym: scale, zero point)
                 group = f["group"].astype(np.float64)
                 asym = f["asym"].astype(bool)
@@ -453,9 +455,15 @@ class CostModel:
                 ops = np.where(asym, sum(VQUANT_ASYM_OPS.values()), ops)
                 per_element = np.where(asym, sum(self.e_sfu[o] * c for o, c in VQUANT_ASYM_OPS.items()),
                                        per_element)
-            elif mnemonic == "vrope":  # one table row of head_dim per row, not per head
+            elif mnemonic == "vrope":  # one table row of rd entries per row, not per head
                 hd = f["hd"].astype(np.float64)
-                reads = [("src", rows, cols), ("cos", rows, hd), ("sin", rows, hd)]
+                rd = np.where(f["rd"] > 0, f["rd"], hd).astype(np.float64)
+                reads = [("src", rows, cols), ("cos", rows, rd), ("sin", rows, rd)]
+                # the rd rotated entries of each head cost `sfu_ops`; the others are copied (one lane cycle,
+                # no arithmetic)
+                rotated = elems * rd / np.maximum(hd, 1.0)
+                ops = np.where(elems > 0, (rotated * ops + (elems - rotated)) / np.maximum(elems, 1.0), ops)
+                per_element = per_element * rotated / np.maximum(elems, 1.0)
             else:
                 reads = []
                 for name in ("a", "b", "src"):

@@ -191,6 +191,14 @@ _TABLE: tuple[InstrDef, ...] = (
     _vun("vtanh", 0x38, "tanh(src[r,c])", "hyperbolic tangent", {"exp": 1, "add": 2, "recip": 1, "mul": 1}),
     _vun("vgelu", 0x39, "0.5*src*(1+erf(src/sqrt(2)))", "GELU (exact, erf form)",
          {"exp": 1, "add": 2, "recip": 1, "mul": 3}),
+    _vun("vgelut", 0x3B, "0.5*src*(1+tanh(sqrt(2/pi)*(src+0.044715*src^3)))",
+         "GELU, tanh approximation (ONNX Gelu approximate=tanh, GPT-2's gelu_new, FastGelu)",
+         {"exp": 1, "add": 4, "recip": 1, "mul": 7}),
+    InstrDef("vsoftcap", 0x3C,
+             (TILE, _dst(), _f("src", MEM, "source"), ROWS, COLS, _f("cap", F32, "the cap, > 0")),
+             "sfu", "sfu", "dst[r,c] = cap * tanh(src[r,c] / cap)",
+             "soft-capping (Gemma2's attention-logit and final-logit capping, GroupQueryAttention's softcap)",
+             {"exp": 1, "add": 2, "recip": 1, "mul": 3}),
     InstrDef("vaffine", 0x3A,
              (TILE, _dst(), _f("src", MEM, "source"), ROWS, COLS,
               _f("alpha", F32, "scale"), _f("beta", F32, "offset")),
@@ -202,13 +210,15 @@ _TABLE: tuple[InstrDef, ...] = (
              "sfu", "sfu", "dst[r,0] = max_c src[r,c]   (-inf over no columns)", "row maximum", {"add": 1}),
     InstrDef("vrope", 0x42,
              (TILE, _dst(), _f("src", MEM, "source, heads x hd columns per row"),
-              _f("cos", MEM, "cos table, one row per position"), _f("sin", MEM, "sin table"),
-              ROWS, COLS, _f("hd", U(16), "head dimension (rotated in halves)")),
+              _f("cos", MEM, "cos table, rd columns, one row per position"), _f("sin", MEM, "sin table"),
+              ROWS, COLS, _f("hd", U(16), "head dimension"),
+              _f("rd", U(16), "rotated entries at the start of each head, in halves (0: all hd)")),
              "sfu", "sfu",
-             "for each head h, i < hd/2: x1 = src[r, h*hd+i], x2 = src[r, h*hd+i+hd/2];\n"
+             "d = rd or hd; for each head h, i < d/2: x1 = src[r, h*hd+i], x2 = src[r, h*hd+i+d/2];\n"
              "dst[r, h*hd+i] = x1*cos[r,i] - x2*sin[r,i];  "
-             "dst[r, h*hd+i+hd/2] = x2*cos[r,i+hd/2] + x1*sin[r,i+hd/2]",
-             "rotary position embedding (rotate-half form) on every head of a row",
+             "dst[r, h*hd+i+d/2] = x2*cos[r,i+d/2] + x1*sin[r,i+d/2];\n"
+             "dst[r, h*hd+i] = src[r, h*hd+i] for d <= i < hd   (priced as a copy)",
+             "rotary position embedding (rotate-half form) on every head of a row, or on its first rd entries",
              {"mul": 2, "add": 1}),
     InstrDef("vmm", 0x43,
              (TILE, _dst("m x n"), _f("a", MEM, "m x k"), _f("b", MEM, "k x n, or n x k if tb"),
@@ -238,9 +248,14 @@ _TABLE: tuple[InstrDef, ...] = (
              "over the whole block",
              {"add": 2, "mul": 1}),
     InstrDef("vcausal", 0x44, (TILE, _dst("scores, updated in place"), ROWS, COLS,
-                               _f("diag", DIM, "column offset of the diagonal")),
-             "sfu", "sfu", "dst[r,c] = -inf where c > r + diag",
-             "causal mask: hide future positions from each query row", {"add": 1}),
+                               _f("diag", DIM, "column offset of the diagonal"),
+                               _f("window", U(32), "keys each query sees, itself included (0: all before it)"),
+                               _f("one", FLAG, "every row is the same query (the heads of one token)")),
+             "sfu", "sfu",
+             "p = diag + (0 if one else r);  dst[r,c] = -inf where c > p or (window > 0 and c <= p - window)\n"
+             "(priced at one compare per element, two with a window)",
+             "causal mask, optionally sliding-window: hide future positions, and those `window` or more "
+             "behind, from each query row", {"add": 1}),
 )
 
 

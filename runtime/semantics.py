@@ -198,6 +198,7 @@ _UN: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "vsilu": lambda x: x / (F32(1) + np.exp(-x)),
     "vtanh": np.tanh,
     "vgelu": lambda x: (0.5 * x * (1.0 + _erf(x.astype(np.float64) / np.sqrt(2.0)))).astype(F32),
+    "vgelut": lambda x: F32(0.5) * x * (F32(1) + np.tanh(F32(math.sqrt(2 / math.pi)) * (x + F32(0.044715) * x ** 3))),
 }
 
 
@@ -222,6 +223,15 @@ def _vaffine(m: Machine, f: dict) -> None:
     m.view(f["dst"], rows, cols, write=True)[...] = x * F32(f["alpha"]) + F32(f["beta"])
 
 
+@sem("vsoftcap")
+def _vsoftcap(m: Machine, f: dict) -> None:
+    rows, cols, cap = dim(m, f["rows"]), dim(m, f["cols"]), F32(f["cap"])
+    if not cap > 0:
+        raise SimError(f"vsoftcap: the cap must be positive, got {f['cap']}")
+    x = m.view(f["src"], rows, cols)
+    m.view(f["dst"], rows, cols, write=True)[...] = cap * np.tanh(x / cap)
+
+
 def _reduce(fn: Callable) -> Semantics:
     def run(m: Machine, f: dict) -> None:
         rows, cols = dim(m, f["rows"]), dim(m, f["cols"])
@@ -237,14 +247,18 @@ SEMANTICS["vrmax"] = _reduce(partial(np.max, initial=-np.inf))  # over no column
 @sem("vrope")
 def _vrope(m: Machine, f: dict) -> None:
     rows, cols, hd = dim(m, f["rows"]), dim(m, f["cols"]), f["hd"]
-    if hd == 0 or hd % 2 or cols % hd:
-        raise SimError(f"vrope: head dimension {hd} must be even and divide {cols} columns")
+    rd = f["rd"] or hd
+    if hd == 0 or cols % hd or rd % 2 or rd > hd:
+        raise SimError(f"vrope: head dimension {hd} must divide {cols} columns, and the rotated {rd} entries be "
+                       "even and at most that")
     x = np.array(m.view(f["src"], rows, cols)).reshape(rows, cols // hd, hd)
-    cos = np.array(m.view(f["cos"], rows, hd))[:, None, :]
-    sin = np.array(m.view(f["sin"], rows, hd))[:, None, :]
-    half = hd // 2
-    rot = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    m.view(f["dst"], rows, cols, write=True)[...] = (x * cos + rot * sin).reshape(rows, cols)
+    cos = np.array(m.view(f["cos"], rows, rd))[:, None, :]
+    sin = np.array(m.view(f["sin"], rows, rd))[:, None, :]
+    half = rd // 2
+    part = x[..., :rd]
+    rot = np.concatenate([-part[..., half:], part[..., :half]], axis=-1)
+    x[..., :rd] = part * cos + rot * sin
+    m.view(f["dst"], rows, cols, write=True)[...] = x.reshape(rows, cols)
 
 
 @sem("vmm")
@@ -297,9 +311,11 @@ def _vquant_asym(m: Machine, f: dict, rows: int, cols: int) -> None:
 
 @sem("vcausal")
 def _vcausal(m: Machine, f: dict) -> None:
-    rows, cols, diag = dim(m, f["rows"]), dim(m, f["cols"]), dim(m, f["diag"])
+    rows, cols, diag, window = dim(m, f["rows"]), dim(m, f["cols"]), dim(m, f["diag"]), f["window"]
     s = m.view(f["dst"], rows, cols, write=True)
-    s[np.triu(np.ones((rows, cols), bool), 1 + diag)] = -np.inf
+    p = diag + (np.zeros((rows, 1), np.int64) if f["one"] else np.arange(rows)[:, None])  # each row's query
+    c = np.arange(cols)[None, :]
+    s[(c > p) | ((window > 0) & (c <= p - window))] = -np.inf
 
 
 def execute(m: Machine, ins: Instr) -> None:

@@ -47,10 +47,11 @@ UNARY = {
     "vrsqrt": lambda x: 1 / np.sqrt(np.abs(x)), "vrecip": lambda x: 1 / x,
     "vsigmoid": lambda x: 1 / (1 + np.exp(-x)), "vsilu": lambda x: x / (1 + np.exp(-x)), "vtanh": np.tanh,
     "vgelu": lambda x: 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2))),
+    "vgelut": lambda x: 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3))),
 }
 BINARY = {"vadd": np.add, "vsub": np.subtract, "vmul": np.multiply, "vdiv": np.divide, "vmax": np.maximum}
 COVERED = {*UNARY, *BINARY, "halt", "sync", "dma", "gather", "wload", "mvm", "tred", "vaffine", "vrsum", "vrmax",
-           "vrope", "vmm", "vcausal", "vquant"}
+           "vrope", "vmm", "vcausal", "vquant", "vsoftcap"}
 
 
 def test_every_instruction_has_a_semantics_test() -> None:
@@ -147,11 +148,52 @@ def test_rope_rotates_halves_per_head() -> None:
     hd = 4
     x = _get(m, A)
     cos, sin = _get(m, B)[:, :hd], _get(m, B)[:, hd:]
-    run(m, "vrope", tile=1, dst=g(OUT), src=g(A), cos=g(B), sin=g(B + hd * 4), rows=R, cols=C, hd=hd)
+    run(m, "vrope", tile=1, dst=g(OUT), src=g(A), cos=g(B), sin=g(B + hd * 4), rows=R, cols=C, hd=hd, rd=0)
     heads = x.reshape(R, C // hd, hd)
     rot = np.concatenate([-heads[..., 2:], heads[..., :2]], -1)
     want = (heads * cos[:, None] + rot * sin[:, None]).reshape(R, C)
     np.testing.assert_allclose(_get(m, OUT), want, rtol=1e-6)
+
+
+def test_partial_rope_rotates_the_first_rd_entries_of_each_head() -> None:
+    """rd = 2 of hd = 4: entries 0 and 1 of each head rotate as a pair (tables of 2 columns), 2 and 3 pass."""
+    m = _machine()
+    x = _get(m, A)
+    cos, sin = _get(m, B)[:, :2], _get(m, B)[:, 2:4]
+    run(m, "vrope", tile=1, dst=g(OUT), src=g(A), cos=g(B), sin=g(B + 2 * 4), rows=R, cols=C, hd=4, rd=2)
+    heads = x.reshape(R, 2, 4)
+    want = heads.copy()
+    want[..., 0] = heads[..., 0] * cos[:, None, 0] - heads[..., 1] * sin[:, None, 0]
+    want[..., 1] = heads[..., 1] * cos[:, None, 1] + heads[..., 0] * sin[:, None, 1]
+    np.testing.assert_allclose(_get(m, OUT), want.reshape(R, C), rtol=1e-6)
+    with pytest.raises(SimError, match="rotated 3 entries"):
+        run(m, "vrope", tile=1, dst=g(OUT), src=g(A), cos=g(B), sin=g(B), rows=R, cols=C, hd=4, rd=3)
+
+
+@pytest.mark.parametrize(("diag", "window", "one"), [(0, 2, 0), (5, 3, 0), (5, 3, 1), (0, 0, 1)])
+def test_causal_mask_with_a_window(diag: int, window: int, one: int) -> None:
+    """Row r is the query at position diag (+ r unless `one`); it sees columns p-window+1 .. p."""
+    m = _machine()
+    cols = C
+    before = _get(m, A, R, cols)
+    run(m, "vcausal", tile=0, dst=g(A), rows=R, cols=cols, diag=diag, window=window, one=one)
+    got = _get(m, A, R, cols)
+    for r in range(R):
+        p = diag + (0 if one else r)
+        for c in range(cols):
+            hidden = c > p or (window > 0 and c <= p - window)
+            assert np.isneginf(got[r, c]) if hidden else got[r, c] == before[r, c], (r, c)
+
+
+def test_softcap_is_cap_tanh_of_x_over_cap() -> None:
+    m = _machine()
+    x = _get(m, A) * 40
+    m.view(g(A), R, C, write=True)[...] = x
+    run(m, "vsoftcap", tile=0, dst=g(OUT), src=g(A), rows=R, cols=C, cap=30.0)
+    np.testing.assert_allclose(_get(m, OUT), 30.0 * np.tanh(x / 30.0), rtol=1e-6)
+    assert np.abs(_get(m, OUT)).max() < 30.0
+    with pytest.raises(SimError, match="cap must be positive"):
+        run(m, "vsoftcap", tile=0, dst=g(OUT), src=g(A), rows=R, cols=C, cap=0.0)
 
 
 def test_vmm_causal_softmax_pieces() -> None:
@@ -160,7 +202,7 @@ def test_vmm_causal_softmax_pieces() -> None:
     run(m, "vmm", tile=0, dst=g(OUT, R), a=g(A), b=g(B), m=R, k=C, n=R, tb=1, acc=0, alpha=0.25)
     s = _get(m, OUT, R, R, R)
     np.testing.assert_allclose(s, 0.25 * q @ k.T, rtol=1e-5)
-    run(m, "vcausal", tile=0, dst=g(OUT, R), rows=R, cols=R, diag=0)
+    run(m, "vcausal", tile=0, dst=g(OUT, R), rows=R, cols=R, diag=0, window=0, one=0)
     masked = _get(m, OUT, R, R, R)
     assert np.isneginf(masked[np.triu_indices(R, 1)]).all()
     np.testing.assert_array_equal(masked[np.tril_indices(R)], s[np.tril_indices(R)])
