@@ -21,7 +21,7 @@ from functools import partial
 import numpy as np
 
 from cimc.ir.core import CTX, SEQ, Module, Op, Value
-from cimc.ir.ops import traits
+from cimc.ir.ops import GELU_FORMS, traits
 from cimc.ir.quant import QuantWeight, materialize, weight_values
 from isa.dtypes import ACT, elem, pack_blocks
 from isa.encoding import Instr, encode
@@ -41,6 +41,8 @@ STAGE_BARRIERS = range(48, N_BARRIERS)
 F32 = elem(ACT).nbytes  # activations, partial sums and scales
 
 WeightSource = Callable[[str], np.ndarray]
+#: The instruction of each form of `gelu` (its `approximate`, cimc.ir.ops.GELU_FORMS).
+GELU_INSTRS = dict(zip(GELU_FORMS, ("vgelu", "vgelut"), strict=True))
 
 
 def stage_barrier(s: int) -> int:
@@ -446,7 +448,10 @@ class _Codegen:
         self._vec(op, mnemonic or "v" + op.name, dst=self.mem(out), src=self.mem(x), rows=self.rows(out),
                   cols=self.cols(out))
 
-    _op_neg = _op_exp = _op_sqrt = _op_rsqrt = _op_sigmoid = _op_silu = _op_tanh = _op_gelu = _unary
+    _op_neg = _op_exp = _op_sqrt = _op_rsqrt = _op_sigmoid = _op_silu = _op_tanh = _unary
+
+    def _op_gelu(self, op: Op) -> None:
+        self._unary(op, GELU_INSTRS[op.attrs.get("approximate", "none")])
 
     def _op_reciprocal(self, op: Op) -> None:
         self._unary(op, "vrecip")
@@ -499,12 +504,30 @@ class _Codegen:
         self._vec(op, "vmul", dst=self.mem(out), a=self.mem(out), b=self.mem(w, stride=0), rows=rows,
                   cols=cols, abc=0, bbc=0)
 
+    def _op_layer_norm(self, op: Op) -> None:
+        x, w, *b = op.operands
+        out = op.result
+        rows, cols = self.rows(out), self.cols(out)
+        t, s = self.scratch(op, "t"), self.scratch(op, "s")
+        self._vec(op, "vrsum", dst=s, src=self.mem(x), rows=rows, cols=cols)
+        self._vec(op, "vaffine", dst=s, src=s, rows=rows, cols=1, alpha=1.0 / cols, beta=0.0)
+        self._vec(op, "vsub", dst=t, a=self.mem(x), b=s, rows=rows, cols=cols, abc=0, bbc=1)
+        self._vec(op, "vmul", dst=self.mem(out), a=t, b=t, rows=rows, cols=cols, abc=0, bbc=0)
+        self._vec(op, "vrsum", dst=s, src=self.mem(out), rows=rows, cols=cols)
+        self._vec(op, "vaffine", dst=s, src=s, rows=rows, cols=1, alpha=1.0 / cols, beta=op.attrs["eps"])
+        self._vec(op, "vrsqrt", dst=s, src=s, rows=rows, cols=1)
+        self._vec(op, "vmul", dst=self.mem(out), a=t, b=s, rows=rows, cols=cols, abc=0, bbc=1)
+        for v, mn in ((w, "vmul"), *((v, "vadd") for v in b)):
+            self._vec(op, mn, dst=self.mem(out), a=self.mem(out), b=self.mem(v, stride=0), rows=rows, cols=cols,
+                      abc=0, bbc=0)
+
     def _op_rope(self, op: Op) -> None:
         x, cos, sin = op.operands
         out = op.result
+        hd = op.attrs["head_dim"]
         self._vec(op, "vrope", dst=self.mem(out), src=self.mem(x), cos=self.mem(cos)._replace(roff=PAST),
-                  sin=self.mem(sin)._replace(roff=PAST), rows=self.rows(out), cols=self.cols(out),
-                  hd=op.attrs["head_dim"])
+                  sin=self.mem(sin)._replace(roff=PAST), rows=self.rows(out), cols=self.cols(out), hd=hd,
+                  rd=op.attrs.get("rotary_dim", hd))
 
     def _op_swiglu(self, op: Op) -> None:
         g, u = op.operands
@@ -521,7 +544,9 @@ class _Codegen:
     def _op_attention(self, op: Op) -> None:
         """Softmax attention per KV group (one token) or per query head, over the run's new keys
         (still on chip) and the cached ones (positions 0 .. past-1, read from DRAM); the two
-        score blocks share one row maximum and one row sum, as one softmax over all keys."""
+        score blocks share one row maximum and one row sum, as one softmax over all keys. Each
+        block's scores are soft-capped, then masked: the new keys causally (a grouped step's one
+        new key is its own position), and with a window the cached keys too, by absolute position."""
         q, k, v = op.operands
         out = op.result
         h, kvh, hd = op.attrs["heads"], op.attrs["kv_heads"], op.attrs["head_dim"]
@@ -554,8 +579,14 @@ class _Codegen:
                      for keys, vals, n, names in blocks]
             for keys, _, n, s, _, _ in parts:
                 vec("vmm", dst=s, a=qm, b=keys, m=m, k=hd, n=n, tb=1, acc=0, alpha=op.attrs["scale"])
+                if "softcap" in op.attrs:
+                    vec("vsoftcap", dst=s, src=s, rows=m, cols=n, cap=op.attrs["softcap"])
+            window = op.attrs.get("window", 0)
             if op.attrs["causal"] and not grouped:  # new key c is position past + c, query r past + r
-                vec("vcausal", dst=parts[0][3], rows=rows, cols=rows, diag=Dim(0, 0))
+                vec("vcausal", dst=parts[0][3], rows=rows, cols=rows, diag=Dim(0, 0), window=window, one=0)
+            if window and cached:  # cached key c is position c; the query rows are at past (+ r)
+                vec("vcausal", dst=parts[1][3], rows=m, cols=PAST_DIM, diag=PAST_DIM, window=window,
+                    one=int(grouped))
             mx, total = parts[0][4], parts[0][5]
             for i, (_, _, n, s, mi, _) in enumerate(parts):
                 vec("vrmax", dst=mi, src=s, rows=m, cols=n)

@@ -192,6 +192,6 @@ def _block_start(v: Value, pos: dict[int, int]) -> int:
         return 0
     if op.name == "linear":
         src = op.operands[0].owner
-        if src is not None and src.name == "rms_norm":
+        if src is not None and traits(src).norm:
             return pos[id(src)]
     return pos[id(op)]

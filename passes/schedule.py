@@ -47,9 +47,9 @@ def scratch_layout(op: Op, bounds: dict[str, int]) -> list[tuple[str, int, int, 
     elif op.name == "attention":
         for slot in range(op.attrs.get("slots", 1)):
             parts += [(*p, ELEM) for p in _attention_parts(slot, *attention_shape(op, bounds))]
-    elif op.name in ("rms_norm", "softmax"):
+    elif traits(op).norm or op.name == "softmax":  # a norm's squares (layer_norm: centred values) and row sums
         cols = int(op.results[0].type.shape[1])
-        parts += [("t", rows, cols if op.name == "rms_norm" else 1, ELEM), ("s", rows, 1, ELEM)]
+        parts += [("t", rows, cols if traits(op).norm else 1, ELEM), ("s", rows, 1, ELEM)]
     out, off = [], 0
     for name, r, c, e in parts:
         out.append((name, off, r, c, e))

@@ -38,7 +38,8 @@ class OpDef:
     carry, listed in `ANNOTATIONS`). The traits say what the op is, for every pass: the `unit`
     its work runs on (`UNITS`), and whether its value is a compile-time `constant` (stored in
     the DRAM image), `state` kept from one run to the next, part of the program's `interface`
-    (kept even when unused), or whether it has an `effect` beyond its result.
+    (kept even when unused), or whether it has an `effect` beyond its result; a `norm` normalises each
+    row (a decoder block starts at one).
     """
 
     name: str
@@ -52,6 +53,7 @@ class OpDef:
     state: bool = False
     interface: bool = False
     effect: bool = False
+    norm: bool = False
 
     @property
     def min_operands(self) -> int:
@@ -168,15 +170,24 @@ def _rms_norm(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
     return [ts[0]]
 
 
+def _layer_norm(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
+    _, cols = _matrix(ts[0], "input")
+    _float(ts[0], "input")
+    for t, what in zip(ts[1:], ("weight", "bias"), strict=False):
+        _need(t.shape == (cols,), f"{what} must be f32[{cols}], got {t}")
+    return [ts[0]]
+
+
 def _rope(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
     x, cos, sin = ts
     _, cols = _matrix(x, "input")
     hd = attrs["head_dim"]
-    _need(hd > 0 and hd % 2 == 0 and isinstance(cols, int) and cols % hd == 0,
-          f"head_dim {hd} must be even and divide the {cols} columns")
+    _need(hd > 0 and isinstance(cols, int) and cols % hd == 0, f"head_dim {hd} must divide the {cols} columns")
+    rd = attrs.get("rotary_dim", hd)
+    _need(0 < rd <= hd and rd % 2 == 0, f"rotary_dim {rd} must be even and in 2..head_dim ({hd})")
     for t, what in ((cos, "cos"), (sin, "sin")):
         trows, tcols = _matrix(t, what)
-        _need(tcols == hd, f"{what} table must have {hd} columns, got {t}")
+        _need(tcols == rd, f"{what} table must have rotary_dim = {rd} columns, got {t}")
         _need(trows == CTX, f"{what} table must have one row per position ({CTX} rows), got {t}")
     return [x]
 
@@ -192,6 +203,10 @@ def _attention(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
     _need(kc == kvh * hd and vc == kvh * hd, f"k and v must have kv_heads*head_dim = {kvh * hd} columns")
     _need(krows == v.shape[0] and krows in (rows, CTX),
           "k and v must have the rows of q (no cache) or ctx rows (the KV cache)")
+    window, softcap = attrs.get("window", 0), attrs.get("softcap")
+    _need(window >= 0, f"window must be 0 (unbounded) or the keys a query sees, got {window}")
+    _need(not window or attrs["causal"], "a window needs causal attention")
+    _need(softcap is None or softcap > 0, f"softcap must be positive (leave it out for none), got {softcap}")
     return [TensorType(ACT, (rows, h * hd))]
 
 
@@ -201,6 +216,16 @@ def _kv_append(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
     _need(x.rank == 2 and x.shape[1] == cache.shape[1] and x.shape[0] != CTX,
           f"appended rows {x} must match the cache columns {cache}")
     return [cache]
+
+
+#: `gelu`'s `approximate` (ONNX Gelu-20): the exact erf form or the tanh approximation.
+GELU_FORMS = ("none", "tanh")
+
+
+def _gelu(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
+    form = attrs.get("approximate", "none")
+    _need(form in GELU_FORMS, f"approximate must be one of {', '.join(GELU_FORMS)}, got {form!r}")
+    return _same(ts, attrs)
 
 
 def _swiglu(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
@@ -240,19 +265,32 @@ _def("linear", ("x", "w", "bias?"), _linear,
      "the macros: f32 (float compute on the exact dequantized weights), i8 (dynamic symmetric int8, one "
      "scale per token and weight scale group) or u8 (onnxruntime's DynamicQuantizeLinear: asymmetric uint8, "
      "one scale and zero point for the whole input)", optional={"act": "str"}, unit="macro")
-_def("rms_norm", ("x", "w"), _rms_norm, "x / sqrt(mean(x^2, cols) + eps) * w", {"eps": "float"})
+_def("rms_norm", ("x", "w"), _rms_norm, "x / sqrt(mean(x^2, cols) + eps) * w", {"eps": "float"}, norm=True)
+_def("layer_norm", ("x", "w", "b?"), _layer_norm,
+     "(x - mean(x, cols)) / sqrt(mean((x - mean)^2, cols) + eps) * w (+ b): ONNX LayerNormalization over the "
+     "last axis", {"eps": "float"}, norm=True)
 _def("rope", ("x", "cos", "sin"), _rope,
-     "rotary embedding, rotate-half form, applied to each head_dim slice of each row", {"head_dim": "int"})
+     "rotary embedding, rotate-half form, applied to each head_dim slice of each row; with `rotary_dim`, to its "
+     "first rotary_dim entries only (the rest pass through: Phi-3's partial_rotary_factor, GPT-NeoX's rotary_pct), "
+     "and the cos/sin tables have rotary_dim columns", {"head_dim": "int"}, {"rotary_dim": "int"})
 _def("attention", ("q", "k", "v"), _attention,
-     "softmax(scale * q_h k_g^T + causal mask) v_g per head h, with g = h // (heads/kv_heads)",
-     {"heads": "int", "kv_heads": "int", "head_dim": "int", "scale": "float", "causal": "bool"})
+     "softmax(mask(cap(scale * q_h k_g^T))) v_g per head h, with g = h // (heads/kv_heads). `softcap` (> 0): "
+     "cap(s) = softcap * tanh(s / softcap) after the scaling and before the mask (Gemma2, GroupQueryAttention "
+     "softcap); absent: cap(s) = s. mask: with `causal`, the query at position p sees the keys at positions "
+     "p-window+1 .. p with `window` > 0 (transformers' sliding_window: window keys, itself included; "
+     "GroupQueryAttention's local_window_size L >= 0 sees L+1 keys, so window = L+1), positions 0 .. p without",
+     {"heads": "int", "kv_heads": "int", "head_dim": "int", "scale": "float", "causal": "bool"},
+     {"window": "int", "softcap": "float"})
 _def("swiglu", ("gate", "up"), _swiglu, "silu(gate) * up")
 for _name, _doc in (("add", "a + b"), ("sub", "a - b"), ("mul", "a * b"), ("div", "a / b"), ("max", "max(a, b)")):
     _def(_name, ("a", "b"), _broadcast, f"elementwise {_doc} with numpy broadcasting")
 for _name, _doc in (("neg", "-x"), ("exp", "exp(x)"), ("sqrt", "sqrt(x)"), ("rsqrt", "1/sqrt(x)"),
                     ("reciprocal", "1/x"), ("sigmoid", "1/(1+exp(-x))"), ("silu", "x*sigmoid(x)"),
-                    ("tanh", "tanh(x)"), ("gelu", "0.5*x*(1+erf(x/sqrt(2)))"), ("softmax", "softmax over cols")):
+                    ("tanh", "tanh(x)"), ("softmax", "softmax over cols")):
     _def(_name, ("x",), _same, f"elementwise {_doc}" if _name != "softmax" else "softmax over each row")
+_def("gelu", ("x",), _gelu, "elementwise 0.5*x*(1+erf(x/sqrt(2))); with `approximate = \"tanh\"` (ONNX Gelu-20, "
+     "GPT-2's gelu_new, Gemma's gelu_pytorch_tanh, FastGelu) 0.5*x*(1+tanh(sqrt(2/pi)*(x+0.044715*x^3)))",
+     optional={"approximate": "str"})
 _def("affine", ("x",), _same, "x * alpha + beta", {"alpha": "float", "beta": "float"})
 for _name, _doc in (("reduce_sum", "sum"), ("reduce_max", "maximum"), ("reduce_mean", "mean")):
     _def(_name, ("x",), _reduce, f"row {_doc}, keeping a column: [rows, 1]")
