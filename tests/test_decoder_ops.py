@@ -103,6 +103,14 @@ def module_text(attention: str = "", rope: str = "", gelu: str = "", bias: bool 
 # ---- the reference, float64, from the models' definitions ------------------------------------
 
 
+def gelu_erf(t: np.ndarray) -> np.ndarray:
+    return 0.5 * t * (1 + np.vectorize(math.erf)(t / math.sqrt(2)))
+
+
+def gelu_tanh(t: np.ndarray) -> np.ndarray:  # ONNX Gelu-20 approximate="tanh", transformers' gelu_new
+    return 0.5 * t * (1 + np.tanh(math.sqrt(2 / math.pi) * (t + 0.044715 * t ** 3)))
+
+
 def reference(x: np.ndarray, w: dict[str, np.ndarray], *, window: int = 0, softcap: float = 0.0, rd: int = HD,
               tanh_gelu: bool = False, bias: bool = True) -> np.ndarray:
     """y for tokens x [n, hidden] at positions 0 .. n-1."""
@@ -125,11 +133,6 @@ def reference(x: np.ndarray, w: dict[str, np.ndarray], *, window: int = 0, softc
         t[..., :rd] = r * cos[:, None] + rot * sin[:, None]
         return t
 
-    def gelu(t: np.ndarray) -> np.ndarray:
-        if tanh_gelu:
-            return 0.5 * t * (1 + np.tanh(math.sqrt(2 / math.pi) * (t + 0.044715 * t ** 3)))
-        return 0.5 * t * (1 + np.vectorize(math.erf)(t / math.sqrt(2)))
-
     x = x.astype(np.float64)
     for i in range(LAYERS):
         h = norm(x, "ln1")
@@ -145,7 +148,7 @@ def reference(x: np.ndarray, w: dict[str, np.ndarray], *, window: int = 0, softc
             p = np.exp(s - s.max(axis=1, keepdims=True))
             out[:, head] = (p / p.sum(axis=1, keepdims=True)) @ v[:, g]
         x = x + out.reshape(n, HEADS * HD) @ w[f"wo{i}"]
-        x = x + gelu(norm(x, "ln2") @ w[f"up{i}"]) @ w[f"down{i}"]
+        x = x + (gelu_tanh if tanh_gelu else gelu_erf)(norm(x, "ln2") @ w[f"up{i}"]) @ w[f"down{i}"]
     return x
 
 
@@ -307,3 +310,25 @@ def test_a_window_needs_causal_attention() -> None:
     text = module_text(attention=", window = 3").replace("causal = true", "causal = false")
     with pytest.raises(SourceError, match="a window needs causal attention"):
         parse_module(text)
+
+
+@pytest.mark.parametrize(("op", "want"), [
+    ("tanh", np.tanh),
+    ("gelu", gelu_erf),
+    ('gelu {approximate = "tanh"}', gelu_tanh),
+])
+def test_tanh_and_gelu_lower_end_to_end(op: str, want) -> None:
+    """The generic elementwise ops the new families use compile and run on their own."""
+    name, _, attrs = op.partition(" ")
+    text = "\n".join([
+        "cimir 1", 'module "one_op" {max_seq = 4}',
+        '%0 = input() {name = "x", onnx_dtype = "float", onnx_shape = [1, "seq", 16]} : f32[seq,16] loc("x")',
+        '%1 = weight() {init = "w"} : f32[16,16] loc("w")',
+        '%2 = linear(%0, %1) : f32[seq,16] loc("proj")',
+        f'%3 = {name}(%2){" " + attrs if attrs else ""} : f32[seq,16] loc("act")',
+        'output(%3) {name = "y", onnx_dtype = "float", onnx_shape = [1, "seq", 16]} loc("y")', ""])
+    w = {"w": RNG.standard_normal((16, 16)).astype(np.float32)}
+    program = compile_module(parse_module(text), w.__getitem__, CompileOptions(max_seq=4))[0]
+    x = RNG.standard_normal((1, 4, 16)).astype(np.float32)
+    y = Session(program).run("prefill", {"x": x}).outputs["y"]
+    np.testing.assert_allclose(y[0], want(x[0].astype(np.float64) @ w["w"]), atol=1e-5, rtol=1e-5)
