@@ -32,7 +32,6 @@ from onnx.backend.test.runner import Runner
 
 from cimc.backend import CimcBackend
 from cimc.frontend.converters import CONVERTERS, STANDARD
-from cimc.frontend.lift import Lifter
 from cimc.frontend.model import CannotCompile
 from isa.atomic import atomic_file
 from isa.diag import CimcError
@@ -55,10 +54,8 @@ EXCLUDED = {
 
 
 def frontend_ops() -> list[str]:
-    """Standard ONNX ops the frontend has a lifter handler or a converter for."""
-    handlers = {name.removeprefix("_on_") for name in dir(Lifter) if name.startswith("_on_")}
-    converted = {op for domain, op in CONVERTERS if domain in STANDARD}
-    return sorted(op for op in handlers | converted if onnx.defs.has(op))
+    """Standard ONNX ops the frontend has a converter for."""
+    return sorted(op for domain, op in CONVERTERS if domain in STANDARD and onnx.defs.has(op))
 
 
 def claimed_ops() -> list[str]:
@@ -159,7 +156,7 @@ def render(outcomes: list[Outcome], ops: list[str]) -> str:
         "",
         "## Claimed ops",
         "",
-        "The standard ops cimc's frontend has a handler or converter for (`frontend_ops()` in the "
+        "The standard ops cimc's frontend has a converter for (`frontend_ops()` in the "
         "script), less these, whose node cases test what a decoder compiler does not do:",
         "",
         "| op | why its cases are not counted |",

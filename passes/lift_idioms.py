@@ -1,12 +1,13 @@
 """`lift-idioms`: recognise decoder idioms in elementwise IR and replace them by fused ops.
 
 The frontend lowers what it does not recognise structurally (attention, RoPE) to generic ops;
-this pass finds, by pattern over those ops, the idioms the backend has fused code for:
+this pass applies the IR-level idiom rules (level "ir" in `cimc.ir.rules`, defined here) in
+registry order, each over every op it is anchored at:
 
+  bias       linear(x, w) + b  ->  linear(x, w, b)
   rms_norm   w * (x * 1/sqrt(mean(x*x) + eps))      (rsqrt, sqrt+reciprocal, either operand order)
   swiglu     silu(g) * u, with silu = g * sigmoid(g)
   silu       g * sigmoid(g) (when not part of a swiglu)
-  bias       linear(x, w) + b  ->  linear(x, w, b)
 
 A candidate that almost matches (say, an intermediate also used elsewhere) is left alone and
 the reason goes to the pass notes. Finally every op gets a `layer` label (embed, layer0..N-1,
@@ -20,6 +21,7 @@ from typing import ClassVar
 
 from cimc.ir.core import Module, Op, Rewriter, Value
 from cimc.ir.ops import traits
+from cimc.ir.rules import NoMatch, Rule, register_rule, rules
 from passes.manager import PassContext, register
 
 
@@ -41,102 +43,117 @@ class LiftIdiomsPass:
     name: ClassVar[str] = "lift-idioms"
 
     def run(self, module: Module, rw: Rewriter, ctx: PassContext) -> None:
-        for rule in (self._bias, self._rms_norm, self._swiglu):
+        for rule in rules("ir"):
             for op in list(module.ops):
-                if op in module.ops:
-                    rule(op, rw, ctx)
+                if op in module.ops and op.name == rule.anchor:
+                    got = rule.match(rw, op)
+                    if isinstance(got, NoMatch):
+                        ctx.notes.append(f"{rule.name}: {op.loc}: {got.reason}")
         _dead_code(module, rw)
         assign_layers(module, rw)
 
-    # ---- rules ---------------------------------------------------------------------------
 
-    def _bias(self, op: Op, rw: Rewriter, ctx: PassContext) -> None:
-        if op.name != "add":
-            return
-        for lin_v, b in (op.operands, op.operands[::-1]):
-            lin = _prod(lin_v, "linear")
-            if lin is None or len(lin.operands) != 2 or not _vector(b, lin_v.type.shape[1]):
-                continue
-            if not _single_use(lin_v):
-                ctx.notes.append(f"bias: {op.loc}: linear result is used elsewhere; bias not fused")
-                return
-            new = rw.create("linear", [*lin.operands, b], [lin_v.type], dict(lin.attrs), op.loc, before=op)
-            rw.replace_uses(op.result, new.result)
-            rw.erase_many([op, lin])
-            return
+# ---- rules -------------------------------------------------------------------------------
 
-    def _rms_norm(self, op: Op, rw: Rewriter, ctx: PassContext) -> None:
-        if op.name != "mul":
-            return
-        for w, y in (op.operands, op.operands[::-1]):
-            if not _vector(w, y.type.shape[-1]):
-                continue
-            m = self._match_norm(y)
-            if isinstance(m, str):
-                ctx.notes.append(f"rms_norm: {op.loc}: {m}")
-                return
-            x, eps, inner = m
-            new = rw.create("rms_norm", [x, w], [op.result.type], {"eps": eps}, op.loc, before=op)
-            rw.replace_uses(op.result, new.result)
-            rw.erase_many([op, *inner])
-            return
 
-    def _match_norm(self, y: Value) -> tuple[Value, float, list[Op]] | str:
-        scale = _prod(y, "mul")
-        if scale is None:
-            return "not x * rsqrt(...)"
-        for x, r in (scale.operands, scale.operands[::-1]):
-            inner: list[Op] = [scale]
-            rs = _prod(r, "rsqrt")
+def _bias(rw: Rewriter, add: Op) -> Op | NoMatch | None:
+    for lin_v, b in (add.operands, add.operands[::-1]):
+        lin = _prod(lin_v, "linear")
+        if lin is None or len(lin.operands) != 2 or not _vector(b, lin_v.type.shape[1]):
+            continue
+        if not _single_use(lin_v):
+            return NoMatch("linear result is used elsewhere; bias not fused")
+        new = rw.create("linear", [*lin.operands, b], [lin_v.type], dict(lin.attrs), add.loc, before=add)
+        rw.replace_uses(add.result, new.result)
+        rw.erase_many([add, lin])
+        return new
+    return None
+
+
+def _rms_norm(rw: Rewriter, op: Op) -> Op | NoMatch | None:
+    for w, y in (op.operands, op.operands[::-1]):
+        if not _vector(w, y.type.shape[-1]):
+            continue
+        m = _match_norm(y)
+        if isinstance(m, NoMatch):
+            return m
+        x, eps, inner = m
+        new = rw.create("rms_norm", [x, w], [op.result.type], {"eps": eps}, op.loc, before=op)
+        rw.replace_uses(op.result, new.result)
+        rw.erase_many([op, *inner])
+        return new
+    return None
+
+
+def _match_norm(y: Value) -> tuple[Value, float, list[Op]] | NoMatch:
+    scale = _prod(y, "mul")
+    if scale is None:
+        return NoMatch("not x * rsqrt(...)")
+    for x, r in (scale.operands, scale.operands[::-1]):
+        inner: list[Op] = [scale]
+        rs = _prod(r, "rsqrt")
+        if rs is None:
+            rec = _prod(r, "reciprocal")
+            rs = _prod(rec.operands[0], "sqrt") if rec is not None else None
             if rs is None:
-                rec = _prod(r, "reciprocal")
-                rs = _prod(rec.operands[0], "sqrt") if rec is not None else None
-                if rs is None:
-                    continue
-                inner.append(rec)
-            inner.append(rs)
-            aff = _prod(rs.operands[0], "affine")
-            if aff is None or aff.attrs["alpha"] != 1.0:
-                return "no `mean + eps` under the square root"
-            mean = _prod(aff.operands[0], "reduce_mean")
-            sq = _prod(mean.operands[0], "mul") if mean is not None else None
-            if sq is None or sq.operands[0] is not x or sq.operands[1] is not x:
-                return "the mean is not of x*x for the same x"
-            inner += [aff, mean, sq]
-            if any(not _single_use(o.result) for o in inner):
-                return "an intermediate of the norm is used elsewhere"
-            return x, float(aff.attrs["beta"]), inner
-        return "not x * rsqrt(...)"
+                continue
+            inner.append(rec)
+        inner.append(rs)
+        aff = _prod(rs.operands[0], "affine")
+        if aff is None or aff.attrs["alpha"] != 1.0:
+            return NoMatch("no `mean + eps` under the square root")
+        mean = _prod(aff.operands[0], "reduce_mean")
+        sq = _prod(mean.operands[0], "mul") if mean is not None else None
+        if sq is None or sq.operands[0] is not x or sq.operands[1] is not x:
+            return NoMatch("the mean is not of x*x for the same x")
+        inner += [aff, mean, sq]
+        if any(not _single_use(o.result) for o in inner):
+            return NoMatch("an intermediate of the norm is used elsewhere")
+        return x, float(aff.attrs["beta"]), inner
+    return NoMatch("not x * rsqrt(...)")
 
-    def _swiglu(self, op: Op, rw: Rewriter, ctx: PassContext) -> None:
-        if op.name != "mul":
-            return
-        silu = self._silu_of(op)
-        if silu is not None:  # op itself is g * sigmoid(g)
-            g, sig = silu
-            users = op.result.users
-            if len(users) == 1 and users[0].name == "mul" and self._swiglu_from(users[0], op, g, sig, rw):
-                return
-            new = rw.create("silu", [g], [op.result.type], {}, op.loc, before=op)
-            rw.replace_uses(op.result, new.result)
-            rw.erase_many([op, sig] if _single_use(sig.result) else [op])
 
-    def _silu_of(self, op: Op) -> tuple[Value, Op] | None:
-        for g, s in (op.operands, op.operands[::-1]):
-            sig = _prod(s, "sigmoid")
-            if sig is not None and sig.operands[0] is g:
-                return g, sig
+def _silu_of(op: Op) -> tuple[Value, Op] | None:
+    """(g, the sigmoid) if `op` is g * sigmoid(g)."""
+    for g, s in (op.operands, op.operands[::-1]):
+        sig = _prod(s, "sigmoid")
+        if sig is not None and sig.operands[0] is g:
+            return g, sig
+    return None
+
+
+def _swiglu(rw: Rewriter, op: Op) -> Op | None:
+    """Anchored at the silu's mul, g * sigmoid(g), whose one user multiplies it by u."""
+    silu = _silu_of(op)
+    users = op.result.users
+    if silu is None or len(users) != 1 or users[0].name != "mul":
         return None
+    (g, sig), mul = silu, users[0]
+    a, b = mul.operands
+    up = b if a is op.result else a
+    if up is op.result or up.type != g.type or not _single_use(sig.result):
+        return None
+    new = rw.create("swiglu", [g, up], [mul.result.type], {}, mul.loc, before=mul)
+    rw.replace_uses(mul.result, new.result)
+    rw.erase_many([mul, op, sig])
+    return new
 
-    def _swiglu_from(self, mul: Op, silu_op: Op, g: Value, sig: Op, rw: Rewriter) -> bool:
-        a, b = mul.operands
-        up = b if a is silu_op.result else a
-        if up is silu_op.result or up.type != g.type or not _single_use(sig.result):
-            return False
-        new = rw.create("swiglu", [g, up], [mul.result.type], {}, mul.loc, before=mul)
-        rw.replace_uses(mul.result, new.result)
-        rw.erase_many([mul, silu_op, sig])
-        return True
+
+def _silu(rw: Rewriter, op: Op) -> Op | None:
+    silu = _silu_of(op)
+    if silu is None:
+        return None
+    g, sig = silu
+    new = rw.create("silu", [g], [op.result.type], {}, op.loc, before=op)
+    rw.replace_uses(op.result, new.result)
+    rw.erase_many([op, sig] if _single_use(sig.result) else [op])
+    return new
+
+
+register_rule(Rule("bias", "ir", "add", "linear(x, w) + b -> linear(x, w, b)", _bias))
+register_rule(Rule("rms_norm", "ir", "mul", "w * (x * rsqrt(mean(x*x) + eps)) -> rms_norm(x, w)", _rms_norm))
+register_rule(Rule("swiglu", "ir", "mul", "(g * sigmoid(g)) * u -> swiglu(g, u)", _swiglu))
+register_rule(Rule("silu", "ir", "mul", "g * sigmoid(g) -> silu(g) (not part of a swiglu)", _silu))
 
 
 def _dead_code(module: Module, rw: Rewriter) -> None:

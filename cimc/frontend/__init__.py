@@ -5,13 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import onnx
-
-from cimc.frontend import contrib_attention, contrib_embedding, contrib_norms, qdq, quantized  # noqa: F401
-from cimc.frontend.converters import STANDARD, Unsupported, find
+from cimc.frontend import ops, rules  # noqa: F401  (their modules register converters and idiom rules)
+from cimc.frontend.converters import refusal
 from cimc.frontend.fold import Binding, analyze, find_roles, position_tables, prepare
 from cimc.frontend.lift import Lifter
-from cimc.frontend.model import Node, OnnxModel, WeightStore, cannot_compile, open_model
+from cimc.frontend.model import OnnxModel, WeightStore, cannot_compile, open_model
 from cimc.ir.core import Module
 from isa.diag import CimcError
 
@@ -32,7 +30,7 @@ def import_onnx(path: str | os.PathLike, *, max_seq: int = 256, max_ctx: int | N
     if max_ctx < max_seq:
         raise CimcError(f"--max-ctx ({max_ctx}) must be at least --max-seq ({max_seq})")
     model, weights = open_model(path)
-    refused = [(n, why) for n in model.nodes if (why := _refusal(model, n))]
+    refused = [(n, why) for n in model.nodes if (why := refusal(model, n))]
     if refused:
         raise cannot_compile(model, refused)
     roles = find_roles(model)
@@ -51,32 +49,3 @@ def import_onnx(path: str | os.PathLike, *, max_seq: int = 256, max_ctx: int | N
     module = Lifter(model, facts, roles, max_seq, max_ctx, Path(path).stem, weights.get).run()
     return module, weights
 
-
-def _refusal(model: OnnxModel, node: Node) -> str:
-    """Why `node` cannot be compiled, from its op and attributes alone ("" if it may be)."""
-    standard = node.domain in STANDARD
-    if not (set(STANDARD) & set(model.opsets) if standard else node.domain in model.opsets):
-        return f"the model imports no opset for its domain {node.domain or 'ai.onnx'!r} (opset_import)"
-    conv = find(node)
-    if conv is not None:
-        try:
-            conv.check(model, node)
-        except Unsupported as e:
-            return str(e)
-        return ""
-    if not standard:
-        return "operator not supported yet"
-    if not onnx.defs.has(node.op_type):
-        return "not a standard ONNX operator"
-    try:  # its inputs, outputs and attributes against the op's schema at the model's opset
-        onnx.checker.check_node(node.proto, _checker_context(model))
-    except (onnx.checker.ValidationError, onnx.defs.SchemaError) as e:
-        return f"not valid ONNX: {str(e).splitlines()[0]}"
-    return ""
-
-
-def _checker_context(model: OnnxModel) -> onnx.checker.C.CheckerContext:
-    ctx = onnx.checker.C.CheckerContext()
-    ctx.ir_version = model.proto.ir_version
-    ctx.opset_imports = dict(model.opsets)
-    return ctx

@@ -87,7 +87,7 @@ def find_roles(model: OnnxModel) -> Roles:
                     params = [d.dim_param for d in vi.type.tensor_type.shape.dim[1:] if d.dim_param]
                     roles.past_param = params[-1] if params else roles.past_param
     for n in model.nodes:  # attention ops that keep a cache (GroupQueryAttention)
-        conv = converters.find(n)
+        conv = converters.find(model, n)
         if conv is None or conv.roles is None:
             continue
         found = conv.roles(model, n)
@@ -127,7 +127,7 @@ def weight_derived(model: OnnxModel, data: set[str]) -> set[str]:
     values computed from them (kept lazy, never folded)."""
     lazy = {name for name in model.initializers if model.is_weight(name)}
     for n in model.nodes:
-        conv = converters.find(n)
+        conv = converters.find(model, n)
         if conv is not None:
             lazy.update(name for name in conv.lazy(model, n) if name in model.initializers)
     for n in model.nodes:
@@ -328,7 +328,7 @@ def _infer_shapes(model: OnnxModel, among: list[Node], values: dict[str, np.ndar
                for k in model.initializers if k in lazy]
     protos: list[onnx.NodeProto] = []
     for nd in nodes:
-        conv = converters.find(nd)
+        conv = converters.find(model, nd)
         if conv is None:
             protos.append(nd.proto)
             continue

@@ -131,4 +131,4 @@ def lift(lifter: Lifter, node: Node, args: list) -> Term:
                          {"act": nb.act})
 
 
-register(Converter("com.microsoft", "MatMulNBits", read, lazy, standin, lift))
+register(Converter("com.microsoft", "MatMulNBits", lift, check=read, lazy=lazy, standin=standin))

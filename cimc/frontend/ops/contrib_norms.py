@@ -81,7 +81,7 @@ def _vector(lifter: Lifter, node: Node, term: Term, name: str, cols: int) -> Val
 
 def _activation(lifter: Lifter, node: Node, term: Term, what: str):
     v = lifter.need_view(term, what)
-    if not lifter._is_plain(v):
+    if not lifter.is_plain(v):
         raise Unsupported(f"{what} {node.inputs[0]!r} is not a [tokens, features] activation")
     return v
 
@@ -89,13 +89,13 @@ def _activation(lifter: Lifter, node: Node, term: Term, what: str):
 def _norm(lifter: Lifter, node: Node, x: Value, scale: Term) -> Value:
     cols = int(x.type.shape[1])
     w = _vector(lifter, node, scale, "scale", cols)
-    return lifter._op("rms_norm", [x, w], node.name, {"eps": float(node.attrs.get("epsilon", DEFAULT_EPS))})
+    return lifter.op("rms_norm", [x, w], node.name, {"eps": float(node.attrs.get("epsilon", DEFAULT_EPS))})
 
 
 def lift_simplified(lifter: Lifter, node: Node, args: list) -> tuple[Term, ...]:
     x = _activation(lifter, node, args[0], "input X")
     y = _norm(lifter, node, x.base, args[1])
-    return lifter._view_of(y, lifter.shape(node.outputs[0])), Bad(node)
+    return lifter.view_of(y, lifter.shape(node.outputs[0])), Bad(node)
 
 
 def lift_skip(lifter: Lifter, node: Node, args: list) -> tuple[Term, ...]:
@@ -103,14 +103,16 @@ def lift_skip(lifter: Lifter, node: Node, args: list) -> tuple[Term, ...]:
     skip = _activation(lifter, node, args[1], "skip")
     if x.base.type != skip.base.type:
         raise Unsupported(f"input {x.base.type} and skip {skip.base.type} differ in shape")
-    total = lifter._op("add", [x.base, skip.base], node.name)
+    total = lifter.op("add", [x.base, skip.base], node.name)
     if len(args) > 3 and args[3] is not None:
-        total = lifter._op("add", [total, _vector(lifter, node, args[3], "bias", int(x.base.type.shape[1]))],
+        total = lifter.op("add", [total, _vector(lifter, node, args[3], "bias", int(x.base.type.shape[1]))],
                            node.name)
     y = _norm(lifter, node, total, args[2])
     shape = lifter.shape(node.inputs[0])
-    return lifter._view_of(y, shape), Bad(node), Bad(node), lifter._view_of(total, shape)
+    return lifter.view_of(y, shape), Bad(node), Bad(node), lifter.view_of(total, shape)
 
 
-register(Converter("", "SimplifiedLayerNormalization", check_simplified, lazy, standin_simplified, lift_simplified))
-register(Converter("com.microsoft", "SkipSimplifiedLayerNormalization", check_skip, lazy, standin_skip, lift_skip))
+register(Converter("", "SimplifiedLayerNormalization", lift_simplified,
+                   check=check_simplified, lazy=lazy, standin=standin_simplified))
+register(Converter("com.microsoft", "SkipSimplifiedLayerNormalization", lift_skip,
+                   check=check_skip, lazy=lazy, standin=standin_skip))

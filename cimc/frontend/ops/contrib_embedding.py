@@ -102,4 +102,4 @@ def lift(lifter: Lifter, node: Node, args: list) -> Term:
     return lifter.embedding(node, args[1], table)
 
 
-register(Converter("com.microsoft", "GatherBlockQuantized", check, lazy, standin, lift))
+register(Converter("com.microsoft", "GatherBlockQuantized", lift, check=check, lazy=lazy, standin=standin))

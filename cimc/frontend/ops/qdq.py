@@ -27,13 +27,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-import onnx
 from onnx import TensorProto
 
-from cimc.frontend.converters import Converter, Unsupported, register, register_idiom
+from cimc.frontend.converters import Converter, Unsupported, register
 from cimc.frontend.lift import Dequant, Expr, Lazy, Lifter, QLazy, Term, View
 from cimc.frontend.model import Node, OnnxModel
+from cimc.ir.core import Value
 from cimc.ir.quant import held_type
+from cimc.ir.rules import Rule, register_rule
+from isa.dtypes import ACT
 
 #: ONNX integer types a quantized weight may have.
 WEIGHT_INTS = (TensorProto.INT8, TensorProto.UINT8, TensorProto.INT4, TensorProto.UINT4)
@@ -158,11 +160,6 @@ def _dequant_lazy(model: OnnxModel, node: Node) -> list[str]:
     return [src, *(name for name in node.inputs[1:3] if name)] if src else []
 
 
-def _itself(node: Node) -> tuple[list[onnx.NodeProto], list[onnx.ValueInfoProto]]:
-    """A standard op: ONNX shape inference knows it."""
-    return [node.proto], []
-
-
 def _dequant_lift(lifter: Lifter, node: Node, args: list) -> Term:
     """A QLazy weight, or an embedding over the dequantized table (Gather -> DequantizeLinear)."""
     dq = read_dequant(lifter.model, node)
@@ -177,6 +174,35 @@ def _dequant_lift(lifter: Lifter, node: Node, args: list) -> Term:
             raise Unsupported("the embedding table must be a [vocab, hidden] initializer")
         return lifter.embedding(node, ids, lifter.dequantized_table(table.init, dq.scales, dq.zero_points, 1, 0))
     raise Unsupported(f"x {node.inputs[0]!r} is not an integer initializer: {NO_ACTIVATIONS}")
+
+
+def dequantized_weight(lifter: Lifter, q: QLazy) -> Value:
+    """The `qweight` (format `dequantizelinear`) a MatMul or Gemm takes from a DequantizeLinear:
+    scales per tensor, per output column, or in blocks along the reduction axis; anything else
+    the macros' per-column scales cannot hold is refused, naming the node and the value."""
+    where, dq = f"weight {q.init!r} of DequantizeLinear {q.node.name!r}", q.dq
+    if len(q.shape) != 2:
+        raise Unsupported(f"{where} has shape {list(q.shape)}; a MatMul weight must be a matrix")
+    k_axis = 1 if q.transpose else 0
+    k, n = reversed(q.shape) if q.transpose else q.shape
+    if dq.per_tensor:
+        group = 0
+    elif dq.block:
+        if dq.axis != k_axis:
+            raise Unsupported(f"{where} has blocks of {dq.block} along axis {dq.axis}, the output axis of "
+                              f"[K={k}, N={n}]; blocks must run along the reduction axis K")
+        group = dq.block
+    elif dq.axis == k_axis:
+        raise Unsupported(f"{where} has one scale per row of the reduction axis (axis {dq.axis} is K={k}); the "
+                          "macros scale each output column (or block of K rows), so quantize per output "
+                          "channel or in blocks along K")
+    else:
+        group = 0
+    zero = lifter.weights(dq.zero_points) if dq.zero_points else None
+    attrs = {"init": q.init, "format": "dequantizelinear", "group": group, "scale_type": ACT,
+             "scales": dq.scales} | ({"zero_points": dq.zero_points} if dq.zero_points else {}) \
+        | ({"transpose": True} if q.transpose else {})
+    return lifter.qweight(attrs, held_type(dq.dtype, zero), (int(k), int(n)), q.init)
 
 
 # ---- QuantizeLinear --------------------------------------------------------------------------------
@@ -306,12 +332,9 @@ def dynamic_linear(lifter: Lifter, mul: Expr) -> View | None:
     return None
 
 
-def _nothing_lazy(model: OnnxModel, node: Node) -> list[str]:
-    return []
-
-
-register(Converter("", "DequantizeLinear", read_dequant, _dequant_lazy, _itself, _dequant_lift))
-register(Converter("", "QuantizeLinear", _quant_check, _nothing_lazy, _itself, _never))
-register(Converter("", "DynamicQuantizeLinear", _dynamic_check, _nothing_lazy, _itself, _dynamic_lift))
-register(Converter("", "MatMulInteger", read_matmulinteger, _matmulinteger_lazy, _itself, _matmulinteger_lift))
-register_idiom("Mul", dynamic_linear)
+register(Converter("", "DequantizeLinear", _dequant_lift, check=read_dequant, lazy=_dequant_lazy))
+register(Converter("", "QuantizeLinear", _never, check=_quant_check))
+register(Converter("", "DynamicQuantizeLinear", _dynamic_lift, check=_dynamic_check))
+register(Converter("", "MatMulInteger", _matmulinteger_lift, check=read_matmulinteger, lazy=_matmulinteger_lazy))
+register_rule(Rule("dynamic_linear", "onnx", "Mul", "Mul(Cast(MatMulInteger(DynamicQuantizeLinear(x), W_q)), "
+                   "x_scale * w_scale) -> linear(x, qweight{matmulinteger}, act u8)", dynamic_linear))

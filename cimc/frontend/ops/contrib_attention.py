@@ -178,7 +178,7 @@ def split_columns(lifter: Lifter, v: Value, c0: int, c1: int, loc: str) -> Value
             if bias is None:
                 raise Unsupported("the packed qkv projection's bias is not a constant vector")
             operands.append(_const(lifter, bias[c0:c1], f"{loc}:bias[{c0}:{c1}]"))
-        return lifter._op("linear", operands, op.loc, {k: op.attrs[k] for k in ("act",) if k in op.attrs})
+        return lifter.op("linear", operands, op.loc, {k: op.attrs[k] for k in ("act",) if k in op.attrs})
     if op is not None and op.name in ("add", "mul", "sub") and len(op.operands) == 2:
         a, b = op.operands
         for x, c, left in ((a, b, True), (b, a, False)):
@@ -186,7 +186,7 @@ def split_columns(lifter: Lifter, v: Value, c0: int, c1: int, loc: str) -> Value
             if vec is not None and x.type.rank == 2 and vec.size == n:
                 part = split_columns(lifter, x, c0, c1, loc)
                 cv = _const(lifter, vec[c0:c1], f"{op.loc}:[{c0}:{c1}]")
-                return lifter._op(op.name, [part, cv] if left else [cv, part], op.loc)
+                return lifter.op(op.name, [part, cv] if left else [cv, part], op.loc)
     what = op.name if op is not None else "a graph input"
     raise Unsupported(f"packed qkv comes from {what}, not from a projection with integer weights (and constant "
                       "vector ops after it) that can be split into its q, k and v column blocks")
@@ -218,7 +218,7 @@ def lift(lifter: Lifter, node: Node, args: list) -> tuple[Term, ...]:
     hd = check(lifter.model, node)
     heads, kvh = _ints(node)
     packed = lifter.need_view(args[0], "query")
-    if not lifter._is_plain(packed):
+    if not lifter.is_plain(packed):
         raise Unsupported(f"query {node.inputs[0]!r} is not a [tokens, features] activation")
     p = packed.base
     cols = int(p.type.shape[1])
@@ -239,15 +239,15 @@ def lift(lifter: Lifter, node: Node, args: list) -> tuple[Term, ...]:
     q, k, v = (split_columns(lifter, p, c0, c1, node.name) for c0, c1 in
                ((0, heads * hd), (heads * hd, (heads + kvh) * hd), ((heads + kvh) * hd, cols)))
     cos, sin = (_table(lifter, node, name) for name in node.inputs[7:9])
-    q = lifter._op("rope", [q, cos, sin], node.name, {"head_dim": hd})
-    k = lifter._op("rope", [k, cos, sin], node.name, {"head_dim": hd})
-    kc = lifter._op("kv_append", [caches[0], k], node.name)
-    vc = lifter._op("kv_append", [caches[1], v], node.name)
+    q = lifter.op("rope", [q, cos, sin], node.name, {"head_dim": hd})
+    k = lifter.op("rope", [k, cos, sin], node.name, {"head_dim": hd})
+    kc = lifter.op("kv_append", [caches[0], k], node.name)
+    vc = lifter.op("kv_append", [caches[1], v], node.name)
     scale = float(node.attrs.get("scale", 0.0)) or 1.0 / math.sqrt(hd)
     attrs = {"heads": heads, "kv_heads": kvh, "head_dim": hd, "scale": float(np.float32(scale)), "causal": True}
-    out = lifter._op("attention", [q, kc, vc], node.name, attrs)
+    out = lifter.op("attention", [q, kc, vc], node.name, attrs)
     present = (Axis(1), Axis(kvh, 0, hd), Axis(ctx, 1, 0), Axis(hd, 0, 1))
-    return lifter._view_of(out, lifter.shape(node.outputs[0])), View(kc, present), View(vc, present)
+    return lifter.view_of(out, lifter.shape(node.outputs[0])), View(kc, present), View(vc, present)
 
 
-register(Converter("com.microsoft", "GroupQueryAttention", check, lazy, standin, lift, roles))
+register(Converter("com.microsoft", "GroupQueryAttention", lift, check=check, lazy=lazy, standin=standin, roles=roles))

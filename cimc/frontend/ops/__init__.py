@@ -1,0 +1,15 @@
+"""The frontend's op converters, one module per op family; each registers its converters in
+`cimc.frontend.converters` (and any idiom rules it owns in `cimc.ir.rules`) on import."""
+
+from cimc.frontend.ops import (  # noqa: F401
+    contrib_attention,
+    contrib_embedding,
+    contrib_norms,
+    elementwise,
+    gather,
+    layout,
+    linear,
+    qdq,
+    quantized,
+    reduce,
+)

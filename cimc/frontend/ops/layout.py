@@ -1,0 +1,194 @@
+"""Layout ops: Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Expand, Slice, Identity, Cast, Concat.
+
+On an activation they only re-view it (cimc.frontend.views); on a deferred expression they defer
+too (an idiom may consume the chain). Concat(past KV, new KV) along the position axis is a cache
+append. Transpose, Identity, Cast and Reshape also apply to weights left on disk (`weights`).
+
+Opset forms: Squeeze and Unsqueeze take `axes` as an attribute before opset 13 and as an input
+from 13; Slice takes `starts`/`ends`/`axes` as attributes before opset 10 and as inputs from 10;
+Cast names its target type by a string before opset 6 (not converted).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from onnx import TensorProto
+
+from cimc.frontend import views as V
+from cimc.frontend.converters import Unsupported, no_weights, standard
+from cimc.frontend.lift import Expr, Lazy, Lifter, QLazy, Static, Term, transposed
+from cimc.frontend.model import FLOAT_TYPES, Node
+from cimc.frontend.views import Axis, View
+
+
+def relayout(lifter: Lifter, node: Node, args: list, fn: Callable[[View], View]) -> Term:
+    """`fn` of the input view, or a deferred expression if the input is one."""
+    if isinstance(args[0], Expr):
+        return Expr(node, args)
+    return fn(lifter.need_view(args[0], "input"))
+
+
+def static_ints(args: list, i: int) -> list[int] | None:
+    """Input `i` as a list of ints, if it is given and known at compile time."""
+    if len(args) > i and isinstance(args[i], Static):
+        return [int(a) for a in np.asarray(args[i].value).ravel()]
+    return None
+
+
+# ---- Identity, Cast, Reshape, Flatten, Transpose, Expand ----------------------------------------
+
+
+def identity(lifter: Lifter, node: Node, args: list) -> Term:
+    return args[0]
+
+
+def identity_weights(lifter: Lifter, node: Node, args: list) -> Term:
+    if isinstance(args[0], (Lazy, QLazy)):
+        return args[0]
+    return no_weights(lifter, node, args)
+
+
+def cast(lifter: Lifter, node: Node, args: list) -> Term:
+    if isinstance(args[0], Expr):  # part of a chain an idiom may consume (quantize_dynamic's)
+        return Expr(node, args)
+    et = lifter.f1.elem_types.get(node.inputs[0])
+    if node.attrs.get("to") == TensorProto.FLOAT and et in FLOAT_TYPES:
+        return args[0]
+    raise Unsupported("Cast of an activation to another element type is not supported")
+
+
+def cast_weights(lifter: Lifter, node: Node, args: list) -> Term:
+    if isinstance(args[0], Lazy):
+        if node.attrs.get("to") != TensorProto.FLOAT:
+            raise Unsupported("weights may only be cast to float32")
+        return args[0]
+    return no_weights(lifter, node, args)
+
+
+def reshape(lifter: Lifter, node: Node, args: list) -> Term:
+    return relayout(lifter, node, args, lambda v: V.reshape(v, lifter.shape(node.outputs[0])))
+
+
+def reshape_weights(lifter: Lifter, node: Node, args: list) -> Term:
+    src = args[0]
+    if isinstance(src, Lazy) and not src.transpose \
+            and lifter.model.initializers[src.init].data_type not in FLOAT_TYPES:
+        return Lazy(src.init, lifter.shape(node.outputs[0]))  # packed integers a converter reads (row-major)
+    return no_weights(lifter, node, args)
+
+
+def transpose(lifter: Lifter, node: Node, args: list) -> Term:
+    rank = len(lifter.shape(node.inputs[0]))
+    perm = list(node.attrs.get("perm", reversed(range(rank))))
+    return relayout(lifter, node, args, lambda v: V.transpose(v, perm))
+
+
+def transpose_weights(lifter: Lifter, node: Node, args: list) -> Term:
+    src = args[0]
+    if isinstance(src, (Lazy, QLazy)) and len(src.shape) == 2 and list(node.attrs.get("perm", [1, 0])) == [1, 0]:
+        return transposed(src)
+    return no_weights(lifter, node, args)
+
+
+def expand(lifter: Lifter, node: Node, args: list) -> Term:
+    return relayout(lifter, node, args, lambda v: V.expand(v, lifter.shape(node.outputs[0])))
+
+
+# ---- Squeeze, Unsqueeze: axes attribute (opsets 1-12) or input (13+) ---------------------------
+
+
+def squeeze_attr(lifter: Lifter, node: Node, args: list) -> Term:
+    axes = node.attrs.get("axes")
+    return relayout(lifter, node, args, lambda v: V.squeeze(v, None if axes is None else list(axes)))
+
+
+def squeeze_input(lifter: Lifter, node: Node, args: list) -> Term:
+    axes = static_ints(args, 1)
+    if len(args) > 1 and args[1] is not None and axes is None:
+        raise Unsupported("Squeeze axes must be known at compile time")
+    return relayout(lifter, node, args, lambda v: V.squeeze(v, axes))
+
+
+def unsqueeze_attr(lifter: Lifter, node: Node, args: list) -> Term:
+    axes = list(node.attrs.get("axes", []))
+    return relayout(lifter, node, args, lambda v: V.unsqueeze(v, axes))
+
+
+def unsqueeze_input(lifter: Lifter, node: Node, args: list) -> Term:
+    axes = static_ints(args, 1)
+    if axes is None:
+        raise Unsupported("Unsqueeze axes must be known at compile time")
+    return relayout(lifter, node, args, lambda v: V.unsqueeze(v, axes))
+
+
+# ---- Slice: bounds as attributes (opsets 1-9) or inputs (10+) ----------------------------------
+
+
+def _slice(lifter: Lifter, node: Node, args: list, starts: list[int], ends: list[int], axes: list[int] | None,
+           steps: list[int] | None) -> Term:
+    shape = lifter.shape(node.inputs[0])
+    axes = list(range(len(starts))) if axes is None else axes
+    if steps is not None and any(s != 1 for s in steps):
+        raise Unsupported("Slice with a step other than 1 is not supported on activations")
+
+    def apply(v: View) -> View:
+        for st, en, ax in zip(starts, ends, axes, strict=True):
+            if not -len(shape) <= ax < len(shape):
+                raise Unsupported(f"Slice axis {ax} is out of range for a rank-{len(shape)} input")
+            ax %= len(shape)
+            lo, hi, _ = slice(st, en).indices(shape[ax])
+            v = V.slice_axis(v, ax, lo, max(0, hi - lo))
+        return v
+
+    return relayout(lifter, node, args, apply)
+
+
+def slice_attr(lifter: Lifter, node: Node, args: list) -> Term:
+    at = node.attrs
+    if "starts" not in at or "ends" not in at:
+        raise Unsupported("Slice needs its starts and ends attributes")
+    return _slice(lifter, node, args, list(at["starts"]), list(at["ends"]),
+                  list(at["axes"]) if "axes" in at else None, None)
+
+
+def slice_input(lifter: Lifter, node: Node, args: list) -> Term:
+    if not all(isinstance(a, Static) for a in args[1:] if a is not None):
+        raise Unsupported("Slice bounds must be known at compile time")
+    starts, ends, axes, steps = (static_ints(args, i) for i in (1, 2, 3, 4))
+    assert starts is not None and ends is not None
+    return _slice(lifter, node, args, starts, ends, axes, steps)
+
+
+# ---- Concat -------------------------------------------------------------------------------------
+
+
+def concat(lifter: Lifter, node: Node, args: list) -> Term:
+    """Concat(past KV, new KV) along the position axis is a cache append; others wait (RoPE)."""
+    past = args[0]
+    if isinstance(past, View) and past.base.owner is not None and past.base.owner.name == "kv_cache":
+        new = lifter.need_view(args[1], "new keys or values") if len(args) == 2 else None
+        rank = len(past.shape)
+        if new is None or node.attrs.get("axis", 0) % rank != 2 or new.r0 or new.c0 or \
+                new.axes[1:] != (past.axes[1], Axis(lifter.n, 1, 0), past.axes[3]) or \
+                new.base.type.shape[1] != past.base.type.shape[1]:
+            raise Unsupported("only Concat(past, new) of a KV cache along its position axis is supported")
+        out = lifter.op("kv_append", [past.base, new.base], node.name)
+        return View(out, (Axis(1), past.axes[1], Axis(lifter.n + lifter.past, 1, 0), past.axes[3]))
+    return Expr(node, args)
+
+
+standard("Identity", identity, weights=identity_weights)
+standard("Cast", cast, since=6, weights=cast_weights)
+standard("Reshape", reshape, weights=reshape_weights)
+standard("Flatten", reshape)
+standard("Transpose", transpose, weights=transpose_weights)
+standard("Expand", expand)
+standard("Squeeze", squeeze_attr, until=13)
+standard("Squeeze", squeeze_input, since=13)
+standard("Unsqueeze", unsqueeze_attr, until=13)
+standard("Unsqueeze", unsqueeze_input, since=13)
+standard("Slice", slice_attr, until=10)
+standard("Slice", slice_input, since=10)
+standard("Concat", concat)

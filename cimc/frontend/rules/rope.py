@@ -1,0 +1,95 @@
+"""RoPE: `x*cos + rotate_half(x)*sin` (either operand order) -> `rope(x, cos, sin)`, anchored at
+the final Add. Needs ONNX facts: x must be a whole activation split into heads, and cos/sin
+folded per-position tables that are functions of the position (one program serves every length).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cimc.frontend import views as V
+from cimc.frontend.converters import Unsupported
+from cimc.frontend.lift import Expr, Lifter, Static, View
+from cimc.frontend.rules.terms import split_mul
+from cimc.frontend.views import Axis
+from cimc.ir.core import Value
+from cimc.ir.rules import NoMatch, Rule, register_rule
+
+
+def match(lifter: Lifter, add: Expr) -> View | NoMatch | None:
+    """The rope op, or why a candidate (an Add of two products) did not match (the most
+    specific reason)."""
+    reasons: list[str] = []
+    for m1, m2 in (add.args, add.args[::-1]):
+        xc = split_mul(m1, View)
+        rs = split_mul(m2, Expr)
+        if xc is None or rs is None:
+            continue
+        (x, cos), (rot, sin) = xc, rs
+        hd = x.shape[-1]
+        concat_axis = rot.node.attrs.get("axis")
+        if rot.node.op_type != "Concat" or len(rot.args) != 2 or concat_axis not in (-1, len(x.shape) - 1):
+            reasons.append("rotate_half is not Concat(-x2, x1) on the last axis")
+            continue
+        neg, x1 = rot.args
+        if not (isinstance(neg, Expr) and neg.node.op_type == "Neg" and isinstance(neg.args[0], View)):
+            reasons.append("rotate_half's first half is not Neg(slice)")
+            continue
+        last = len(x.shape) - 1
+        halves_ok = hd % 2 == 0 and neg.args[0] == V.slice_axis(x, last, hd // 2, hd // 2) \
+            and x1 == V.slice_axis(x, last, 0, hd // 2)
+        if not halves_ok:
+            reasons.append("rotate_half does not swap the two halves of the head dimension")
+            continue
+        try:
+            tables = [_table(lifter, t, x) for t in (cos, sin)]
+            base = _heads_base(lifter, x, hd)
+        except Unsupported as e:
+            reasons.append(str(e))
+            continue
+        out = lifter.op("rope", [base, *tables], add.node.name, {"head_dim": hd})
+        return View(out, x.axes)
+    if reasons:
+        return NoMatch(reasons[-1])
+    if all(isinstance(a, Expr) and a.node.op_type == "Mul" for a in add.args):
+        return NoMatch("Add of products is not x*cos + rotate_half(x)*sin")
+    return None
+
+
+def _heads_base(lifter: Lifter, x: View, hd: int) -> Value:
+    core = sorted(x.core(), key=lambda a: (a.rs, a.cs))
+    cols = int(x.base.type.shape[1]) if x.base.type.rank == 2 else 1
+    want = sorted([a for a in (Axis(hd, 0, 1), Axis(cols // hd, 0, hd), Axis(lifter.n, 1, 0)) if a.size != 1],
+                  key=lambda a: (a.rs, a.cs))
+    if x.r0 or x.c0 or cols % hd or core != want:
+        raise Unsupported("RoPE input is not a whole [tokens, heads*head_dim] activation split into heads")
+    return x.base
+
+
+def _table(lifter: Lifter, s: Static, x: View) -> Value:
+    arr = np.asarray(s.value, np.float32)
+    try:
+        full = np.broadcast_to(arr.reshape((1,) * (len(x.shape) - arr.ndim) + arr.shape), x.shape)
+    except ValueError:
+        raise Unsupported(f"RoPE table {s.name!r} {arr.shape} does not broadcast to {x.shape}") from None
+    seq_ax = next(i for i, a in enumerate(x.axes) if a.rs == 1)
+    idx = [0] * len(x.shape)
+    idx[seq_ax] = slice(None)
+    idx[-1] = slice(None)
+    table = full[tuple(idx)]
+    ref = np.broadcast_to(table.reshape([x.shape[i] if i in (seq_ax, len(x.shape) - 1) else 1
+                                         for i in range(len(x.shape))]), x.shape)
+    if not np.array_equal(ref, full):
+        raise Unsupported(f"RoPE table {s.name!r} differs between heads or batch entries")
+
+    def rows_of(a: np.ndarray) -> np.ndarray:
+        a = np.asarray(a, np.float32)
+        a = a.reshape((1,) * (len(x.shape) - a.ndim) + a.shape)
+        pick = tuple(slice(None) if i in (seq_ax, len(x.shape) - 1) else 0 for i in range(a.ndim))
+        return a[pick] if seq_ax < len(x.shape) - 1 else a[pick].T
+
+    return lifter.const(s, np.ascontiguousarray(lifter.position_table(s, rows_of)), True)
+
+
+register_rule(Rule("RoPE", "onnx", "Add", "x*cos + rotate_half(x)*sin -> rope(x, cos, sin) over per-position tables",
+                   match))

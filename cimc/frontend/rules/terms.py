@@ -1,0 +1,51 @@
+"""Small matchers on lifter terms shared by the frontend's idiom rules."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cimc.frontend.lift import Expr, Static, Term
+
+
+def split_mul(t: Term, kind: type) -> tuple | None:
+    """(x, static) if `t` is Mul(x, static) with x of `kind`."""
+    if not (isinstance(t, Expr) and t.node.op_type == "Mul"):
+        return None
+    a, b = t.args
+    if isinstance(a, kind) and isinstance(b, Static):
+        return a, b
+    if isinstance(b, kind) and isinstance(a, Static):
+        return b, a
+    return None
+
+
+def scalar(t: Term) -> float | None:
+    """The value of a constant scalar term, else None."""
+    if isinstance(t, Static) and np.asarray(t.value).size == 1:
+        return float(np.asarray(t.value).ravel()[0])
+    return None
+
+
+def strip_scalars(t: Term) -> tuple[Term, float]:
+    """Peel Mul/Div by constant scalars: returns (inner term, accumulated factor)."""
+    factor = 1.0
+    while isinstance(t, Expr) and t.node.op_type in ("Mul", "Div"):
+        a, b = t.args
+        if scalar(b) is not None:
+            factor = factor * scalar(b) if t.node.op_type == "Mul" else factor / scalar(b)
+            t = a
+        elif t.node.op_type == "Mul" and scalar(a) is not None:
+            factor *= scalar(a)
+            t = b
+        else:
+            break
+    return t, factor
+
+
+def strip_nan_guard(t: Term) -> Term:
+    """`Where(IsNaN(p), 0, p)` -> p (exporters guard fully masked rows; causal rows never are)."""
+    if isinstance(t, Expr) and t.node.op_type == "Where":
+        cond, zero, p = t.args
+        if isinstance(cond, Expr) and cond.node.op_type == "IsNaN" and cond.args[0] is p and scalar(zero) == 0.0:
+            return p
+    return t
