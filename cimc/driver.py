@@ -209,6 +209,8 @@ def _hint(domain: str, reason: str) -> str:
                "onnxruntime fusions) or ask for a converter"
     if reason == "not a standard ONNX operator":
         return "not in any ONNX opset: re-export with standard ONNX ops only"
+    if "cimc converts it at opsets" in reason:
+        return "this opset's form of the op is not converted: re-export at one of the opsets named"
     if "idiom" in reason or "is supported in" in reason or "must be followed" in reason:
         return "a decoder pattern (RoPE, attention, a quantized chain) that did not match; the reason says " \
                "where it differs: compare the export with a supported one"
