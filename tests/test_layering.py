@@ -58,3 +58,12 @@ def test_nothing_unpickles() -> None:
             unpicklers = {n for n in _all_imports(path) if n.split(".")[0] in ("pickle", "dill", "cloudpickle")}
             assert not unpicklers, f"{path} imports {unpicklers}"
             assert "allow_pickle=True" not in path.read_text(), path
+
+
+def test_only_dev_scripts_import_the_exporters() -> None:
+    """torch, transformers and optimum are dev-only (dev/zoo makes the zoo): CI does not install them."""
+    dev_only = ("torch", "transformers", "optimum", "onnxruntime_genai")
+    for package in (*OURS, "tests"):
+        for path in _files(package):
+            found = {n for n in _all_imports(path) if n.split(".")[0] in dev_only}
+            assert not found, f"{path.relative_to(ROOT)} imports {found}"
