@@ -219,7 +219,7 @@ def _hint(domain: str, reason: str) -> str:
     return "this use of the op is not supported (see the reason)"
 
 
-def _group_failures(failures: list) -> list[dict]:
+def group_failures(failures: list) -> list[dict]:
     """Unsupported nodes grouped by (domain, op type, reason), most frequent first."""
     groups: dict[tuple[str, str, str], list[str]] = {}
     for node, reason in failures:
@@ -290,7 +290,7 @@ def check_model(path: str | os.PathLike, dims: dict[str, int] | None = None) -> 
     except CannotCompile as e:
         if not e.failures:
             raise
-        return {"model": str(path), "compiles": False, "unsupported": _group_failures(e.failures)}
+        return {"model": str(path), "compiles": False, "unsupported": group_failures(e.failures)}
     return {"model": str(path), "compiles": True, **_summary(module)}
 
 
