@@ -30,7 +30,8 @@ def test_docs_are_generated_from_the_recorded_matrix() -> None:
 def test_cell_verdict_is_current(record: dict) -> None:
     got = matrix.run_cell(record, PROMPTS[record["family"]])
     want = RECORDED[record["file"]]
-    assert (got["verdict"], got["reason"]) == (want["verdict"], want["reason"])
+    assert (got["verdict"], got["reason"]) == (want["verdict"], want["reason"]), \
+        "the cell's verdict changed: if on purpose, record it with python benchmarks/matrix.py"
     for key in ("max_abs_error", "mean_cosine"):
         if key in want:
             assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-9), key
