@@ -7,7 +7,7 @@ from pathlib import Path
 
 from cimc.frontend import ops, rules  # noqa: F401  (their modules register converters and idiom rules)
 from cimc.frontend.converters import refusal
-from cimc.frontend.fold import Binding, analyze, find_roles, position_tables, prepare
+from cimc.frontend.fold import Binding, analyze, find_roles, mask_probe, mask_values, position_tables, prepare
 from cimc.frontend.lift import Lifter
 from cimc.frontend.model import OnnxModel, WeightStore, cannot_compile, open_model
 from cimc.ir.core import Module
@@ -37,7 +37,7 @@ def import_onnx(path: str | os.PathLike, *, max_seq: int = 256, max_ctx: int | N
     dims = roles.dims | dict(dims or {})
     # The graph is lifted at small, distinct lengths (no axis of interest has size 1), compared
     # with one more token and, with a cache, more cached tokens; position tables (RoPE) are
-    # folded at max_ctx tokens so they cover every position.
+    # folded at max_ctx tokens so they cover every position, masks where a sliding window shows.
     past = 7 if roles.caches else 0
     bindings = {"main": Binding(5, past), "seq": Binding(6, past)}
     if roles.caches:
@@ -46,6 +46,9 @@ def import_onnx(path: str | os.PathLike, *, max_seq: int = 256, max_ctx: int | N
     facts = {k: analyze(model, prep, b, dims, roles) for k, b in bindings.items()}
     tables = position_tables(model, facts["main"], facts["seq"])
     facts["table"] = analyze(model, prep, Binding(max(max_ctx, past + 6), 0), dims, roles, only=tables)
+    masks = mask_values(model, facts["main"], facts["seq"])
+    if masks:
+        facts["mask"] = analyze(model, prep, mask_probe(max_ctx, bool(roles.caches)), dims, roles, only=masks)
     module = Lifter(model, facts, roles, max_seq, max_ctx, Path(path).stem, weights.get).run()
     return module, weights
 

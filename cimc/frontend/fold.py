@@ -239,10 +239,32 @@ def analyze(model: OnnxModel, prep: Folding, b: Binding, dims: dict[str, int], r
 def position_tables(model: OnnxModel, main: Facts, seq: Facts) -> set[str]:
     """Static values that may be per-position tables (RoPE cos/sin): exactly one axis grows with
     the tokens, and a node combines them with data. A mask has two such axes and is left out."""
+    return _token_values(model, main, seq, 1)
+
+
+def mask_values(model: OnnxModel, main: Facts, seq: Facts) -> set[str]:
+    """Static values that may be attention masks (or their boolean conditions): two axes grow with
+    the tokens (queries and keys), and a node combines them with data."""
+    return _token_values(model, main, seq, 2)
+
+
+def mask_probe(max_ctx: int, cached: bool) -> Binding:
+    """The binding a mask is also folded at, to see a sliding window wider than the small
+    bindings show: a decode step at the last position (one row of max_ctx keys) for exports with a
+    KV cache; for the others every position up to max_ctx, at most MASK_PROBE (a [seq, seq] mask
+    of a long context would take gigabytes), so a window wider than MASK_PROBE goes unseen there."""
+    return Binding(1, max_ctx - 1) if cached else Binding(min(max_ctx, MASK_PROBE), 0)
+
+
+#: Most positions a mask of an export without a KV cache is folded at (see `mask_probe`).
+MASK_PROBE = 2048
+
+
+def _token_values(model: OnnxModel, main: Facts, seq: Facts, growing: int) -> set[str]:
     out = set()
     for name, v in main.values.items():
         w = seq.values.get(name)
-        if w is None or v.ndim != w.ndim or sum(a != b for a, b in zip(v.shape, w.shape, strict=True)) != 1:
+        if w is None or v.ndim != w.ndim or sum(a != b for a, b in zip(v.shape, w.shape, strict=True)) != growing:
             continue
         if any(i not in main.values for nd in model.consumers.get(name, []) for i in nd.inputs if i):
             out.add(name)

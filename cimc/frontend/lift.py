@@ -51,6 +51,7 @@ class Static:
     value2: np.ndarray | None  # the same value with one more token (None: not seq-dependent)
     init: bool
     table: np.ndarray | None = None  # the value with every position 0..max_ctx-1 and nothing cached
+    probe: np.ndarray | None = None  # a mask's value at the mask-probe binding (`Lifter.fmask`)
 
 
 @dataclass
@@ -110,10 +111,12 @@ class Lifter:
                  name: str, weights: Callable[[str], np.ndarray]) -> None:
         # facts: "main" (seq and past >= 2 and distinct, so no such axis looks like a size-1
         # axis), "seq" (one more token), "past" (more cached tokens; exports with a cache only),
-        # "table" (max_ctx tokens, nothing cached: every position of a position table).
+        # "table" (max_ctx tokens, nothing cached: every position of a position table), "mask"
+        # (fold.mask_probe: where a sliding window of up to max_ctx keys shows; graphs with masks).
         self.model, self.roles, self.max_ctx = model, roles, max_ctx
         self.weights = weights  # reads an initializer kept on disk (zero points, to pick a weight type)
         self.f1, self.f2, self.fpast, self.ftab = facts["main"], facts["seq"], facts.get("past"), facts["table"]
+        self.fmask = facts.get("mask")
         self.n, self.past = self.f1.binding.seq, self.f1.binding.past
         self.module = Module(name, {"max_seq": max_seq, "max_ctx": max_ctx, "source": model.path.name})
         self.rw = Rewriter(self.module)
@@ -370,7 +373,7 @@ class Lifter:
 
     def _static(self, name: str) -> Static:
         return Static(name, self.f1.values[name], self.f2.values.get(name), name in self.model.initializers,
-                      self.ftab.values.get(name))
+                      self.ftab.values.get(name), self.fmask.values.get(name) if self.fmask else None)
 
     def need_view(self, term: Term, what: str) -> View:
         """A term that must be an activation view; a pending Expr here means an idiom failed."""

@@ -1,11 +1,14 @@
-"""Attention: `MatMul(Softmax(scale * MatMul(q, k^T) + causal mask), v)` -> `attention(q, k, v)`,
-anchored at the last MatMul. Needs ONNX facts: q, k and v must be head-split views (with GQA/MQA
-head repetition), the mask a folded causal [seq, past + seq] matrix; exporters' scalar scalings,
+"""Attention: `MatMul(Softmax(cap(scale * MatMul(q, k^T)) + causal mask), v)` -> `attention(q, k,
+v)`, anchored at the last MatMul. Needs ONNX facts: q, k and v must be head-split views (with
+GQA/MQA head repetition), the mask a folded causal [seq, past + seq] matrix, maybe a sliding window
+(`window`: the keys a query sees, read off the folded masks, which exporters build from position
+comparisons); soft-capping `c * tanh(s / c)` sets `softcap` (Gemma2). Exporters' scalar scalings,
 `Where(mask, x, -inf)` masks and `Where(IsNaN(p), 0, p)` guards are peeled.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from math import prod
 
 import numpy as np
@@ -27,10 +30,15 @@ def match(lifter: Lifter, mm: Expr) -> View | NoMatch | None:
     node = mm.node
     try:
         z = p.args[0]
-        z, mask = _strip_mask(z)
-        scale = 1.0
-        y, s = strip_scalars(z)
-        scale *= s
+        z, mask = _strip_mask(lifter, z)
+        y, scale = strip_scalars(z)
+        softcap = None
+        if isinstance(y, Expr) and y.node.op_type == "Tanh":  # c * tanh(scale / c * s): softcap c
+            softcap = scale
+            y, inner = strip_scalars(y.args[0])
+            scale = inner * softcap
+            if not softcap > 0:
+                raise Unsupported(f"soft-capping c * tanh(s / c) needs c > 0, got {softcap}")
         if not (isinstance(y, Expr) and y.node.op_type == "MatMul"):
             raise Unsupported("softmax input is not a (scaled) MatMul of queries and keys")
         a, sa = strip_scalars(y.args[0])
@@ -45,11 +53,12 @@ def match(lifter: Lifter, mm: Expr) -> View | NoMatch | None:
             raise Unsupported("q, k and v disagree on head_dim or kv heads")
         if mask is None:
             raise Unsupported("attention has no causal mask (bidirectional attention is not supported)")
-        _check_causal(lifter, mask)
+        window = _window(mask)
     except Unsupported as e:
         parts = (p, *(p.args if isinstance(p, Expr) else []))
         return NoMatch(str(e), tuple(part.node.name for part in parts if isinstance(part, Expr)))
-    attrs = {"heads": heads, "kv_heads": kvh, "head_dim": hd, "scale": float(np.float32(scale)), "causal": True}
+    attrs = {"heads": heads, "kv_heads": kvh, "head_dim": hd, "scale": float(np.float32(scale)), "causal": True} \
+        | ({"window": window} if window else {}) | ({"softcap": float(np.float32(softcap))} if softcap else {})
     out = lifter.op("attention", [q, k, vv], node.name, attrs)
     head_axes = [Axis(heads, 0, hd), Axis(lifter.n, 1, 0), Axis(hd, 0, 1)]
     return View(out, tuple([Axis(1)] * (len(a.shape) - 3) + head_axes))
@@ -80,39 +89,69 @@ def _operand(x: View, what: str, seq_last: bool) -> tuple[int, int, Value]:
     return heads, hd, x.base
 
 
-def _strip_mask(z: Term) -> tuple[Term, Static | None]:
+@dataclass
+class _Mask:
+    """A folded mask as additive [.., seq, past + seq] arrays, with (seq, past) of each binding
+    it is known at (main, one more token, the mask probe)."""
+
+    name: str
+    values: list[tuple[np.ndarray, int, int]]
+
+
+def _strip_mask(lifter: Lifter, z: Term) -> tuple[Term, _Mask | None]:
+    probe = lifter.fmask.binding if lifter.fmask is not None else None
+    bindings = [(lifter.n, lifter.past), (lifter.n + 1, lifter.past), (probe.seq, probe.past) if probe else None]
     if isinstance(z, Expr) and z.node.op_type == "Add":
         a, b = z.args
-        if isinstance(b, Static):
-            return a, b
-        if isinstance(a, Static):
-            return b, a
+        x, m = (a, b) if isinstance(b, Static) else (b, a) if isinstance(a, Static) else (z, None)
+        if m is not None:
+            return x, _Mask(m.name, [(arr, *bn) for arr, bn in zip(_bound(m), bindings, strict=True)
+                                     if arr is not None])
     if isinstance(z, Expr) and z.node.op_type == "Where":
         cond, x, y = z.args
         if isinstance(cond, Static) and isinstance(y, Static) and not isinstance(x, Static):
-            keep = np.asarray(cond.value).astype(bool)
-            fill = np.where(keep, 0.0, np.asarray(y.value, np.float64))
-            y2 = y.value2 if y.value2 is not None else y.value
-            fill2 = None if cond.value2 is None else \
-                np.where(np.asarray(cond.value2).astype(bool), 0.0, np.asarray(y2, np.float64))
-            return x, Static(cond.name, fill, fill2, False)
+            values = []
+            for c, fill, bn in zip(_bound(cond), _bound(y), bindings, strict=True):
+                if c is not None:
+                    fill = y.value if fill is None else fill
+                    values.append((np.where(np.asarray(c).astype(bool), 0.0, np.asarray(fill, np.float64)), *bn))
+            return x, _Mask(cond.name, values)
     return z, None
 
 
-def _check_causal(lifter: Lifter, mask: Static) -> None:
-    """The mask must be [seq, past + seq]: 0 where key j <= past + query i, very negative after."""
-    for arr in (mask.value, mask.value2):
-        if arr is None:
-            continue
+def _bound(s: Static) -> list[np.ndarray | None]:
+    """`s` at the main binding, with one more token, and at the mask probe."""
+    return [s.value, s.value2, s.probe]
+
+
+def _window(mask: _Mask) -> int:
+    """The keys each query sees in a causal mask with a sliding window (0: no window shows at any
+    binding). A query at position p sees the keys at p-window+1 .. p (0 .. p without a window):
+    0 there, very negative elsewhere."""
+    seen, window = [], 0
+    for arr, n, past in mask.values:
         m = np.asarray(arr, np.float64)
         m = m.reshape(m.shape[-2:]) if prod(m.shape[:-2]) == 1 else None
-        if m is None or m.shape[1] - m.shape[0] != lifter.past:
+        if m is None or m.shape != (n, past + n):
             raise Unsupported(f"mask {mask.name!r} is not one [seq, past+seq] matrix shared by all heads")
-        upper = np.triu(np.ones(m.shape, bool), 1 + lifter.past)
-        if np.any(m[~upper] != 0) or np.any(m[upper] > -1e4):
-            raise Unsupported(f"mask {mask.name!r} is not causal (0 on and below the diagonal, "
-                              "very negative above)")
+        if np.any((m != 0) & (m > -1e4)):
+            raise Unsupported(f"mask {mask.name!r} is not 0 or very negative everywhere")
+        seen.append((m == 0, past))
+        last = int(np.sum(m[-1] == 0))  # keys the last query sees: fewer than all when a window shows
+        if 0 < last < past + n:
+            if window and last != window:
+                raise Unsupported(f"mask {mask.name!r} shows windows of {window} and {last} keys at different lengths")
+            window = last
+    for vis, past in seen:
+        pos = past + np.arange(vis.shape[0])[:, None]
+        key = np.arange(vis.shape[1])[None, :]
+        want = (key <= pos) & ((key > pos - window) if window else True)
+        if not np.array_equal(vis, want):
+            raise Unsupported(f"mask {mask.name!r} is not causal (0 where the key's position is at most the "
+                              "query's, within a sliding window if any, very negative elsewhere)")
+    return window
 
 
-register_rule(Rule("attention", "onnx", "MatMul", "MatMul(Softmax(s * q @ k^T + causal mask), v) -> attention(q, k, v)",
-                   match))
+register_rule(Rule("attention", "onnx", "MatMul",
+                   "MatMul(Softmax(cap(s * q @ k^T) + causal mask), v) -> attention(q, k, v) (maybe a sliding window, "
+                   "a soft-cap)", match))
