@@ -7,6 +7,7 @@ from cimc.frontend.ops import (  # noqa: F401
     contrib_norms,
     elementwise,
     gather,
+    gelu,
     layout,
     linear,
     qdq,
