@@ -8,6 +8,8 @@ registry order, each over every op it is anchored at:
   rms_norm   w * (x * 1/sqrt(mean(x*x) + eps))      (rsqrt, sqrt+reciprocal, either operand order)
   swiglu     silu(g) * u, with silu = g * sigmoid(g)
   silu       g * sigmoid(g) (when not part of a swiglu)
+  gelu_tanh  0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))  ->  gelu(x) {approximate = "tanh"}
+             (exporters below opset 20 spell Gemma's and GPT-2's tanh GELU out; the 0.5 on x or on the product)
 
 A candidate that almost matches (say, an intermediate also used elsewhere) is left alone and
 the reason goes to the pass notes. Finally every op gets a `layer` label (embed, layer0..N-1,
@@ -16,6 +18,7 @@ head), found from where each attention block's input norm starts, for per-layer 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -150,10 +153,60 @@ def _silu(rw: Rewriter, op: Op) -> Op | None:
     return new
 
 
+#: The tanh GELU's constants: tanh(K * (x + C * x^3)).
+_GELU_K, _GELU_C = math.sqrt(2 / math.pi), 0.044715
+
+
+def _scaling(v: Value, alpha: float) -> Op | None:
+    """The op making `v` if it is affine(x) {alpha (to float32 precision), beta = 0}."""
+    aff = _prod(v, "affine")
+    ok = aff is not None and aff.attrs["beta"] == 0.0 and abs(aff.attrs["alpha"] - alpha) <= 1e-6 * alpha
+    return aff if ok else None
+
+
+def _gelu_tanh(rw: Rewriter, th: Op) -> Op | NoMatch | None:
+    """Anchored at the tanh: K * (x + C * x*x*x) below it, (1 + tanh) * x * 0.5 above it."""
+    inner = _scaling(th.operands[0], _GELU_K)
+    add = _prod(inner.operands[0], "add") if inner is not None else None
+    if add is None:
+        return None
+    for x, t in (add.operands, add.operands[::-1]):
+        cube_c = _scaling(t, _GELU_C)
+        cube = _prod(cube_c.operands[0], "mul") if cube_c is not None else None
+        sq = next((_prod(v, "mul") for v in cube.operands if _prod(v, "mul")), None) if cube is not None else None
+        if sq is not None and list(sq.operands) == [x, x] and x in cube.operands:
+            break
+    else:
+        return NoMatch("tanh(sqrt(2/pi) * (x + 0.044715 * x^3)) without x*x*x")
+    chain = [th, inner, add, cube_c, cube, sq]
+    one_plus = th.result.users[0] if _single_use(th.result) else None
+    if one_plus is None or one_plus.name != "affine" or (one_plus.attrs["alpha"], one_plus.attrs["beta"]) != (1, 1):
+        return NoMatch("the tanh is not used once, as 1 + tanh")
+    prod = one_plus.result.users[0] if _single_use(one_plus.result) else None
+    if prod is None or prod.name != "mul":
+        return NoMatch("1 + tanh is not multiplied by x")
+    other = next((v for v in prod.operands if v is not one_plus.result), None)
+    half = _scaling(other, 0.5) if other is not x else None
+    if half is not None and half.operands[0] is x and _single_use(other):
+        end, chain = prod, [*chain, one_plus, half]  # (0.5 * x) * (1 + tanh)
+    elif other is x and _single_use(prod.result) and _scaling(prod.result.users[0].result, 0.5) is not None:
+        end, chain = prod.result.users[0], [*chain, one_plus, prod]  # 0.5 * (x * (1 + tanh))
+    else:
+        return NoMatch("x * (1 + tanh) is not halved")
+    if any(not _single_use(o.result) for o in chain):
+        return NoMatch("an intermediate of the GELU is used elsewhere")
+    new = rw.create("gelu", [x], [end.result.type], {"approximate": "tanh"}, end.loc, before=end)
+    rw.replace_uses(end.result, new.result)
+    rw.erase_many([end, *reversed(chain)])
+    return new
+
+
 register_rule(Rule("bias", "ir", "add", "linear(x, w) + b -> linear(x, w, b)", _bias))
 register_rule(Rule("rms_norm", "ir", "mul", "w * (x * rsqrt(mean(x*x) + eps)) -> rms_norm(x, w)", _rms_norm))
 register_rule(Rule("swiglu", "ir", "mul", "(g * sigmoid(g)) * u -> swiglu(g, u)", _swiglu))
 register_rule(Rule("silu", "ir", "mul", "g * sigmoid(g) -> silu(g) (not part of a swiglu)", _silu))
+register_rule(Rule("gelu_tanh", "ir", "tanh", "0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3))) -> "
+                   "gelu(x) {approximate = tanh}", _gelu_tanh))
 
 
 def _dead_code(module: Module, rw: Rewriter) -> None:
