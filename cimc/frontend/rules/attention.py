@@ -140,7 +140,8 @@ def _window(mask: _Mask) -> int:
         last = int(np.sum(m[-1] == 0))  # keys the last query sees: fewer than all when a window shows
         if 0 < last < past + n:
             if window and last != window:
-                raise Unsupported(f"mask {mask.name!r} shows windows of {window} and {last} keys at different lengths")
+                raise Unsupported(f"mask {mask.name!r} is not causal with one sliding window (windows of {window} "
+                                  f"and {last} keys at different lengths)")
             window = last
     for vis, past in seen:
         pos = past + np.arange(vis.shape[0])[:, None]
