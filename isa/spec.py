@@ -179,6 +179,8 @@ _TABLE: tuple[InstrDef, ...] = (
     _vbin("vmul", 0x22, "multiply", "a[r,c] * b[r,c]", {"mul": 1}),
     _vbin("vdiv", 0x23, "divide", "a[r,c] / b[r,c]", {"recip": 1, "mul": 1}),
     _vbin("vmax", 0x24, "maximum", "max(a[r,c], b[r,c])", {"add": 1}),
+    _vbin("vpow", 0x25, "power", "a[r,c] ** b[r,c]   (exp(b * log a), priced as two exponentials)",
+          {"exp": 2, "mul": 1}),
     _vun("vcopy", 0x30, "src[r,c]", "copy a 2-D operand (layout change) on an SFU", {}),
     _vun("vneg", 0x31, "-src[r,c]", "negate", {"add": 1}),
     _vun("vexp", 0x32, "exp(src[r,c])", "exponential", {"exp": 1}),

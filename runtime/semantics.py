@@ -163,7 +163,8 @@ def _tred(m: Machine, f: dict) -> None:
     m.view(f["dst"], rows, cols, write=True)[...] = total
 
 
-_BIN = {"vadd": np.add, "vsub": np.subtract, "vmul": np.multiply, "vdiv": np.divide, "vmax": np.maximum}
+_BIN = {"vadd": np.add, "vsub": np.subtract, "vmul": np.multiply, "vdiv": np.divide, "vmax": np.maximum,
+        "vpow": np.power}
 
 
 def _binary(name: str) -> Semantics:

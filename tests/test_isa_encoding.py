@@ -39,6 +39,8 @@ CASES = [
                    "rows": Dim(0, 3), "cols": Dim(0, 4), "abc": 0, "bbc": 1}),
     Instr("vmax", {"tile": 4, "dst": Mem(G, 0xD00, 2), "a": Mem(G, 0xE00, 2), "b": Mem(G, 0xF00, 2),
                    "rows": Dim(0, 1), "cols": Dim(0, 2), "abc": 1, "bbc": 1}),
+    Instr("vpow", {"tile": 6, "dst": Mem(G, 0x1100, 3), "a": Mem(G, 0x1200, 3), "b": Mem(G, 0x1300, 0),
+                   "rows": Dim(0, 5), "cols": Dim(0, 3), "abc": 0, "bbc": 0}),
     Instr("vcopy", {"tile": 5, "dst": Mem(D, 0x100000, 64, PAST), "src": Mem(G, 0x1000, 64),
                     "rows": Dim(SEQ, 0), "cols": Dim(0, 64)}),
     Instr("vneg", {"tile": 6, "dst": Mem(G, 0x10, 1), "src": Mem(G, 0x20, 1), "rows": Dim(0, 1),
@@ -107,6 +109,8 @@ GOLDEN = {
             " 00c0000000010000 0c00001000000200 0000000000000000 0000000000000000",
     "vmax": "2400040000000000 0000000000000000 00d0000000020000 00e0000000020000"
             " 00f0000000020000 0400000800000300 0000000000000000 0000000000000000",
+    "vpow": "2500060000000000 0000000000000000 0010010000030000 0020010000030000"
+            " 0030010000000000 1400000c00000000 0000000000000000 0000000000000000",
     "vcopy": "3000050000000000 0000000000000000 0900000100400000 0000010000400000"
              " 0100000001000000 0000000000000000 0000000000000000 0000000000000000",
     "vneg": "3100060000000000 0000000000000000 0001000000010000 0002000000010000"
@@ -222,7 +226,7 @@ def test_field_packing_by_hand():
 def test_encode_checks_every_field_with_its_index():
     """The vectorised encoder rejects exactly what validate() rejects, naming the instruction."""
     rng = np.random.default_rng(3)
-    good = [random_instr(rng) for _ in range(50)]
+    good = [random_instr(rng) for _ in range(50)] + CASES  # the cases: every field, whatever the draw
     encode(good)
     bad_cases = [
         ("tile", 256, "field tile: expected an integer in [0, 255], got 256"),

@@ -49,7 +49,8 @@ UNARY = {
     "vgelu": lambda x: 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2))),
     "vgelut": lambda x: 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3))),
 }
-BINARY = {"vadd": np.add, "vsub": np.subtract, "vmul": np.multiply, "vdiv": np.divide, "vmax": np.maximum}
+BINARY = {"vadd": np.add, "vsub": np.subtract, "vmul": np.multiply, "vdiv": np.divide, "vmax": np.maximum,
+          "vpow": np.power}
 COVERED = {*UNARY, *BINARY, "halt", "sync", "dma", "gather", "wload", "mvm", "tred", "vaffine", "vrsum", "vrmax",
            "vrope", "vmm", "vcausal", "vquant", "vsoftcap"}
 
