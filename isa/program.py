@@ -81,6 +81,8 @@ class DramImage:
         for seg in self.segments:
             pos = seg.offset
             for chunk in seg.chunks():
+                if not memoryview(chunk).nbytes:  # an empty tensor (memoryview cannot cast it)
+                    continue
                 raw = np.frombuffer(memoryview(chunk).cast("B"), dtype=np.uint8)
                 out[pos:pos + raw.size] = raw
                 pos += raw.size
@@ -97,7 +99,8 @@ class Symbol:
     features) matrix is at `addr + r * stride * 4` bytes. With `heads` > 0 the ONNX tensor is
     `[1, heads, rows, head_dim]` over that matrix (a KV cache). With `check` ("ones" or
     "positions") the input is not read: generation relies on that value (attention mask all ones,
-    position ids past + 0..seq-1), and a run checks it.
+    position ids past + 0..seq-1), and a run checks it. A shape without runtime sizes (a fixed-size
+    tensor, see `fixed_matrix`) is the row-major [prod(shape[:-1]), shape[-1]] matrix.
     """
 
     name: str
@@ -115,10 +118,24 @@ class Symbol:
                 "shape": list(self.shape), "addr": self.addr, "stride": self.stride, "heads": self.heads,
                 "check": self.check}
 
+    def rows(self, seq: int) -> int:
+        """Matrix rows of the tensor in a run of `seq` tokens (not for a KV cache: see `heads`)."""
+        if any(isinstance(d, str) for d in self.shape):
+            return seq
+        return fixed_matrix(self.shape)[0]  # type: ignore[arg-type]
+
     @classmethod
     def from_json(cls, d: dict) -> Symbol:
         return cls(str(d["name"]), str(d["kind"]), str(d["dtype"]), str(d["mtype"]),
                    tuple(d["shape"]), int(d["addr"]), int(d["stride"]), int(d["heads"]), str(d["check"]))
+
+
+def fixed_matrix(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The [rows, cols] matrix holding a fixed-size tensor row-major: [prod(shape[:-1]), shape[-1]],
+    a scalar or vector as one row."""
+    if len(shape) < 2:
+        return 1, int(shape[0]) if shape else 1
+    return int(np.prod(shape[:-1], dtype=np.int64)), int(shape[-1])
 
 
 @dataclass

@@ -17,11 +17,12 @@ import base64
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import product
 
 import numpy as np
 
 from cimc.ir.core import CTX, SEQ, Module, Op, Value
-from cimc.ir.ops import GELU_FORMS, traits
+from cimc.ir.ops import GELU_FORMS, Piece, traits
 from cimc.ir.quant import QuantWeight, materialize, weight_values
 from isa.dtypes import ACT, elem, pack_blocks
 from isa.encoding import Instr, encode
@@ -441,7 +442,7 @@ class _Codegen:
         (a, abc), (b, bbc) = (self._operand(v, rows, cols) for v in op.operands)
         self._vec(op, "v" + op.name, dst=self.mem(out), a=a, b=b, rows=self.dim(rows), cols=cols, abc=abc, bbc=bbc)
 
-    _op_add = _op_sub = _op_mul = _op_div = _op_max = _binary
+    _op_add = _op_sub = _op_mul = _op_div = _op_max = _op_pow = _binary
 
     def _unary(self, op: Op, mnemonic: str | None = None) -> None:
         x, out = op.operands[0], op.result
@@ -535,6 +536,31 @@ class _Codegen:
         rows, cols = self.rows(out), self.cols(out)
         self._vec(op, "vsilu", dst=self.mem(out), src=self.mem(g), rows=rows, cols=cols)
         self._vec(op, "vmul", dst=self.mem(out), a=self.mem(out), b=self.mem(u), rows=rows, cols=cols, abc=0, bbc=0)
+
+    def _op_relayout(self, op: Op) -> None:
+        """Each piece as SFU copies of 2-D blocks: columns along its last axis where both sides are
+        contiguous there (else one column), rows along the innermost other axis whose strides are
+        not negative, one copy per index of the remaining axes."""
+        out = op.result
+        dst = self.mem(out)
+        assert dst.stride == self.cols(out), "relayout writes its result as one flat row-major block"
+        for p in map(Piece.decode, op.attrs["pieces"]):
+            if not all(p.sizes):
+                continue
+            src = self.mem(op.operands[p.of])
+            ss = [r * src.stride + c for r, c in zip(p.rs, p.cs, strict=True)]
+            axes = list(range(len(p.sizes)))
+            col = axes[-1] if axes and p.sizes[-1] > 1 and ss[-1] == 1 and p.ds[-1] == 1 else None
+            row = next((a for a in reversed(axes) if a != col and p.sizes[a] > 1 and ss[a] >= 0 and p.ds[a] >= 0),
+                       None)
+            rest = [a for a in axes if a not in (col, row)]
+            for idx in product(*(range(p.sizes[a]) for a in rest)):
+                s0 = p.r0 * src.stride + p.c0 + sum(i * ss[a] for i, a in zip(idx, rest, strict=True))
+                d0 = p.d0 + sum(i * p.ds[a] for i, a in zip(idx, rest, strict=True))
+                dstride, sstride, rows = (0, 0, 1) if row is None else (p.ds[row], ss[row], p.sizes[row])
+                self._vec(op, "vcopy", dst=dst._replace(addr=dst.addr + d0 * F32, stride=dstride),
+                          src=src._replace(addr=src.addr + s0 * F32, stride=sstride), rows=self.dim(rows),
+                          cols=1 if col is None else p.sizes[col])
 
     def _op_kv_append(self, op: Op) -> None:
         cache, x = op.operands

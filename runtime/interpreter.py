@@ -261,8 +261,9 @@ def _write_input(machine: Machine, s: Symbol, a: np.ndarray, seq: int, past: int
         if rows:
             _io_view(machine, s, rows, write=True)[...] = a[0].transpose(1, 0, 2).reshape(rows, -1)
         return
-    cols = int(np.prod([d for d in s.shape if not isinstance(d, str)]))
-    _io_view(machine, s, seq, write=True)[:, :cols] = a.reshape(seq, -1)
+    rows = s.rows(seq)
+    if a.size:
+        _io_view(machine, s, rows, write=True)[:, :a.size // rows] = a.reshape(rows, -1)
 
 
 def _read_output(machine: Machine, s: Symbol, seq: int, past: int) -> np.ndarray:
@@ -271,8 +272,11 @@ def _read_output(machine: Machine, s: Symbol, seq: int, past: int) -> np.ndarray
         rows = past + seq
         m = np.array(_io_view(machine, s, rows, write=False))
         return m.reshape(rows, s.heads, -1).transpose(1, 0, 2)[None].reshape(shape)
-    cols = int(np.prod([d for d in s.shape if not isinstance(d, str)]))
-    return np.array(_io_view(machine, s, seq, write=False)[:, :cols]).reshape(shape)
+    rows = s.rows(seq)
+    if not rows or not np.prod(shape):
+        return np.zeros(shape, np.float32)
+    cols = int(np.prod(shape, dtype=np.int64)) // rows
+    return np.array(_io_view(machine, s, rows, write=False)[:, :cols]).reshape(shape)
 
 
 def _execute(entry: Entry, instrs: list, machine: Machine, accesses: list | None,

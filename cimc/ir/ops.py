@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from cimc.ir.core import CTX, SEQ, Dim, Op, TensorType
 from cimc.ir.quant import QUANT_TYPES
 from isa.dtypes import ACT, IDS
+from isa.program import fixed_matrix
 
 #: How a linear's inputs enter the macros (its `act`): float, dynamic symmetric int8 per token and
 #: weight scale group, or onnxruntime's DynamicQuantizeLinear (asymmetric uint8 over the whole input).
@@ -58,6 +59,11 @@ class OpDef:
     @property
     def min_operands(self) -> int:
         return sum(1 for o in self.operands if not o.endswith("?"))
+
+    @property
+    def max_operands(self) -> int | None:
+        """None: a last operand named `name...` repeats (one or more)."""
+        return None if self.operands and self.operands[-1].endswith("...") else len(self.operands)
 
 
 #: Annotations passes may attach to any op, with their types.
@@ -218,6 +224,61 @@ def _kv_append(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
     return [cache]
 
 
+@dataclass(frozen=True)
+class Piece:
+    """One strided copy of a `relayout`: element i (a multi-index over `sizes`) of operand `of`, at
+    row r0 + sum_a i_a * rs[a] and column c0 + sum_a i_a * cs[a], goes to flat element
+    d0 + sum_a i_a * ds[a] of the result (row-major)."""
+
+    of: int
+    r0: int
+    c0: int
+    d0: int
+    sizes: tuple[int, ...]
+    rs: tuple[int, ...]
+    cs: tuple[int, ...]
+    ds: tuple[int, ...]
+
+    def encode(self) -> list[int]:
+        """The attribute form: [of, r0, c0, d0, then size, rs, cs, ds per axis]."""
+        axes = zip(self.sizes, self.rs, self.cs, self.ds, strict=True)
+        return [self.of, self.r0, self.c0, self.d0, *(x for a in axes for x in a)]
+
+    @classmethod
+    def decode(cls, p: list[int]) -> Piece:
+        axes = [p[i:i + 4] for i in range(4, len(p), 4)]
+        return cls(p[0], p[1], p[2], p[3], *(tuple(a[k] for a in axes) for k in range(4)))
+
+    def extent(self, strides: tuple[int, ...], base: int) -> tuple[int, int]:
+        """The least and greatest of base + sum_a i_a * strides[a] over the copied elements."""
+        lo = base + sum(min(0, (n - 1) * s) for n, s in zip(self.sizes, strides, strict=True))
+        hi = base + sum(max(0, (n - 1) * s) for n, s in zip(self.sizes, strides, strict=True))
+        return lo, hi
+
+
+def _relayout(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
+    shape = attrs["shape"]
+    _need(all(isinstance(d, int) and d >= 0 for d in shape), f"shape must be fixed sizes, got {shape}")
+    rows, cols = fixed_matrix(tuple(shape))
+    for p in attrs["pieces"]:
+        _need(isinstance(p, list) and len(p) % 4 == 0 and len(p) >= 4 and all(isinstance(x, int) for x in p),
+              f"a piece must be [of, r0, c0, d0, (size, rs, cs, ds)...], got {p}")
+        piece = Piece.decode(p)
+        _need(0 <= piece.of < len(ts), f"piece of operand {piece.of}: there are {len(ts)}")
+        if not all(piece.sizes):
+            continue
+        t = ts[piece.of]
+        _float(t, f"operand {piece.of}")
+        r = piece.extent(piece.rs, piece.r0)
+        c = piece.extent(piece.cs, piece.c0)
+        d = piece.extent(piece.ds, piece.d0)
+        trows, tcols = (1, t.shape[0]) if t.rank == 1 else _matrix(t, f"operand {piece.of}")
+        _need(isinstance(trows, int) and r[0] >= 0 and r[1] < trows and c[0] >= 0 and c[1] < tcols,
+              f"piece {p} reads outside operand {piece.of} {t}")
+        _need(d[0] >= 0 and d[1] < rows * cols, f"piece {p} writes outside the result {shape}")
+    return [TensorType(ACT, (rows, cols))]
+
+
 #: `gelu`'s `approximate` (ONNX Gelu-20): the exact erf form or the tanh approximation.
 GELU_FORMS = ("none", "tanh")
 
@@ -242,9 +303,10 @@ _def("input", (), from_attr, "a graph input placed in DRAM; ids become i32; with
 _def("output", ("value",), _none, "a graph output, written to DRAM under its ONNX name; with `heads`, a KV "
      "cache shown as [1, heads, ctx, head_dim]", _IO, {"heads": "int"}, unit="none", interface=True, effect=True)
 _def("weight", (), from_attr, "an ONNX initializer (optionally transposed), read lazily from the model; with "
-     "`format = dequantize`, an integer initializer dequantized at compile time (cimc.ir.quant)",
-     {"init": "str"}, {"transpose": "bool", "format": "str", "scales": "str", "zero_points": "str", "axis": "int",
-                       "block": "int", "bits": "int"}, unit="none", constant=True)
+     "`format = dequantize`, an integer initializer dequantized at compile time (cimc.ir.quant); with `index`, "
+     "the matrix at that index of the initializer's leading (batch) axes",
+     {"init": "str"}, {"index": "list", "transpose": "bool", "format": "str", "scales": "str", "zero_points": "str",
+                       "axis": "int", "block": "int", "bits": "int"}, unit="none", constant=True)
 _def("qweight", (), from_attr,
      "integer weights [K, N] with a scale (and, for unsigned types, a zero point) per group of `group` rows "
      "(0: all K) and column; `format` says where the numbers come from (cimc.ir.quant)",
@@ -281,8 +343,13 @@ _def("attention", ("q", "k", "v"), _attention,
      "GroupQueryAttention's local_window_size L >= 0 sees L+1 keys, so window = L+1), positions 0 .. p without",
      {"heads": "int", "kv_heads": "int", "head_dim": "int", "scale": "float", "causal": "bool"},
      {"window": "int", "softcap": "float"})
+_def("relayout", ("src...",), _relayout,
+     "copy strided pieces of fixed-size operands into the row-major [prod(shape[:-1]), shape[-1]] matrix of "
+     "the ONNX tensor `shape` (a materialising transpose, Concat, Gather by constant indices; see `Piece`)",
+     {"shape": "list", "pieces": "list"})
 _def("swiglu", ("gate", "up"), _swiglu, "silu(gate) * up")
-for _name, _doc in (("add", "a + b"), ("sub", "a - b"), ("mul", "a * b"), ("div", "a / b"), ("max", "max(a, b)")):
+for _name, _doc in (("add", "a + b"), ("sub", "a - b"), ("mul", "a * b"), ("div", "a / b"), ("max", "max(a, b)"),
+                    ("pow", "a ** b")):
     _def(_name, ("a", "b"), _broadcast, f"elementwise {_doc} with numpy broadcasting")
 for _name, _doc in (("neg", "-x"), ("exp", "exp(x)"), ("sqrt", "sqrt(x)"), ("rsqrt", "1/sqrt(x)"),
                     ("reciprocal", "1/x"), ("sigmoid", "1/(1+exp(-x))"), ("silu", "x*sigmoid(x)"),

@@ -232,8 +232,9 @@ def gather_blocks(q: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | N
 
 
 def weight_values(attrs: dict, get: Callable[[str], np.ndarray]) -> np.ndarray:
-    """The float matrix a `weight` op stands for: its initializer (transposed with `transpose`), or
-    with `format = dequantize` that initializer dequantized (`dequantize`)."""
+    """The float matrix a `weight` op stands for: its initializer (the matrix at `index` of its
+    leading axes, transposed with `transpose`), or with `format = dequantize` that initializer
+    dequantized (`dequantize`)."""
     w = get(attrs["init"])
     if attrs.get("format") == "gatherblockquantized":
         zp = attrs.get("zero_points", "")
@@ -243,6 +244,8 @@ def weight_values(attrs: dict, get: Callable[[str], np.ndarray]) -> np.ndarray:
         w = dequantize(w, get(attrs["scales"]), get(zp) if zp else None, attrs["axis"], attrs.get("block", 0))
     elif attrs.get("format", ""):
         raise ValueError(f"unknown weight format {attrs['format']!r} (formats: {', '.join(WEIGHT_FORMATS)})")
+    if "index" in attrs:
+        w = w[tuple(attrs["index"])]
     return w.T if attrs.get("transpose", False) else w
 
 

@@ -48,8 +48,9 @@ def verify_module(module: Module) -> None:
             if (op, i) not in v.uses:
                 _fail(op, names, f"operand {i} is missing from its value's use list")
         n = len(op.operands)
-        if not d.min_operands <= n <= len(d.operands):
-            _fail(op, names, f"takes {d.min_operands}..{len(d.operands)} operands, got {n}")
+        most = d.max_operands
+        if n < d.min_operands or (most is not None and n > most):
+            _fail(op, names, f"takes {d.min_operands}..{'' if most is None else most} operands, got {n}")
         for key in d.attrs:
             if key not in op.attrs:
                 _fail(op, names, f"missing attribute {key!r}")
