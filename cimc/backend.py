@@ -7,6 +7,11 @@ real pipeline (`cimc.driver.compile_model`), `run` simulates the program with nu
 It exists so the ONNX backend node test cases can measure which ops cimc compiles correctly
 (`benchmarks/conformance.py` writes `docs/conformance.md`). A model cimc cannot compile raises
 the same located `CimcError` the CLI prints; nothing else is caught.
+
+Graph inputs that cimc takes as constants (`parameters`: integer ones, which are shapes, axes,
+slice bounds and indices in these graphs, and the B of MatMul and B, C of Gemm, whose weights go on
+the macros) are bound as initializers when the first run gives their values: such a model is
+compiled at its first `run`, and later runs must give the same values.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 from onnx.backend.base import Backend, BackendRep, namedtupledict
 
 from cimc.driver import CompileOptions, compile_model
@@ -26,12 +31,59 @@ from isa.diag import CimcError
 from isa.program import Program
 from runtime.interpreter import simulate
 
+#: (op type, input index) of float inputs the backend binds as initializers: weights for the macros.
+WEIGHT_INPUTS = {("MatMul", 1), ("Gemm", 1), ("Gemm", 2)}
+_INTEGERS = {TensorProto.INT8, TensorProto.INT16, TensorProto.INT32, TensorProto.INT64, TensorProto.UINT8,
+             TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64}
+
+
+def parameters(model: onnx.ModelProto) -> list[str]:
+    """The graph inputs bound as initializers at the first run (see the module docstring)."""
+    graph = model.graph
+    weights = {n.input[i] for n in graph.node for op, i in WEIGHT_INPUTS if n.op_type == op and len(n.input) > i}
+    inits = {t.name for t in graph.initializer}
+    return [i.name for i in graph.input if i.name not in inits and i.type.HasField("tensor_type")
+            and (i.type.tensor_type.elem_type in _INTEGERS or i.name in weights)]
+
+
+def _compile(model: onnx.ModelProto, **kwargs: Any) -> Program:
+    with tempfile.TemporaryDirectory(prefix="cimc-backend-") as tmp:
+        path = Path(tmp) / f"{model.graph.name or 'model'}.onnx"
+        onnx.save_model(model, str(path))
+        return compile_model(path, CompileOptions(**kwargs))
+
 
 class CimcRep(BackendRep):
-    """A compiled program and the graph's input and output names (in graph order)."""
+    """A compiled program (or, with parameters to bind, the model to compile at the first run) and
+    the graph's input and output names (in graph order)."""
 
-    def __init__(self, program: Program, inputs: list[str], outputs: list[str]) -> None:
+    def __init__(self, program: Program | None, inputs: list[str], outputs: list[str],
+                 model: onnx.ModelProto | None = None, options: dict | None = None) -> None:
         self.program, self.inputs, self.outputs = program, inputs, outputs
+        self.model, self.options = model, options or {}
+        self.bound: dict[str, np.ndarray] = {}
+
+    def _bind(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Compile with the parameters bound (first run) or check they are the bound values; returns
+        the other inputs."""
+        assert self.model is not None
+        names = parameters(self.model)
+        if self.program is None:
+            missing = [n for n in names if n not in inputs]
+            if missing:
+                raise CimcError(f"missing input(s): {', '.join(missing)}")
+            self.bound = {n: np.asarray(inputs[n]) for n in names}
+            model = onnx.ModelProto()
+            model.CopyFrom(self.model)
+            model.graph.initializer.extend(numpy_helper.from_array(a, n) for n, a in self.bound.items())
+            kept = [i for i in model.graph.input if i.name not in self.bound]
+            del model.graph.input[:]
+            model.graph.input.extend(kept)
+            self.program = _compile(model, **self.options)
+        for n, a in self.bound.items():
+            if n in inputs and not np.array_equal(np.asarray(inputs[n]), a):
+                raise CimcError(f"input {n!r} was bound as a constant at the first run; it must not change")
+        return {k: v for k, v in inputs.items() if k not in self.bound}
 
     def run(self, inputs: Sequence[np.ndarray] | Mapping[str, np.ndarray] | np.ndarray, **kwargs: Any
             ) -> tuple[np.ndarray, ...]:
@@ -44,6 +96,9 @@ class CimcRep(BackendRep):
                 raise CimcError(f"{len(inputs)} input(s) given; the model takes {len(self.inputs)} "
                                 f"({', '.join(self.inputs)})")
             inputs = dict(zip(self.inputs, inputs, strict=True))
+        if self.model is not None:
+            inputs = self._bind(dict(inputs))
+        assert self.program is not None
         result = simulate(self.program, inputs, entry="prefill")
         dtypes = {s.name: helper.tensor_dtype_to_np_dtype(TensorProto.DataType.Value(s.dtype.upper()))
                   for s in self.program.entry("prefill").symbols if s.kind == "output"}
@@ -59,17 +114,17 @@ class CimcBackend(Backend):
 
     @classmethod
     def prepare(cls, model: onnx.ModelProto, device: str = "CPU", **kwargs: Any) -> CimcRep:
-        """Compile `model`; keyword arguments are `CompileOptions` fields (e.g. max_seq)."""
+        """Compile `model` (at the first run if it has `parameters`); keyword arguments are
+        `CompileOptions` fields (e.g. max_seq)."""
         if not cls.supports_device(device):
             raise CimcError(f"device {device!r}: cimc simulates on the CPU only")
         graph = model.graph
         inits = {t.name for t in graph.initializer}
         inputs = [i.name for i in graph.input if i.name not in inits]
-        with tempfile.TemporaryDirectory(prefix="cimc-backend-") as tmp:
-            path = Path(tmp) / f"{graph.name or 'model'}.onnx"
-            onnx.save_model(model, str(path))
-            program = compile_model(path, CompileOptions(**kwargs))
-        return CimcRep(program, inputs, [o.name for o in graph.output])
+        outputs = [o.name for o in graph.output]
+        if parameters(model):
+            return CimcRep(None, inputs, outputs, model, kwargs)
+        return CimcRep(_compile(model, **kwargs), inputs, outputs)
 
     @classmethod
     def supports_device(cls, device: str) -> bool:

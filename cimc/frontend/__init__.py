@@ -8,6 +8,7 @@ from pathlib import Path
 from cimc.frontend import ops, rules  # noqa: F401  (their modules register converters and idiom rules)
 from cimc.frontend.converters import refusal
 from cimc.frontend.fold import Binding, analyze, find_roles, mask_probe, mask_values, position_tables, prepare
+from cimc.frontend.generic import GenericLifter
 from cimc.frontend.lift import Lifter
 from cimc.frontend.model import OnnxModel, WeightStore, cannot_compile, open_model
 from cimc.ir.core import Module
@@ -49,6 +50,7 @@ def import_onnx(path: str | os.PathLike, *, max_seq: int = 256, max_ctx: int | N
     masks = mask_values(model, facts["main"], facts["seq"])
     if masks:
         facts["mask"] = analyze(model, prep, mask_probe(max_ctx, bool(roles.caches)), dims, roles, only=masks)
-    module = Lifter(model, facts, roles, max_seq, max_ctx, Path(path).stem, weights.get).run()
+    lifter = GenericLifter if roles.generic else Lifter
+    module = lifter(model, facts, roles, max_seq, max_ctx, Path(path).stem, weights.get).run()
     return module, weights
 

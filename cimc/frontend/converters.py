@@ -133,10 +133,12 @@ def opset(model: OnnxModel, node: Node) -> int | None:
     return model.opsets.get("ai.onnx") if version is None and domain == "" else version
 
 
-def find(model: OnnxModel, node: Node) -> Converter | None:
-    """The converter for a node's domain, op type and opset, if any."""
+def find(model: OnnxModel, node: Node, registry: dict[tuple[str, str], list[Converter]] | None = None
+         ) -> Converter | None:
+    """The converter for a node's domain, op type and opset in `registry` (default CONVERTERS), if any."""
     version = opset(model, node)
-    return next((c for c in CONVERTERS.get(_key(node), []) if version is not None and c.covers(version)), None)
+    versions = (CONVERTERS if registry is None else registry).get(_key(node), [])
+    return next((c for c in versions if version is not None and c.covers(version)), None)
 
 
 def refusal(model: OnnxModel, node: Node) -> str:

@@ -16,7 +16,9 @@ Input roles are found from the graph, not from names: the token ids feed the emb
 a float input that a Concat extends into a graph output is a past KV cache (its dynamic axis is
 `past`); other integer inputs sized by the context are an attention mask (assumed all ones:
 batch 1, no padding) and those sized by `seq` are position ids (assumed past + 0..seq-1). The
-assumptions are checked when the program runs.
+assumptions are checked when the program runs. A graph with neither token ids nor a cache whose
+inputs all have fixed shapes is not a decoder: it is lifted in the generic mode
+(cimc.frontend.generic), every input a fixed-size activation.
 """
 
 from __future__ import annotations
@@ -63,11 +65,12 @@ class Roles:
 
     tokens: str | None = None
     caches: dict[str, str] = field(default_factory=dict)  # past input -> present output
-    assumed: dict[str, str] = field(default_factory=dict)  # input -> "ones" | "positions"
+    assumed: dict[str, str] = field(default_factory=dict)  # input -> "ones" | "positions" | "empty"
     seq_param: str = ""
     past_param: str = ""
     ctx_params: set[str] = field(default_factory=set)  # names of past + seq (an attention op's mask)
     dims: dict[str, int] = field(default_factory=dict)  # dimensions an op fixes (a symbolic head_dim)
+    generic: bool = False  # no token ids, no cache, fixed input shapes: cimc.frontend.generic lifts it
 
 
 def find_roles(model: OnnxModel) -> Roles:
@@ -82,7 +85,8 @@ def find_roles(model: OnnxModel) -> Roles:
     for name, vi in model.inputs.items():
         if vi.type.tensor_type.elem_type in (TensorProto.FLOAT, TensorProto.FLOAT16):
             for n in model.consumers.get(name, []):
-                if n.op_type == "Concat" and n.inputs and n.inputs[0] == name and n.outputs[0] in outputs:
+                if n.op_type == "Concat" and n.inputs and n.inputs[0] == name and n.outputs[0] in outputs \
+                        and len(vi.type.tensor_type.shape.dim) == 4:  # [batch, kv_heads, past, head_dim]
                     roles.caches[name] = n.outputs[0]
                     params = [d.dim_param for d in vi.type.tensor_type.shape.dim[1:] if d.dim_param]
                     roles.past_param = params[-1] if params else roles.past_param
@@ -110,6 +114,12 @@ def find_roles(model: OnnxModel) -> Roles:
             roles.assumed[name] = "ones"
         elif kinds == ["seq"]:
             roles.assumed[name] = "positions"
+    roles.generic = roles.tokens is None and not roles.caches and all(
+        vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")
+        and all(d.HasField("dim_value") for d in vi.type.tensor_type.shape.dim) for vi in model.inputs.values())
+    if roles.generic:  # an empty input holds no data: a constant
+        roles.assumed.update({name: "empty" for name, vi in model.inputs.items()
+                              if any(d.dim_value == 0 for d in vi.type.tensor_type.shape.dim)})
     return roles
 
 
@@ -146,6 +156,9 @@ def bind_inputs(model: OnnxModel, roles: Roles, b: Binding, dims: dict[str, int]
         if not vi.type.HasField("tensor_type") or not tt.HasField("shape"):
             raise CimcError(f"{model.path}: graph input {name!r} has no tensor shape; re-export the "
                             "model with shapes")
+        if roles.generic:
+            shapes[name] = tuple(d.dim_value for d in tt.shape.dim)
+            continue
         out = []
         for axis, d in enumerate(tt.shape.dim):
             p = d.dim_param
@@ -187,6 +200,8 @@ def assumed_values(roles: Roles, shapes: dict[str, tuple[int, ...]], b: Binding,
         dtype = helper.tensor_dtype_to_np_dtype(types[name])
         if kind == "ones":
             out[name] = np.ones(shapes[name], dtype)
+        elif kind == "empty":
+            out[name] = np.zeros(shapes[name], dtype)
         else:
             out[name] = np.broadcast_to(b.past + np.arange(b.seq, dtype=dtype), shapes[name]).astype(dtype)
     return out

@@ -318,7 +318,7 @@ class Lifter:
                 self.env[o] = Bad(node)
             return
         try:
-            conv = converters.find(self.model, node)
+            conv = self.converter(node)
             weights_only = all(isinstance(a, (Lazy, QLazy, Static)) or a is None for a in args)
             if conv is None:
                 if weights_only:
@@ -343,6 +343,10 @@ class Lifter:
         self.env[outs[0]] = result
         for o in outs[1:]:
             self.env[o] = Bad(node)
+
+    def converter(self, node: Node) -> converters.Converter | None:
+        """The converter that lifts `node`."""
+        return converters.find(self.model, node)
 
     def _placeholder(self, node: Node) -> View | None:
         """A stand-in activation for a node that failed, so the nodes after it are still checked

@@ -1,0 +1,417 @@
+"""The generic mode: graphs that are not decoders (no token ids, no KV cache, fixed input shapes),
+such as the ONNX backend node tests (`cimc.backend`).
+
+Every float32 graph input is a fixed-size activation, the row-major `[prod(shape[:-1]), shape[-1]]`
+matrix of its ONNX shape (`isa.program.fixed_matrix`; a scalar or vector is one row), and so is
+every graph output. Layout ops still only re-view (cimc.frontend.views); where an op needs a whole
+activation and has a strided view of one (a Transpose, Expand or stepped Slice of it, an operand
+that broadcasts across rows), the view is copied into its own matrix by a `relayout` op. The
+converters here take what the decoder path refuses or defers on such graphs: binary ops between
+activations with numpy broadcasting, Concat and Gather by constant indices (relayouts), Softmax and
+the reductions over any axes (a relayout moves them last), MatMul and Gemm with constant B (and
+Gemm's alpha, beta, transA, a matrix C; batched B one weight per matrix; a vector B as a row
+product), Pow of activations and stepped Slices. Every other op uses its decoder-path converter.
+The decoder path (cimc.frontend.lift.Lifter) is not changed by any of this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from math import prod
+
+import numpy as np
+from onnx import TensorProto
+
+from cimc.frontend import converters
+from cimc.frontend import views as V
+from cimc.frontend.converters import Converter, Unsupported
+from cimc.frontend.lift import Lazy, Lifter, QLazy, Static, Term, dtype_name, transposed
+from cimc.frontend.model import Node
+from cimc.frontend.ops.elementwise import BINARY, with_const
+from cimc.frontend.ops.layout import static_ints
+from cimc.frontend.ops.reduce import REDUCE
+from cimc.frontend.views import Axis, View
+from cimc.ir.core import TensorType, Value
+from cimc.ir.ops import Piece, traits
+from isa.diag import CimcError
+from isa.dtypes import ACT
+from isa.program import fixed_matrix
+
+GENERIC: dict[tuple[str, str], list[Converter]] = {}
+
+
+def generic(op_types: str | tuple[str, ...], lift: Callable[[GenericLifter, Node, list], Term], *,
+            since: int = 1, until: int | None = None) -> None:
+    """Register a generic-mode converter for standard ops over opsets [since, until)."""
+    for op_type in (op_types,) if isinstance(op_types, str) else op_types:
+        GENERIC.setdefault(("", op_type), []).append(Converter("", op_type, lift, since, until))  # type: ignore[arg-type]
+
+
+def row_major(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Element strides of a row-major tensor of `shape`."""
+    return tuple(prod(shape[a + 1:]) for a in range(len(shape)))
+
+
+def piece(v: View, of: int, d0: int, ds: tuple[int, ...]) -> Piece:
+    """The piece copying view `v` (operand `of`) to flat offset d0 + sum_a i_a * ds[a]; a repeated
+    (GQA) axis is split into its distinct entries and a broadcast over them."""
+    sizes, rs, cs, out = [], [], [], []
+    for a, d in zip(v.axes, ds, strict=True):
+        if a.rep == 1:
+            sizes.append(a.size), rs.append(a.rs), cs.append(a.cs), out.append(d)
+        elif a.size % a.rep == 0:
+            sizes += [a.size // a.rep, a.rep]
+            rs += [a.rs, 0]
+            cs += [a.cs, 0]
+            out += [d * a.rep, d]
+        else:
+            raise Unsupported("a repeated axis whose size is not a multiple of its repeat count")
+    return Piece(of, v.r0, v.c0, d0, tuple(sizes), tuple(rs), tuple(cs), tuple(out))
+
+
+class GenericLifter(Lifter):
+    """The Lifter for the generic mode (see the module docstring)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._copies: dict[tuple[View, tuple[int, ...]], View] = {}
+
+    def converter(self, node: Node) -> Converter | None:
+        return converters.find(self.model, node, GENERIC) or super().converter(node)
+
+    def _input(self, name: str) -> Term:
+        shape, et = self.shape(name), self.f1.elem_types[name]
+        if name in self.roles.assumed:  # empty: in the program's interface, never read
+            attrs = {"name": name, "onnx_dtype": dtype_name(et), "onnx_shape": list(shape), "assume": "empty"}
+            self.rw.create("input", [], [TensorType(ACT, fixed_matrix(shape))], attrs, name)
+            return Static(name, self.f1.values[name], None, False)
+        if et != TensorProto.FLOAT:
+            raise CimcError(f"{self.model.path}: graph input {name!r} has element type {dtype_name(et)}; cimc "
+                            "takes float32 activations (integer inputs only as token ids)")
+        attrs = {"name": name, "onnx_dtype": dtype_name(et), "onnx_shape": list(shape)}
+        base = self.rw.create("input", [], [TensorType(ACT, fixed_matrix(shape))], attrs, name).result
+        return self.view_of(base, shape)
+
+    def _output(self, name: str) -> None:
+        term = self.env.get(name)
+        if isinstance(term, View) and not prod(term.shape):
+            term = Static(name, np.zeros(term.shape, np.float32), None, False)
+        if isinstance(term, Static) and name in self.model.producer:  # computed from no input data
+            term = _view(self, term)
+        if isinstance(term, View):
+            v = self.plain(term)
+            assert v is not None
+            owner = v.base.owner
+            if owner is not None and (owner.name == "input" or traits(owner).constant):  # not computed
+                v = self.copy(v, None, fresh=True)
+            self.env[name] = v
+        super()._output(name)
+
+    def view_of(self, base: Value, onnx_shape: tuple[int, ...]) -> View:
+        if not prod(onnx_shape):  # an empty tensor: no element to place
+            return View(base, tuple(Axis(d) for d in onnx_shape))
+        return super().view_of(base, onnx_shape)
+
+    def is_plain(self, v: View) -> bool:
+        """Whether `v` is its base as the row-major matrix of its own shape."""
+        if v.base.type.shape != fixed_matrix(v.shape) or v.r0 or v.c0:
+            return False
+        want = self.view_of(v.base, v.shape)
+        return [a for a in v.axes if a.size != 1] == [a for a in want.axes if a.size != 1]
+
+    def plain(self, t: Term) -> View | None:
+        """`t` as a whole activation, copied into its own matrix if it is another view of one."""
+        if not isinstance(t, View):
+            return None
+        return t if self.is_plain(t) else self.copy(t)
+
+    def copy(self, v: View, shape: tuple[int, ...] | None = None, fresh: bool = False) -> View:
+        """A `relayout` of view `v` into the row-major matrix of its shape, or of `shape` (a
+        reshape a strided view cannot express); one per view and shape unless `fresh`."""
+        shape = v.shape if shape is None else shape
+        if fresh or (v, shape) not in self._copies:
+            self._copies[(v, shape)] = self.relayout([v.base], [piece(v, 0, 0, row_major(v.shape))], shape,
+                                                     v.base.owner.loc if v.base.owner else "relayout")
+        return self._copies[(v, shape)]
+
+    def relayout(self, operands: list[Value], pieces: list[Piece], shape: tuple[int, ...], loc: str) -> View:
+        out = self.op("relayout", operands, loc, {"shape": list(shape), "pieces": [p.encode() for p in pieces]})
+        return self.view_of(out, shape)
+
+    def operand(self, t: Term, shape: tuple[int, ...]) -> Value:
+        """An activation or constant operand of an elementwise op with result `shape`, as a matrix
+        that broadcasts to the result's (the same rows, or one row; the same columns, or one)."""
+        if isinstance(t, Static):
+            arr = np.asarray(t.value, np.float32)
+            arr = arr.reshape((1,) * (len(shape) - arr.ndim) + arr.shape)
+            if not _row_broadcasts(arr.shape, shape):
+                arr = np.broadcast_to(arr, shape)
+            return self.const(Static(t.name, arr, None, False), arr.reshape(fixed_matrix(arr.shape)), False)
+        if not isinstance(t, View):
+            raise Unsupported("an operand is not an activation or a constant")
+        v = V.reshape(t, (1,) * (len(shape) - len(t.shape)) + t.shape)
+        if not _row_broadcasts(v.shape, shape):
+            v = V.expand(v, shape)
+        p = self.plain(v)
+        assert p is not None
+        return p.base
+
+
+def _row_broadcasts(shape: tuple[int, ...], out: tuple[int, ...]) -> bool:
+    """Whether a tensor's matrix broadcasts to the result's as the vector unit does it: all rows or
+    one row, all columns or one column."""
+    rows_same, one_row = shape[:-1] == out[:-1], all(d == 1 for d in shape[:-1])
+    return (rows_same or one_row) and (not shape or shape[-1] in (1, out[-1]))
+
+
+# ---- elementwise -------------------------------------------------------------------------------
+
+
+def binary(lifter: GenericLifter, node: Node, args: list) -> Term:
+    """Add, Sub, Mul, Div, Max (any number of inputs), Pow, with numpy broadcasting."""
+    shape = lifter.shape(node.outputs[0])
+    name = "pow" if node.op_type == "Pow" else BINARY[node.op_type]
+    if len(args) == 1:
+        return args[0]
+    terms = [a for a in args if a is not None]
+    acc = terms[0]
+    for t in terms[1:]:
+        scalar = next((s for s in (t, acc) if isinstance(s, Static) and np.asarray(s.value).size == 1), None)
+        other = acc if scalar is t else t
+        if scalar is not None and isinstance(other, View) and other.shape == shape and name != "pow":
+            c = float(np.asarray(scalar.value).ravel()[0])
+            x = lifter.operand(other, shape)
+            acc = lifter.view_of(with_const(lifter, name, x, c, scalar is t, node.name), shape)
+            continue
+        a, b = lifter.operand(acc, shape), lifter.operand(t, shape)
+        acc = lifter.view_of(lifter.op(name, [a, b], node.name), shape)
+    return acc
+
+
+# ---- layout ------------------------------------------------------------------------------------
+
+
+def concat(lifter: GenericLifter, node: Node, args: list) -> Term:
+    shape = lifter.shape(node.outputs[0])
+    axis = node.attrs.get("axis", 0) % len(shape)
+    strides = row_major(shape)
+    operands, pieces, at = [], [], 0
+    for t in args:
+        v = _view(lifter, t)
+        if v.base not in operands:
+            operands.append(v.base)
+        pieces.append(piece(v, operands.index(v.base), at * strides[axis], strides))
+        at += v.shape[axis]
+    return lifter.relayout(operands, pieces, shape, node.name)
+
+
+def gather(lifter: GenericLifter, node: Node, args: list) -> Term:
+    """Gather from an activation by constant indices: one piece per index."""
+    data, idx = args
+    if not isinstance(data, View):
+        return converters.find(lifter.model, node).lift(lifter, node, args)  # type: ignore[union-attr]
+    if not isinstance(idx, Static):
+        raise Unsupported("Gather from an activation needs constant indices")
+    shape = lifter.shape(node.outputs[0])
+    axis = node.attrs.get("axis", 0) % len(data.shape)
+    ids = np.asarray(idx.value).astype(np.int64)
+    strides = row_major(shape)
+    inner = strides[:axis] + strides[axis + ids.ndim:]
+    pieces = []
+    for at in np.ndindex(*ids.shape):
+        j = int(ids[at]) % data.shape[axis]
+        v = V.slice_axis(data, axis, j, 1)
+        v = V.squeeze(v, [axis]) if len(v.shape) > 1 else v
+        d0 = sum(i * s for i, s in zip(at, strides[axis:axis + ids.ndim], strict=True))
+        pieces.append(piece(v, 0, d0, inner if len(data.shape) > 1 else (0,)))
+    return lifter.relayout([data.base], pieces, shape, node.name)
+
+
+def slice_steps(lifter: GenericLifter, node: Node, args: list) -> Term:
+    """Slice with any steps (a negative one reads the axis backwards)."""
+    if not all(isinstance(a, Static) for a in args[1:] if a is not None):
+        raise Unsupported("Slice bounds must be known at compile time")
+    v = _view(lifter, args[0])
+    starts, ends, axes, steps = (static_ints(args, i) for i in (1, 2, 3, 4))
+    assert starts is not None and ends is not None
+    axes = list(range(len(starts))) if axes is None else axes
+    for st, en, ax, step in zip(starts, ends, axes, steps or [1] * len(starts), strict=True):
+        ax %= len(v.shape)
+        lo, _, step = slice(st, en, step).indices(v.shape[ax])
+        n = len(range(*slice(st, en, step).indices(v.shape[ax])))
+        a = v.axes[ax]
+        if a.rep != 1:
+            raise Unsupported("Slice of a repeated axis")
+        axes_ = list(v.axes)
+        axes_[ax] = Axis(n, a.rs * step, a.cs * step)
+        v = View(v.base, tuple(axes_), v.r0 + lo * a.rs if n else v.r0, v.c0 + lo * a.cs if n else v.c0)
+    return v
+
+
+def _view(lifter: GenericLifter, t: Term) -> View:
+    """An activation view of `t` (a constant becomes a `const`)."""
+    if isinstance(t, Static):
+        arr = np.asarray(t.value, np.float32)
+        return lifter.view_of(lifter.const(t, arr.reshape(fixed_matrix(arr.shape)), False), arr.shape)
+    return lifter.need_view(t, "input")
+
+
+# ---- reductions and softmax --------------------------------------------------------------------
+
+
+def reshaped(lifter: GenericLifter, v: View, shape: tuple[int, ...]) -> View:
+    """`v` re-viewed as `shape`, or copied to it where a strided view cannot express that."""
+    try:
+        return V.reshape(v, shape)
+    except V.ViewError:
+        return lifter.copy(v, shape)
+
+
+def reshape(lifter: GenericLifter, node: Node, args: list) -> Term:
+    """Reshape and Flatten."""
+    return reshaped(lifter, _view(lifter, args[0]), lifter.shape(node.outputs[0]))
+
+
+def _whole(lifter: GenericLifter, v: View, shape: tuple[int, ...]) -> View:
+    """`v` reshaped to `shape` as a whole activation (copied first where a view cannot merge)."""
+    p = lifter.plain(reshaped(lifter, v, shape))
+    assert p is not None
+    return p
+
+
+def _over_last(lifter: GenericLifter, v: View, axes: list[int]) -> View:
+    """`v` with `axes` moved last and merged into one, as a whole activation [kept..., reduced]."""
+    keep = [a for a in range(len(v.shape)) if a not in axes]
+    kept = tuple(v.shape[a] for a in keep)
+    return _whole(lifter, V.transpose(v, keep + axes), (*kept, prod(v.shape[a] for a in axes)))
+
+
+def reduce(lifter: GenericLifter, node: Node, args: list) -> Term:
+    v = _view(lifter, args[0])
+    rank = len(v.shape)
+    since = REDUCE[node.op_type][1]
+    axes = static_ints(args, 1) if (converters.opset(lifter.model, node) or 0) >= since else node.attrs.get("axes")
+    if len(args) > 1 and args[1] is not None and axes is None:
+        raise Unsupported(f"{node.op_type} axes must be known at compile time")
+    if not axes:
+        if node.attrs.get("noop_with_empty_axes", 0):
+            return v
+        axes = list(range(rank))
+    axes = sorted({a % rank for a in axes})
+    p = _over_last(lifter, v, axes)
+    out = lifter.op(REDUCE[node.op_type][0], [p.base], node.name)
+    return lifter.view_of(out, lifter.shape(node.outputs[0]))
+
+
+def softmax(lifter: GenericLifter, node: Node, args: list) -> Term:
+    """Softmax over one axis (opset 13+), or over the axes from `axis` on, flattened (before 13)."""
+    v = _view(lifter, args[0])
+    rank = len(v.shape)
+    old = (converters.opset(lifter.model, node) or 0) < 13
+    axis = node.attrs.get("axis", 1 if old else -1) % rank
+    if old:
+        p = _whole(lifter, v, (prod(v.shape[:axis]), prod(v.shape[axis:])))
+        return lifter.view_of(lifter.op("softmax", [p.base], node.name), v.shape)
+    perm = [a for a in range(rank) if a != axis] + [axis]
+    p = lifter.plain(V.transpose(v, perm))
+    assert p is not None
+    out = lifter.view_of(lifter.op("softmax", [p.base], node.name), p.shape)
+    return V.transpose(out, [perm.index(a) for a in range(rank)])
+
+
+# ---- MatMul and Gemm ---------------------------------------------------------------------------
+
+
+def _weight(lifter: GenericLifter, w: Lazy, index: tuple[int, ...]) -> Value:
+    """The [K, N] weight at `index` of a (batched) initializer left on disk."""
+    t = lifter.model.initializers[w.init]
+    if t.data_type != TensorProto.FLOAT:
+        raise Unsupported(f"weight {w.init!r} has element type {dtype_name(t.data_type)}; only float32 weights "
+                          "are supported")
+    shape = tuple(w.shape[len(index):])
+    attrs = {"init": w.init} | ({"index": list(index)} if index else {})
+    for op in lifter.module.walk("weight"):
+        if op.attrs == attrs:
+            return op.result
+    return lifter.rw.create("weight", [], [TensorType(ACT, shape)], attrs, w.init).result
+
+
+def matmul(lifter: GenericLifter, node: Node, args: list) -> Term:
+    """A @ B for a constant B: one linear per matrix of a batched B (broadcast numpy-style); a
+    vector B is a product along the rows, on the vector unit."""
+    a, b = args
+    if not isinstance(b, (Lazy, Static)) or isinstance(b, QLazy):
+        raise Unsupported("MatMul needs a constant B (its weights go on the macros)")
+    if isinstance(a, Static):
+        raise Unsupported("MatMul of a constant by a constant is folded, not compiled")
+    av = _view(lifter, a)
+    bshape = b.shape if isinstance(b, Lazy) else b.value.shape
+    out_shape = lifter.shape(node.outputs[0])
+    if len(bshape) == 1:
+        prod_ = lifter.op("mul", [lifter.operand(av, av.shape), lifter.operand(b, av.shape)], node.name)
+        return lifter.view_of(lifter.op("reduce_sum", [prod_], node.name), out_shape)
+    if isinstance(b, Static) and not b.init:
+        raise Unsupported("MatMul B must be an initializer")
+    lazy = b if isinstance(b, Lazy) else Lazy(b.name, bshape)
+    if len(av.shape) == 1:
+        av = V.unsqueeze(av, [0])
+    m, k, n = av.shape[-2], av.shape[-1], bshape[-1]
+    batch = tuple(np.broadcast_shapes(av.shape[:-2], tuple(bshape[:-2])))
+    av = V.expand(V.reshape(av, (1,) * (len(batch) + 2 - len(av.shape)) + av.shape), (*batch, m, k))
+    skip = len(batch) - (len(bshape) - 2)  # batch axes B does not have
+    results, pieces = [], []
+    for i, at in enumerate(np.ndindex(*batch)):
+        x = av
+        for j in at:
+            x = V.squeeze(V.slice_axis(x, 0, j, 1), [0])
+        index = tuple(0 if bshape[d] == 1 else at[skip + d] for d in range(len(bshape) - 2))
+        p = lifter.plain(x)
+        assert p is not None
+        results.append(lifter.op("linear", [p.base, _weight(lifter, lazy, index)], node.name))
+        pieces.append(Piece(i, 0, 0, i * m * n, (m, n), (1, 0), (0, 1), (n, 1)))
+    if not batch:
+        return lifter.view_of(results[0], out_shape)
+    return lifter.relayout(results, pieces, out_shape, node.name)
+
+
+def gemm(lifter: GenericLifter, node: Node, args: list) -> Term:
+    """alpha * A' @ B' + beta * C with constant B and C (A' = A.T with transA, B' likewise)."""
+    at = node.attrs
+    a, b = args[0], args[1]
+    c = args[2] if len(args) > 2 else None
+    if not isinstance(b, (Lazy, Static)) or (c is not None and not isinstance(c, (Lazy, Static))):
+        raise Unsupported("Gemm needs constant B and C (B's weights go on the macros)")
+    av = _view(lifter, a)
+    if at.get("transA", 0):
+        av = V.transpose(av, [1, 0])
+    w = b if isinstance(b, Lazy) else Lazy(b.name, b.value.shape)
+    if at.get("transB", 0):
+        w = transposed(w)
+    shape = lifter.shape(node.outputs[0])
+    y = lifter.linear(node, lifter.plain(av), lifter.weight(w), None)
+    alpha, beta = float(at.get("alpha", 1.0)), float(at.get("beta", 1.0))
+    if alpha != 1.0:
+        y = lifter.view_of(lifter.op("affine", [y.base], node.name, {"alpha": alpha, "beta": 0.0}), shape)
+    if c is None or beta == 0.0:
+        return y
+    cv = c.value if isinstance(c, Static) else lifter.weights(c.init)
+    bias = np.asarray(cv, np.float32) * np.float32(beta)
+    return binary(lifter, _add(node), [y, Static(f"{node.name}:beta_c", bias, None, False)])
+
+
+def _add(node: Node) -> Node:
+    """`node` seen as the Add of its result and a bias."""
+    return Node(node.name, "Add", node.domain, node.inputs, node.outputs, {}, node.proto)
+
+
+generic(("Add", "Sub", "Mul", "Div", "Pow"), binary, since=7)
+generic("Max", binary, since=8)
+generic(("Reshape", "Flatten"), reshape)
+generic("Concat", concat, since=4)
+generic("Gather", gather)
+generic("Slice", slice_steps, since=10)
+for _name, (_, _since) in REDUCE.items():
+    generic(_name, reduce)
+generic("Softmax", softmax)
+generic("MatMul", matmul)
+generic("Gemm", gemm, since=7)

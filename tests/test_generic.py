@@ -1,0 +1,97 @@
+"""The frontend's generic mode (cimc/frontend/generic.py): graphs without token ids or a KV cache,
+every input a fixed-size activation, compiled and simulated, checked against onnxruntime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from cimc.backend import CimcBackend
+from cimc.driver import compile_model
+from cimc.ir.core import TensorType
+from cimc.ir.ops import OPS, Piece, TypeRuleError
+from isa.diag import CimcError
+
+
+def _model(nodes: list, inputs: dict[str, list[int]], outputs: list[str], inits: dict[str, np.ndarray],
+           opset: int = 18) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes, "generic", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs.items()],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _check(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> None:
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    got = CimcBackend.prepare(model).run(feeds)
+    for w, g in zip(want, got, strict=True):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_a_chain_across_rows_matches_onnxruntime():
+    """Transpose, a Gemm with transA/alpha/beta and a matrix C, Softmax over axis 0, a ReduceMean over
+    two axes and a broadcasting Mul of two activations: relayouts between ops, weights on the macros."""
+    rng = np.random.default_rng(0)
+    inits = {"w": rng.standard_normal((4, 6)).astype(np.float32), "c": rng.standard_normal((3, 6)).astype(np.float32),
+             "axes": np.array([0, 2], np.int64), "shape": np.array([3, 2, 3], np.int64)}
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0]),
+             helper.make_node("Gemm", ["xt", "w", "c"], ["g"], transA=1, alpha=0.5, beta=2.0),
+             helper.make_node("Softmax", ["g"], ["s"], axis=0),
+             helper.make_node("Mul", ["s", "y"], ["m"]),
+             helper.make_node("Reshape", ["m", "shape"], ["m3"]),
+             helper.make_node("ReduceMean", ["m3", "axes"], ["r"], keepdims=1)]
+    model = _model(nodes, {"x": [3, 4], "y": [6]}, ["s", "r"], inits)
+    _check(model, {"x": rng.standard_normal((3, 4)).astype(np.float32),
+                   "y": rng.standard_normal(6).astype(np.float32)})
+
+
+def test_concat_gather_and_a_stepped_slice_match_onnxruntime():
+    rng = np.random.default_rng(1)
+    inits = {"idx": np.array([[2, 0], [1, 2]], np.int64), "starts": np.array([3], np.int64),
+             "ends": np.array([-10], np.int64), "axes": np.array([1], np.int64), "steps": np.array([-2], np.int64)}
+    nodes = [helper.make_node("Concat", ["a", "b"], ["c"], axis=1),
+             helper.make_node("Gather", ["c", "idx"], ["g"], axis=0),
+             helper.make_node("Slice", ["c", "starts", "ends", "axes", "steps"], ["s"])]
+    model = _model(nodes, {"a": [3, 2], "b": [3, 3]}, ["g", "s"], inits)
+    _check(model, {"a": rng.standard_normal((3, 2)).astype(np.float32),
+                   "b": rng.standard_normal((3, 3)).astype(np.float32)})
+
+
+def test_batched_matmul_has_one_weight_per_matrix():
+    rng = np.random.default_rng(2)
+    model = _model([helper.make_node("MatMul", ["a", "b"], ["y"])], {"a": [3, 1, 2, 4]}, ["y"],
+                   {"b": rng.standard_normal((2, 4, 5)).astype(np.float32)})
+    _check(model, {"a": rng.standard_normal((3, 1, 2, 4)).astype(np.float32)})
+
+
+def test_an_integer_data_input_is_refused_with_its_type(tmp_path):
+    graph = helper.make_graph([helper.make_node("Neg", ["x"], ["y"])], "neg",
+                              [helper.make_tensor_value_info("x", TensorProto.INT8, [3])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT8, [3])])
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "neg.onnx")
+    with pytest.raises(CimcError, match="graph input 'x' has element type int8; cimc takes float32"):
+        compile_model(tmp_path / "neg.onnx")
+
+
+def test_a_bound_parameter_must_not_change():
+    model = _model([helper.make_node("Reshape", ["x", "shape"], ["y"])], {"x": [2, 3]}, ["y"], {})
+    model.graph.input.append(helper.make_tensor_value_info("shape", TensorProto.INT64, [2]))
+    rep = CimcBackend.prepare(model)
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_array_equal(rep.run({"x": x, "shape": np.array([3, 2])})[0], x.reshape(3, 2))
+    with pytest.raises(Exception, match="bound as a constant"):
+        rep.run({"x": x, "shape": np.array([6, 1])})
+
+
+def test_relayout_type_rule_rejects_a_piece_outside_its_operand():
+    t = TensorType("f32", (2, 3))
+    ok = Piece(0, 0, 0, 0, (3, 2), (0, 1), (1, 0), (2, 1)).encode()  # the transpose
+    assert OPS["relayout"].infer([t], {"shape": [3, 2], "pieces": [ok]}) == [TensorType("f32", (3, 2))]
+    bad = Piece(0, 0, 1, 0, (3, 2), (0, 1), (1, 0), (2, 1)).encode()  # one column too far
+    with pytest.raises(TypeRuleError, match="reads outside operand 0"):
+        OPS["relayout"].infer([t], {"shape": [3, 2], "pieces": [bad]})
