@@ -55,18 +55,16 @@ def row_major(shape: tuple[int, ...]) -> tuple[int, ...]:
 def piece(v: View, of: int, d0: int, ds: tuple[int, ...]) -> Piece:
     """The piece copying view `v` (operand `of`) to flat offset d0 + sum_a i_a * ds[a]; a repeated
     (GQA) axis is split into its distinct entries and a broadcast over them."""
-    sizes, rs, cs, out = [], [], [], []
+    axes: list[tuple[int, int, int, int]] = []  # (size, rs, cs, ds)
     for a, d in zip(v.axes, ds, strict=True):
         if a.rep == 1:
-            sizes.append(a.size), rs.append(a.rs), cs.append(a.cs), out.append(d)
+            axes.append((a.size, a.rs, a.cs, d))
         elif a.size % a.rep == 0:
-            sizes += [a.size // a.rep, a.rep]
-            rs += [a.rs, 0]
-            cs += [a.cs, 0]
-            out += [d * a.rep, d]
+            axes += [(a.size // a.rep, a.rs, a.cs, d * a.rep), (a.rep, 0, 0, d)]
         else:
             raise Unsupported("a repeated axis whose size is not a multiple of its repeat count")
-    return Piece(of, v.r0, v.c0, d0, tuple(sizes), tuple(rs), tuple(cs), tuple(out))
+    sizes, rs, cs, out = (tuple(x[k] for x in axes) for k in range(4))
+    return Piece(of, v.r0, v.c0, d0, sizes, rs, cs, out)
 
 
 class GenericLifter(Lifter):
