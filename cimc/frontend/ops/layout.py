@@ -1,4 +1,5 @@
-"""Layout ops: Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Expand, Slice, Identity, Cast, Concat.
+"""Layout ops: Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Expand, Slice, Split, Identity, Cast,
+Concat.
 
 On an activation they only re-view it (cimc.frontend.views); on a deferred expression they defer
 too (an idiom may consume the chain). Concat(past KV, new KV) along the position axis is a cache
@@ -6,6 +7,8 @@ append. Transpose, Identity, Cast and Reshape also apply to weights left on disk
 
 Opset forms: Squeeze and Unsqueeze take `axes` as an attribute before opset 13 and as an input
 from 13; Slice takes `starts`/`ends`/`axes` as attributes before opset 10 and as inputs from 10;
+Split takes its part sizes `split` as an attribute before opset 13 and as an input from 13, and
+from 18, without sizes, `num_outputs` parts (the last one smaller if the axis does not divide);
 Cast names its target type by a string before opset 6 (not converted).
 """
 
@@ -161,6 +164,43 @@ def slice_input(lifter: Lifter, node: Node, args: list) -> Term:
     return _slice(lifter, node, args, starts, ends, axes, steps)
 
 
+# ---- Split: sizes as an attribute (opsets 2-12) or an input (13+; num_outputs from 18) ----------
+
+
+def _split(lifter: Lifter, node: Node, args: list, sizes: list[int] | None) -> tuple[Term, ...]:
+    shape = lifter.shape(node.inputs[0])
+    axis = node.attrs.get("axis", 0)
+    if not -len(shape) <= axis < len(shape):
+        raise Unsupported(f"Split axis {axis} is out of range for a rank-{len(shape)} input")
+    axis %= len(shape)
+    parts, dim = len(node.outputs), shape[axis]
+    if sizes is None:
+        if "num_outputs" in node.attrs:  # opset 18: ceil-sized parts, the last one smaller
+            chunk = -(-dim // node.attrs["num_outputs"])
+            sizes = [min(chunk, dim - i * chunk) for i in range(node.attrs["num_outputs"])]
+        elif dim % parts == 0:
+            sizes = [dim // parts] * parts
+        else:
+            raise Unsupported(f"Split of {dim} entries into {parts} equal parts")
+    if len(sizes) != parts or sum(sizes) != dim or min(sizes) < 0:
+        raise Unsupported(f"Split sizes {sizes} do not cover the {dim} entries of axis {axis} in {parts} parts")
+    v = lifter.need_view(args[0], "input")
+    starts = np.cumsum([0, *sizes[:-1]])
+    return tuple(V.slice_axis(v, axis, int(lo), n) for lo, n in zip(starts, sizes, strict=True))
+
+
+def split_attr(lifter: Lifter, node: Node, args: list) -> tuple[Term, ...]:
+    sizes = node.attrs.get("split")
+    return _split(lifter, node, args, None if sizes is None else list(sizes))
+
+
+def split_input(lifter: Lifter, node: Node, args: list) -> tuple[Term, ...]:
+    sizes = static_ints(args, 1)
+    if len(args) > 1 and args[1] is not None and sizes is None:
+        raise Unsupported("Split sizes must be known at compile time")
+    return _split(lifter, node, args, sizes)
+
+
 # ---- Concat -------------------------------------------------------------------------------------
 
 
@@ -191,4 +231,6 @@ standard("Unsqueeze", unsqueeze_attr, until=13)
 standard("Unsqueeze", unsqueeze_input, since=13)
 standard("Slice", slice_attr, until=10)
 standard("Slice", slice_input, since=10)
+standard("Split", split_attr, since=2, until=13)
+standard("Split", split_input, since=13)
 standard("Concat", concat)
