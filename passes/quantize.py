@@ -72,8 +72,7 @@ class QuantizePass:
                 if id(w) not in made:
                     attrs = {"init": w.owner.attrs["init"], "format": "rtn", "group": self.group,
                              "scale_type": self.scale}
-                    if w.owner.attrs.get("transpose"):
-                        attrs["transpose"] = True
+                    attrs |= {k: w.owner.attrs[k] for k in ("transpose", "cols") if k in w.owner.attrs}
                     made[id(w)] = rw.create("qweight", [], [TensorType(BITS[self.bits], (k, n))], attrs, w.owner.loc,
                                             before=w.owner).result
                 rw.set_operand(op, 1, made[id(w)])

@@ -304,9 +304,10 @@ _def("output", ("value",), _none, "a graph output, written to DRAM under its ONN
      "cache shown as [1, heads, ctx, head_dim]", _IO, {"heads": "int"}, unit="none", interface=True, effect=True)
 _def("weight", (), from_attr, "an ONNX initializer (optionally transposed), read lazily from the model; with "
      "`format = dequantize`, an integer initializer dequantized at compile time (cimc.ir.quant); with `index`, "
-     "the matrix at that index of the initializer's leading (batch) axes",
+     "the matrix at that index of the initializer's leading (batch) axes; with `cols = [c0, c1, n]`, columns "
+     "c0 .. c1-1 of that [K, n] matrix",
      {"init": "str"}, {"index": "list", "transpose": "bool", "format": "str", "scales": "str", "zero_points": "str",
-                       "axis": "int", "block": "int", "bits": "int"}, unit="none", constant=True)
+                       "axis": "int", "block": "int", "bits": "int", "cols": "list"}, unit="none", constant=True)
 _def("qweight", (), from_attr,
      "integer weights [K, N] with a scale (and, for unsigned types, a zero point) per group of `group` rows "
      "(0: all K) and column; `format` says where the numbers come from (cimc.ir.quant)",

@@ -30,8 +30,8 @@ gatherblockquantized` it is a `com.microsoft:GatherBlockQuantized` table (`gathe
 holds `bits`-bit values packed two to a uint8 (low nibble first), one row per table row, `scales`
 one per `block` columns of a row, `zero_points` (optional) packed like the values, else 2^(bits-1).
 
-A `qweight` with `cols = [c0, c1, n]` holds columns c0 .. c1-1 of the `[K, n]` weights its format
-defines (one of the q, k and v blocks of a packed projection).
+A `qweight` or float `weight` with `cols = [c0, c1, n]` holds columns c0 .. c1-1 of the `[K, n]`
+weights its other attributes define (one of the q, k and v blocks of a packed projection).
 
 `materialize` turns an op's attributes into a `QuantWeight`; codegen streams it into DRAM and
 the tests compare it with onnxruntime's own dequantization.
@@ -234,7 +234,7 @@ def gather_blocks(q: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | N
 def weight_values(attrs: dict, get: Callable[[str], np.ndarray]) -> np.ndarray:
     """The float matrix a `weight` op stands for: its initializer (the matrix at `index` of its
     leading axes, transposed with `transpose`), or with `format = dequantize` that initializer
-    dequantized (`dequantize`)."""
+    dequantized (`dequantize`); with `cols`, of that its columns c0 .. c1-1."""
     w = get(attrs["init"])
     if attrs.get("format") == "gatherblockquantized":
         zp = attrs.get("zero_points", "")
@@ -246,7 +246,11 @@ def weight_values(attrs: dict, get: Callable[[str], np.ndarray]) -> np.ndarray:
         raise ValueError(f"unknown weight format {attrs['format']!r} (formats: {', '.join(WEIGHT_FORMATS)})")
     if "index" in attrs:
         w = w[tuple(attrs["index"])]
-    return w.T if attrs.get("transpose", False) else w
+    w = w.T if attrs.get("transpose", False) else w
+    if "cols" in attrs:
+        c0, c1, _ = attrs["cols"]
+        w = np.ascontiguousarray(w[:, c0:c1])
+    return w
 
 
 def materialize(attrs: dict, wt: str, shape: tuple[int, int], get: Callable[[str], np.ndarray]) -> QuantWeight:

@@ -9,8 +9,8 @@ to past + seq - 1 and past + seq); `do_rotary = 1` with `cos_cache`/`sin_cache` 
 [max_positions, head_dim / 2] in the rotate-half (non-interleaved) form.
 
 The packed projection is split into its q, k and v column blocks (the producing linear, and a
-constant bias add after it, become one per block over the same input: the integer weights'
-`cols`, see cimc.ir.quant), so each block is a whole activation. Then q and k get `rope` with
+constant bias add after it, become one per block over the same input: its float or integer
+weights' `cols`, see cimc.ir.quant), so each block is a whole activation. Then q and k get `rope` with
 tables [cos, cos] and [sin, sin] (x*cos + rotate_half(x)*sin per head is onnxruntime's
 non-interleaved rotary), k and v are appended to the caches (`kv_append`: the presents hold
 positions 0 .. past+seq-1), and `attention` runs causally over the caches with the node's
@@ -35,7 +35,7 @@ from cimc.frontend.converters import CacheRoles, Converter, Unsupported, registe
 from cimc.frontend.lift import Lifter, Static, Term, View
 from cimc.frontend.model import Node, OnnxModel
 from cimc.frontend.views import Axis
-from cimc.ir.core import Value
+from cimc.ir.core import TensorType, Value
 
 
 def _ints(node: Node) -> tuple[int, int]:
@@ -161,18 +161,14 @@ def _vector_of(lifter: Lifter, v: Value) -> np.ndarray | None:
 
 
 def split_columns(lifter: Lifter, v: Value, c0: int, c1: int, loc: str) -> Value:
-    """Columns c0 .. c1-1 of the activation `v`, recomputed from the producing linear (integer
-    weights, their `cols`) and the elementwise ops by constant vectors after it."""
+    """Columns c0 .. c1-1 of the activation `v`, recomputed from the producing linear (the same
+    weights' columns: a float or integer weight op's `cols`) and the elementwise ops by constant
+    vectors after it."""
     op = v.owner
     n = int(v.type.shape[1])
     if op is not None and op.name == "linear" and op.operands[1].owner is not None \
-            and op.operands[1].owner.name == "qweight":
-        w = op.operands[1]
-        attrs = dict(w.owner.attrs)
-        b0, _, full = attrs.pop("cols", [0, n, n])
-        attrs["cols"] = [b0 + c0, b0 + c1, full]
-        qw = lifter.qweight(attrs, w.type.dtype, (int(w.type.shape[0]), c1 - c0), w.owner.loc)
-        operands = [op.operands[0], qw]
+            and op.operands[1].owner.name in ("weight", "qweight"):
+        operands = [op.operands[0], _weight_columns(lifter, op.operands[1], c0, c1)]
         if len(op.operands) > 2:
             bias = _vector_of(lifter, op.operands[2])
             if bias is None:
@@ -188,8 +184,24 @@ def split_columns(lifter: Lifter, v: Value, c0: int, c1: int, loc: str) -> Value
                 cv = _const(lifter, vec[c0:c1], f"{op.loc}:[{c0}:{c1}]")
                 return lifter.op(op.name, [part, cv] if left else [cv, part], op.loc)
     what = op.name if op is not None else "a graph input"
-    raise Unsupported(f"packed qkv comes from {what}, not from a projection with integer weights (and constant "
-                      "vector ops after it) that can be split into its q, k and v column blocks")
+    raise Unsupported(f"packed qkv comes from {what}, not from a projection (and constant vector ops after it) "
+                      "that can be split into its q, k and v column blocks")
+
+
+def _weight_columns(lifter: Lifter, w: Value, c0: int, c1: int) -> Value:
+    """Columns c0 .. c1-1 of the [K, n] `weight` or `qweight` w: the same op with `cols` (one per
+    distinct set of attributes, shared by the nodes using it)."""
+    src = w.owner
+    assert src is not None
+    k, n = (int(d) for d in w.type.shape)
+    attrs = dict(src.attrs)
+    b0, _, full = attrs.pop("cols", [0, n, n])
+    attrs["cols"] = [b0 + c0, b0 + c1, full]
+    t = TensorType(w.type.dtype, (k, c1 - c0))
+    for op in lifter.module.walk(src.name):
+        if op.attrs == attrs and op.result.type == t:
+            return op.result
+    return lifter.rw.create(src.name, [], [t], attrs, src.loc).result
 
 
 def _const(lifter: Lifter, arr: np.ndarray, name: str) -> Value:

@@ -1,6 +1,7 @@
 """Gather of embedding rows by token id: `embedding(ids, table)`.
 
-The table is a float initializer, integer weights a DequantizeLinear dequantizes (QDQ: a float
+The table is a float initializer (or the transpose of one: a tied lm_head's [hidden, vocab]
+weights, as the onnxruntime-genai builder shares them), integer weights a DequantizeLinear dequantizes (QDQ: a float
 table dequantized at compile time), or an integer table a DequantizeLinear after the Gather
 dequantizes (quantize_dynamic: the Gather waits for it, see ops/qdq.py).
 """
@@ -18,8 +19,8 @@ def gather(lifter: Lifter, node: Node, args: list) -> Term:
     if node.attrs.get("axis", 0) != 0 or not isinstance(table, (Lazy, QLazy, Static)):
         raise Unsupported("only Gather of table rows by token id (axis 0 of a constant table) is supported")
     lazy = Lazy(table.name, table.value.shape) if isinstance(table, Static) else table
-    if len(lazy.shape) != 2 or lazy.transpose:
-        raise Unsupported("the embedding table must be a [vocab, hidden] initializer")
+    if len(lazy.shape) != 2 or (isinstance(lazy, QLazy) and lazy.transpose):
+        raise Unsupported("the embedding table must be a [vocab, hidden] initializer (or a float one transposed)")
     if isinstance(lazy, QLazy):
         dq = lazy.dq
         return lifter.embedding(node, ids, lifter.dequantized_table(lazy.init, dq.scales, dq.zero_points, dq.axis,
