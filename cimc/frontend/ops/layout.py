@@ -10,6 +10,11 @@ from 13; Slice takes `starts`/`ends`/`axes` as attributes before opset 10 and as
 Split takes its part sizes `split` as an attribute before opset 13 and as an input from 13, and
 from 18, without sizes, `num_outputs` parts (the last one smaller if the axis does not divide);
 Cast names its target type by a string before opset 6 (not converted).
+
+A Slice or Split of a block of a whole activation's columns (the q, k and v of a fused qkv
+projection, the gate and up of a fused gate_up) is recomputed as an activation of its own from
+the producing linear's weight columns (`split_columns`), so later ops see a whole activation;
+otherwise a part is a view of its input.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from cimc.frontend import views as V
 from cimc.frontend.converters import Unsupported, no_weights, standard
 from cimc.frontend.lift import Expr, Lazy, Lifter, QLazy, Static, Term, transposed
 from cimc.frontend.model import FLOAT_TYPES, Node
+from cimc.frontend.ops.contrib_attention import split_columns
 from cimc.frontend.views import Axis, View
 
 
@@ -126,6 +132,23 @@ def unsqueeze_input(lifter: Lifter, node: Node, args: list) -> Term:
     return relayout(lifter, node, args, lambda v: V.unsqueeze(v, axes))
 
 
+def take(lifter: Lifter, node: Node, v: View, axis: int, lo: int, n: int) -> View:
+    """Entries lo .. lo+n-1 of `v` along `axis`: a view, or for a block of the columns of a whole
+    activation, straight from the node that made it with a linear (and constant vector ops after
+    it), that block recomputed. (A slice of a re-viewed activation, such as rotate_half's halves
+    of a single head, stays a view for the idioms to read.)"""
+    part = V.slice_axis(v, axis, lo, n)
+    a = v.axes[axis]
+    src, owner = lifter.model.producer.get(node.inputs[0]), v.base.owner
+    if n == a.size or not lifter.is_plain(v) or (a.rs, a.cs, a.rep) != (0, 1, 1) or src is None \
+            or owner is None or owner.loc != src.name:
+        return part
+    try:
+        return lifter.view_of(split_columns(lifter, v.base, lo, lo + n, node.name), part.shape)
+    except Unsupported:
+        return part
+
+
 # ---- Slice: bounds as attributes (opsets 1-9) or inputs (10+) ----------------------------------
 
 
@@ -142,7 +165,7 @@ def _slice(lifter: Lifter, node: Node, args: list, starts: list[int], ends: list
                 raise Unsupported(f"Slice axis {ax} is out of range for a rank-{len(shape)} input")
             ax %= len(shape)
             lo, hi, _ = slice(st, en).indices(shape[ax])
-            v = V.slice_axis(v, ax, lo, max(0, hi - lo))
+            v = take(lifter, node, v, ax, lo, max(0, hi - lo))
         return v
 
     return relayout(lifter, node, args, apply)
@@ -186,7 +209,7 @@ def _split(lifter: Lifter, node: Node, args: list, sizes: list[int] | None) -> t
         raise Unsupported(f"Split sizes {sizes} do not cover the {dim} entries of axis {axis} in {parts} parts")
     v = lifter.need_view(args[0], "input")
     starts = np.cumsum([0, *sizes[:-1]])
-    return tuple(V.slice_axis(v, axis, int(lo), n) for lo, n in zip(starts, sizes, strict=True))
+    return tuple(take(lifter, node, v, axis, int(lo), n) for lo, n in zip(starts, sizes, strict=True))
 
 
 def split_attr(lifter: Lifter, node: Node, args: list) -> tuple[Term, ...]:
