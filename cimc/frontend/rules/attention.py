@@ -3,7 +3,8 @@ v)`, anchored at the last MatMul. Needs ONNX facts: q, k and v must be head-spli
 GQA/MQA head repetition), the mask a folded causal [seq, past + seq] matrix, maybe a sliding window
 (`window`: the keys a query sees, read off the folded masks, which exporters build from position
 comparisons); soft-capping `c * tanh(s / c)` sets `softcap` (Gemma2). Exporters' scalar scalings,
-`Where(mask, x, -inf)` masks and `Where(IsNaN(p), 0, p)` guards are peeled.
+`Where(mask, x, -inf)` masks, `Where(IsNaN(p), 0, p)` guards and casts of the probabilities to
+float32 are peeled.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 
 from cimc.frontend.converters import Unsupported
 from cimc.frontend.lift import Expr, Lifter, Static, Term, View
-from cimc.frontend.rules.terms import strip_nan_guard, strip_scalars
+from cimc.frontend.rules.terms import strip_float_casts, strip_nan_guard, strip_scalars
 from cimc.frontend.views import Axis
 from cimc.ir.core import Value
 from cimc.ir.rules import NoMatch, Rule, register_rule
@@ -24,7 +25,7 @@ from cimc.ir.rules import NoMatch, Rule, register_rule
 def match(lifter: Lifter, mm: Expr) -> View | NoMatch | None:
     """The attention op, or why a MatMul of a softmax and V is not causal attention."""
     p, v = mm.args
-    p = strip_nan_guard(p)
+    p = strip_float_casts(strip_nan_guard(strip_float_casts(p)))
     if not (isinstance(p, Expr) and p.node.op_type == "Softmax"):
         return None
     node = mm.node

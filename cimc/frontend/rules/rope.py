@@ -1,9 +1,16 @@
 """RoPE: `x*cos + rotate_half(x)*sin` (either operand order) -> `rope(x, cos, sin)`, anchored at
-the final Add. Needs ONNX facts: x must be a whole activation split into heads, and cos/sin
-folded per-position tables that are functions of the position (one program serves every length).
+the final Add. Needs ONNX facts: x must be a whole activation split into heads (or the first
+rotary_dim entries of each head: partial rotary), and cos/sin folded per-position tables that are
+functions of the position (one program serves every length).
+
+Partial rotary (Phi-3's partial_rotary_factor): `Concat(rope(x[..., :rd]), x[..., rd:])` on the
+last axis, anchored at the Concat, is the whole `rope` result with `rotary_dim = rd` (the op
+passes the other entries through).
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 
@@ -43,11 +50,12 @@ def match(lifter: Lifter, add: Expr) -> View | NoMatch | None:
             continue
         try:
             tables = [_table(lifter, t, x) for t in (cos, sin)]
-            base = _heads_base(lifter, x, hd)
+            base, head_dim = _heads_base(lifter, x)
         except Unsupported as e:
             reasons.append(str(e))
             continue
-        out = lifter.op("rope", [base, *tables], add.node.name, {"head_dim": hd})
+        attrs = {"head_dim": head_dim} | ({"rotary_dim": hd} if hd != head_dim else {})
+        out = lifter.op("rope", [base, *tables], add.node.name, attrs)
         return View(out, x.axes)
     if reasons:
         return NoMatch(reasons[-1])
@@ -56,14 +64,20 @@ def match(lifter: Lifter, add: Expr) -> View | NoMatch | None:
     return None
 
 
-def _heads_base(lifter: Lifter, x: View, hd: int) -> Value:
-    core = sorted(x.core(), key=lambda a: (a.rs, a.cs))
+def _heads_base(lifter: Lifter, x: View) -> tuple[Value, int]:
+    """(base, head_dim) of `x`, a whole [tokens, heads*head_dim] activation split into heads, or
+    the first x.shape[-1] entries of each of its heads."""
+    rd = x.shape[-1]
     cols = int(x.base.type.shape[1]) if x.base.type.rank == 2 else 1
-    want = sorted([a for a in (Axis(hd, 0, 1), Axis(cols // hd, 0, hd), Axis(lifter.n, 1, 0)) if a.size != 1],
+    heads = [a for a in x.axes[:-1] if a.size != 1 and (a.rs, a.rep) == (0, 1) and a.cs >= rd]
+    hd = heads[0].cs if len(heads) == 1 and heads[0].cs * heads[0].size == cols else cols
+    core = sorted(x.core(), key=lambda a: (a.rs, a.cs))
+    want = sorted([a for a in (Axis(rd, 0, 1), Axis(cols // hd, 0, hd), Axis(lifter.n, 1, 0)) if a.size != 1],
                   key=lambda a: (a.rs, a.cs))
     if x.r0 or x.c0 or cols % hd or core != want:
-        raise Unsupported("RoPE input is not a whole [tokens, heads*head_dim] activation split into heads")
-    return x.base
+        raise Unsupported("RoPE input is not a whole [tokens, heads*head_dim] activation split into heads "
+                          "(or the first rotary_dim entries of each head)")
+    return x.base, hd
 
 
 def _table(lifter: Lifter, s: Static, x: View) -> Value:
@@ -91,5 +105,26 @@ def _table(lifter: Lifter, s: Static, x: View) -> Value:
     return lifter.const(s, np.ascontiguousarray(lifter.position_table(s, rows_of)), True)
 
 
+def match_partial(lifter: Lifter, cat: Expr) -> View | NoMatch | None:
+    """The whole partial-rotary `rope` result, if `cat` joins its rotated part and the input's rest."""
+    if len(cat.args) != 2 or not all(isinstance(a, View) for a in cat.args):
+        return None
+    rot, rest = cat.args
+    op = rot.base.owner
+    if op is None or op.name != "rope" or "rotary_dim" not in op.attrs:
+        return None
+    last = len(rot.axes) - 1
+    hd, rd = op.attrs["head_dim"], op.attrs["rotary_dim"]
+    if cat.node.attrs.get("axis") not in (-1, last):
+        return NoMatch("the partial RoPE's parts are not joined on the last axis")
+    whole = replace(rot, axes=(*rot.axes[:-1], replace(rot.axes[-1], size=hd)))
+    if rot != V.slice_axis(whole, last, 0, rd) or \
+            rest != V.slice_axis(replace(whole, base=op.operands[0]), last, rd, hd - rd):
+        return NoMatch("Concat does not join the rotated entries with the rest of the same heads")
+    return whole
+
+
 register_rule(Rule("RoPE", "onnx", "Add", "x*cos + rotate_half(x)*sin -> rope(x, cos, sin) over per-position tables",
                    match))
+register_rule(Rule("partial RoPE", "onnx", "Concat",
+                   "Concat(rope(x[..., :rd]), x[..., rd:]) -> rope(x) with rotary_dim = rd", match_partial))

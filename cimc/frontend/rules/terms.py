@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from onnx import TensorProto
 
 from cimc.frontend.lift import Expr, Static, Term
 
@@ -48,4 +49,12 @@ def strip_nan_guard(t: Term) -> Term:
         cond, zero, p = t.args
         if isinstance(cond, Expr) and cond.node.op_type == "IsNaN" and cond.args[0] is p and scalar(zero) == 0.0:
             return p
+    return t
+
+
+def strip_float_casts(t: Term) -> Term:
+    """`Cast(p, to=float)` -> p, repeatedly (exporters cast a float32 softmax back to the model's
+    float type, float32 here: a no-op)."""
+    while isinstance(t, Expr) and t.node.op_type == "Cast" and t.node.attrs.get("to") == TensorProto.FLOAT:
+        t = t.args[0]
     return t
