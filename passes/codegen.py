@@ -495,15 +495,17 @@ class _Codegen:
     def _op_rms_norm(self, op: Op) -> None:
         x, w = op.operands
         out = op.result
-        rows, cols = self.rows(out), self.cols(out)
+        rows = self.rows(out)
+        hd = op.attrs.get("head_dim", self.cols(out))
         t, s = self.scratch(op, "t"), self.scratch(op, "s")
-        self._vec(op, "vmul", dst=t, a=self.mem(x), b=self.mem(x), rows=rows, cols=cols, abc=0, bbc=0)
-        self._vec(op, "vrsum", dst=s, src=t, rows=rows, cols=cols)
-        self._vec(op, "vaffine", dst=s, src=s, rows=rows, cols=1, alpha=1.0 / cols, beta=op.attrs["eps"])
-        self._vec(op, "vrsqrt", dst=s, src=s, rows=rows, cols=1)
-        self._vec(op, "vmul", dst=self.mem(out), a=self.mem(x), b=s, rows=rows, cols=cols, abc=0, bbc=1)
-        self._vec(op, "vmul", dst=self.mem(out), a=self.mem(out), b=self.mem(w, stride=0), rows=rows,
-                  cols=cols, abc=0, bbc=0)
+        for c in range(0, self.cols(out), hd):  # one column block (head) at a time
+            xc, oc = self.mem(x, col=c), self.mem(out, col=c)
+            self._vec(op, "vmul", dst=t, a=xc, b=xc, rows=rows, cols=hd, abc=0, bbc=0)
+            self._vec(op, "vrsum", dst=s, src=t, rows=rows, cols=hd)
+            self._vec(op, "vaffine", dst=s, src=s, rows=rows, cols=1, alpha=1.0 / hd, beta=op.attrs["eps"])
+            self._vec(op, "vrsqrt", dst=s, src=s, rows=rows, cols=1)
+            self._vec(op, "vmul", dst=oc, a=xc, b=s, rows=rows, cols=hd, abc=0, bbc=1)
+            self._vec(op, "vmul", dst=oc, a=oc, b=self.mem(w, stride=0), rows=rows, cols=hd, abc=0, bbc=0)
 
     def _op_layer_norm(self, op: Op) -> None:
         x, w, *b = op.operands

@@ -172,7 +172,9 @@ def _linear(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
 
 def _rms_norm(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
     _, cols = _matrix(ts[0], "input")
-    _need(ts[1].shape == (cols,), f"weight must be f32[{cols}], got {ts[1]}")
+    hd = attrs.get("head_dim", cols)
+    _need(isinstance(cols, int) and hd > 0 and cols % hd == 0, f"head_dim {hd} must divide the {cols} columns")
+    _need(ts[1].shape == (hd,), f"weight must be f32[{hd}], got {ts[1]}")
     return [ts[0]]
 
 
@@ -328,7 +330,9 @@ _def("linear", ("x", "w", "bias?"), _linear,
      "the macros: f32 (float compute on the exact dequantized weights), i8 (dynamic symmetric int8, one "
      "scale per token and weight scale group) or u8 (onnxruntime's DynamicQuantizeLinear: asymmetric uint8, "
      "one scale and zero point for the whole input)", optional={"act": "str"}, unit="macro")
-_def("rms_norm", ("x", "w"), _rms_norm, "x / sqrt(mean(x^2, cols) + eps) * w", {"eps": "float"}, norm=True)
+_def("rms_norm", ("x", "w"), _rms_norm, "x / sqrt(mean(x^2, cols) + eps) * w; with `head_dim`, of each "
+     "head_dim-wide column block on its own, w being head_dim wide (Qwen3's per-head q and k norms)",
+     {"eps": "float"}, {"head_dim": "int"}, norm=True)
 _def("layer_norm", ("x", "w", "b?"), _layer_norm,
      "(x - mean(x, cols)) / sqrt(mean((x - mean)^2, cols) + eps) * w (+ b): ONNX LayerNormalization over the "
      "last axis", {"eps": "float"}, norm=True)
