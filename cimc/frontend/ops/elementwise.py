@@ -123,6 +123,13 @@ def lower_unary(lifter: Lifter, node: Node, args: list) -> View:
 
 
 def power(lifter: Lifter, node: Node, args: list) -> Term:
+    """Lower now, or defer on a head-split view (a per-head norm's square, say)."""
+    if isinstance(args[0], Expr) or (isinstance(args[0], View) and lifter.plain(args[0]) is None):
+        return Expr(node, args)
+    return lower_power(lifter, node, args)
+
+
+def lower_power(lifter: Lifter, node: Node, args: list) -> View:
     p, e = lifter.plain(args[0]), args[1]
     if p is None or not isinstance(e, Static) or np.asarray(e.value).size != 1:
         raise Unsupported("Pow is supported for an activation raised to a constant scalar")
@@ -147,5 +154,5 @@ def deferred(lifter: Lifter, node: Node, args: list) -> Term:
 standard(("Add", "Sub", "Mul", "Div"), binary, since=7, materialize=lower_binary)
 standard("Max", binary, since=8, materialize=lower_binary)
 standard(tuple(UNARY), unary, materialize=lower_unary)
-standard("Pow", power, since=7)
+standard("Pow", power, since=7, materialize=lower_power)
 standard(("Where", "IsNaN"), deferred, since=9)

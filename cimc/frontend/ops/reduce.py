@@ -12,12 +12,15 @@ from cimc.frontend.converters import Unsupported, standard
 from cimc.frontend.lift import Expr, Lifter, Term
 from cimc.frontend.model import Node
 from cimc.frontend.ops.layout import static_ints
+from cimc.frontend.views import View
 
 #: ONNX op type -> (IR op, the first opset taking axes as an input).
 REDUCE = {"ReduceMean": ("reduce_mean", 18), "ReduceSum": ("reduce_sum", 13), "ReduceMax": ("reduce_max", 18)}
 
 
 def _reduce(lifter: Lifter, node: Node, args: list, axes: list[int] | None) -> Term:
+    if isinstance(args[0], Expr) or (isinstance(args[0], View) and lifter.plain(args[0]) is None):
+        return Expr(node, args)  # on a head-split view: part of an idiom (a per-head norm), or refused
     p = lifter.plain(args[0])
     rank = len(lifter.shape(node.inputs[0]))
     if p is None or axes is None or [a % rank for a in axes] != [rank - 1]:

@@ -2,4 +2,4 @@
 ONNX facts (head splits, folded per-position tables, masks). One module per idiom; each registers
 its rule on import."""
 
-from cimc.frontend.rules import attention, rope  # noqa: F401
+from cimc.frontend.rules import attention, norm, rope  # noqa: F401

@@ -17,8 +17,7 @@ import numpy as np
 from cimc.frontend import views as V
 from cimc.frontend.converters import Unsupported
 from cimc.frontend.lift import Expr, Lifter, Static, View
-from cimc.frontend.rules.terms import split_mul
-from cimc.frontend.views import Axis
+from cimc.frontend.rules.terms import heads_base, split_mul
 from cimc.ir.core import Value
 from cimc.ir.rules import NoMatch, Rule, register_rule
 
@@ -50,7 +49,7 @@ def match(lifter: Lifter, add: Expr) -> View | NoMatch | None:
             continue
         try:
             tables = [_table(lifter, t, x) for t in (cos, sin)]
-            base, head_dim = _heads_base(lifter, x)
+            base, head_dim = heads_base(lifter, x, "RoPE input")
         except Unsupported as e:
             reasons.append(str(e))
             continue
@@ -62,22 +61,6 @@ def match(lifter: Lifter, add: Expr) -> View | NoMatch | None:
     if all(isinstance(a, Expr) and a.node.op_type == "Mul" for a in add.args):
         return NoMatch("Add of products is not x*cos + rotate_half(x)*sin")
     return None
-
-
-def _heads_base(lifter: Lifter, x: View) -> tuple[Value, int]:
-    """(base, head_dim) of `x`, a whole [tokens, heads*head_dim] activation split into heads, or
-    the first x.shape[-1] entries of each of its heads."""
-    rd = x.shape[-1]
-    cols = int(x.base.type.shape[1]) if x.base.type.rank == 2 else 1
-    heads = [a for a in x.axes[:-1] if a.size != 1 and (a.rs, a.rep) == (0, 1) and a.cs >= rd]
-    hd = heads[0].cs if len(heads) == 1 and heads[0].cs * heads[0].size == cols else cols
-    core = sorted(x.core(), key=lambda a: (a.rs, a.cs))
-    want = sorted([a for a in (Axis(rd, 0, 1), Axis(cols // hd, 0, hd), Axis(lifter.n, 1, 0)) if a.size != 1],
-                  key=lambda a: (a.rs, a.cs))
-    if x.r0 or x.c0 or cols % hd or core != want:
-        raise Unsupported("RoPE input is not a whole [tokens, heads*head_dim] activation split into heads "
-                          "(or the first rotary_dim entries of each head)")
-    return x.base, hd
 
 
 def _table(lifter: Lifter, s: Static, x: View) -> Value:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from cimc.frontend.lift import Expr, Static, Term
+from cimc.frontend.converters import Unsupported
+from cimc.frontend.lift import Expr, Lifter, Static, Term
+from cimc.frontend.views import Axis, View
+from cimc.ir.core import Value
 
 
 def split_mul(t: Term, kind: type) -> tuple | None:
@@ -58,3 +61,19 @@ def strip_float_casts(t: Term) -> Term:
     while isinstance(t, Expr) and t.node.op_type == "Cast" and t.node.attrs.get("to") == TensorProto.FLOAT:
         t = t.args[0]
     return t
+
+
+def heads_base(lifter: Lifter, x: View, what: str) -> tuple[Value, int]:
+    """(base, head_dim) of `x`, a whole [tokens, heads*head_dim] activation split into heads, or
+    the first x.shape[-1] entries of each of its heads."""
+    rd = x.shape[-1]
+    cols = int(x.base.type.shape[1]) if x.base.type.rank == 2 else 1
+    heads = [a for a in x.axes[:-1] if a.size != 1 and (a.rs, a.rep) == (0, 1) and a.cs >= rd]
+    hd = heads[0].cs if len(heads) == 1 and heads[0].cs * heads[0].size == cols else cols
+    core = sorted(x.core(), key=lambda a: (a.rs, a.cs))
+    want = sorted([a for a in (Axis(rd, 0, 1), Axis(cols // hd, 0, hd), Axis(lifter.n, 1, 0)) if a.size != 1],
+                  key=lambda a: (a.rs, a.cs))
+    if x.r0 or x.c0 or cols % hd or core != want:
+        raise Unsupported(f"{what} is not a whole [tokens, heads*head_dim] activation split into heads "
+                          "(or the first rotary_dim entries of each head)")
+    return x.base, hd
