@@ -1,7 +1,9 @@
 """`com.microsoft:GroupQueryAttention` (onnxruntime-genai exports) -> `rope` + KV cache + `attention`.
 
 Accepted form (what the genai model builder emits for a decoder): packed `query` [1, seq,
-(num_heads + 2 kv_num_heads) * head_dim] from one projection, `key` and `value` empty;
+(num_heads + 2 kv_num_heads) * head_dim] from one projection, `key` and `value` empty, or separate
+`query`, `key` and `value` activations (Qwen3: the builder norms q and k between the split and
+the attention);
 `past_key`/`past_value` graph inputs [batch, kv_heads, past, head_dim] whose presents are graph
 outputs; `seqlens_k` and `total_sequence_length` computed from the attention mask (which, like an
 optimum export's mask, is assumed all ones with batch 1 and checked at run time, so they must fold
@@ -17,7 +19,7 @@ positions 0 .. past+seq-1), and `attention` runs causally over the caches with t
 `scale` (0: 1/sqrt(head_dim)).
 
 Refused, with the value named: `softcap` other than 0, `local_window_size` other than -1,
-`rotary_interleaved = 1`, `do_rotary = 0`, `smooth_softmax`, separate key/value inputs,
+`rotary_interleaved = 1`, `do_rotary = 0`, `smooth_softmax`, a key without a value or the reverse,
 position ids, attention bias or head sinks, caches that are not graph inputs and outputs,
 rotary tables that are not initializers of the right shape or shorter than `--max-ctx`.
 """
@@ -69,8 +71,9 @@ def check(model: OnnxModel, node: Node) -> int:
         raise Unsupported(f"output {node.outputs[3]!r} (the QK matrix) is not supported")
     ins = (node.inputs + [""] * 12)[:12]
     _query, key, value, past_k, past_v, seqlens, total, cos, sin = ins[:9]
-    if key or value:
-        raise Unsupported(f"separate key {key!r} and value {value!r} inputs are not supported (packed qkv only)")
+    if bool(key) != bool(value):
+        raise Unsupported(f"key {key!r} and value {value!r} must be given both (separate q, k, v) or neither "
+                          "(packed qkv)")
     for i, what in ((9, "position_ids"), (10, "attention_bias"), (11, "head_sink")):
         if ins[i]:
             raise Unsupported(f"input {what} {ins[i]!r} is not supported")
@@ -226,17 +229,35 @@ def _length(term: Term, name: str, want: tuple[int, int]) -> None:
                               "be all ones with batch 1")
 
 
+def _qkv(lifter: Lifter, node: Node, args: list, heads: int, kvh: int, hd: int) -> tuple[Value, Value, Value]:
+    """q, k and v as whole activations: the separate inputs, or the packed query's column blocks."""
+    separate = bool(node.inputs[1:2] and node.inputs[1])
+    widths = (heads * hd, kvh * hd, kvh * hd)
+    got = []
+    for i, what in enumerate(("query", "key", "value") if separate else ("query",)):
+        x = lifter.need_view(args[i], what)
+        if not lifter.is_plain(x):
+            raise Unsupported(f"{what} {node.inputs[i]!r} is not a [tokens, features] activation")
+        got.append(x.base)
+    if separate:
+        for x, what, n in zip(got, ("query", "key", "value"), widths, strict=True):
+            if int(x.type.shape[1]) != n:
+                raise Unsupported(f"{what} has {int(x.type.shape[1])} features, not {n} (heads * head_dim)")
+        return got[0], got[1], got[2]
+    p = got[0]
+    cols = int(p.type.shape[1])
+    if cols != sum(widths):
+        raise Unsupported(f"query has {cols} features; packed qkv needs (num_heads + 2*kv_num_heads) * head_dim "
+                          f"= {sum(widths)}")
+    q, k, v = (split_columns(lifter, p, c0, c1, node.name) for c0, c1 in
+               ((0, widths[0]), (widths[0], widths[0] + widths[1]), (widths[0] + widths[1], cols)))
+    return q, k, v
+
+
 def lift(lifter: Lifter, node: Node, args: list) -> tuple[Term, ...]:
     hd = check(lifter.model, node)
     heads, kvh = _ints(node)
-    packed = lifter.need_view(args[0], "query")
-    if not lifter.is_plain(packed):
-        raise Unsupported(f"query {node.inputs[0]!r} is not a [tokens, features] activation")
-    p = packed.base
-    cols = int(p.type.shape[1])
-    if cols != (heads + 2 * kvh) * hd:
-        raise Unsupported(f"query has {cols} features; packed qkv needs (num_heads + 2*kv_num_heads) * head_dim "
-                          f"= {(heads + 2 * kvh) * hd}")
+    q, k, v = _qkv(lifter, node, args, heads, kvh, hd)
     ctx = lifter.n + lifter.past
     _length(args[5], "seqlens_k", (ctx - 1, ctx))
     _length(args[6], "total_sequence_length", (ctx, ctx + 1))
@@ -248,8 +269,6 @@ def lift(lifter: Lifter, node: Node, args: list) -> tuple[Term, ...]:
             raise Unsupported(f"past {name!r} has {term.base.type.shape[1]} columns, not kv_num_heads*head_dim "
                               f"= {kvh * hd}")
         caches.append(term.base)
-    q, k, v = (split_columns(lifter, p, c0, c1, node.name) for c0, c1 in
-               ((0, heads * hd), (heads * hd, (heads + kvh) * hd), ((heads + kvh) * hd, cols)))
     cos, sin = (_table(lifter, node, name) for name in node.inputs[7:9])
     q = lifter.op("rope", [q, cos, sin], node.name, {"head_dim": hd})
     k = lifter.op("rope", [k, cos, sin], node.name, {"head_dim": hd})
