@@ -8,6 +8,8 @@
   `input_skip_bias_sum` is `s` (the next residual). The mean and inv_std_var outputs are not
   produced (a node using them is refused).
 
+A SimplifiedLayerNormalization of a tensor no view expresses (the genai builder's per-head q/k
+norms over [1, seq*heads, head_dim]) waits for the per-head RMSNorm rule (rules/norm.py).
 Only the last axis (`axis = -1`) and float32 statistics (`stash_type = 1`) are accepted; the
 scale must be a constant vector as wide as the features, a bias a constant vector too.
 """
@@ -19,7 +21,7 @@ import onnx
 from onnx import helper
 
 from cimc.frontend.converters import Converter, Unsupported, register
-from cimc.frontend.lift import Bad, Lazy, Lifter, Static, Term
+from cimc.frontend.lift import Bad, Expr, Lazy, Lifter, Static, Term
 from cimc.frontend.model import Node, OnnxModel
 from cimc.ir.core import Value
 
@@ -92,7 +94,9 @@ def _norm(lifter: Lifter, node: Node, x: Value, scale: Term) -> Value:
     return lifter.op("rms_norm", [x, w], node.name, {"eps": float(node.attrs.get("epsilon", DEFAULT_EPS))})
 
 
-def lift_simplified(lifter: Lifter, node: Node, args: list) -> tuple[Term, ...]:
+def lift_simplified(lifter: Lifter, node: Node, args: list) -> Term | tuple[Term, ...]:
+    if isinstance(args[0], Expr):  # a per-head norm over a deferred Reshape (rules/norm.py)
+        return Expr(node, args)
     x = _activation(lifter, node, args[0], "input X")
     y = _norm(lifter, node, x.base, args[1])
     return lifter.view_of(y, lifter.shape(node.outputs[0])), Bad(node)

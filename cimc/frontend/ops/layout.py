@@ -29,7 +29,7 @@ from cimc.frontend.converters import Unsupported, no_weights, standard
 from cimc.frontend.lift import Expr, Lazy, Lifter, QLazy, Static, Term, transposed
 from cimc.frontend.model import FLOAT_TYPES, Node
 from cimc.frontend.ops.contrib_attention import split_columns
-from cimc.frontend.views import Axis, View
+from cimc.frontend.views import Axis, View, ViewError
 
 
 def relayout(lifter: Lifter, node: Node, args: list, fn: Callable[[View], View]) -> Term:
@@ -77,6 +77,15 @@ def cast_weights(lifter: Lifter, node: Node, args: list) -> Term:
 
 
 def reshape(lifter: Lifter, node: Node, args: list) -> Term:
+    """A re-view; one no strided view expresses (rows merged with a column split: the genai
+    builder's [1, seq*heads, head_dim] around a per-head norm) is deferred for an idiom, with its
+    reason kept for the error if none takes it."""
+    if isinstance(args[0], View):
+        try:
+            return V.reshape(args[0], lifter.shape(node.outputs[0]))
+        except ViewError as e:
+            lifter.near_miss.setdefault(node.name, str(e))
+            return Expr(node, args)
     return relayout(lifter, node, args, lambda v: V.reshape(v, lifter.shape(node.outputs[0])))
 
 

@@ -4,6 +4,10 @@ the Mul by w. Needs ONNX facts: x must be a whole activation split into heads (a
 rows is lifted by the IR rule `rms_norm` instead), w a constant of head_dim values. The square is
 `Pow(x, 2)` or `x * x`, the inverse `Reciprocal(Sqrt(.))` or `Div(1, Sqrt(.))`; float32 casts
 anywhere in the chain are peeled.
+
+The genai builder's form, anchored at the Reshape back: `Reshape(SimplifiedLayerNormalization(
+Reshape(x, [.., seq*heads, head_dim]), w))` of a whole activation x (consecutive head_dim entries
+of its rows are its heads) is the same rms_norm.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import numpy as np
 
 from cimc.frontend.converters import Unsupported
 from cimc.frontend.lift import Expr, Lifter, Static, Term, View
+from cimc.frontend.ops.contrib_norms import DEFAULT_EPS
 from cimc.frontend.rules.terms import heads_base, scalar, strip_float_casts
 from cimc.ir.rules import NoMatch, Rule, register_rule
 
@@ -82,5 +87,29 @@ def match(lifter: Lifter, mul: Expr) -> View | NoMatch | None:
     return View(out, x.axes)
 
 
+def match_flat(lifter: Lifter, back: Expr) -> View | NoMatch | None:
+    """The per-head rms_norm of the genai builder's flattened form, anchored at the Reshape back."""
+    norm = back.args[0]
+    if not (isinstance(norm, Expr) and norm.node.op_type == "SimplifiedLayerNormalization"):
+        return None
+    flat = norm.args[0]
+    if not (isinstance(flat, Expr) and flat.node.op_type == "Reshape" and isinstance(flat.args[0], View)):
+        return None
+    x, w = flat.args[0], norm.args[1]
+    hd = lifter.shape(flat.node.outputs[0])[-1]
+    cols = int(x.base.type.shape[1]) if x.base.type.rank == 2 else 0
+    if not lifter.is_plain(x) or cols % hd:
+        return NoMatch(f"the normalised rows are not head_dim = {hd} wide blocks of a whole activation")
+    if not isinstance(w, Static) or np.asarray(w.value).size != hd:
+        return NoMatch(f"the scale is not a constant vector of head_dim = {hd} values")
+    weight = lifter.const(w, np.asarray(w.value, np.float32).reshape(-1), False)
+    eps = float(norm.node.attrs.get("epsilon", DEFAULT_EPS))
+    out = lifter.op("rms_norm", [x.base, weight], norm.node.name, {"eps": eps, "head_dim": hd})
+    return lifter.view_of(out, lifter.shape(back.node.outputs[0]))
+
+
 register_rule(Rule("per-head RMSNorm", "onnx", "Mul",
                    "w * (x * 1/sqrt(mean(x^2) + eps)) over head_dim of heads -> rms_norm(x, w) with head_dim", match))
+register_rule(Rule("flat per-head RMSNorm", "onnx", "Reshape",
+                   "Reshape(SimplifiedLayerNormalization(Reshape(x, [.., seq*heads, head_dim]), w)) -> rms_norm(x, w) "
+                   "with head_dim", match_flat))
