@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 import passes  # noqa: F401  (registers the passes)
+from cimc.family import recognise
 from cimc.frontend import import_onnx, open_model
 from cimc.frontend.model import CannotCompile
 from cimc.ir.core import Module
@@ -279,7 +280,8 @@ def _summary(module: Module) -> dict:
 
 def check_model(path: str | os.PathLike, dims: dict[str, int] | None = None) -> dict:
     """Whether cimc can compile the ONNX model at `path`: the frontend only (no passes, no code),
-    so it is fast. Returns `{"model", "compiles": True, ...architecture}` (see `_summary`: layers,
+    so it is fast. Returns `{"model", "compiles": True, "family", "features", ...architecture}`
+    (`cimc.family.recognise`; `_summary`: layers,
     heads, kv_heads, head_dim, hidden, vocab, kv_cache, linears, weights: format -> count of
     linears) or `{"model", "compiles": False, "unsupported": [{domain, op_type, count, nodes,
     reason, hint}, ...]}`. A file that is not a readable model raises CimcError as compile does."""
@@ -291,7 +293,9 @@ def check_model(path: str | os.PathLike, dims: dict[str, int] | None = None) -> 
         if not e.failures:
             raise
         return {"model": str(path), "compiles": False, "unsupported": group_failures(e.failures)}
-    return {"model": str(path), "compiles": True, **_summary(module)}
+    run_pipeline(module, CompileOptions(), until="lift-idioms")
+    family, features = recognise(module)
+    return {"model": str(path), "compiles": True, "family": family, "features": features, **_summary(module)}
 
 
 def render_check(result: dict) -> str:
@@ -302,7 +306,9 @@ def render_check(result: dict) -> str:
         return "/".join(map(str, v)) if isinstance(v, list) else str(v)
 
     layers = result["layers"]
-    parts = [f"{layers} layer{'s' if layers != 1 else ''}" if layers else "no attention layers"]
+    arch = f"{result['family']}-style decoder" if result["family"] else "decoder of no known family"
+    parts = [f"{arch} ({', '.join(result['features'])})" if result["features"] else arch]
+    parts += [f"{layers} layer{'s' if layers != 1 else ''}" if layers else "no attention layers"]
     if layers:
         parts.append(f"{num(result['heads'])} heads ({num(result['kv_heads'])} KV heads, "
                      f"head_dim {num(result['head_dim'])})")

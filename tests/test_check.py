@@ -3,14 +3,18 @@ that cannot be compiled, grouped by op type."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from model_fixtures import EXAMPLE, shared_model
+from model_fixtures import EXAMPLE, REPO, shared_model
 from test_cli import _unsupported_model, assert_user_error
 
 import cimc
+
+ZOO_MODELS = json.loads((REPO / "tests" / "zoo" / "zoo.json").read_text(encoding="utf-8"))["models"]
+MATRIX = json.loads((REPO / "tests" / "zoo" / "matrix.json").read_text(encoding="utf-8"))
 
 # the shared zoo's known config (MANIFEST.md): 2 layers, 4 heads, 2 KV heads, head_dim 16, hidden 64
 ZOO = {  # name: (vocab, KV cache in the export, weights summary)
@@ -25,9 +29,11 @@ ZOO = {  # name: (vocab, KV cache in the export, weights summary)
 }
 
 
-def _summary(vocab: int, cache: bool, weights: str) -> str:
+def _summary(vocab: int, cache: bool, weights: str, family: str = "Llama", bias: bool = False) -> str:
     kv = "KV cache in the export (4 past inputs)" if cache else "no KV cache in the export"
-    return (f"2 layers, 4 heads (2 KV heads, head_dim 16), hidden 64, vocab {vocab}, {kv}; weights: {weights}; "
+    features = "RMSNorm, SwiGLU MLP, RoPE, " + ("qkv bias, " if bias else "") + "grouped-query attention"
+    return (f"{family}-style decoder ({features}), "
+            f"2 layers, 4 heads (2 KV heads, head_dim 16), hidden 64, vocab {vocab}, {kv}; weights: {weights}; "
             "compiles")
 
 
@@ -36,6 +42,7 @@ def test_check_example(cli) -> None:
     assert res.status == 0, res.err
     assert res.err == ""
     assert res.out == f"tiny_llama.onnx: {_summary(512, False, '15 x f32 linears')}\n"
+    assert cimc.check_model(EXAMPLE)["family"] == "Llama"
 
 
 def test_check_api_example() -> None:
@@ -51,7 +58,22 @@ def test_check_shared_models(cli, name: str) -> None:
     path = shared_model(name)
     res = cli("check", path)
     assert res.status == 0, res.err
-    assert res.out == f"{name}.onnx: {_summary(*ZOO[name])}\n"
+    qwen = name.startswith("qwen2")
+    assert res.out == f"{name}.onnx: {_summary(*ZOO[name], family='Qwen2' if qwen else 'Llama', bias=qwen)}\n"
+
+
+#: zoo family -> the family cimc check recognises in it
+FAMILY = {"llama": "Llama", "smollm": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3",
+          "phi3": "Phi-3", "gemma": "Gemma", "gemma2": "Gemma2", "gpt2": "GPT-2"}
+#: cells whose graph computes another family than its checkpoint (tests/zoo/MANIFEST.md, exporter deviations)
+COMPUTES = {"mistral_g_genai_fp32.onnx": "Llama", "mistral_d_genai_int4.onnx": "Llama"}
+
+
+@pytest.mark.parametrize("record", [r for r in ZOO_MODELS if MATRIX[r["file"]]["verdict"] == "pass"],
+                         ids=lambda r: r["file"].removesuffix(".onnx"))
+def test_check_recognises_the_family_of_every_passing_zoo_cell(record: dict) -> None:
+    info = cimc.check_model(REPO / "tests" / "zoo" / record["file"])
+    assert info["family"] == COMPUTES.get(record["file"], FAMILY[record["family"]]), info["features"]
 
 
 UNSUPPORTED = ["Erf", "Erf", "LayerNormalization"]
