@@ -14,11 +14,14 @@ depend on how many rows there are), which is what makes one program valid for ev
 
 Input roles are found from the graph, not from names: the token ids feed the embedding Gather;
 a float input that a Concat extends into a graph output is a past KV cache (its dynamic axis is
-`past`); other integer inputs sized by the context are an attention mask (assumed all ones:
-batch 1, no padding) and those sized by `seq` are position ids (assumed past + 0..seq-1). The
-assumptions are checked when the program runs. A graph with neither token ids nor a cache whose
-inputs all have fixed shapes is not a decoder: it is lifted in the generic mode
-(cimc.frontend.generic), every input a fixed-size activation.
+`past`); other integer inputs that determine RoPE angles or index learned positions are position
+ids (sized by `seq`, assumed past + 0..seq-1), the rest an attention mask (assumed all ones:
+batch 1, no padding) sized by the context (past + seq) or, without a cache, by `seq`. A mask
+whose length is a symbol of its own in an export with a cache (dynamo's `total`) spans the
+context too: HF masks always cover the cached and the new positions. The assumptions are
+checked when the program runs. A graph with neither token ids nor a cache whose inputs all have
+fixed shapes is not a decoder: it is lifted in the generic mode (cimc.frontend.generic), every
+input a fixed-size activation.
 """
 
 from __future__ import annotations
@@ -109,11 +112,17 @@ def find_roles(model: OnnxModel) -> Roles:
         if name in (roles.tokens, *roles.caches, *roles.assumed) or vi.type.tensor_type.elem_type not in (
                 TensorProto.INT64, TensorProto.INT32):
             continue
-        kinds = [_dim_kind(d.dim_param, roles) for d in vi.type.tensor_type.shape.dim[1:]]
-        if kinds == ["ctx"]:
+        dims = vi.type.tensor_type.shape.dim[1:]
+        kinds = [_dim_kind(d.dim_param, roles) for d in dims]
+        if _feeds_positions(model, name):
+            if kinds == ["seq"]:
+                roles.assumed[name] = "positions"
+        elif kinds in (["ctx"], ["seq"]):
             roles.assumed[name] = "ones"
-        elif kinds == ["seq"]:
-            roles.assumed[name] = "positions"
+        elif kinds == [""] and dims[0].dim_param and roles.caches:
+            # a mask over the cache and the new tokens, its length a symbol of its own (dynamo's `total`)
+            roles.ctx_params.add(dims[0].dim_param)
+            roles.assumed[name] = "ones"
     roles.generic = roles.tokens is None and not roles.caches and all(
         vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")
         and all(d.HasField("dim_value") for d in vi.type.tensor_type.shape.dim) for vi in model.inputs.values())
@@ -121,6 +130,29 @@ def find_roles(model: OnnxModel) -> Roles:
         roles.assumed.update({name: "empty" for name, vi in model.inputs.items()
                               if any(d.dim_value == 0 for d in vi.type.tensor_type.shape.dim)})
     return roles
+
+
+#: Where an integer input is a position: RoPE's angles (Cos, Sin), or (op type, input index) of an
+#: op taking position ids (a Gather of learned positions is found by its data being an initializer).
+_POSITION_OPS = {"Cos", "Sin"}
+_POSITION_INPUTS = {("RotaryEmbedding", 1), ("GroupQueryAttention", 9)}
+
+
+def _feeds_positions(model: OnnxModel, name: str) -> bool:
+    """Whether the integer input `name` is used as token positions (not as a mask): something it
+    determines computes RoPE angles or indexes a table of learned positions."""
+    seen, stack = {name}, [name]
+    while stack:
+        for n in model.consumers.get(stack.pop(), []):
+            hits = [i for i, x in enumerate(n.inputs) if x in seen]
+            if n.op_type in _POSITION_OPS or any((n.op_type, i) in _POSITION_INPUTS for i in hits) or (
+                    n.op_type in EMBEDDING_GATHERS and 1 in hits and n.inputs[0] in model.initializers):
+                return True
+            for o in n.outputs:
+                if o and o not in seen:
+                    seen.add(o)
+                    stack.append(o)
+    return False
 
 
 def data_values(model: OnnxModel, roles: Roles) -> set[str]:
