@@ -5,13 +5,15 @@ frontend gives their mask and position inputs are found from the graph."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from zoo_fixtures import ZOO, zoo_index
 
 from cimc.accuracy import measure_accuracy
-from cimc.driver import CompileOptions, compile_model
-from cimc.frontend import open_model
+from cimc.driver import CompileOptions, compile_model, quantize_step, run_pipeline
+from cimc.frontend import import_onnx, open_model
 from cimc.frontend.fold import find_roles
+from cimc.ir.quant import materialize, rtn, weight_values
 from runtime.generate import generate
 from runtime.interpreter import Session
 
@@ -56,3 +58,30 @@ def test_mask_and_positions_are_told_apart_by_their_use(name: str, assumed: dict
     model, _ = open_model(ZOO / f"{name}.onnx")
     roles = find_roles(model)
     assert roles.assumed == assumed and roles.ctx_params == ctx
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_genai_fp32_export_matches_onnxruntime(family: str) -> None:
+    """GroupQueryAttention's packed qkv comes from a float MatMul (split into q, k and v column
+    blocks of its weights); SmolLM's embedding is the Transpose of the tied lm_head weights."""
+    _check_cell(f"{family}_g_genai_fp32")
+
+
+def test_packed_projection_blocks_keep_their_columns_through_quantize() -> None:
+    """The q, k and v blocks of a float packed projection are `weight`s with `cols`; quantizing
+    them keeps `cols`, and each block's integers are those of its columns quantized alone."""
+    module, store = import_onnx(ZOO / "qwen2_g_genai_fp32.onnx", max_seq=4, max_ctx=8)
+    blocks = [op for op in module.walk("weight") if "cols" in op.attrs]
+    assert sorted(tuple(op.attrs["cols"]) for op in blocks) == sorted([(0, 64, 128), (64, 96, 128), (96, 128, 128)] * 2)
+    for op in blocks:
+        c0, c1, _ = op.attrs["cols"]
+        assert np.array_equal(weight_values(op.attrs, store.get), store.get(op.attrs["init"])[:, c0:c1])
+    opts = CompileOptions(weights="int8")
+    run_pipeline(module, opts, steps=[quantize_step(opts)])
+    quantized = [op for op in module.walk("qweight") if "cols" in op.attrs]
+    assert len(quantized) == len(blocks)
+    for op in quantized:
+        c0, c1, _ = op.attrs["cols"]
+        got = materialize(op.attrs, op.result.type.dtype, tuple(op.result.type.shape), store.get)
+        want = rtn(np.asarray(store.get(op.attrs["init"])[:, c0:c1], np.float32), "i8", 0, op.attrs["scale_type"])
+        assert np.array_equal(got.q, want.q) and np.array_equal(got.scales, want.scales)
