@@ -46,6 +46,13 @@ def test_dynamo_export_with_a_kv_cache_matches_onnxruntime(family: str) -> None:
     _check_cell(f"{family}_b_dynamo_kv")
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_torchscript_export_matches_onnxruntime(family: str) -> None:
+    """Its float-to-float Casts between Softmax and the value MatMul do not hide the attention
+    idiom; its [1, seq] attention_mask is a mask (all ones), not positions."""
+    _check_cell(f"{family}_t_torchscript")
+
+
 @pytest.mark.parametrize(("name", "assumed", "ctx"), [
     ("llama_b_dynamo_kv", {"attention_mask": "ones", "position_ids": "positions"}, {"total"}),
     ("llama_c_optimum_kv", {"attention_mask": "ones", "position_ids": "positions"}, set()),
