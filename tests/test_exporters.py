@@ -5,8 +5,13 @@ frontend gives their mask and position inputs are found from the graph."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper
 from zoo_fixtures import ZOO, zoo_index
 
 from cimc.accuracy import measure_accuracy
@@ -92,3 +97,58 @@ def test_packed_projection_blocks_keep_their_columns_through_quantize() -> None:
         got = materialize(op.attrs, op.result.type.dtype, tuple(op.result.type.shape), store.get)
         want = rtn(np.asarray(store.get(op.attrs["init"])[:, c0:c1], np.float32), "i8", 0, op.attrs["scale_type"])
         assert np.array_equal(got.q, want.q) and np.array_equal(got.scales, want.scales)
+
+
+def _gqa_edited(tmp_path: Path, **attrs: object) -> Path:
+    """llama's genai fp32 export with these GroupQueryAttention attributes set on every layer."""
+    model = onnx.load(str(ZOO / "llama_g_genai_fp32.onnx"))
+    for node in model.graph.node:
+        if node.op_type == "GroupQueryAttention":
+            kept = [a for a in node.attribute if a.name not in attrs]
+            del node.attribute[:]
+            node.attribute.extend([*kept, *(helper.make_attribute(k, v) for k, v in attrs.items())])
+    path = tmp_path / "gqa.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("attrs", [{"local_window_size": 2}, {"softcap": 0.3},
+                                   {"local_window_size": 3, "softcap": 0.5}])
+def test_gqa_window_and_softcap_match_onnxruntime(attrs: dict, tmp_path: Path) -> None:
+    """A sliding window narrower than the 13 positions and a soft cap that changes the scores."""
+    path = _gqa_edited(tmp_path, **attrs)
+    prompt = _prompt("llama_g_genai_fp32")
+    module, _ = import_onnx(path, max_seq=len(prompt), max_ctx=len(prompt) + NEW)
+    softcap = attrs.get("softcap") and float(np.float32(attrs["softcap"]))
+    assert [(op.attrs.get("window"), op.attrs.get("softcap")) for op in module.walk("attention")] == \
+        [(attrs.get("local_window_size"), softcap)] * 2
+    opts = CompileOptions(max_seq=len(prompt), max_ctx=len(prompt) + NEW)
+    acc = measure_accuracy(compile_model(path, opts), path, prompt, NEW)
+    assert acc["top1_agreement"] == 1.0 and acc["max_abs_error"] <= TOL, acc
+    plain = measure_accuracy(compile_model(ZOO / "llama_g_genai_fp32.onnx", opts), path, prompt, NEW)
+    assert plain["max_abs_error"] > 10 * TOL  # the attributes matter at these lengths
+
+
+def test_onnxruntime_local_window_size_counts_the_query_itself() -> None:
+    """The measurement behind window = local_window_size: with equal scores each query averages the
+    values of the keys it sees; value = position, so query p sees p-L+1 .. p (L keys)."""
+    seq, hd = 8, 16
+    outs = []
+    for window in (1, 3):
+        node = helper.make_node("GroupQueryAttention", ["q", "k", "v", "pk", "pv", "sl", "tot"], ["o", "ko", "vo"],
+                                domain="com.microsoft", num_heads=1, kv_num_heads=1, local_window_size=window)
+        ins = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("q", "k", "v", "pk", "pv")]
+        ins += [helper.make_tensor_value_info(n, TensorProto.INT32, None) for n in ("sl", "tot")]
+        graph = helper.make_graph([node], "gqa", ins, [helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+                                                       for n in ("o", "ko", "vo")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                        helper.make_opsetid("com.microsoft", 1)])
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        zeros, empty = np.zeros((1, seq, hd), np.float32), np.zeros((1, 1, 0, hd), np.float32)
+        v = np.repeat(np.arange(seq, dtype=np.float32)[:, None], hd, 1)[None]
+        feeds = {"q": zeros, "k": zeros, "v": v, "pk": empty, "pv": empty, "sl": np.array([seq - 1], np.int32),
+                 "tot": np.array([seq], np.int32)}
+        outs.append(sess.run(["o"], feeds)[0][0, :, 0])
+    p = np.arange(seq)
+    assert np.allclose(outs[0], p)
+    assert np.allclose(outs[1], [np.mean(np.arange(max(0, i - 2), i + 1)) for i in p])

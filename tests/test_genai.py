@@ -99,8 +99,8 @@ def _edited(tmp_path: Path, op_type: str, attr: str, value: object) -> tuple[Pat
 
 
 @pytest.mark.parametrize(("op_type", "attr", "value", "needle"), [
-    ("GroupQueryAttention", "softcap", 30.0, "softcap=30.0"),
-    ("GroupQueryAttention", "local_window_size", 4, "local_window_size=4"),
+    ("GroupQueryAttention", "softcap", -1.0, "softcap=-1.0"),
+    ("GroupQueryAttention", "local_window_size", 0, "local_window_size=0"),
     ("GroupQueryAttention", "rotary_interleaved", 1, "rotary_interleaved=1"),
     ("SkipSimplifiedLayerNormalization", "axis", 1, "axis=1"),
     ("SimplifiedLayerNormalization", "axis", 0, "axis=0"),

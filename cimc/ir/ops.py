@@ -345,7 +345,8 @@ _def("attention", ("q", "k", "v"), _attention,
      "cap(s) = softcap * tanh(s / softcap) after the scaling and before the mask (Gemma2, GroupQueryAttention "
      "softcap); absent: cap(s) = s. mask: with `causal`, the query at position p sees the keys at positions "
      "p-window+1 .. p with `window` > 0 (transformers' sliding_window: window keys, itself included; "
-     "GroupQueryAttention's local_window_size L >= 0 sees L+1 keys, so window = L+1), positions 0 .. p without",
+     "onnxruntime 1.32's GroupQueryAttention local_window_size L > 0 sees L keys: window = L), positions 0 .. p "
+     "without",
      {"heads": "int", "kv_heads": "int", "head_dim": "int", "scale": "float", "causal": "bool"},
      {"window": "int", "softcap": "float"})
 _def("relayout", ("src...",), _relayout,

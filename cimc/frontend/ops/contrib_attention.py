@@ -16,9 +16,10 @@ weights' `cols`, see cimc.ir.quant), so each block is a whole activation. Then q
 tables [cos, cos] and [sin, sin] (x*cos + rotate_half(x)*sin per head is onnxruntime's
 non-interleaved rotary), k and v are appended to the caches (`kv_append`: the presents hold
 positions 0 .. past+seq-1), and `attention` runs causally over the caches with the node's
-`scale` (0: 1/sqrt(head_dim)).
+`scale` (0: 1/sqrt(head_dim)), `local_window_size` L > 0 as a sliding window of L keys (-1:
+none) and `softcap` > 0 as the attention's soft cap (0: none).
 
-Refused, with the value named: `softcap` other than 0, `local_window_size` other than -1,
+Refused, with the value named: a negative `softcap`, `local_window_size` 0 or below -1,
 `rotary_interleaved = 1`, `do_rotary = 0`, `smooth_softmax`, a key without a value or the reverse,
 position ids, attention bias or head sinks, caches that are not graph inputs and outputs,
 rotary tables that are not initializers of the right shape or shorter than `--max-ctx`.
@@ -55,11 +56,12 @@ def check(model: OnnxModel, node: Node) -> int:
     """Attributes, inputs and initializer metadata; returns head_dim (from the rotary tables)."""
     _ints(node)
     at = node.attrs
-    if float(at.get("softcap", 0.0)) != 0.0:
-        raise Unsupported(f"softcap={float(at['softcap'])} is not supported (only 0)")
-    if int(at.get("local_window_size", -1)) != -1:
-        raise Unsupported(f"local_window_size={int(at['local_window_size'])} is not supported "
-                          "(only -1: no sliding window)")
+    if not float(at.get("softcap", 0.0)) >= 0.0:
+        raise Unsupported(f"softcap={float(at['softcap'])} must be 0 (none) or positive")
+    window = int(at.get("local_window_size", -1))
+    if window == 0 or window < -1:
+        raise Unsupported(f"local_window_size={window} must be -1 (no sliding window) "
+                          "or the number of keys a query sees, itself included (onnxruntime attends to none at 0)")
     if int(at.get("rotary_interleaved", 0)) != 0:
         raise Unsupported(f"rotary_interleaved={int(at['rotary_interleaved'])} is not supported (only 0)")
     if int(at.get("do_rotary", 0)) != 1:
@@ -220,6 +222,14 @@ def _table(lifter: Lifter, node: Node, name: str) -> Value:
     return lifter.const(Static(name, full, None, True), full, True)
 
 
+def window_and_softcap(node: Node) -> dict:
+    """The IR attention's `window` and `softcap` for onnxruntime's `local_window_size` L (-1: none)
+    and `softcap` (0: none). onnxruntime 1.32's CPU kernel lets the query at p see keys p-L+1 .. p
+    (L keys, itself included: measured, tests/test_exporters.py), so window = L."""
+    window, softcap = int(node.attrs.get("local_window_size", -1)), float(node.attrs.get("softcap", 0.0))
+    return ({"window": window} if window > 0 else {}) | ({"softcap": float(np.float32(softcap))} if softcap else {})
+
+
 def _length(term: Term, name: str, want: tuple[int, int]) -> None:
     if not isinstance(term, Static):
         raise Unsupported(f"{name} does not fold to a constant: the attention mask must be all ones (batch 1)")
@@ -276,6 +286,7 @@ def lift(lifter: Lifter, node: Node, args: list) -> tuple[Term, ...]:
     vc = lifter.op("kv_append", [caches[1], v], node.name)
     scale = float(node.attrs.get("scale", 0.0)) or 1.0 / math.sqrt(hd)
     attrs = {"heads": heads, "kv_heads": kvh, "head_dim": hd, "scale": float(np.float32(scale)), "causal": True}
+    attrs |= window_and_softcap(node)
     out = lifter.op("attention", [q, kc, vc], node.name, attrs)
     present = (Axis(1), Axis(kvh, 0, hd), Axis(ctx, 1, 0), Axis(hd, 0, 1))
     return lifter.view_of(out, lifter.shape(node.outputs[0])), View(kc, present), View(vc, present)
