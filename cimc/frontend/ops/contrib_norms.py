@@ -1,4 +1,5 @@
-"""onnxruntime's fused RMS norms (onnxruntime-genai exports) -> `rms_norm`, and `add` for the skip.
+"""RMS norms: onnxruntime's fused ones (onnxruntime-genai exports) and ONNX's opset-23 one ->
+`rms_norm`, and `add` for the skip.
 
 - `SimplifiedLayerNormalization(X, scale) -> (Y, inv_std_var)`: filed under the default domain
   (onnx.checker rejects it; onnxruntime runs it) as `Y = X / sqrt(mean(X^2) + epsilon) * scale`
@@ -7,6 +8,9 @@
   inv_std_var, input_skip_bias_sum)`: `s = input + skip (+ bias)`, `output = rms_norm(s, gamma)`;
   `input_skip_bias_sum` is `s` (the next residual). The mean and inv_std_var outputs are not
   produced (a node using them is refused).
+
+- `RMSNormalization(X, scale)` (ONNX, opset 23): the same over the axes from `axis` to the last;
+  only the last (`axis = -1`, or rank - 1) is taken: `rms_norm(X, scale)`.
 
 A SimplifiedLayerNormalization of a tensor no view expresses (the genai builder's per-head q/k
 norms over [1, seq*heads, head_dim]) waits for the per-head RMSNorm rule (rules/norm.py).
@@ -20,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from cimc.frontend.converters import Converter, Unsupported, register
+from cimc.frontend.converters import Converter, Unsupported, register, standard
 from cimc.frontend.lift import Bad, Expr, Lazy, Lifter, Static, Term
 from cimc.frontend.model import Node, OnnxModel
 from cimc.ir.core import Value
@@ -116,6 +120,18 @@ def lift_skip(lifter: Lifter, node: Node, args: list) -> tuple[Term, ...]:
     return lifter.view_of(y, shape), Bad(node), Bad(node), lifter.view_of(total, shape)
 
 
+def lift_rms(lifter: Lifter, node: Node, args: list) -> Term:
+    rank = len(lifter.shape(node.inputs[0]))
+    axis = int(node.attrs.get("axis", -1))
+    if axis not in (-1, rank - 1):
+        raise Unsupported(f"axis={axis} is not supported (only the last axis, -1)")
+    if int(node.attrs.get("stash_type", 1)) != 1:
+        raise Unsupported(f"stash_type={node.attrs['stash_type']} is not supported (only 1: float32 statistics)")
+    x = _activation(lifter, node, args[0], "input X")
+    return lifter.view_of(_norm(lifter, node, x.base, args[1]), lifter.shape(node.outputs[0]))
+
+
+standard("RMSNormalization", lift_rms, since=23)
 register(Converter("", "SimplifiedLayerNormalization", lift_simplified,
                    check=check_simplified, lazy=lazy, standin=standin_simplified))
 register(Converter("com.microsoft", "SkipSimplifiedLayerNormalization", lift_skip,
