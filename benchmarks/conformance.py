@@ -51,6 +51,8 @@ EXCLUDED = {
                              "MatMulInteger -> Mul chain; its cases run it alone",
     "MatMulInteger": "taken only inside quantize_dynamic's chain (integer weights, rescaled by a Mul); its case "
                      "multiplies two integer graph inputs",
+    "RMSNormalization": "taken only as a decoder's norm: over the last (hidden) axis with a constant weight; "
+                        "its cases normalize over leading axes too and take the scale as a graph input",
     "Where": "taken only as the mask guard exporters put around attention scores, which the attention idiom "
              "folds away; its cases select by a boolean graph input, a datapath cimc does not have",
 }
