@@ -118,16 +118,14 @@ def _graph_outputs(model: Path) -> dict[str, list]:
 def _unsupported_model(path: Path, bad_ops: list[str]) -> None:
     """input_ids -> Gather(embedding) -> one branch per op in `bad_ops` (summed) -> MatMul -> logits.
 
-    An op is `OpType` or `domain:OpType`; its node is `my_<optype>` (`my_layernorm` for
-    LayerNormalization), a repeat `my_<optype>2`, `3`, .... With `bad_ops == []` the graph is fully
+    An op is `OpType` or `domain:OpType`; its node is `my_<optype>` (`my_lpnorm` for
+    LpNormalization), a repeat `my_<optype>2`, `3`, .... With `bad_ops == []` the graph is fully
     supported (a control for the error cases).
     """
     vocab, hidden = 32, 16
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal((vocab, hidden)).astype(np.float32), "emb"),
-             numpy_helper.from_array(rng.standard_normal((hidden, vocab)).astype(np.float32), "head"),
-             numpy_helper.from_array(np.ones(hidden, np.float32), "ln_scale"),
-             numpy_helper.from_array(np.zeros(hidden, np.float32), "ln_bias")]
+             numpy_helper.from_array(rng.standard_normal((hidden, vocab)).astype(np.float32), "head")]
     nodes = [helper.make_node("Gather", ["emb", "input_ids"], ["h"], name="embed")]
     branches: list[str] = []
     domains = {""}
@@ -135,12 +133,11 @@ def _unsupported_model(path: Path, bad_ops: list[str]) -> None:
         domain, _, op = spec.rpartition(":")
         domains.add(domain)
         repeat = bad_ops[:i].count(spec)
-        name = "my_layernorm" if op == "LayerNormalization" else f"my_{op.lower()}"
+        name = "my_lpnorm" if op == "LpNormalization" else f"my_{op.lower()}"
         name += str(repeat + 1) if repeat else ""
         out = f"{name}_out"
-        inputs = ["h", "ln_scale", "ln_bias"] if op == "LayerNormalization" else ["h"]
-        attrs = {"axis": -1} if op == "LayerNormalization" else {}
-        nodes.append(helper.make_node(op, inputs, [out], name=name, domain=domain, **attrs))
+        attrs = {"axis": -1} if op == "LpNormalization" else {}
+        nodes.append(helper.make_node(op, ["h"], [out], name=name, domain=domain, **attrs))
         branches.append(out)
     cur = branches[0] if branches else "h"
     for i, other in enumerate(branches[1:]):
@@ -213,8 +210,8 @@ def bad(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     (d / "notes.onnx").write_text("ir_version: 8\nthis is a text file, not a protobuf\n")
     data = example.read_bytes()
     (d / "truncated.onnx").write_bytes(data[: len(data) // 2])
-    _unsupported_model(d / "erf.onnx", ["Erf"])
-    _unsupported_model(d / "erf_layernorm.onnx", ["Erf", "LayerNormalization"])
+    _unsupported_model(d / "sin.onnx", ["Sin"])
+    _unsupported_model(d / "sin_lpnorm.onnx", ["Sin", "LpNormalization"])
     _unsupported_model(d / "made_up.onnx", ["Frobnicate"])
 
     # hardware files
@@ -612,10 +609,10 @@ ERROR_CASES = [
     pytest.param(_compile("{bad}/missing.onnx"), ["{bad}/missing.onnx", "no such file"], None,
                  id="compile-missing-file"),
     pytest.param(_compile("{bad}/truncated.onnx"), ["{bad}/truncated.onnx: "], None, id="compile-truncated-onnx"),
-    pytest.param(_compile("{bad}/erf.onnx"), ["{bad}/erf.onnx: ", "1 node"], ["my_erf [Erf]"],
+    pytest.param(_compile("{bad}/sin.onnx"), ["{bad}/sin.onnx: ", "1 node"], ["my_sin [Sin]"],
                  id="compile-unsupported-op"),
-    pytest.param(_compile("{bad}/erf_layernorm.onnx"), ["{bad}/erf_layernorm.onnx: ", "2 node"],
-                 ["my_erf [Erf]", "my_layernorm [LayerNormalization]"], id="compile-two-unsupported-ops"),
+    pytest.param(_compile("{bad}/sin_lpnorm.onnx"), ["{bad}/sin_lpnorm.onnx: ", "2 node"],
+                 ["my_sin [Sin]", "my_lpnorm [LpNormalization]"], id="compile-two-unsupported-ops"),
     pytest.param(_compile("{bad}/made_up.onnx"), ["{bad}/made_up.onnx: ", "1 node"],
                  ["my_frobnicate [Frobnicate]: not a standard ONNX operator"], id="compile-non-standard-op"),
     pytest.param(_compile("{bad}/binary.cimir"), ["{bad}/binary.cimir"], None, id="compile-non-utf8-cimir"),
@@ -805,12 +802,12 @@ def test_handmade_graph_without_unsupported_op_compiles(cli, tmp_path: Path) -> 
 
 def test_compile_error_without_quiet_ends_with_the_one_error_line(cli, bad, tmp_path: Path) -> None:
     """Without -q, progress lines come first; the error is still exactly one line, and the last."""
-    res = cli("compile", Path(bad["bad"]) / "erf.onnx", "-o", tmp_path / "m.cimb")
+    res = cli("compile", Path(bad["bad"]) / "sin.onnx", "-o", tmp_path / "m.cimb")
     assert res.status == 2
     errors = [i for i, line in enumerate(res.err.splitlines()) if line.startswith("cimc: error: ")]
     assert len(errors) == 1
     tail = res.err.splitlines()[errors[0] + 1:]
-    assert len(tail) == 1 and "my_erf [Erf]" in tail[0]
+    assert len(tail) == 1 and "my_sin [Sin]" in tail[0]
     assert "Traceback" not in res.err and os.listdir(tmp_path) == []
 
 

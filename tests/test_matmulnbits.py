@@ -339,8 +339,8 @@ def test_other_contrib_ops_are_still_refused_up_front(cli, tmp_path: Path) -> No
     """A MatMulNBits graph with another contrib op: that op alone is listed, with the usual reason."""
     model = nbits_model(64, 32)
     model.graph.node[0].output[0] = "h"
-    model.graph.node.append(helper.make_node("FastGelu", ["h"], ["y"], name="gelu", domain="com.microsoft"))
+    model.graph.node.append(helper.make_node("QuickGelu", ["h"], ["y"], name="gelu", domain="com.microsoft"))
     path = save(model, tmp_path / "gelu.onnx")
     res = cli("compile", path, "-o", tmp_path / "x.cimb", "-q")
     assert res.status == 2
-    assert res.err.strip().splitlines()[1:] == ["  gelu [FastGelu (domain com.microsoft)]: operator not supported yet"]
+    assert res.err.strip().splitlines()[1:] == ["  gelu [QuickGelu (domain com.microsoft)]: operator not supported yet"]

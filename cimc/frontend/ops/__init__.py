@@ -10,6 +10,7 @@ from cimc.frontend.ops import (  # noqa: F401
     gelu,
     layout,
     linear,
+    normalization,
     qdq,
     quantized,
     reduce,

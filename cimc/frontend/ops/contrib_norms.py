@@ -1,5 +1,5 @@
-"""RMS norms: onnxruntime's fused ones (onnxruntime-genai exports) and ONNX's opset-23 one ->
-`rms_norm`, and `add` for the skip.
+"""RMS and layer norms: onnxruntime's fused ones (onnxruntime-genai and GPT-2/BERT exports) and
+ONNX's opset-23 RMSNormalization -> `rms_norm` / `layer_norm`, and `add` for the skip.
 
 - `SimplifiedLayerNormalization(X, scale) -> (Y, inv_std_var)`: filed under the default domain
   (onnx.checker rejects it; onnxruntime runs it) as `Y = X / sqrt(mean(X^2) + epsilon) * scale`
@@ -8,6 +8,9 @@
   inv_std_var, input_skip_bias_sum)`: `s = input + skip (+ bias)`, `output = rms_norm(s, gamma)`;
   `input_skip_bias_sum` is `s` (the next residual). The mean and inv_std_var outputs are not
   produced (a node using them is refused).
+- `com.microsoft:SkipLayerNormalization(input, skip, gamma, beta?, bias?) -> (output, mean,
+  inv_std_var, input_skip_bias_sum)`: the same with `output = layer_norm(s, gamma, beta)`
+  (onnxruntime's fused GPT-2/BERT residual norm; docs/ContribOperators.md).
 
 - `RMSNormalization(X, scale)` (ONNX, opset 23): the same over the axes from `axis` to the last;
   only the last (`axis = -1`, or rank - 1) is taken: `rms_norm(X, scale)`.
@@ -49,10 +52,16 @@ def check_simplified(model: OnnxModel, node: Node) -> None:
     _check(node, 2)
 
 
+#: The input index of each skip norm's bias (SkipLayerNormalization has beta before it).
+SKIP_BIAS = {"SkipSimplifiedLayerNormalization": 3, "SkipLayerNormalization": 4}
+
+
 def check_skip(model: OnnxModel, node: Node) -> None:
     _check(node, 3)
-    if len(node.inputs) > 3 and node.inputs[3] and node.inputs[3] not in model.initializers:
-        raise Unsupported(f"bias {node.inputs[3]!r} is not an initializer")
+    for i in range(3, SKIP_BIAS[node.op_type] + 1):
+        if len(node.inputs) > i and node.inputs[i] and node.inputs[i] not in model.initializers:
+            raise Unsupported(f"{'bias' if i == SKIP_BIAS[node.op_type] else 'beta'} {node.inputs[i]!r} is not an "
+                              "initializer")
 
 
 def lazy(model: OnnxModel, node: Node) -> list[str]:
@@ -75,7 +84,7 @@ def standin_skip(node: Node) -> tuple[list[onnx.NodeProto], list]:
     return _standin(node, total, [add])
 
 
-def _vector(lifter: Lifter, node: Node, term: Term, name: str, cols: int) -> Value:
+def vector(lifter: Lifter, node: Node, term: Term, name: str, cols: int) -> Value:
     """A constant vector of `cols` values (the scale or bias)."""
     if isinstance(term, Lazy):
         raise Unsupported(f"{name} {term.init!r} must be a vector of {cols} values, got {list(term.shape)}")
@@ -85,7 +94,7 @@ def _vector(lifter: Lifter, node: Node, term: Term, name: str, cols: int) -> Val
     return lifter.const(term, np.asarray(term.value, np.float32).reshape(-1), False)
 
 
-def _activation(lifter: Lifter, node: Node, term: Term, what: str):
+def activation(lifter: Lifter, node: Node, term: Term, what: str):
     v = lifter.need_view(term, what)
     if not lifter.is_plain(v):
         raise Unsupported(f"{what} {node.inputs[0]!r} is not a [tokens, features] activation")
@@ -94,28 +103,41 @@ def _activation(lifter: Lifter, node: Node, term: Term, what: str):
 
 def _norm(lifter: Lifter, node: Node, x: Value, scale: Term) -> Value:
     cols = int(x.type.shape[1])
-    w = _vector(lifter, node, scale, "scale", cols)
+    w = vector(lifter, node, scale, "scale", cols)
     return lifter.op("rms_norm", [x, w], node.name, {"eps": float(node.attrs.get("epsilon", DEFAULT_EPS))})
 
 
 def lift_simplified(lifter: Lifter, node: Node, args: list) -> Term | tuple[Term, ...]:
     if isinstance(args[0], Expr):  # a per-head norm over a deferred Reshape (rules/norm.py)
         return Expr(node, args)
-    x = _activation(lifter, node, args[0], "input X")
+    x = activation(lifter, node, args[0], "input X")
     y = _norm(lifter, node, x.base, args[1])
     return lifter.view_of(y, lifter.shape(node.outputs[0])), Bad(node)
 
 
+def layer_norm(lifter: Lifter, node: Node, x: Value, scale: Term, bias: Term | None) -> Value:
+    """`layer_norm(x, scale (, bias))` with the node's epsilon."""
+    cols = int(x.type.shape[1])
+    operands = [x, vector(lifter, node, scale, "scale", cols)]
+    if bias is not None:
+        operands.append(vector(lifter, node, bias, "bias", cols))
+    return lifter.op("layer_norm", operands, node.name, {"eps": float(node.attrs.get("epsilon", DEFAULT_EPS))})
+
+
 def lift_skip(lifter: Lifter, node: Node, args: list) -> tuple[Term, ...]:
-    x = _activation(lifter, node, args[0], "input")
-    skip = _activation(lifter, node, args[1], "skip")
+    x = activation(lifter, node, args[0], "input")
+    skip = activation(lifter, node, args[1], "skip")
     if x.base.type != skip.base.type:
         raise Unsupported(f"input {x.base.type} and skip {skip.base.type} differ in shape")
     total = lifter.op("add", [x.base, skip.base], node.name)
-    if len(args) > 3 and args[3] is not None:
-        total = lifter.op("add", [total, _vector(lifter, node, args[3], "bias", int(x.base.type.shape[1]))],
-                           node.name)
-    y = _norm(lifter, node, total, args[2])
+    b = SKIP_BIAS[node.op_type]
+    if len(args) > b and args[b] is not None:
+        total = lifter.op("add", [total, vector(lifter, node, args[b], "bias", int(x.base.type.shape[1]))],
+                          node.name)
+    if node.op_type == "SkipLayerNormalization":
+        y = layer_norm(lifter, node, total, args[2], args[3] if len(args) > 3 else None)
+    else:
+        y = _norm(lifter, node, total, args[2])
     shape = lifter.shape(node.inputs[0])
     return lifter.view_of(y, shape), Bad(node), Bad(node), lifter.view_of(total, shape)
 
@@ -127,12 +149,12 @@ def lift_rms(lifter: Lifter, node: Node, args: list) -> Term:
         raise Unsupported(f"axis={axis} is not supported (only the last axis, -1)")
     if int(node.attrs.get("stash_type", 1)) != 1:
         raise Unsupported(f"stash_type={node.attrs['stash_type']} is not supported (only 1: float32 statistics)")
-    x = _activation(lifter, node, args[0], "input X")
+    x = activation(lifter, node, args[0], "input X")
     return lifter.view_of(_norm(lifter, node, x.base, args[1]), lifter.shape(node.outputs[0]))
 
 
 standard("RMSNormalization", lift_rms, since=23)
 register(Converter("", "SimplifiedLayerNormalization", lift_simplified,
                    check=check_simplified, lazy=lazy, standin=standin_simplified))
-register(Converter("com.microsoft", "SkipSimplifiedLayerNormalization", lift_skip,
-                   check=check_skip, lazy=lazy, standin=standin_skip))
+for _op in SKIP_BIAS:
+    register(Converter("com.microsoft", _op, lift_skip, check=check_skip, lazy=lazy, standin=standin_skip))

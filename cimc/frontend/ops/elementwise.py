@@ -135,11 +135,14 @@ def lower_power(lifter: Lifter, node: Node, args: list) -> View:
         raise Unsupported("Pow is supported for an activation raised to a constant scalar")
     k = float(np.asarray(e.value).ravel()[0])
     loc, shape = node.name, lifter.shape(node.outputs[0])
-    if k == 2.0:
-        return lifter.view_of(lifter.op("mul", [p.base, p.base], loc), shape)
+    if k in (2.0, 3.0):  # x*x, (x*x)*x (GPT-2's tanh GELU cubes)
+        out = p.base
+        for _ in range(int(k) - 1):
+            out = lifter.op("mul", [out, p.base], loc)
+        return lifter.view_of(out, shape)
     ops = {1.0: [], 0.5: ["sqrt"], -1.0: ["reciprocal"], -0.5: ["rsqrt"]}.get(k)
     if ops is None:
-        raise Unsupported(f"Pow with exponent {k} is not supported (2, 1, 0.5, -0.5, -1 are)")
+        raise Unsupported(f"Pow with exponent {k} is not supported (3, 2, 1, 0.5, -0.5, -1 are)")
     out = p.base
     for name in ops:
         out = lifter.op(name, [out], loc)

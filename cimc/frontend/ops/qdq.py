@@ -30,10 +30,11 @@ from dataclasses import dataclass, replace
 from onnx import TensorProto
 
 from cimc.frontend.converters import Converter, Unsupported, register
-from cimc.frontend.lift import Dequant, Expr, Lazy, Lifter, QLazy, Term, View
+from cimc.frontend.lift import Dequant, Expr, Lazy, Lifter, QLazy, Static, Term, View
 from cimc.frontend.model import Node, OnnxModel
+from cimc.frontend.ops.gather import gathered
 from cimc.ir.core import Value
-from cimc.ir.quant import held_type
+from cimc.ir.quant import dequantize, held_type
 from cimc.ir.rules import Rule, register_rule
 from isa.dtypes import ACT
 
@@ -172,6 +173,10 @@ def _dequant_lift(lifter: Lifter, node: Node, args: list) -> Term:
         table, ids = x.args
         if not isinstance(table, Lazy) or len(table.shape) != 2:
             raise Unsupported("the embedding table must be a [vocab, hidden] initializer")
+        if isinstance(ids, Static):  # rows by position (learned positions): dequantized at compile time
+            w = lifter.weights
+            rows = dequantize(w(table.init), w(dq.scales), w(dq.zero_points) if dq.zero_points else None, 1, 0)
+            return gathered(node.outputs[0], rows, ids, table.init)
         return lifter.embedding(node, ids, lifter.dequantized_table(table.init, dq.scales, dq.zero_points, 1, 0))
     raise Unsupported(f"x {node.inputs[0]!r} is not an integer initializer: {NO_ACTIVATIONS}")
 

@@ -1,0 +1,30 @@
+"""ONNX LayerNormalization (opset 17+) -> `layer_norm`.
+
+`LayerNormalization(X, Scale, B?) -> (Y, Mean?, InvStdDev?)` normalises over the axes from `axis`
+to the last; cimc takes `axis` = the last axis (-1, as every decoder exports it) with float32
+statistics (`stash_type = 1`), Scale and B constant vectors as wide as the features. The Mean
+and InvStdDev outputs are not produced (a node using them is refused). Exporters that decompose
+the norm (ReduceMean, Sub, Pow, Sqrt, Div) are lifted by the `layer_norm` IR rule instead.
+"""
+
+from __future__ import annotations
+
+from cimc.frontend.converters import Unsupported, standard
+from cimc.frontend.lift import Bad, Lifter, Term
+from cimc.frontend.model import Node
+from cimc.frontend.ops.contrib_norms import activation, layer_norm
+
+
+def lift(lifter: Lifter, node: Node, args: list) -> tuple[Term, ...]:
+    rank = len(lifter.shape(node.inputs[0]))
+    axis = int(node.attrs.get("axis", -1))
+    if axis % max(rank, 1) != rank - 1:
+        raise Unsupported(f"axis={axis} is not supported (only the last axis)")
+    if int(node.attrs.get("stash_type", 1)) != 1:
+        raise Unsupported(f"stash_type={node.attrs['stash_type']} is not supported (only 1: float32 statistics)")
+    x = activation(lifter, node, args[0], "input X")
+    y = layer_norm(lifter, node, x.base, args[1], args[2] if len(args) > 2 else None)
+    return lifter.view_of(y, lifter.shape(node.outputs[0])), Bad(node), Bad(node)
+
+
+standard("LayerNormalization", lift, since=17)
