@@ -196,6 +196,8 @@ _TABLE: tuple[InstrDef, ...] = (
     _vun("vgelut", 0x3B, "0.5*src*(1+tanh(sqrt(2/pi)*(src+0.044715*src^3)))",
          "GELU, tanh approximation (ONNX Gelu approximate=tanh, GPT-2's gelu_new, FastGelu)",
          {"exp": 1, "add": 4, "recip": 1, "mul": 7}),
+    _vun("verf", 0x3D, "erf(src[r,c])", "error function (ONNX Erf; GELU's erf form is vgelu)",
+         {"exp": 1, "add": 1, "recip": 1, "mul": 2}),
     InstrDef("vsoftcap", 0x3C,
              (TILE, _dst(), _f("src", MEM, "source"), ROWS, COLS, _f("cap", F32, "the cap, > 0")),
              "sfu", "sfu", "dst[r,c] = cap * tanh(src[r,c] / cap)",

@@ -449,7 +449,7 @@ class _Codegen:
         self._vec(op, mnemonic or "v" + op.name, dst=self.mem(out), src=self.mem(x), rows=self.rows(out),
                   cols=self.cols(out))
 
-    _op_neg = _op_exp = _op_sqrt = _op_rsqrt = _op_sigmoid = _op_silu = _op_tanh = _unary
+    _op_neg = _op_exp = _op_sqrt = _op_rsqrt = _op_sigmoid = _op_silu = _op_tanh = _op_erf = _unary
 
     def _op_gelu(self, op: Op) -> None:
         self._unary(op, GELU_INSTRS[op.attrs.get("approximate", "none")])

@@ -199,6 +199,7 @@ _UN: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "vsilu": lambda x: x / (F32(1) + np.exp(-x)),
     "vtanh": np.tanh,
     "vgelu": lambda x: (0.5 * x * (1.0 + _erf(x.astype(np.float64) / np.sqrt(2.0)))).astype(F32),
+    "verf": lambda x: _erf(x.astype(np.float64)).astype(F32),
     "vgelut": lambda x: F32(0.5) * x * (F32(1) + np.tanh(F32(math.sqrt(2 / math.pi)) * (x + F32(0.044715) * x ** 3))),
 }
 

@@ -79,7 +79,9 @@ CASES = [
     Instr("vgelut", {"tile": 22, "dst": Mem(G, 0x250, 64), "src": Mem(G, 0x260, 64), "rows": Dim(SEQ, 0),
                      "cols": Dim(0, 64)}),
     Instr("vsoftcap", {"tile": 23, "dst": Mem(G, 0x270, 256), "src": Mem(G, 0x270, 256), "rows": Dim(SEQ, 0),
-                       "cols": Dim(CTX, 0), "cap": 50.0}),]
+                       "cols": Dim(CTX, 0), "cap": 50.0}),
+    Instr("verf", {"tile": 24, "dst": Mem(G, 0x280, 64), "src": Mem(G, 0x290, 64), "rows": Dim(SEQ, 0),
+                   "cols": Dim(0, 64)}),]
 
 #: Their encodings, computed once and frozen: 8 little-endian words per instruction, as hex bytes.
 GOLDEN = {
@@ -147,6 +149,8 @@ GOLDEN = {
               " 0100000001000000 0000000000000000 0000000000000000 0000000000000000",
     "vsoftcap": "3c00170000000000 0000000000000000 0027000000000100 0027000000000100"
                 " 0100000300000000 0000484200000000 0000000000000000 0000000000000000",
+    "verf": "3d00180000000000 0000000000000000 0028000000400000 0029000000400000"
+            " 0100000001000000 0000000000000000 0000000000000000 0000000000000000",
 }
 
 
@@ -237,6 +241,8 @@ def test_encode_checks_every_field_with_its_index():
         ("dt", "f64", None),
     ]
     for field, value, message in bad_cases:
+        if not any(field in i.f for i in good):  # the random draw holds no instruction with this field
+            good.append(case(next(c.op for c in CASES if field in c.f)))
         victim = next((k, i) for k, i in enumerate(good) if field in i.f)
         k, ins = victim
         broken = list(good)

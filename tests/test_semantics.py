@@ -48,6 +48,7 @@ UNARY = {
     "vsigmoid": lambda x: 1 / (1 + np.exp(-x)), "vsilu": lambda x: x / (1 + np.exp(-x)), "vtanh": np.tanh,
     "vgelu": lambda x: 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2))),
     "vgelut": lambda x: 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3))),
+    "verf": np.vectorize(math.erf),
 }
 BINARY = {"vadd": np.add, "vsub": np.subtract, "vmul": np.multiply, "vdiv": np.divide, "vmax": np.maximum,
           "vpow": np.power}

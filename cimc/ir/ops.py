@@ -359,7 +359,7 @@ for _name, _doc in (("add", "a + b"), ("sub", "a - b"), ("mul", "a * b"), ("div"
     _def(_name, ("a", "b"), _broadcast, f"elementwise {_doc} with numpy broadcasting")
 for _name, _doc in (("neg", "-x"), ("exp", "exp(x)"), ("sqrt", "sqrt(x)"), ("rsqrt", "1/sqrt(x)"),
                     ("reciprocal", "1/x"), ("sigmoid", "1/(1+exp(-x))"), ("silu", "x*sigmoid(x)"),
-                    ("tanh", "tanh(x)"), ("softmax", "softmax over cols")):
+                    ("tanh", "tanh(x)"), ("erf", "erf(x)"), ("softmax", "softmax over cols")):
     _def(_name, ("x",), _same, f"elementwise {_doc}" if _name != "softmax" else "softmax over each row")
 _def("gelu", ("x",), _gelu, "elementwise 0.5*x*(1+erf(x/sqrt(2))); with `approximate = \"tanh\"` (ONNX Gelu-20, "
      "GPT-2's gelu_new, Gemma's gelu_pytorch_tanh, FastGelu) 0.5*x*(1+tanh(sqrt(2/pi)*(x+0.044715*x^3)))",

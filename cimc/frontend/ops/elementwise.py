@@ -1,4 +1,4 @@
-"""Elementwise ops: Add, Sub, Mul, Div, Max, Pow, Neg, Exp, Sqrt, Reciprocal, Sigmoid, Tanh, and the
+"""Elementwise ops: Add, Sub, Mul, Div, Max, Pow, Neg, Exp, Sqrt, Reciprocal, Sigmoid, Tanh, Erf, and the
 Where/IsNaN guards exporters wrap around attention.
 
 An op on whole [tokens, features] activations (or one and a constant) is lowered at once; one on
@@ -21,7 +21,7 @@ from cimc.ir.core import SEQ, Value
 #: ONNX op type -> IR op.
 BINARY = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Max": "max"}
 UNARY = {"Neg": "neg", "Exp": "exp", "Sqrt": "sqrt", "Reciprocal": "reciprocal", "Sigmoid": "sigmoid",
-         "Tanh": "tanh"}
+         "Tanh": "tanh", "Erf": "erf"}
 
 
 def binary(lifter: Lifter, node: Node, args: list) -> Term:
