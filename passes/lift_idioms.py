@@ -5,11 +5,14 @@ this pass applies the IR-level idiom rules (level "ir" in `cimc.ir.rules`, defin
 registry order, each over every op it is anchored at:
 
   bias       linear(x, w) + b  ->  linear(x, w, b)
+  layer_norm (x - mean(x)) / sqrt(mean((x - mean(x))^2) + eps) (* w) (+ b)   (the decomposed LayerNorm
+             exporters emit below opset 17; also * rsqrt or * reciprocal(sqrt))
   rms_norm   w * (x * 1/sqrt(mean(x*x) + eps))      (rsqrt, sqrt+reciprocal, either operand order)
   swiglu     silu(g) * u, with silu = g * sigmoid(g)
   silu       g * sigmoid(g) (when not part of a swiglu)
-  gelu_tanh  0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))  ->  gelu(x) {approximate = "tanh"}
-             (exporters below opset 20 spell Gemma's and GPT-2's tanh GELU out; the 0.5 on x or on the product)
+  gelu       0.5 * x * (1 + erf(x / sqrt(2)))  ->  gelu(x)                     (factors in any order)
+  gelu_tanh  0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))  ->  gelu(x) {approximate = "tanh"}
+             (any polynomial form of the tanh argument: GPT-2's gelu_new, FastGelu's decomposition)
 
 A candidate that almost matches (say, an intermediate also used elsewhere) is left alone and
 the reason goes to the pass notes. Finally every op gets a `layer` label (embed, layer0..N-1,
@@ -153,59 +156,174 @@ def _silu(rw: Rewriter, op: Op) -> Op | None:
     return new
 
 
-#: The tanh GELU's constants: tanh(K * (x + C * x^3)).
-_GELU_K, _GELU_C = math.sqrt(2 / math.pi), 0.044715
-
-
-def _scaling(v: Value, alpha: float) -> Op | None:
-    """The op making `v` if it is affine(x) {alpha (to float32 precision), beta = 0}."""
-    aff = _prod(v, "affine")
-    ok = aff is not None and aff.attrs["beta"] == 0.0 and abs(aff.attrs["alpha"] - alpha) <= 1e-6 * alpha
-    return aff if ok else None
-
-
-def _gelu_tanh(rw: Rewriter, th: Op) -> Op | NoMatch | None:
-    """Anchored at the tanh: K * (x + C * x*x*x) below it, (1 + tanh) * x * 0.5 above it."""
-    inner = _scaling(th.operands[0], _GELU_K)
-    add = _prod(inner.operands[0], "add") if inner is not None else None
-    if add is None:
+def _layer_norm(rw: Rewriter, sub: Op) -> Op | NoMatch | None:
+    """Anchored at the centring d = x - mean(x); d feeds the variance mean(d*d) and the division."""
+    x, m = sub.operands
+    mean = _prod(m, "reduce_mean")
+    if mean is None or mean.operands[0] is not x:
         return None
-    for x, t in (add.operands, add.operands[::-1]):
-        cube_c = _scaling(t, _GELU_C)
-        cube = _prod(cube_c.operands[0], "mul") if cube_c is not None else None
-        sq = next((_prod(v, "mul") for v in cube.operands if _prod(v, "mul")), None) if cube is not None else None
-        if sq is not None and list(sq.operands) == [x, x] and x in cube.operands:
+    users = sub.result.users
+    sq = next((u for u in users if u.name == "mul" and u.operands[0] is u.operands[1]), None)
+    normed = [u for u in users if u is not sq]
+    if sq is None or len(normed) != 1 or len(users) != 2 or not _single_use(m):
+        return NoMatch("x - mean(x) is not used by exactly its square and the normalisation")
+    var = _only_user(sq, "reduce_mean")
+    aff = _only_user(var, "affine") if var is not None else None
+    if aff is None or aff.attrs["alpha"] != 1.0:
+        return NoMatch("the square of x - mean(x) is not averaged and added to eps")
+    n = normed[0]
+    chain = _denominator(aff, n, sub.result)
+    if chain is None:
+        return NoMatch("x - mean(x) is not divided by sqrt(var + eps) (nor multiplied by its rsqrt)")
+    cols = x.type.shape[-1]
+    out, operands = n, [x]
+    for name in ("mul", "add"):  # the scale, then the bias
+        nxt = _only_user(out, name)
+        vec = None if nxt is None else next((v for v in nxt.operands if v is not out.result and _vector(v, cols)),
+                                            None)
+        if vec is None:
             break
-    else:
-        return NoMatch("tanh(sqrt(2/pi) * (x + 0.044715 * x^3)) without x*x*x")
-    chain = [th, inner, add, cube_c, cube, sq]
-    one_plus = th.result.users[0] if _single_use(th.result) else None
-    if one_plus is None or one_plus.name != "affine" or (one_plus.attrs["alpha"], one_plus.attrs["beta"]) != (1, 1):
-        return NoMatch("the tanh is not used once, as 1 + tanh")
-    prod = one_plus.result.users[0] if _single_use(one_plus.result) else None
-    if prod is None or prod.name != "mul":
-        return NoMatch("1 + tanh is not multiplied by x")
-    other = next((v for v in prod.operands if v is not one_plus.result), None)
-    half = _scaling(other, 0.5) if other is not x else None
-    if half is not None and half.operands[0] is x and _single_use(other):
-        end, chain = prod, [*chain, one_plus, half]  # (0.5 * x) * (1 + tanh)
-    elif other is x and _single_use(prod.result) and _scaling(prod.result.users[0].result, 0.5) is not None:
-        end, chain = prod.result.users[0], [*chain, one_plus, prod]  # 0.5 * (x * (1 + tanh))
-    else:
-        return NoMatch("x * (1 + tanh) is not halved")
-    if any(not _single_use(o.result) for o in chain):
-        return NoMatch("an intermediate of the GELU is used elsewhere")
-    new = rw.create("gelu", [x], [end.result.type], {"approximate": "tanh"}, end.loc, before=end)
-    rw.replace_uses(end.result, new.result)
-    rw.erase_many([end, *reversed(chain)])
+        operands.append(vec)
+        out = nxt
+    if len(operands) == 1:
+        return NoMatch("the normalised x is not scaled by a constant vector")
+    new = rw.create("layer_norm", operands, [out.result.type], {"eps": float(aff.attrs["beta"])}, out.loc,
+                    before=out)
+    rw.replace_uses(out.result, new.result)
+    rw.erase(out)
     return new
 
 
+def _only_user(op: Op, name: str) -> Op | None:
+    """The one user of op's result, if it is a `name` op."""
+    users = op.result.users
+    return users[0] if len(users) == 1 and users[0].name == name else None
+
+
+def _denominator(aff: Op, n: Op, d: Value) -> bool | None:
+    """Whether `n` is d / sqrt(aff) or d * rsqrt(aff) or d * reciprocal(sqrt(aff)), each once used."""
+    root = _only_user(aff, "sqrt") or _only_user(aff, "rsqrt")
+    if root is None:
+        return None
+    if n.name == "div" and root.name == "sqrt":
+        return True if n.operands[0] is d and n.operands[1] is root.result and _single_use(root.result) else None
+    inv = root if root.name == "rsqrt" else _only_user(root, "reciprocal")
+    if n.name == "mul" and inv is not None and _single_use(inv.result) and \
+            {id(o) for o in n.operands} == {id(d), id(inv.result)}:
+        return True
+    return None
+
+
+#: sqrt(2/pi) and the cubic coefficient of the tanh GELU, and 1/sqrt(2) of the erf one.
+_TANH_C, _TANH_A, _ERF_C = math.sqrt(2 / math.pi), 0.044715, 1 / math.sqrt(2)
+
+
+def _close(a: float, b: float, tol: float = 1e-5) -> bool:
+    return abs(a - b) <= tol * max(abs(b), 1e-30)
+
+
+def _poly(v: Value, leaf: list[Value], depth: int = 0) -> dict[int, float] | None:
+    """v as a polynomial (degree -> coefficient) in one leaf value (found into `leaf`) through
+    single-use add, sub, mul, neg and affine ops; None if it is not one of degree <= 3."""
+    op = v.owner
+    if depth and (op is None or op.name not in ("add", "sub", "mul", "neg", "affine") or not _single_use(v)):
+        if leaf and leaf[0] is not v:
+            return None
+        leaf[:] = [v]
+        return {1: 1.0}
+    if op is None or op.name not in ("add", "sub", "mul", "neg", "affine") or not _single_use(v):
+        return None
+    parts = [_poly(o, leaf, depth + 1) for o in op.operands]
+    if any(p is None for p in parts):
+        return None
+    out: dict[int, float] = {}
+    if op.name == "affine":
+        out = {d: c * op.attrs["alpha"] for d, c in parts[0].items()}
+        out[0] = out.get(0, 0.0) + op.attrs["beta"]
+    elif op.name == "neg":
+        out = {d: -c for d, c in parts[0].items()}
+    elif op.name == "mul":
+        for d1, c1 in parts[0].items():
+            for d2, c2 in parts[1].items():
+                out[d1 + d2] = out.get(d1 + d2, 0.0) + c1 * c2
+    else:
+        sign = 1.0 if op.name == "add" else -1.0
+        out = dict(parts[0])
+        for d, c in parts[1].items():
+            out[d] = out.get(d, 0.0) + sign * c
+    return None if max(out) > 3 else out
+
+
+def _factors(v: Value) -> tuple[float, list[Value]]:
+    """v as scalar * product of values, through single-use muls and scalings."""
+    op = v.owner
+    if op is not None and _single_use(v) and op.name == "mul":
+        s1, f1 = _factors(op.operands[0])
+        s2, f2 = _factors(op.operands[1])
+        return s1 * s2, f1 + f2
+    if op is not None and _single_use(v) and op.name == "affine" and op.attrs["beta"] == 0.0:
+        s, f = _factors(op.operands[0])
+        return s * op.attrs["alpha"], f
+    return 1.0, [v]
+
+
+def _gelu_product(rw: Rewriter, act: Op, x: Value, form: str) -> Op | NoMatch:
+    """From `act` (erf or tanh of x's argument): 1 + act, times 0.5 and x in any order -> gelu(x)."""
+    one = _only_user(act, "affine")
+    if one is None or (one.attrs["alpha"], one.attrs["beta"]) != (1.0, 1.0):
+        return NoMatch(f"{act.name} is not followed by 1 + {act.name}")
+    cur, scale, factors = one, 1.0, []
+    for _ in range(4):
+        if _close(scale, 0.5) and len(factors) == 1 and factors[0] is x:
+            attrs = {"approximate": "tanh"} if form == "tanh" else {}
+            new = rw.create("gelu", [x], [cur.result.type], attrs, cur.loc, before=cur)
+            rw.replace_uses(cur.result, new.result)
+            rw.erase(cur)
+            return new
+        users = cur.result.users
+        if len(users) != 1 or users[0].name not in ("mul", "affine"):
+            break
+        nxt = users[0]
+        if nxt.name == "affine":
+            if nxt.attrs["beta"] != 0.0:
+                break
+            scale *= nxt.attrs["alpha"]
+        else:
+            other = nxt.operands[1] if nxt.operands[0] is cur.result else nxt.operands[0]
+            s, f = _factors(other)
+            scale, factors = scale * s, factors + f
+        cur = nxt
+    return NoMatch(f"1 + {act.name}(...) is not multiplied by exactly 0.5 * x")
+
+
+def _gelu_erf(rw: Rewriter, erf: Op) -> Op | NoMatch | None:
+    arg = erf.operands[0].owner
+    if arg is None or arg.name != "affine" or arg.attrs["beta"] != 0.0 or not _single_use(erf.operands[0]):
+        return None
+    if not _close(arg.attrs["alpha"], _ERF_C):
+        return NoMatch(f"erf of x * {arg.attrs['alpha']}, not x / sqrt(2)")
+    return _gelu_product(rw, erf, arg.operands[0], "none")
+
+
+def _gelu_tanh(rw: Rewriter, tanh: Op) -> Op | NoMatch | None:
+    leaf: list[Value] = []
+    poly = _poly(tanh.operands[0], leaf)
+    if poly is None or 3 not in poly:
+        return None
+    want = {0: 0.0, 1: _TANH_C, 2: 0.0, 3: _TANH_C * _TANH_A}
+    if any(abs(poly.get(d, 0.0) - c) > 1e-5 * _TANH_C for d, c in want.items()):
+        return NoMatch("tanh of a cubic that is not sqrt(2/pi) * (x + 0.044715 x^3)")
+    return _gelu_product(rw, tanh, leaf[0], "tanh")
+
+
 register_rule(Rule("bias", "ir", "add", "linear(x, w) + b -> linear(x, w, b)", _bias))
+register_rule(Rule("layer_norm", "ir", "sub", "(x - mean(x)) / sqrt(mean((x - mean(x))^2) + eps) * w + b -> "
+                   "layer_norm(x, w, b)", _layer_norm))
 register_rule(Rule("rms_norm", "ir", "mul", "w * (x * rsqrt(mean(x*x) + eps)) -> rms_norm(x, w)", _rms_norm))
 register_rule(Rule("swiglu", "ir", "mul", "(g * sigmoid(g)) * u -> swiglu(g, u)", _swiglu))
 register_rule(Rule("silu", "ir", "mul", "g * sigmoid(g) -> silu(g) (not part of a swiglu)", _silu))
-register_rule(Rule("gelu_tanh", "ir", "tanh", "0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3))) -> "
+register_rule(Rule("gelu", "ir", "erf", "0.5 * x * (1 + erf(x / sqrt(2))) -> gelu(x)", _gelu_erf))
+register_rule(Rule("gelu_tanh", "ir", "tanh", "0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))) -> "
                    "gelu(x) {approximate = tanh}", _gelu_tanh))
 
 
