@@ -42,6 +42,8 @@ from isa.diag import CimcError
 SHAPE_OPS = {"Shape", "Size"}
 #: Ops that gather embedding rows by token id (input 1): ONNX's, and onnxruntime's int4 table.
 EMBEDDING_GATHERS = ("Gather", "GatherBlockQuantized")
+#: Ops that only re-view token ids on their way to the embedding (GPT-2's input_ids.view(-1, seq)).
+ID_VIEWS = ("Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity")
 
 
 @dataclass(frozen=True)
@@ -79,11 +81,12 @@ class Roles:
 def find_roles(model: OnnxModel) -> Roles:
     """Classify the graph inputs (token ids, KV caches, mask and positions) by their use."""
     roles = Roles()
-    for name, vi in model.inputs.items():
-        if any(n.op_type in EMBEDDING_GATHERS and n.inputs[1:2] == [name] for n in model.consumers.get(name, [])):
-            roles.tokens = name
-            dims = vi.type.tensor_type.shape.dim
-            roles.seq_param = dims[1].dim_param if len(dims) > 1 else ""
+    # the token ids index the largest embedding table (GPT-2's position ids index wpe, shorter than the vocab)
+    rows = {name: _embedding_rows(model, name) for name in model.inputs}
+    if max(rows.values(), default=0):
+        roles.tokens = max(rows, key=lambda name: rows[name])
+        dims = model.inputs[roles.tokens].type.tensor_type.shape.dim
+        roles.seq_param = dims[1].dim_param if len(dims) > 1 else ""
     outputs = set(model.outputs)
     for name, vi in model.inputs.items():
         if vi.type.tensor_type.elem_type in (TensorProto.FLOAT, TensorProto.FLOAT16):
@@ -153,6 +156,19 @@ def _feeds_positions(model: OnnxModel, name: str) -> bool:
                     seen.add(o)
                     stack.append(o)
     return False
+
+
+def _embedding_rows(model: OnnxModel, name: str) -> int:
+    """The rows of the largest table `name` indexes as an embedding Gather's indices, directly or
+    through re-views (0: none)."""
+    rows = 0
+    for n in model.consumers.get(name, []):
+        if n.op_type in EMBEDDING_GATHERS and n.inputs[1:2] == [name]:
+            table = model.initializers.get(n.inputs[0])
+            rows = max(rows, int(table.dims[0]) if table is not None and table.dims else 1)
+        elif n.op_type in ID_VIEWS and n.inputs[:1] == [name]:
+            rows = max(rows, _embedding_rows(model, n.outputs[0]))
+    return rows
 
 
 def data_values(model: OnnxModel, roles: Roles) -> set[str]:

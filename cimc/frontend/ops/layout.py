@@ -69,6 +69,11 @@ def cast(lifter: Lifter, node: Node, args: list) -> Term:
 
 
 def cast_weights(lifter: Lifter, node: Node, args: list) -> Term:
+    s = args[0]
+    if isinstance(s, Static) and node.attrs.get("to") == TensorProto.FLOAT:  # of a constant gathered from a weight
+        return Static(node.outputs[0], *(None if v is None else np.asarray(v, np.float32)
+                                         for v in (s.value, s.value2)), False,
+                      None if s.table is None else np.asarray(s.table, np.float32))
     if isinstance(args[0], Lazy):
         if node.attrs.get("to") != TensorProto.FLOAT:
             raise Unsupported("weights may only be cast to float32")
