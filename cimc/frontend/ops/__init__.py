@@ -2,7 +2,6 @@
 `cimc.frontend.converters` (and any idiom rules it owns in `cimc.ir.rules`) on import."""
 
 from cimc.frontend.ops import (  # noqa: F401
-    activations,
     contrib_activations,
     contrib_attention,
     contrib_embedding,

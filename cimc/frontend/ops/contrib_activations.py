@@ -16,7 +16,6 @@ from onnx import helper
 from cimc.frontend.converters import Converter, Unsupported, register
 from cimc.frontend.lift import Lifter, Term
 from cimc.frontend.model import Node, OnnxModel
-from cimc.frontend.ops.activations import gelu
 from cimc.frontend.ops.contrib_norms import activation, vector
 
 #: op type -> (GELU form, the input index of its bias (None: none), whether the bias is required).
@@ -52,7 +51,8 @@ def lift(lifter: Lifter, node: Node, args: list) -> Term:
         term = args[GELUS[node.op_type][1]]
         b = vector(lifter, node, term, "bias", int(x.type.shape[1]))
         x = lifter.op("add", [x, b], node.name)
-    return gelu(lifter, node, x, GELUS[node.op_type][0])
+    attrs = {"approximate": "tanh"} if GELUS[node.op_type][0] == "tanh" else None
+    return lifter.view_of(lifter.op("gelu", [x], node.name, attrs), lifter.shape(node.outputs[0]))
 
 
 for _op in GELUS:
