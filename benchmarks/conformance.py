@@ -51,6 +51,9 @@ EXCLUDED = {
                              "MatMulInteger -> Mul chain; its cases run it alone",
     "MatMulInteger": "taken only inside quantize_dynamic's chain (integer weights, rescaled by a Mul); its case "
                      "multiplies two integer graph inputs",
+    "LayerNormalization": "taken as a decoder's norm: over the last axis, Scale and B constant vectors (GPT-2; "
+                          "tests/test_gpt2.py checks it against onnxruntime); its cases feed Scale and B as graph "
+                          "inputs and normalise from leading axes too",
     "RMSNormalization": "taken only as a decoder's norm: over the last (hidden) axis with a constant weight; "
                         "its cases normalize over leading axes too and take the scale as a graph input",
     "Where": "taken only as the mask guard exporters put around attention scores, which the attention idiom "
