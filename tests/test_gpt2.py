@@ -299,16 +299,6 @@ def test_split_quantized_projection(tmp_path: Path) -> None:
     assert np.array_equal(outs[0], outs[1])
 
 
-def test_split_refusals(tmp_path: Path) -> None:
-    """Split along the tokens, and of an activation that no projection made, are refused."""
-    nodes = [helper.make_node("Split", ["x"], ["a", "b"], name="tokens", axis=1, num_outputs=2),
-             helper.make_node("Split", ["x"], ["c", "d"], name="input", axis=2, num_outputs=2),
-             helper.make_node("Concat", ["c", "d"], ["y"], name="y", axis=2)]
-    reasons = _refusals(_model(tmp_path, nodes, {}, opset=18))
-    assert "along the features" in reasons["tokens"]
-    assert reasons["input"].startswith("the packed activation comes from input, not from a projection")
-
-
 # ---- learned positions ------------------------------------------------------------------------------
 
 

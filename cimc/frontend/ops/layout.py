@@ -149,18 +149,32 @@ def unsqueeze_input(lifter: Lifter, node: Node, args: list) -> Term:
 def take(lifter: Lifter, node: Node, v: View, axis: int, lo: int, n: int) -> View:
     """Entries lo .. lo+n-1 of `v` along `axis`: a view, or for a block of the columns of a whole
     activation, straight from the node that made it with a linear (and constant vector ops after
-    it), that block recomputed. (A slice of a re-viewed activation, such as rotate_half's halves
-    of a single head, stays a view for the idioms to read.)"""
+    it) or through re-views that keep it [batch, tokens, features] (GPT-2's Gemm on [seq, 3*hidden]
+    reshaped to [1, seq, 3*hidden]), that block recomputed. (A slice of a head-split activation,
+    such as rotate_half's halves of a single head, stays a view for the idioms to read.)"""
     part = V.slice_axis(v, axis, lo, n)
     a = v.axes[axis]
-    src, owner = lifter.model.producer.get(node.inputs[0]), v.base.owner
-    if n == a.size or not lifter.is_plain(v) or (a.rs, a.cs, a.rep) != (0, 1, 1) or src is None \
-            or owner is None or owner.loc != src.name:
+    owner = v.base.owner
+    if n == a.size or not lifter.is_plain(v) or (a.rs, a.cs, a.rep) != (0, 1, 1) or owner is None \
+            or not _made_by(lifter, node.inputs[0], owner.loc):
         return part
     try:
         return lifter.view_of(split_columns(lifter, v.base, lo, lo + n, node.name), part.shape)
     except Unsupported:
         return part
+
+
+#: Re-views that keep an activation whole when their output has rank <= 3 ([batch, tokens, features]).
+_ROW_VIEWS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
+
+
+def _made_by(lifter: Lifter, name: str, maker: str) -> bool:
+    """Whether value `name` is the output of node `maker`, or of re-views of it of rank <= 3."""
+    src = lifter.model.producer.get(name)
+    while src is not None and src.name != maker and src.op_type in _ROW_VIEWS \
+            and len(lifter.f1.shapes.get(src.outputs[0], (0,) * 4)) <= 3:
+        src = lifter.model.producer.get(src.inputs[0])
+    return src is not None and src.name == maker
 
 
 # ---- Slice: bounds as attributes (opsets 1-9) or inputs (10+) ----------------------------------
