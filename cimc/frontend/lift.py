@@ -249,7 +249,7 @@ class Lifter:
             rows = CTX if "ctx" in onnx_shape else SEQ
             attrs["assume"] = self.roles.assumed[name]
             self.rw.create("input", [], [TensorType("i32", (rows,))], attrs, name)
-            return Static(name, self.f1.values[name], self.f2.values.get(name), False)
+            return Static(name, self.f1.values[name], self.f2.values.get(name), False, self.ftab.values.get(name))
         if et in _INT and len(seq) == 1 and len(core) == 1:
             t = TensorType("i32", (SEQ,))
         elif et == TensorProto.FLOAT and len(seq) == 1 and seq[0] == len(shape) - 2 and len(core) == 2:

@@ -100,24 +100,44 @@ class _Mask:
 
 
 def _strip_mask(lifter: Lifter, z: Term) -> tuple[Term, _Mask | None]:
+    """Peel the masks around the scores: an Add of a constant, a Where(constant condition, scores,
+    constant), float32 Casts between them (GPT-2: Where by its causal bias, then + the attention
+    mask's), summed into one additive mask."""
     probe = lifter.fmask.binding if lifter.fmask is not None else None
     bindings = [(lifter.n, lifter.past), (lifter.n + 1, lifter.past), (probe.seq, probe.past) if probe else None]
+    names: list[str] = []
+    total: list[np.ndarray | None] = [None] * len(bindings)
+    while True:
+        z = strip_float_casts(z)
+        z, name, layer = _mask_layer(z)
+        if name is None:
+            break
+        names.append(name)
+        total = [None if (t is None and names[:-1]) or m is None else m if t is None else t + m
+                 for t, m in zip(total, layer, strict=True)]
+    if not names:
+        return z, None
+    return z, _Mask(" + ".join(names), [(arr, *bn) for arr, bn in zip(total, bindings, strict=True)
+                                         if arr is not None])
+
+
+def _mask_layer(z: Term) -> tuple[Term, str | None, list[np.ndarray | None]]:
+    """One mask around `z`: (the masked term, the mask's name, its additive values per binding)."""
     if isinstance(z, Expr) and z.node.op_type == "Add":
         a, b = z.args
         x, m = (a, b) if isinstance(b, Static) else (b, a) if isinstance(a, Static) else (z, None)
         if m is not None:
-            return x, _Mask(m.name, [(arr, *bn) for arr, bn in zip(_bound(m), bindings, strict=True)
-                                     if arr is not None])
+            return x, m.name, [None if arr is None else np.asarray(arr, np.float64) for arr in _bound(m)]
     if isinstance(z, Expr) and z.node.op_type == "Where":
         cond, x, y = z.args
         if isinstance(cond, Static) and isinstance(y, Static) and not isinstance(x, Static):
             values = []
-            for c, fill, bn in zip(_bound(cond), _bound(y), bindings, strict=True):
-                if c is not None:
-                    fill = y.value if fill is None else fill
-                    values.append((np.where(np.asarray(c).astype(bool), 0.0, np.asarray(fill, np.float64)), *bn))
-            return x, _Mask(cond.name, values)
-    return z, None
+            for c, fill in zip(_bound(cond), _bound(y), strict=True):
+                fill = y.value if fill is None else fill
+                values.append(None if c is None else
+                              np.where(np.asarray(c).astype(bool), 0.0, np.asarray(fill, np.float64)))
+            return x, cond.name, values
+    return z, None, []
 
 
 def _bound(s: Static) -> list[np.ndarray | None]:
