@@ -330,10 +330,11 @@ def test_learned_positions_shorter_than_max_ctx(tmp_path: Path) -> None:
 
 # ---- the GPT-2 zoo -----------------------------------------------------------------------------------
 
-#: float-datapath zoo cells: fp32 (optimum's with its KV cache, position_ids input and GPT-2's two
-#: masks: Where by the causal bias, then + the attention mask's), and MatMulNBits (only the LM head:
-#: the RTN quantizer takes MatMul, not Gemm) computed on the exact dequantized weights.
-FLOAT_CELLS = ["gpt2_a_dynamo", "gpt2_c_optimum_kv", "gpt2_e_int4_rtn"]
+#: float-datapath zoo cells: fp32 (dynamo's with and without a cache; TorchScript's input_ids.view
+#: before the embedding; optimum's position_ids input and GPT-2's two masks: Where by the causal
+#: bias, then + the attention mask's), and MatMulNBits (only the LM head: the RTN quantizer takes
+#: MatMul, not Gemm) computed on the exact dequantized weights.
+FLOAT_CELLS = ["gpt2_a_dynamo", "gpt2_b_dynamo_kv", "gpt2_c_optimum_kv", "gpt2_e_int4_rtn", "gpt2_t_torchscript"]
 PROMPT = [87, 47, 24, 96, 81, 60, 8, 81]  # the zoo's gpt2 prompt
 NEW = 8
 
