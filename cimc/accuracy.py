@@ -56,7 +56,9 @@ def reference_logits(path: str | os.PathLike, prompt: Sequence[int], new_tokens:
                      ) -> tuple[list[int], np.ndarray]:
     """onnxruntime's greedy tokens after `prompt` (`new_tokens` of them, with the export's own KV
     cache when it has one) and its logits `[positions, vocab]` for prompt + tokens but the last,
-    from one full-sequence call."""
+    from one full-sequence call. The first run's past is empty, except a window buffer (a past
+    whose length the graph's attention fixes, see cimc.frontend.ops.contrib_attention), which is
+    that many zero slots, as the genai runtime feeds it."""
     import onnxruntime as ort
 
     try:
@@ -79,7 +81,8 @@ def reference_logits(path: str | os.PathLike, prompt: Sequence[int], new_tokens:
         if len(shape) != 4 or not all(isinstance(d, int) for d in (shape[1], shape[3])):
             raise CimcError(f"{path}: past input {name!r} has shape {shape}; expected [batch, heads, past, head_dim] "
                             "with fixed heads and head_dim")
-        empty[name] = np.zeros((1, shape[1], 0, shape[3]), np.float32)
+        # nothing cached: no positions, or a window buffer's slots as zeros (what onnxruntime-genai feeds)
+        empty[name] = np.zeros((1, shape[1], shape[2] if isinstance(shape[2], int) else 0, shape[3]), np.float32)
 
     def run(ids: list[int], done: int, past: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = {"input_ids": np.array([ids], np.int64), **past}
@@ -147,7 +150,7 @@ def _token_input(session: Session) -> str:
     """The token-id input of the program's entries (the cache is in the machine; mask and
     positions are compiled in)."""
     needed = {s.name for e in ("prefill", "decode") for s in session.entry(e).symbols
-              if s.kind == "input" and not s.check and "past" not in s.shape}
+              if s.kind == "input" and not s.check and not s.heads}
     if len(needed) != 1:
         raise CimcError(f"cannot measure accuracy: the program takes {', '.join(sorted(needed))}, not just token ids")
     return needed.pop()

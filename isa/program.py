@@ -97,7 +97,9 @@ class Symbol:
     (tokens already in the KV cache) or `"ctx"` (their sum); `dtype` is the ONNX element type the
     user sees (e.g. "int64"), `mtype` the machine's ("i32", "f32"). Row r of the (rows x
     features) matrix is at `addr + r * stride * 4` bytes. With `heads` > 0 the ONNX tensor is
-    `[1, heads, rows, head_dim]` over that matrix (a KV cache). With `check` ("ones" or
+    `[1, heads, rows, head_dim]` over that matrix (a KV cache); a number W for `rows` makes it a
+    window buffer: its W slots are the last W cached positions, oldest first (with fewer, they
+    fill the first slots and the rest read as zeros). With `check` ("ones" or
     "positions") the input is not read: generation relies on that value (attention mask all ones,
     position ids past + 0..seq-1), and a run checks it. A shape without runtime sizes (a fixed-size
     tensor, see `fixed_matrix`) is the row-major [prod(shape[:-1]), shape[-1]] matrix.

@@ -64,7 +64,7 @@ def _inputs(session: Session, entry: str, ids: np.ndarray) -> dict[str, np.ndarr
     """The token ids; the KV cache is already in the machine, and mask and position inputs are
     compiled in (their assumed values are what generation would pass)."""
     needed = [s.name for s in session.entry(entry).symbols
-              if s.kind == "input" and not s.check and "past" not in s.shape]
+              if s.kind == "input" and not s.check and not s.heads]
     if len(needed) != 1:
         raise CimcError(f"cannot generate: the program takes {', '.join(needed)}, not just token ids")
     return {needed[0]: ids}

@@ -68,13 +68,13 @@ class Bound:
 def bind_inputs(entry: Entry, arrays: Mapping[str, np.ndarray]) -> Bound:
     """Check user inputs against an entry's symbols and convert them to machine types.
 
-    Past KV tensors (`past` in their shape) are optional: without them the run continues the
-    cache already in the machine. Mask and position inputs (`check`) are optional too; given,
+    Past KV tensors (and window buffers) are optional: without them the run continues the cache
+    already in the machine. Mask and position inputs (`check`) are optional too; given,
     they must hold the values generation assumes (checked once `past` is known, see `check_assumed`).
     """
     inputs = [s for s in entry.symbols if s.kind == "input"]
     names = {s.name for s in inputs}
-    optional = {s.name for s in inputs if s.check or "past" in s.shape}
+    optional = {s.name for s in inputs if s.check or s.heads}
     missing = [s.name for s in inputs if s.name not in arrays and s.name not in optional]
     if missing:
         raise CimcError(f"missing input(s): {', '.join(missing)} (the program takes {', '.join(sorted(names))})")
@@ -254,12 +254,21 @@ def _io_view(machine: Machine, s: Symbol, rows: int, write: bool) -> np.ndarray:
                         dtype=elem(s.mtype).numpy, write=write)
 
 
+def _window(s: Symbol, filled: int) -> tuple[int, int]:
+    """The cache rows a KV symbol covers when `filled` positions are cached: (first, count); a
+    window buffer's W slots cover the last min(W, filled)."""
+    slots = s.shape[2]
+    return (0, filled) if isinstance(slots, str) else (max(0, filled - slots), min(slots, filled))
+
+
 def _write_input(machine: Machine, s: Symbol, a: np.ndarray, seq: int, past: int) -> None:
-    """Write a user input into DRAM: token rows, or past KV [1, heads, past, hd] as cache rows."""
+    """Write a user input into DRAM: token rows, or past KV [1, heads, past, hd] (or a window
+    buffer's slots) as cache rows."""
     if s.heads:
-        rows = a.shape[2]
+        first, rows = _window(s, past)
         if rows:
-            _io_view(machine, s, rows, write=True)[...] = a[0].transpose(1, 0, 2).reshape(rows, -1)
+            cache = _io_view(machine, s, first + rows, write=True)
+            cache[first:] = a[0, :, :rows].transpose(1, 0, 2).reshape(rows, -1)
         return
     rows = s.rows(seq)
     if a.size:
@@ -269,9 +278,10 @@ def _write_input(machine: Machine, s: Symbol, a: np.ndarray, seq: int, past: int
 def _read_output(machine: Machine, s: Symbol, seq: int, past: int) -> np.ndarray:
     shape = _sizes(s, seq, past)
     if s.heads:
-        rows = past + seq
-        m = np.array(_io_view(machine, s, rows, write=False))
-        return m.reshape(rows, s.heads, -1).transpose(1, 0, 2)[None].reshape(shape)
+        first, rows = _window(s, past + seq)
+        m = np.zeros((shape[2], s.stride), np.float32)
+        m[:rows] = _io_view(machine, s, first + rows, write=False)[first:]
+        return m.reshape(shape[2], s.heads, -1).transpose(1, 0, 2)[None].reshape(shape)
     rows = s.rows(seq)
     if not rows or not np.prod(shape):
         return np.zeros(shape, np.float32)

@@ -27,7 +27,7 @@ make of every node before any work: an opset import for its domain, a converter 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import onnx
@@ -70,11 +70,14 @@ def no_weights(lifter: Lifter, node: Node, args: list) -> Term:
 class CacheRoles:
     """What an attention op with a KV cache tells the role finder: past input -> present output,
     the integer graph inputs that are its attention mask (assumed all ones, checked at run time),
-    and named dimensions it fixes (a symbolic head_dim)."""
+    named dimensions it fixes (a symbolic head_dim, a window buffer's length), and the past inputs
+    and present outputs that hold only the last W positions (a sliding-window layer's buffer of W
+    slots) -> W."""
 
     caches: dict[str, str]
     masks: list[str]
     dims: dict[str, int]
+    windows: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

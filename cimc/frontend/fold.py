@@ -18,10 +18,11 @@ a float input that a Concat extends into a graph output is a past KV cache (its 
 ids (sized by `seq`, assumed past + 0..seq-1), the rest an attention mask (assumed all ones:
 batch 1, no padding) sized by the context (past + seq) or, without a cache, by `seq`. A mask
 whose length is a symbol of its own in an export with a cache (dynamo's `total`) spans the
-context too: HF masks always cover the cached and the new positions. The assumptions are
-checked when the program runs. A graph with neither token ids nor a cache whose inputs all have
-fixed shapes is not a decoder: it is lifted in the generic mode (cimc.frontend.generic), every
-input a fixed-size activation.
+context too: HF masks always cover the cached and the new positions. An attention op may say a
+cache is a window buffer (onnxruntime-genai's sliding-window layers: W slots holding the last W
+positions, its length symbol fixed to W). The assumptions are checked when the program runs. A
+graph with neither token ids nor a cache whose inputs all have fixed shapes is not a decoder: it
+is lifted in the generic mode (cimc.frontend.generic), every input a fixed-size activation.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class Roles:
     past_param: str = ""
     ctx_params: set[str] = field(default_factory=set)  # names of past + seq (an attention op's mask)
     dims: dict[str, int] = field(default_factory=dict)  # dimensions an op fixes (a symbolic head_dim)
+    windows: dict[str, int] = field(default_factory=dict)  # window-buffer past/present -> its W slots
     generic: bool = False  # no token ids, no cache, fixed input shapes: cimc.frontend.generic lifts it
 
 
@@ -103,9 +105,11 @@ def find_roles(model: OnnxModel) -> Roles:
         found = conv.roles(model, n)
         roles.caches.update(found.caches)
         roles.dims.update(found.dims)
+        roles.windows.update(found.windows)
         for past in found.caches:
             dims = model.inputs[past].type.tensor_type.shape.dim
-            roles.past_param = dims[2].dim_param if len(dims) == 4 and dims[2].dim_param else roles.past_param
+            if len(dims) == 4 and dims[2].dim_param and past not in found.windows:
+                roles.past_param = dims[2].dim_param
         for mask in found.masks:
             roles.assumed[mask] = "ones"
             dims = model.inputs[mask].type.tensor_type.shape.dim

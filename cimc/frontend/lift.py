@@ -261,9 +261,11 @@ class Lifter:
         return self.view_of(base, shape)
 
     def _cache_input(self, name: str, attrs: dict) -> View:
-        """A past KV input [1, kv_heads, past, head_dim]: the first `past` rows of a KV cache."""
+        """A past KV input [1, kv_heads, past, head_dim]: the first `past` rows of a KV cache; a
+        window buffer [1, kv_heads, W, head_dim] holds its last W (for its attention op alone)."""
         shape = self.shape(name)
-        if len(shape) != 4 or shape[0] != 1 or self.axis_names(name)[2] != "past":
+        positions = self.roles.windows.get(name, "past")
+        if len(shape) != 4 or shape[0] != 1 or self.axis_names(name)[2] != positions:
             raise CimcError(f"{self.model.path}: KV cache input {name!r} {self.axis_names(name)} is not "
                             "[batch, kv_heads, past, head_dim]")
         _, heads, past, hd = shape
@@ -294,7 +296,8 @@ class Lifter:
         if owner is not None and owner.name == "kv_append" and name in self.roles.caches.values():
             heads = int(v.axes[1].size)
             hd = int(v.axes[3].size)
-            if v.r0 or v.c0 or v.axes[1:] != (Axis(heads, 0, hd), Axis(self._rows(v.base), 1, 0), Axis(hd, 0, 1)):
+            rows = self.roles.windows.get(name) or self._rows(v.base)  # a window buffer: the last W rows
+            if v.r0 or v.c0 or v.axes[1:] != (Axis(heads, 0, hd), Axis(rows, 1, 0), Axis(hd, 0, 1)):
                 self.reasons[name] = "the present KV output is not the whole cache as [1, kv_heads, ctx, head_dim]"
                 return
             self.rw.create("output", [v.base], [], {**attrs, "heads": heads}, name)

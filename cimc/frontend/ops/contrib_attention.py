@@ -19,7 +19,15 @@ positions 0 .. past+seq-1), and `attention` runs causally over the caches with t
 `scale` (0: 1/sqrt(head_dim)), `local_window_size` L > 0 as a sliding window of L keys (-1:
 none) and `softcap` > 0 as the attention's soft cap (0: none).
 
+`sliding_window_cache = 1` (the genai builder's sliding-window layers, past `past_sliding_length`):
+past and present are a buffer of L slots holding the last L positions, oldest first (fewer
+positions fill the first slots; onnxruntime leaves the rest undefined), which the genai runtime
+feeds as L zero slots before the first run. cimc keeps such a layer's whole cache, like any
+other layer's (max_ctx positions; the window mask hides the old keys), and a run reads and writes
+the buffer as the last L positions of it (runtime.interpreter).
+
 Refused, with the value named: a negative `softcap`, `local_window_size` 0 or below -1,
+`sliding_window_cache` without a window, a window buffer whose length is not L or that another node reads,
 `rotary_interleaved = 1`, `do_rotary = 0`, `smooth_softmax`, a key without a value or the reverse,
 position ids, attention bias or head sinks, caches that are not graph inputs and outputs,
 rotary tables that are not initializers of the right shape or shorter than `--max-ctx`.
@@ -62,6 +70,10 @@ def check(model: OnnxModel, node: Node) -> int:
     if window == 0 or window < -1:
         raise Unsupported(f"local_window_size={window} must be -1 (no sliding window) "
                           "or the number of keys a query sees, itself included (onnxruntime attends to none at 0)")
+    slide = int(at.get("sliding_window_cache", 0))
+    if slide not in (0, 1) or (slide and window < 1):
+        raise Unsupported(f"sliding_window_cache={slide} with local_window_size={window} is not supported "
+                          "(only 0, or 1 with a window)")
     if int(at.get("rotary_interleaved", 0)) != 0:
         raise Unsupported(f"rotary_interleaved={int(at['rotary_interleaved'])} is not supported (only 0)")
     if int(at.get("do_rotary", 0)) != 1:
@@ -84,6 +96,9 @@ def check(model: OnnxModel, node: Node) -> int:
         if past not in model.inputs or present not in model.outputs:
             raise Unsupported(f"past_{what} {past!r} and present_{what} {present!r} must be a graph input and "
                               "output (the KV cache)")
+        if slide and (len(model.consumers.get(past, [])) > 1 or model.consumers.get(present)):
+            raise Unsupported(f"the window buffers past_{what} {past!r} and present_{what} {present!r} must be "
+                              "read by this node only")
     if not (seqlens and total):
         raise Unsupported("inputs seqlens_k and total_sequence_length are required")
     dims = []
@@ -97,9 +112,15 @@ def check(model: OnnxModel, node: Node) -> int:
     return 2 * dims[0][1]
 
 
+def window_slots(node: Node) -> int:
+    """L for a layer whose past and present are window buffers of L slots, else 0."""
+    return int(node.attrs.get("local_window_size", -1)) if int(node.attrs.get("sliding_window_cache", 0)) else 0
+
+
 def roles(model: OnnxModel, node: Node) -> CacheRoles:
-    """The past/present pairs, the mask inputs seqlens_k and total_sequence_length come from, and
-    the head_dim a symbolic cache dimension stands for."""
+    """The past/present pairs, the mask inputs seqlens_k and total_sequence_length come from, the
+    head_dim a symbolic cache dimension stands for, and a window layer's buffers (their length
+    symbol is L)."""
     ins = (node.inputs + [""] * 7)[:7]
     outs = ([*node.outputs, "", "", ""])[:3]
     caches = {p: o for p, o in ((ins[3], outs[1]), (ins[4], outs[2])) if p in model.inputs and o}
@@ -107,15 +128,22 @@ def roles(model: OnnxModel, node: Node) -> CacheRoles:
     masks = sorted({i for nd in model.upstream(lengths) for i in nd.inputs if i in model.inputs
                     and model.inputs[i].type.tensor_type.elem_type in (TensorProto.INT64, TensorProto.INT32)})
     dims: dict[str, int] = {}
+    windows: dict[str, int] = {}
     try:
         hd = check(model, node)
     except Unsupported:
         return CacheRoles(caches, masks, dims)
-    for past in caches:
+    slots = window_slots(node)
+    outputs = {o.name: o for o in model.proto.graph.output}
+    for past, present in caches.items():
         d = model.inputs[past].type.tensor_type.shape.dim
         if len(d) == 4 and d[3].dim_param:
             dims[d[3].dim_param] = hd
-    return CacheRoles(caches, masks, dims)
+        if slots:
+            windows |= {past: slots, present: slots}
+            dims |= {x[2].dim_param: slots for x in (d, outputs[present].type.tensor_type.shape.dim)
+                     if len(x) == 4 and x[2].dim_param}
+    return CacheRoles(caches, masks, dims, windows)
 
 
 def lazy(model: OnnxModel, node: Node) -> list[str]:
@@ -124,8 +152,9 @@ def lazy(model: OnnxModel, node: Node) -> list[str]:
 
 def standin(node: Node) -> tuple[list[onnx.NodeProto], list[onnx.ValueInfoProto]]:
     """output: Gather(query, [heads*hd] indices, -1); presents: Concat(past, Transpose(Gather(query,
-    [kv_heads, hd] indices, -1))) along the positions. head_dim is twice the rotary table's width,
-    so the index tensors are built from cos_cache rows (Concat), for shape inference to size."""
+    [kv_heads, hd] indices, -1))) along the positions, or the past itself for window buffers.
+    head_dim is twice the rotary table's width, so the index tensors are built from cos_cache rows
+    (Concat), for shape inference to size."""
     heads, kvh = _ints(node)
     ins = (node.inputs + [""] * 9)[:9]
     outs = ([*node.outputs, "", "", ""])[:3]
@@ -149,7 +178,8 @@ def standin(node: Node) -> tuple[list[onnx.NodeProto], list[onnx.ValueInfoProto]
              mk("Transpose", [f"{pre}_new"], f"{pre}_newt", perm=[0, 2, 1, 3])]
     for past, present in ((ins[3], outs[1]), (ins[4], outs[2])):
         if present:
-            nodes.append(mk("Concat", [past, f"{pre}_newt"], present, axis=2))
+            nodes.append(mk("Identity", [past], present) if window_slots(node) else
+                         mk("Concat", [past, f"{pre}_newt"], present, axis=2))
     return nodes, extra
 
 
@@ -271,8 +301,12 @@ def lift(lifter: Lifter, node: Node, args: list) -> tuple[Term, ...]:
     ctx = lifter.n + lifter.past
     _length(args[5], "seqlens_k", (ctx - 1, ctx))
     _length(args[6], "total_sequence_length", (ctx, ctx + 1))
+    slots = window_slots(node)
     caches = []
     for term, name in ((args[3], node.inputs[3]), (args[4], node.inputs[4])):
+        if slots and lifter.shape(name)[2] != slots:
+            raise Unsupported(f"window buffer {name!r} has {lifter.shape(name)[2]} slots, not local_window_size "
+                              f"= {slots}")
         if not (isinstance(term, View) and term.base.owner is not None and term.base.owner.name == "kv_cache"):
             raise Unsupported(f"past {name!r} is not a KV cache input")
         if term.base.type.shape[1] != kvh * hd:
@@ -288,7 +322,7 @@ def lift(lifter: Lifter, node: Node, args: list) -> tuple[Term, ...]:
     attrs = {"heads": heads, "kv_heads": kvh, "head_dim": hd, "scale": float(np.float32(scale)), "causal": True}
     attrs |= window_and_softcap(node)
     out = lifter.op("attention", [q, kc, vc], node.name, attrs)
-    present = (Axis(1), Axis(kvh, 0, hd), Axis(ctx, 1, 0), Axis(hd, 0, 1))
+    present = (Axis(1), Axis(kvh, 0, hd), Axis(slots or ctx, 1, 0), Axis(hd, 0, 1))
     return lifter.view_of(out, lifter.shape(node.outputs[0])), View(kc, present), View(vc, present)
 
 
