@@ -19,11 +19,14 @@ BOUND_KINDS = ("weights", "constants", "kv_cache", "io", "spills")
 class MinTraffic:
     """Per kind, bytes = fixed + per_seq x seq + per_past x past for a run of `seq` tokens after
     `past` cached ones; plus, as spills, every activation too large for the global buffer
-    (`large`: rows "seq", "ctx" or a count, bytes per row, times it must cross DRAM)."""
+    (`large`: rows "seq", "ctx" or a count, bytes per row, times it must cross DRAM); plus, as KV
+    cache, the cached rows a sliding window of W keys can see (`windows`: W, bytes per row): the
+    last min(past, W - 1)."""
 
     terms: dict[str, tuple[float, float, float]]
     large: tuple[tuple[str, float, float], ...]
     buffer_bytes: int
+    windows: tuple[tuple[int, float], ...] = ()
 
     def at(self, seq: int, past: int) -> dict[str, float]:
         """Bytes per kind for one run."""
@@ -33,13 +36,16 @@ class MinTraffic:
             nbytes = count * row_bytes
             if nbytes > self.buffer_bytes:
                 out["spills"] = out.get("spills", 0.0) + times * nbytes
+        for window, row_bytes in self.windows:
+            out["kv_cache"] = out.get("kv_cache", 0.0) + min(past, window - 1) * row_bytes
         return out
 
     def to_meta(self) -> dict:
         return {"terms": {k: list(v) for k, v in self.terms.items()}, "large": [list(x) for x in self.large],
-                "buffer_bytes": self.buffer_bytes}
+                "buffer_bytes": self.buffer_bytes, "windows": [list(x) for x in self.windows]}
 
     @classmethod
     def from_meta(cls, meta: dict) -> MinTraffic:
         return cls({k: (float(a), float(b), float(c)) for k, (a, b, c) in meta["terms"].items()},
-                   tuple((str(r), float(b), float(t)) for r, b, t in meta["large"]), int(meta["buffer_bytes"]))
+                   tuple((str(r), float(b), float(t)) for r, b, t in meta["large"]), int(meta["buffer_bytes"]),
+                   tuple((int(w), float(b)) for w, b in meta.get("windows", ())))

@@ -3,13 +3,15 @@
 What any program for this model must move, whatever its code: every weight streamed through
 the macros once at its bit width; each constant the run reads once (norm weights and biases,
 the embedding rows of its tokens, the RoPE table rows of its positions); the KV cache once (the
-cached positions read, the new ones written); the graph inputs it reads and the outputs it
-writes; and every activation larger than the global buffer written out and read back once.
+cached positions read, the new ones written; behind a sliding window of W keys only the last
+W - 1 cached positions can be seen, so only those count, however the code keeps the cache); the
+graph inputs it reads and the outputs it writes; and every activation larger than the global
+buffer written out and read back once.
 """
 
 from __future__ import annotations
 
-from cimc.ir.core import CTX, SEQ, Module, Value
+from cimc.ir.core import CTX, SEQ, Module, Op, Value
 from cimc.ir.ops import traits
 from isa.dtypes import IDS, elem
 from isa.hw import HardwareConfig
@@ -35,6 +37,7 @@ def min_traffic(module: Module, hw: HardwareConfig) -> MinTraffic:
 
     seen: set[int] = set()
     large: list[tuple[str, float, float]] = []
+    windows: list[tuple[int, float]] = []
     buffer = hw.global_buf.size_kb * 1024
     outputs = {id(o.operands[0]) for o in module.outputs()}
     for op in module.ops:
@@ -48,7 +51,12 @@ def min_traffic(module: Module, hw: HardwareConfig) -> MinTraffic:
             terms["io"][1] += elem(IDS).nbytes  # one id per token
             terms["constants"][1] += _row_bytes(table)  # the table row of each token
         elif op.name == "kv_append":
-            rows_term("kv_cache", op.result, _row_bytes(op.result))  # past rows read, new ones written
+            window = _window(op)
+            if window:  # new rows written; the cached rows the window sees read (MinTraffic.windows)
+                terms["kv_cache"][1] += _row_bytes(op.result)
+                windows.append((window, float(_row_bytes(op.result))))
+            else:
+                rows_term("kv_cache", op.result, _row_bytes(op.result))  # past rows read, new ones written
         elif op.name == "output":
             v = op.operands[0]
             if v.owner is not None and not traits(v.owner).state:
@@ -64,7 +72,12 @@ def min_traffic(module: Module, hw: HardwareConfig) -> MinTraffic:
             if bound > buffer:
                 rows = v.type.shape[0] if v.type.rank == 2 else 1
                 large.append((str(rows), float(_row_bytes(v)), 2.0))
-    return MinTraffic({k: (a, b, c) for k, (a, b, c) in terms.items()}, tuple(large), buffer)
+    return MinTraffic({k: (a, b, c) for k, (a, b, c) in terms.items()}, tuple(large), buffer, tuple(windows))
+
+
+def _window(append: Op) -> int:
+    """The sliding window (keys each query sees) of the attention reading this cache, 0 if none."""
+    return min((int(op.attrs.get("window", 0)) for op in append.result.users if op.name == "attention"), default=0)
 
 
 def _once(seen: set[int], w: Value, terms: dict[str, list[float]]) -> None:

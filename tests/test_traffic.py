@@ -78,3 +78,19 @@ def test_broadcast_operands_and_rope_tables_are_read_once(tmp_path: Path) -> Non
     assert norms == 3 and constants[op_of == "rms_norm"].sum() == norms * cfg.hidden * 4
     ropes = sum(o["op"] == "rope" for o in entry.debug.ops)
     assert ropes == 2 and constants[op_of == "rope"].sum() == ropes * 2 * 64 * cfg.head_dim * 4  # cos and sin
+
+
+def test_a_windowed_layers_bound_counts_only_the_window() -> None:
+    """Gemma2's genai export keeps its window-4 layer's whole cache (docs/ir.md): a decode step at
+    past P reads all P cached rows of it, where the window sees only the last min(P, 3). The
+    bound counts those, so the rest shows as KV cache re-read above the least."""
+    from zoo_fixtures import ZOO
+    session = Session(compile_model(ZOO / "gemma2_g_genai_fp32.onnx", CompileOptions(max_seq=16, max_ctx=32)))
+    per_position = 2 * 2 * 16 * 4  # key and value, 2 KV heads of 16, f32
+    for past in (0, 3, 16, 31):
+        r = session.run("decode", numerics=False, past=past).report
+        moved, least = r["dram_bytes_by_kind"]["kv_cache"], r["min_dram_bytes_by_kind"]["kv_cache"]
+        assert moved == 2 * per_position * (past + 1)
+        assert least == per_position * (past + 1) + per_position * (min(past, 3) + 1)
+    report = generate(session, list(range(3, 12)), 8, numerics=False).report
+    assert report["bounds"]["dram_overhead"]["by_cause"]["KV cache re-read"] > 0
