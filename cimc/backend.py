@@ -9,9 +9,9 @@ It exists so the ONNX backend node test cases can measure which ops cimc compile
 the same located `CimcError` the CLI prints; nothing else is caught.
 
 Graph inputs that cimc takes as constants (`parameters`: integer ones, which are shapes, axes,
-slice bounds and indices in these graphs, and the B of MatMul and B, C of Gemm, whose weights go on
-the macros) are bound as initializers when the first run gives their values: such a model is
-compiled at its first `run`, and later runs must give the same values.
+slice bounds and indices in these graphs, and the inputs `BOUND_INPUTS` lists) are bound as
+initializers when the first run gives their values: such a model is compiled at its first `run`,
+and later runs must give the same values.
 """
 
 from __future__ import annotations
@@ -31,8 +31,17 @@ from isa.diag import CimcError
 from isa.program import Program
 from runtime.interpreter import simulate
 
-#: (op type, input index) of float inputs the backend binds as initializers: weights for the macros.
-WEIGHT_INPUTS = {("MatMul", 1), ("Gemm", 1), ("Gemm", 2)}
+#: (op type, input index) of the non-integer inputs the backend binds as initializers -> what they are
+#: to cimc (the inputs a compiled model holds as constants).
+BOUND_INPUTS = {
+    ("MatMul", 1): "the B of MatMul (weights on the macros)",
+    ("Gemm", 1): "the B of Gemm (weights on the macros)",
+    ("Gemm", 2): "the C of Gemm (a bias)",
+    ("LayerNormalization", 1): "the Scale of LayerNormalization",
+    ("LayerNormalization", 2): "the B of LayerNormalization",
+    ("RMSNormalization", 1): "the scale of RMSNormalization",
+    ("Where", 0): "the condition of Where (a mask)",
+}
 _INTEGERS = {TensorProto.INT8, TensorProto.INT16, TensorProto.INT32, TensorProto.INT64, TensorProto.UINT8,
              TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64}
 
@@ -40,7 +49,7 @@ _INTEGERS = {TensorProto.INT8, TensorProto.INT16, TensorProto.INT32, TensorProto
 def parameters(model: onnx.ModelProto) -> list[str]:
     """The graph inputs bound as initializers at the first run (see the module docstring)."""
     graph = model.graph
-    weights = {n.input[i] for n in graph.node for op, i in WEIGHT_INPUTS if n.op_type == op and len(n.input) > i}
+    weights = {n.input[i] for n in graph.node for op, i in BOUND_INPUTS if n.op_type == op and len(n.input) > i}
     inits = {t.name for t in graph.initializer}
     return [i.name for i in graph.input if i.name not in inits and i.type.HasField("tensor_type")
             and (i.type.tensor_type.elem_type in _INTEGERS or i.name in weights)]

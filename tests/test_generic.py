@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from cimc.backend import CimcBackend
 from cimc.driver import compile_model
+from cimc.frontend.model import CannotCompile
 from cimc.ir.core import TensorType
 from cimc.ir.ops import OPS, Piece, TypeRuleError
 from isa.diag import CimcError
@@ -67,6 +68,62 @@ def test_batched_matmul_has_one_weight_per_matrix():
     model = _model([helper.make_node("MatMul", ["a", "b"], ["y"])], {"a": [3, 1, 2, 4]}, ["y"],
                    {"b": rng.standard_normal((2, 4, 5)).astype(np.float32)})
     _check(model, {"a": rng.standard_normal((3, 1, 2, 4)).astype(np.float32)})
+
+
+def test_layer_norm_over_leading_axes_with_its_statistics_matches_onnxruntime():
+    """LayerNormalization from axis 1 of a transposed (strided) tensor: a row normalisation of its
+    [2, 15] matrix, Scale broadcast from [5] to [3, 5], and the Mean and InvStdDev outputs."""
+    rng = np.random.default_rng(3)
+    inits = {"w": rng.standard_normal(5).astype(np.float32), "b": rng.standard_normal((3, 5)).astype(np.float32)}
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]),
+             helper.make_node("LayerNormalization", ["xt", "w", "b"], ["y", "mean", "inv"], axis=1, epsilon=0.01)]
+    model = _model(nodes, {"x": [3, 2, 5]}, ["y", "mean", "inv"], inits, opset=17)
+    _check(model, {"x": (rng.standard_normal((3, 2, 5)) * 3 + 1).astype(np.float32)})
+
+
+def test_layer_norm_without_statistics_takes_scale_and_bias_as_bound_inputs():
+    rng = np.random.default_rng(4)
+    model = _model([helper.make_node("LayerNormalization", ["x", "w", "b"], ["y"], axis=-2)],
+                   {"x": [2, 3, 4], "w": [3, 4], "b": [4]}, ["y"], {}, opset=17)
+    feeds = {"x": rng.standard_normal((2, 3, 4)).astype(np.float32),
+             "w": rng.standard_normal((3, 4)).astype(np.float32), "b": rng.standard_normal(4).astype(np.float32)}
+    _check(model, feeds)
+
+
+def test_rms_norm_over_leading_axes_matches_onnxruntime():
+    rng = np.random.default_rng(5)
+    model = _model([helper.make_node("RMSNormalization", ["x", "w"], ["y"], axis=0, epsilon=0.1)], {"x": [2, 3, 4]},
+                   ["y"], {"w": rng.standard_normal((2, 3, 4)).astype(np.float32)}, opset=23)
+    _check(model, {"x": rng.standard_normal((2, 3, 4)).astype(np.float32)})
+
+
+def test_a_norm_scale_that_does_not_broadcast_is_refused_at_its_node():
+    model = _model([helper.make_node("RMSNormalization", ["x", "w"], ["y"], axis=1)], {"x": [2, 3, 4]}, ["y"],
+                   {"w": np.ones(3, np.float32)}, opset=23)
+    with pytest.raises(CannotCompile) as e:
+        CimcBackend.prepare(model)
+    assert [(n.op_type, why) for n, why in e.value.failures] == [
+        ("RMSNormalization", "RMSNormalization input 'w' of shape [3] does not broadcast to the normalised shape "
+                             "[3, 4]")]
+
+
+def test_where_by_a_constant_condition_matches_onnxruntime():
+    """Each row's runs come from X (an activation broadcast across a leading axis) or Y (a constant)."""
+    rng = np.random.default_rng(6)
+    cond = rng.random((2, 3, 4)) < 0.5
+    cond[0, 0], cond[1, 2] = True, False  # whole rows of one choice too
+    model = _model([helper.make_node("Where", ["c", "x", "y"], ["z"])], {"x": [3, 4]}, ["z"],
+                   {"c": cond, "y": np.float32(-7.5)})
+    _check(model, {"x": rng.standard_normal((3, 4)).astype(np.float32)})
+
+
+def test_where_by_a_boolean_input_binds_it_at_the_first_run():
+    rng = np.random.default_rng(7)
+    model = _model([helper.make_node("Where", ["c", "x", "y"], ["z"])], {"x": [2, 3], "y": [2, 3]}, ["z"], {})
+    model.graph.input.insert(0, helper.make_tensor_value_info("c", TensorProto.BOOL, [2, 3]))
+    feeds = {"c": rng.random((2, 3)) < 0.5, "x": rng.standard_normal((2, 3)).astype(np.float32),
+             "y": rng.standard_normal((2, 3)).astype(np.float32)}
+    _check(model, feeds)
 
 
 def test_an_integer_data_input_is_refused_with_its_type(tmp_path):

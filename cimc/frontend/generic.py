@@ -10,13 +10,16 @@ converters here take what the decoder path refuses or defers on such graphs: bin
 activations with numpy broadcasting, Concat and Gather by constant indices (relayouts), Softmax and
 the reductions over any axes (a relayout moves them last), MatMul and Gemm with constant B (and
 Gemm's alpha, beta, transA, a matrix C; batched B one weight per matrix; a vector B as a row
-product), Pow of activations and stepped Slices. Every other op uses its decoder-path converter.
+product), Pow of activations and stepped Slices, LayerNormalization and RMSNormalization over any
+trailing axes (with LayerNormalization's Mean and InvStdDev), and Where by a constant condition.
+Every other op uses its decoder-path converter.
 The decoder path (cimc.frontend.lift.Lifter) is not changed by any of this.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import pairwise
 from math import prod
 
 import numpy as np
@@ -25,8 +28,9 @@ from onnx import TensorProto
 from cimc.frontend import converters
 from cimc.frontend import views as V
 from cimc.frontend.converters import Converter, Unsupported
-from cimc.frontend.lift import Lazy, Lifter, QLazy, Static, Term, dtype_name, transposed
+from cimc.frontend.lift import Bad, Lazy, Lifter, QLazy, Static, Term, dtype_name, transposed
 from cimc.frontend.model import Node
+from cimc.frontend.ops.contrib_norms import DEFAULT_EPS
 from cimc.frontend.ops.elementwise import BINARY, with_const
 from cimc.frontend.ops.layout import static_ints
 from cimc.frontend.ops.reduce import REDUCE
@@ -317,6 +321,90 @@ def softmax(lifter: GenericLifter, node: Node, args: list) -> Term:
     return V.transpose(out, [perm.index(a) for a in range(rank)])
 
 
+# ---- normalisations ---------------------------------------------------------------------------
+
+
+def _norm_vector(lifter: GenericLifter, node: Node, name: str, term: Term, tail: tuple[int, ...]) -> Value:
+    """A norm's scale or bias `name`, a constant broadcast to the normalised shape `tail` and
+    flattened: one value per column of the [rows, prod(tail)] matrix."""
+    if isinstance(term, Lazy) and not term.transpose:
+        value = lifter.weights(term.init)
+    elif isinstance(term, Static):
+        value = term.value
+    else:
+        raise Unsupported(f"{node.op_type} input {name!r} must be a constant")
+    try:
+        arr = np.broadcast_to(np.asarray(value, np.float32), tail)
+    except ValueError:
+        raise Unsupported(f"{node.op_type} input {name!r} of shape {list(np.shape(value))} does not broadcast to "
+                          f"the normalised shape {list(tail)}") from None
+    flat = arr.reshape(-1)
+    return lifter.const(Static(f"{name}:flat", flat, None, False), flat, False)
+
+
+def norm(lifter: GenericLifter, node: Node, args: list) -> Term | tuple[Term, ...]:
+    """LayerNormalization and RMSNormalization over the axes from `axis` on: the row normalisation
+    (`layer_norm`, `rms_norm`) of X's [prod(shape[:axis]), prod(shape[axis:])] matrix, with the
+    scale and bias broadcast to shape[axis:] and flattened. LayerNormalization's Mean and InvStdDev
+    are computed where the node names them."""
+    if int(node.attrs.get("stash_type", 1)) != 1:
+        raise Unsupported(f"stash_type={node.attrs['stash_type']} is not supported (only 1: float32 statistics)")
+    v = _view(lifter, args[0])
+    shape, rank = v.shape, len(v.shape)
+    axis = int(node.attrs.get("axis", -1))
+    if not -rank <= axis < rank:
+        raise Unsupported(f"axis={axis} is outside the {rank} axes of X")
+    axis %= rank
+    matrix = (prod(shape[:axis]), prod(shape[axis:]))
+    x = _whole(lifter, v, matrix).base
+    eps = float(node.attrs.get("epsilon", DEFAULT_EPS))
+    vectors = [_norm_vector(lifter, node, name, t, shape[axis:])
+               for name, t in zip(node.inputs[1:], args[1:], strict=True) if t is not None]
+    layer = node.op_type == "LayerNormalization"
+    y = lifter.op("layer_norm" if layer else "rms_norm", [x, *vectors], node.name, {"eps": eps})
+    out = reshaped(lifter, lifter.view_of(y, matrix), shape)
+    if not layer or not any(node.outputs[1:3]):
+        return out
+    mean = lifter.op("reduce_mean", [x], node.name)
+    d = lifter.op("sub", [x, mean], node.name)
+    var = lifter.op("reduce_mean", [lifter.op("mul", [d, d], node.name)], node.name)
+    inv = lifter.op("rsqrt", [with_const(lifter, "add", var, eps, True, node.name)], node.name)
+    named = [*node.outputs[1:3], "", ""][:2]
+    stats = [lifter.view_of(s, lifter.shape(o)) if o else Bad(node) for s, o in zip((mean, inv), named, strict=True)]
+    return (out, *stats)
+
+
+# ---- Where -------------------------------------------------------------------------------------
+
+
+def where(lifter: GenericLifter, node: Node, args: list) -> Term:
+    """Where by a constant condition: a relayout copying each run of a row that the condition
+    takes from X or from Y (both broadcast to the result)."""
+    cond = args[0]
+    if not isinstance(cond, Static):
+        raise Unsupported("Where needs a constant condition (cimc has no datapath selecting by a boolean "
+                          "activation)")
+    shape = lifter.shape(node.outputs[0])
+    rows, cols = prod(shape[:-1]), (shape[-1] if shape else 1)
+    take = np.broadcast_to(np.asarray(cond.value, bool), shape).reshape(rows, cols)
+    srcs = []
+    for t in args[1:]:
+        u = _view(lifter, t)
+        u = V.expand(V.reshape(u, (1,) * (len(shape) - len(u.shape)) + u.shape), shape)
+        srcs.append(reshaped(lifter, u, (rows, cols)))
+    operands: list[Value] = []
+    pieces = []
+    for r in range(rows):
+        bounds = [0, *(int(b) + 1 for b in np.flatnonzero(np.diff(take[r]))), cols]  # runs of one choice
+        for lo, hi in pairwise(bounds):
+            src = srcs[0 if take[r, lo] else 1]
+            if src.base not in operands:
+                operands.append(src.base)
+            run = V.slice_axis(V.slice_axis(src, 0, r, 1), 1, lo, hi - lo)
+            pieces.append(piece(run, operands.index(src.base), r * cols + lo, (cols, 1)))
+    return lifter.relayout(operands, pieces, shape, node.name)
+
+
 # ---- MatMul and Gemm ---------------------------------------------------------------------------
 
 
@@ -413,3 +501,6 @@ for _name, (_, _since) in REDUCE.items():
 generic("Softmax", softmax)
 generic("MatMul", matmul)
 generic("Gemm", gemm, since=7)
+generic("LayerNormalization", norm, since=17)
+generic("RMSNormalization", norm, since=23)
+generic("Where", where, since=9)
