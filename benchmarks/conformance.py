@@ -31,7 +31,7 @@ from onnx import TensorProto
 from onnx.backend.test.case.test_case import TestCase
 from onnx.backend.test.runner import Runner
 
-from cimc.backend import CimcBackend, parameters
+from cimc.backend import BOUND_INPUTS, CimcBackend, parameters
 from cimc.frontend.converters import CONVERTERS, STANDARD
 from cimc.frontend.model import CannotCompile
 from isa.atomic import atomic_file
@@ -40,24 +40,25 @@ from isa.diag import CimcError
 DOC = Path(__file__).resolve().parents[1] / "docs" / "conformance.md"
 #: Ops the frontend takes whose node cases test something a decoder compiler does not do, and why.
 EXCLUDED = {
-    "Cast": "cimc takes Cast on activations only as float to float32 (a no-op); its cases convert between "
-            "some twenty element types (float8, float4, int4, bfloat16, string) the accelerator has no datapath for",
-    "IsNaN": "taken only as the NaN guard of an exported attention mask, which the attention idiom folds away",
+    "Cast": "no case casts float32 to float32: each converts from or to another element type (float16, double, "
+            "bfloat16, float8, float4, int4, int2, e8m0), which cimc's float32 datapath does not hold; cimc takes "
+            "Cast on activations only as float to float32 (a no-op)",
+    "IsNaN": "its cases return a bool tensor (and one reads float16): cimc's outputs are float32 activations; "
+             "cimc takes IsNaN only as the NaN guard of an exported attention mask, which the attention idiom "
+             "folds away",
     "DequantizeLinear": "taken only as part of a quantized weight (integer initializer -> DequantizeLinear -> "
-                        "MatMul, Gemm or Gather); its cases dequantize graph inputs",
-    "QuantizeLinear": "taken only inside a QDQ pair around a weight or activation of a linear; its cases "
-                      "quantize graph inputs on their own",
-    "DynamicQuantizeLinear": "taken only as the head of quantize_dynamic's DynamicQuantizeLinear -> "
-                             "MatMulInteger -> Mul chain; its cases run it alone",
-    "MatMulInteger": "taken only inside quantize_dynamic's chain (integer weights, rescaled by a Mul); its case "
-                     "multiplies two integer graph inputs",
-    "LayerNormalization": "taken as a decoder's norm: over the last axis, Scale and B constant vectors (GPT-2; "
-                          "tests/test_gpt2.py checks it against onnxruntime); its cases feed Scale and B as graph "
-                          "inputs and normalise from leading axes too",
-    "RMSNormalization": "taken only as a decoder's norm: over the last (hidden) axis with a constant weight; "
-                        "its cases normalize over leading axes too and take the scale as a graph input",
-    "Where": "taken only as the mask guard exporters put around attention scores, which the attention idiom "
-             "folds away; its cases select by a boolean graph input, a datapath cimc does not have",
+                        "MatMul, Gemm or Gather); its cases dequantize graph inputs alone, and bound as constants "
+                        "(as a weight is) the node would fold at compile time with onnx's reference evaluator, "
+                        "which also makes the expected outputs: a pass would test nothing of cimc's",
+    "QuantizeLinear": "its cases return integer or 8/4/2-bit float tensors: cimc's outputs are float32 "
+                      "activations; it takes QuantizeLinear only inside a QDQ pair around a weight or activation "
+                      "of a linear",
+    "DynamicQuantizeLinear": "its cases return a uint8 tensor and zero point: cimc's outputs are float32 "
+                             "activations; it takes the op only as the head of quantize_dynamic's "
+                             "DynamicQuantizeLinear -> MatMulInteger -> Mul chain",
+    "MatMulInteger": "its case multiplies two uint8 graph inputs into int32: cimc's datapath is float32 "
+                     "activations; it takes the op only inside quantize_dynamic's chain (integer weights, "
+                     "rescaled by a Mul)",
 }
 
 
@@ -74,7 +75,7 @@ def claimed_ops() -> list[str]:
 def not_counted(case: TestCase) -> str:
     """Why a claimed op's case is not counted ("" if it is): it feeds or returns something that is
     not a tensor, or it is an element-type variant (cimc's datapath is float32 activations; integer
-    inputs, and the float B of MatMul and B, C of Gemm, are bound as constants by the backend)."""
+    inputs, and the inputs `BOUND_INPUTS` lists, are bound as constants by the backend)."""
     graph = case.model.graph
     if any(not v.type.HasField("tensor_type") for v in [*graph.input, *graph.output]):
         return "a sequence or optional input or output: cimc takes tensors"
@@ -186,8 +187,8 @@ def render(outcomes: list[Outcome], ops: list[str]) -> str:
         "These graphs are not decoders: cimc lifts them in its generic mode (`cimc/frontend/generic.py`), "
         "each float32 input and output a fixed-size activation. The backend binds the graph inputs cimc "
         "takes as constants (`cimc.backend.parameters`: integer inputs, which here are shapes, axes, slice "
-        "bounds and indices, and the B of MatMul and B, C of Gemm, whose weights go on the macros) as "
-        "initializers when the first run gives their values, so those cases compile at their first run.",
+        f"bounds and indices, and {', '.join(BOUND_INPUTS.values())}) as initializers when the first run "
+        "gives their values, so those cases compile at their first run.",
         "",
         "## Claimed ops",
         "",
