@@ -77,6 +77,14 @@ CASES = {
     "slice-axis-out-of-range": (_graph([_node("Slice", ["h", "st", "en", "ax"], "bad_slice")],
                                        (_ints("st", [0]), _ints("en", [8]), _ints("ax", [5]))),
                                 "bad_slice", "out of range"),
+    # a norm's statistics output used (was: compiled to a program without the logits that needed it)
+    "layer-norm-mean-used": (_graph([helper.make_node("LayerNormalization", ["h", "g"], ["y", "mean"], name="ln"),
+                                     _node("Add", ["y", "mean"], "add")], (_floats("g", (HIDDEN,)),)),
+                             "ln", "Mean output 'mean' is not produced"),
+    "skip-norm-mean-used": (_graph([helper.make_node("SkipLayerNormalization", ["h", "h", "g"], ["y", "mean"],
+                                                     name="sln", domain="com.microsoft"),
+                                    _node("Add", ["y", "mean"], "add")], (_floats("g", (HIDDEN,)),), opsets=MS),
+                            "sln", "mean output 'mean' is not produced"),
     # a shape-only computation that fails when folded names its node
     "fold-fails": (_graph([_node("Identity", ["h"], "ident"),
                            _node("Reshape", ["k", "ks"], "bad_fold", "kk")],

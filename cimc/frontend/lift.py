@@ -10,7 +10,8 @@ Each ONNX value becomes a *term*:
     MatMul or Gemm takes them, a float table dequantized at compile time where a Gather does);
   - `Expr`: an op that cannot be lowered on its own (it works on a head-split view, or is part
     of attention); it waits for an idiom rule to consume it;
-  - `Bad`: a node that cannot be compiled, with the reason.
+  - `Bad`: a value that cannot be compiled (its node's reason is recorded; or, for an output a
+    converter does not produce, such as a norm's statistics, `reason`, recorded where it is used).
 When a converter defers its node (an `Expr`), the frontend's idiom rules anchored at its op type
 are tried (`cimc.ir.rules`, level "onnx": RoPE at its final Add, attention at the
 `MatMul(softmax, V)`, quantize_dynamic's MatMulInteger chain at its final Mul). A rule that does
@@ -97,9 +98,16 @@ class Expr:
 @dataclass
 class Bad:
     node: Node
+    reason: str = ""  # why this output of a node that lifted is not produced (reported if used)
 
 
 Term = View | Static | Lazy | QLazy | Expr | Bad
+
+
+def unproduced(node: Node, index: int, what: str) -> Bad:
+    """Output `index` of `node` (`what`, say a norm's mean), which its converter does not produce."""
+    name = node.outputs[index] if index < len(node.outputs) else ""
+    return Bad(node, f"its {what} output {name!r} is not produced (only graphs that do not use it compile)")
 
 _INT = {TensorProto.INT64, TensorProto.INT32}
 
@@ -279,6 +287,7 @@ class Lifter:
                             "computed by the model; only computed outputs are supported")
         term = self.env.get(name)
         if isinstance(term, Bad) or term is None:
+            self._used(term)
             return
         if isinstance(term, Static):
             self.reasons[name] = f"graph output {name!r} does not depend on the input tokens (a constant)"
@@ -317,6 +326,8 @@ class Lifter:
             return
         args = [self._term(i) for i in node.inputs]
         if any(isinstance(a, Bad) for a in args):
+            for a in args:
+                self._used(a)
             for o in outs:
                 self.env[o] = Bad(node)
             return
@@ -346,6 +357,11 @@ class Lifter:
         self.env[outs[0]] = result
         for o in outs[1:]:
             self.env[o] = Bad(node)
+
+    def _used(self, term: Term | None) -> None:
+        """Record why a value a converter does not produce cannot be used (once, at its node)."""
+        if isinstance(term, Bad) and term.reason:
+            self.reasons.setdefault(term.node.name, term.reason)
 
     def converter(self, node: Node) -> converters.Converter | None:
         """The converter that lifts `node`."""

@@ -28,7 +28,7 @@ import onnx
 from onnx import helper
 
 from cimc.frontend.converters import Converter, Unsupported, register, standard
-from cimc.frontend.lift import Bad, Expr, Lazy, Lifter, Static, Term
+from cimc.frontend.lift import Expr, Lazy, Lifter, Static, Term, unproduced
 from cimc.frontend.model import Node, OnnxModel
 from cimc.ir.core import Value
 
@@ -112,7 +112,7 @@ def lift_simplified(lifter: Lifter, node: Node, args: list) -> Term | tuple[Term
         return Expr(node, args)
     x = activation(lifter, node, args[0], "input X")
     y = _norm(lifter, node, x.base, args[1])
-    return lifter.view_of(y, lifter.shape(node.outputs[0])), Bad(node)
+    return lifter.view_of(y, lifter.shape(node.outputs[0])), unproduced(node, 1, "inv_std_var")
 
 
 def layer_norm(lifter: Lifter, node: Node, x: Value, scale: Term, bias: Term | None) -> Value:
@@ -139,7 +139,8 @@ def lift_skip(lifter: Lifter, node: Node, args: list) -> tuple[Term, ...]:
     else:
         y = _norm(lifter, node, total, args[2])
     shape = lifter.shape(node.inputs[0])
-    return lifter.view_of(y, shape), Bad(node), Bad(node), lifter.view_of(total, shape)
+    return lifter.view_of(y, shape), unproduced(node, 1, "mean"), unproduced(node, 2, "inv_std_var"), \
+        lifter.view_of(total, shape)
 
 
 def lift_rms(lifter: Lifter, node: Node, args: list) -> Term:

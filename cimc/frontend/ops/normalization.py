@@ -10,7 +10,7 @@ the norm (ReduceMean, Sub, Pow, Sqrt, Div) are lifted by the `layer_norm` IR rul
 from __future__ import annotations
 
 from cimc.frontend.converters import Unsupported, standard
-from cimc.frontend.lift import Bad, Lifter, Term
+from cimc.frontend.lift import Lifter, Term, unproduced
 from cimc.frontend.model import Node
 from cimc.frontend.ops.contrib_norms import activation, layer_norm
 
@@ -24,7 +24,8 @@ def lift(lifter: Lifter, node: Node, args: list) -> tuple[Term, ...]:
         raise Unsupported(f"stash_type={node.attrs['stash_type']} is not supported (only 1: float32 statistics)")
     x = activation(lifter, node, args[0], "input X")
     y = layer_norm(lifter, node, x.base, args[1], args[2] if len(args) > 2 else None)
-    return lifter.view_of(y, lifter.shape(node.outputs[0])), Bad(node), Bad(node)
+    return lifter.view_of(y, lifter.shape(node.outputs[0])), unproduced(node, 1, "Mean"), \
+        unproduced(node, 2, "InvStdDev")
 
 
 standard("LayerNormalization", lift, since=17)
