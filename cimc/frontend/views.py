@@ -74,8 +74,16 @@ def transpose(v: View, perm: list[int]) -> View:
     return replace(v, axes=tuple(v.axes[p] for p in perm))
 
 
+def _axes_in(axes: list[int], rank: int, op: str) -> set[int]:
+    """`axes` of a rank-`rank` tensor, made non-negative; each must be in range, and once."""
+    if any(not -rank <= a < rank for a in axes) or len({a % rank for a in axes}) != len(axes):
+        raise ViewError(f"{op} axes {axes} are not distinct axes of a rank-{rank} tensor")
+    return {a % rank for a in axes}
+
+
 def unsqueeze(v: View, axes: list[int]) -> View:
     rank = len(v.axes) + len(axes)
+    _axes_in(axes, rank, "Unsqueeze")
     out = list(v.axes)
     for a in sorted(x + rank if x < 0 else x for x in axes):
         out.insert(a, Axis(1))
@@ -84,7 +92,7 @@ def unsqueeze(v: View, axes: list[int]) -> View:
 
 def squeeze(v: View, axes: list[int] | None) -> View:
     rank = len(v.axes)
-    drop = {a + rank if a < 0 else a for a in axes} if axes else {i for i, a in enumerate(v.axes) if a.size == 1}
+    drop = _axes_in(axes, rank, "Squeeze") if axes else {i for i, a in enumerate(v.axes) if a.size == 1}
     if any(v.axes[a].size != 1 for a in drop):
         raise ViewError("Squeeze of an axis whose size is not 1")
     return replace(v, axes=tuple(a for i, a in enumerate(v.axes) if i not in drop))

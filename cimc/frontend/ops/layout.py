@@ -183,6 +183,8 @@ def _made_by(lifter: Lifter, name: str, maker: str) -> bool:
 def _slice(lifter: Lifter, node: Node, args: list, starts: list[int], ends: list[int], axes: list[int] | None,
            steps: list[int] | None) -> Term:
     shape = lifter.shape(node.inputs[0])
+    if len({len(starts), len(ends), *(len(x) for x in (axes, steps) if x is not None)}) != 1:
+        raise Unsupported(f"Slice starts {starts}, ends {ends}, axes {axes} and steps {steps} differ in length")
     axes = list(range(len(starts))) if axes is None else axes
     if steps is not None and any(s != 1 for s in steps):
         raise Unsupported("Slice with a step other than 1 is not supported on activations")
@@ -211,7 +213,8 @@ def slice_input(lifter: Lifter, node: Node, args: list) -> Term:
     if not all(isinstance(a, Static) for a in args[1:] if a is not None):
         raise Unsupported("Slice bounds must be known at compile time")
     starts, ends, axes, steps = (static_ints(args, i) for i in (1, 2, 3, 4))
-    assert starts is not None and ends is not None
+    if starts is None or ends is None:
+        raise Unsupported("Slice needs its starts and ends inputs")
     return _slice(lifter, node, args, starts, ends, axes, steps)
 
 
@@ -227,8 +230,11 @@ def _split(lifter: Lifter, node: Node, args: list, sizes: list[int] | None) -> t
     parts, dim = len(node.outputs), shape[axis]
     if sizes is None:
         if "num_outputs" in node.attrs:  # opset 18: ceil-sized parts, the last one smaller
-            chunk = -(-dim // node.attrs["num_outputs"])
-            sizes = [min(chunk, dim - i * chunk) for i in range(node.attrs["num_outputs"])]
+            count = int(node.attrs["num_outputs"])
+            if count < 1:
+                raise Unsupported(f"Split num_outputs={count} must be positive")
+            chunk = -(-dim // count)
+            sizes = [min(chunk, dim - i * chunk) for i in range(count)]
         elif dim % parts == 0:
             sizes = [dim // parts] * parts
         else:
