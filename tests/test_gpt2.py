@@ -86,11 +86,15 @@ def test_layer_normalization(tmp_path: Path, bias: bool) -> None:
     _matches_onnxruntime(path, scale=3.0)
 
 
-def test_layer_normalization_refusals(tmp_path: Path) -> None:
-    nodes = [helper.make_node("LayerNormalization", ["x", "w2", "b2"], ["y"], name="ln", axis=1)]
+@pytest.mark.parametrize(("attrs", "reason"), [
+    ({"axis": 1}, "axis=1 is not supported (only the last axis, -1)"),
+    ({"axis": 5}, "axis=5 is not supported (only the last axis, -1)"),  # was taken as 5 % rank: the last
+    ({"stash_type": 0}, "stash_type=0 is not supported (only 1: float32 statistics)"),
+    ({"epsilon": -1.0}, "epsilon=-1.0 must be non-negative")])
+def test_layer_normalization_refusals(tmp_path: Path, attrs: dict, reason: str) -> None:
+    nodes = [helper.make_node("LayerNormalization", ["x", "w2", "b2"], ["y"], name="ln", **attrs)]
     inits = {"w2": np.ones((1, D), np.float32), "b2": np.zeros((1, D), np.float32)}
-    assert _refusals(_model(tmp_path, nodes, inits, opset=17)) == {"ln": "axis=1 is not supported (only the last "
-                                                                         "axis)"}
+    assert _refusals(_model(tmp_path, nodes, inits, opset=17)) == {"ln": reason}
 
 
 def _decomposed_norm(eps_node: str, div: str) -> tuple[list, dict[str, np.ndarray]]:

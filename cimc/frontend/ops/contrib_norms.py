@@ -35,15 +35,22 @@ from cimc.ir.core import Value
 DEFAULT_EPS = 1e-5
 
 
-def _check(node: Node, inputs: int) -> None:
-    at = node.attrs
-    if int(at.get("axis", -1)) != -1:
-        raise Unsupported(f"axis={at['axis']} is not supported (only -1, the last axis)")
-    if int(at.get("stash_type", 1)) != 1:
-        raise Unsupported(f"stash_type={at['stash_type']} is not supported (only 1: float32 statistics)")
-    eps = float(at.get("epsilon", DEFAULT_EPS))
+def check_attrs(node: Node, rank: int | None = None) -> None:
+    """A norm's attributes: `axis` the last one (-1, or rank - 1 once the input's rank is known),
+    float32 statistics (`stash_type` 1), a non-negative `epsilon`."""
+    axis = int(node.attrs.get("axis", -1))
+    if axis != -1 and (rank is None or axis != rank - 1):
+        raise Unsupported(f"axis={axis} is not supported (only the last axis, -1)")
+    stash = int(node.attrs.get("stash_type", 1))
+    if stash != 1:
+        raise Unsupported(f"stash_type={stash} is not supported (only 1: float32 statistics)")
+    eps = float(node.attrs.get("epsilon", DEFAULT_EPS))
     if not eps >= 0:
         raise Unsupported(f"epsilon={eps} must be non-negative")
+
+
+def _check(node: Node, inputs: int) -> None:
+    check_attrs(node)
     if len([i for i in node.inputs[:inputs] if i]) < inputs:
         raise Unsupported(f"needs {inputs} inputs, got {node.inputs}")
 
@@ -144,12 +151,7 @@ def lift_skip(lifter: Lifter, node: Node, args: list) -> tuple[Term, ...]:
 
 
 def lift_rms(lifter: Lifter, node: Node, args: list) -> Term:
-    rank = len(lifter.shape(node.inputs[0]))
-    axis = int(node.attrs.get("axis", -1))
-    if axis not in (-1, rank - 1):
-        raise Unsupported(f"axis={axis} is not supported (only the last axis, -1)")
-    if int(node.attrs.get("stash_type", 1)) != 1:
-        raise Unsupported(f"stash_type={node.attrs['stash_type']} is not supported (only 1: float32 statistics)")
+    check_attrs(node, len(lifter.shape(node.inputs[0])))
     x = activation(lifter, node, args[0], "input X")
     return lifter.view_of(_norm(lifter, node, x.base, args[1]), lifter.shape(node.outputs[0]))
 

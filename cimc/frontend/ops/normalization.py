@@ -9,19 +9,14 @@ the norm (ReduceMean, Sub, Pow, Sqrt, Div) are lifted by the `layer_norm` IR rul
 
 from __future__ import annotations
 
-from cimc.frontend.converters import Unsupported, standard
+from cimc.frontend.converters import standard
 from cimc.frontend.lift import Lifter, Term, unproduced
 from cimc.frontend.model import Node
-from cimc.frontend.ops.contrib_norms import activation, layer_norm
+from cimc.frontend.ops.contrib_norms import activation, check_attrs, layer_norm
 
 
 def lift(lifter: Lifter, node: Node, args: list) -> tuple[Term, ...]:
-    rank = len(lifter.shape(node.inputs[0]))
-    axis = int(node.attrs.get("axis", -1))
-    if axis % max(rank, 1) != rank - 1:
-        raise Unsupported(f"axis={axis} is not supported (only the last axis)")
-    if int(node.attrs.get("stash_type", 1)) != 1:
-        raise Unsupported(f"stash_type={node.attrs['stash_type']} is not supported (only 1: float32 statistics)")
+    check_attrs(node, len(lifter.shape(node.inputs[0])))
     x = activation(lifter, node, args[0], "input X")
     y = layer_norm(lifter, node, x.base, args[1], args[2] if len(args) > 2 else None)
     return lifter.view_of(y, lifter.shape(node.outputs[0])), unproduced(node, 1, "Mean"), \
