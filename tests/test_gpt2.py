@@ -257,6 +257,18 @@ def test_skip_layer_normalization(tmp_path: Path, extra: list[str]) -> None:
     _matches_onnxruntime(path)
 
 
+@pytest.mark.parametrize(("gamma", "skip_of", "reason"), [
+    (_f32(D - 1), "x", f"scale must be a constant vector of {D} values, got [{D - 1}]"),
+    (_f32(D), "head_split", "skip is not a [tokens, features] activation")])
+def test_skip_layer_normalization_refusals(tmp_path: Path, gamma: np.ndarray, skip_of: str, reason: str) -> None:
+    """A scale of the wrong width; a skip that is no whole activation (named as the skip, not the input)."""
+    nodes = [helper.make_node("Reshape", ["x", "heads"], ["head_split"], name="split_heads"),
+             helper.make_node("SkipLayerNormalization", ["x", skip_of, "gamma"], ["y"], name="sln",
+                              domain="com.microsoft")]
+    path = _model(tmp_path, nodes, {"gamma": gamma, "heads": np.array([1, -1, 2, D // 2], np.int64)}, contrib=True)
+    assert _refusals(path)["sln"] == reason
+
+
 # ---- Split of a fused projection ---------------------------------------------------------------------
 
 

@@ -195,6 +195,24 @@ class Lifter:
         """`t` if it is a whole [tokens, features] activation, else None."""
         return t if isinstance(t, View) and self.is_plain(t) else None
 
+    def activation(self, t: Term, what: str) -> View:
+        """`t` as a whole [tokens, features] activation (a deferred expression lowered), or
+        Unsupported naming `what`."""
+        v = self.need_view(t, what)
+        if not self.is_plain(v):
+            raise Unsupported(f"{what} is not a [tokens, features] activation")
+        return v
+
+    def vector(self, t: Term, what: str, n: object) -> Value:
+        """The constant operand of a constant vector of `n` values (a scale, a bias), or
+        Unsupported naming `what` and the shape it has."""
+        if isinstance(t, Lazy):
+            raise Unsupported(f"{what} {t.init!r} must be a vector of {n} values, got {list(t.shape)}")
+        if not isinstance(t, Static) or np.asarray(t.value).size != n:
+            shape = list(np.asarray(t.value).shape) if isinstance(t, Static) else "an activation"
+            raise Unsupported(f"{what} must be a constant vector of {n} values, got {shape}")
+        return self.const(t, np.asarray(t.value, np.float32).reshape(-1), False)
+
     def weight(self, lazy: Lazy) -> Value:
         key = (lazy.init, lazy.transpose)
         if key not in self._weights:
@@ -481,22 +499,15 @@ class Lifter:
     def linear(self, node: Node, x: Term, w: Value, bias: Term | None, attrs: dict | None = None) -> View:
         """`linear(x, w (+ bias))` for `node`, whose first output it becomes; x must be a
         [tokens, features] activation with as many features as w has rows."""
-        xv = self.need_view(x, "input")
-        if not self.is_plain(xv):
-            raise Unsupported(f"{node.op_type} input is not a [tokens, features] activation")
+        xv = self.activation(x, f"{node.op_type} input")
         k, n = w.type.shape
         if xv.base.type.shape[1] != k:
             raise Unsupported(f"the input has {xv.base.type.shape[1]} features but the weight has {k} rows")
         operands = [xv.base, w]
         if bias is not None:
-            operands.append(self._row_vector(bias, n))
+            operands.append(self.vector(bias, "bias", n))
         out = self.op("linear", operands, node.name, attrs)
         return self.view_of(out, self.shape(node.outputs[0]))
-
-    def _row_vector(self, term: Term, n: object) -> Value:
-        if not isinstance(term, Static) or term.value.size != n:
-            raise Unsupported(f"bias must be a constant vector of {n} values")
-        return self.const(term, np.asarray(term.value, np.float32).reshape(-1), False)
 
 
 def transposed(w: Lazy | QLazy) -> Lazy | QLazy:

@@ -16,7 +16,6 @@ from onnx import helper
 from cimc.frontend.converters import Converter, Unsupported, register
 from cimc.frontend.lift import Lifter, Term
 from cimc.frontend.model import Node, OnnxModel
-from cimc.frontend.ops.contrib_norms import activation, vector
 
 #: op type -> (GELU form, the input index of its bias (None: none), whether the bias is required).
 GELUS = {"Gelu": ("none", None, False), "BiasGelu": ("none", 1, True), "FastGelu": ("tanh", 1, False)}
@@ -46,10 +45,10 @@ def standin(node: Node) -> tuple[list[onnx.NodeProto], list[onnx.ValueInfoProto]
 
 
 def lift(lifter: Lifter, node: Node, args: list) -> Term:
-    x = activation(lifter, node, args[0], "input").base
+    x = lifter.activation(args[0], "input").base
     if _bias(node):
         term = args[GELUS[node.op_type][1]]
-        b = vector(lifter, node, term, "bias", int(x.type.shape[1]))
+        b = lifter.vector(term, "bias", int(x.type.shape[1]))
         x = lifter.op("add", [x, b], node.name)
     attrs = {"approximate": "tanh"} if GELUS[node.op_type][0] == "tanh" else None
     return lifter.view_of(lifter.op("gelu", [x], node.name, attrs), lifter.shape(node.outputs[0]))

@@ -23,12 +23,11 @@ scale must be a constant vector as wide as the features, a bias a constant vecto
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 from onnx import helper
 
 from cimc.frontend.converters import Converter, Unsupported, register, standard
-from cimc.frontend.lift import Expr, Lazy, Lifter, Static, Term, unproduced
+from cimc.frontend.lift import Expr, Lifter, Term, unproduced
 from cimc.frontend.model import Node, OnnxModel
 from cimc.ir.core import Value
 
@@ -71,10 +70,6 @@ def check_skip(model: OnnxModel, node: Node) -> None:
                               "initializer")
 
 
-def lazy(model: OnnxModel, node: Node) -> list[str]:
-    return []
-
-
 def _standin(node: Node, x: str, extra: list[onnx.NodeProto]) -> tuple[list[onnx.NodeProto], list]:
     """The normalized output shaped like X (the statistics are not produced: no shape)."""
     out = node.outputs[0]
@@ -91,33 +86,16 @@ def standin_skip(node: Node) -> tuple[list[onnx.NodeProto], list]:
     return _standin(node, total, [add])
 
 
-def vector(lifter: Lifter, node: Node, term: Term, name: str, cols: int) -> Value:
-    """A constant vector of `cols` values (the scale or bias)."""
-    if isinstance(term, Lazy):
-        raise Unsupported(f"{name} {term.init!r} must be a vector of {cols} values, got {list(term.shape)}")
-    if not isinstance(term, Static) or np.asarray(term.value).size != cols:
-        shape = list(np.asarray(term.value).shape) if isinstance(term, Static) else "an activation"
-        raise Unsupported(f"{name} must be a constant vector of {cols} values, got {shape}")
-    return lifter.const(term, np.asarray(term.value, np.float32).reshape(-1), False)
-
-
-def activation(lifter: Lifter, node: Node, term: Term, what: str):
-    v = lifter.need_view(term, what)
-    if not lifter.is_plain(v):
-        raise Unsupported(f"{what} {node.inputs[0]!r} is not a [tokens, features] activation")
-    return v
-
-
 def _norm(lifter: Lifter, node: Node, x: Value, scale: Term) -> Value:
     cols = int(x.type.shape[1])
-    w = vector(lifter, node, scale, "scale", cols)
+    w = lifter.vector(scale, "scale", cols)
     return lifter.op("rms_norm", [x, w], node.name, {"eps": float(node.attrs.get("epsilon", DEFAULT_EPS))})
 
 
 def lift_simplified(lifter: Lifter, node: Node, args: list) -> Term | tuple[Term, ...]:
     if isinstance(args[0], Expr):  # a per-head norm over a deferred Reshape (rules/norm.py)
         return Expr(node, args)
-    x = activation(lifter, node, args[0], "input X")
+    x = lifter.activation(args[0], "input X")
     y = _norm(lifter, node, x.base, args[1])
     return lifter.view_of(y, lifter.shape(node.outputs[0])), unproduced(node, 1, "inv_std_var")
 
@@ -125,22 +103,21 @@ def lift_simplified(lifter: Lifter, node: Node, args: list) -> Term | tuple[Term
 def layer_norm(lifter: Lifter, node: Node, x: Value, scale: Term, bias: Term | None) -> Value:
     """`layer_norm(x, scale (, bias))` with the node's epsilon."""
     cols = int(x.type.shape[1])
-    operands = [x, vector(lifter, node, scale, "scale", cols)]
+    operands = [x, lifter.vector(scale, "scale", cols)]
     if bias is not None:
-        operands.append(vector(lifter, node, bias, "bias", cols))
+        operands.append(lifter.vector(bias, "bias", cols))
     return lifter.op("layer_norm", operands, node.name, {"eps": float(node.attrs.get("epsilon", DEFAULT_EPS))})
 
 
 def lift_skip(lifter: Lifter, node: Node, args: list) -> tuple[Term, ...]:
-    x = activation(lifter, node, args[0], "input")
-    skip = activation(lifter, node, args[1], "skip")
+    x = lifter.activation(args[0], "input")
+    skip = lifter.activation(args[1], "skip")
     if x.base.type != skip.base.type:
         raise Unsupported(f"input {x.base.type} and skip {skip.base.type} differ in shape")
     total = lifter.op("add", [x.base, skip.base], node.name)
     b = SKIP_BIAS[node.op_type]
     if len(args) > b and args[b] is not None:
-        total = lifter.op("add", [total, vector(lifter, node, args[b], "bias", int(x.base.type.shape[1]))],
-                          node.name)
+        total = lifter.op("add", [total, lifter.vector(args[b], "bias", int(x.base.type.shape[1]))], node.name)
     if node.op_type == "SkipLayerNormalization":
         y = layer_norm(lifter, node, total, args[2], args[3] if len(args) > 3 else None)
     else:
@@ -152,12 +129,12 @@ def lift_skip(lifter: Lifter, node: Node, args: list) -> tuple[Term, ...]:
 
 def lift_rms(lifter: Lifter, node: Node, args: list) -> Term:
     check_attrs(node, len(lifter.shape(node.inputs[0])))
-    x = activation(lifter, node, args[0], "input X")
+    x = lifter.activation(args[0], "input X")
     return lifter.view_of(_norm(lifter, node, x.base, args[1]), lifter.shape(node.outputs[0]))
 
 
 standard("RMSNormalization", lift_rms, since=23)
 register(Converter("", "SimplifiedLayerNormalization", lift_simplified,
-                   check=check_simplified, lazy=lazy, standin=standin_simplified))
+                   check=check_simplified, standin=standin_simplified))
 for _op in SKIP_BIAS:
-    register(Converter("com.microsoft", _op, lift_skip, check=check_skip, lazy=lazy, standin=standin_skip))
+    register(Converter("com.microsoft", _op, lift_skip, check=check_skip, standin=standin_skip))

@@ -12,9 +12,7 @@ from cimc.ir.ops import GELU_FORMS
 
 
 def gelu(lifter: Lifter, node: Node, args: list) -> Term:
-    p = lifter.plain(args[0])
-    if p is None:
-        raise Unsupported("Gelu is supported on a [tokens, features] activation")
+    p = lifter.activation(args[0], "input")
     form = node.attrs.get("approximate", "none")
     form = form.decode() if isinstance(form, bytes) else form
     if form not in GELU_FORMS:

@@ -12,12 +12,12 @@ from __future__ import annotations
 from cimc.frontend.converters import standard
 from cimc.frontend.lift import Lifter, Term, unproduced
 from cimc.frontend.model import Node
-from cimc.frontend.ops.contrib_norms import activation, check_attrs, layer_norm
+from cimc.frontend.ops.contrib_norms import check_attrs, layer_norm
 
 
 def lift(lifter: Lifter, node: Node, args: list) -> tuple[Term, ...]:
     check_attrs(node, len(lifter.shape(node.inputs[0])))
-    x = activation(lifter, node, args[0], "input X")
+    x = lifter.activation(args[0], "input X")
     y = layer_norm(lifter, node, x.base, args[1], args[2] if len(args) > 2 else None)
     return lifter.view_of(y, lifter.shape(node.outputs[0])), unproduced(node, 1, "Mean"), \
         unproduced(node, 2, "InvStdDev")
