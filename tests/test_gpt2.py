@@ -14,47 +14,24 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
+from graph_fixtures import matches_onnxruntime, refusals, xy_model
 from model_fixtures import max_err
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper
 from zoo_fixtures import ZOO
 
 from cimc.accuracy import measure_accuracy
 from cimc.driver import CompileOptions, compile_model, run_pipeline
 from cimc.frontend import import_onnx
-from cimc.frontend.model import CannotCompile
 from runtime.interpreter import Session, simulate
 
 D, SEQ, MAX_SEQ = 16, 5, 8
 RNG = np.random.default_rng(2)
-TOL = 1e-5
 
 
 def _f32(*shape: int, scale: float = 1.0, shift: float = 0.0) -> np.ndarray:
     return (shift + scale * RNG.standard_normal(shape)).astype(np.float32)
-
-
-def _model(tmp_path: Path, nodes: list, inits: dict[str, np.ndarray], opset: int = 20, contrib: bool = False,
-           out_cols: int = D) -> Path:
-    """x [1, seq, D] -> `nodes` -> y [1, seq, out_cols], saved."""
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "seq", D])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "seq", out_cols])],
-                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    opsets = [helper.make_opsetid("", opset)] + ([helper.make_opsetid("com.microsoft", 1)] if contrib else [])
-    path = tmp_path / "m.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=opsets, ir_version=8 if opset < 21 else 10), str(path))
-    return path
-
-
-def _matches_onnxruntime(path: Path, scale: float = 1.0) -> None:
-    x = _f32(1, SEQ, D, scale=scale)
-    got = simulate(compile_model(path, CompileOptions(max_seq=MAX_SEQ)), {"x": x}).outputs["y"]
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    want = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]).run(["y"], {"x": x})[0]
-    assert max_err(got, want) <= TOL, f"max |y - onnxruntime| = {max_err(got, want):.3g}"
 
 
 def _lifted(path: Path) -> tuple[Counter, list[str]]:
@@ -62,12 +39,6 @@ def _lifted(path: Path) -> tuple[Counter, list[str]]:
     module, _ = import_onnx(path, max_seq=MAX_SEQ)
     pm = run_pipeline(module, CompileOptions(max_seq=MAX_SEQ), until="lift-idioms")
     return Counter(op.name for op in module.ops), pm.notes
-
-
-def _refusals(path: Path) -> dict[str, str]:
-    with pytest.raises(CannotCompile) as err:
-        import_onnx(path, max_seq=MAX_SEQ)
-    return {node.name: reason for node, reason in err.value.failures}
 
 
 def _norm_inits() -> dict[str, np.ndarray]:
@@ -80,10 +51,10 @@ def _norm_inits() -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("bias", [True, False])
 def test_layer_normalization(tmp_path: Path, bias: bool) -> None:
     ins = ["x", "w", "b"] if bias else ["x", "w"]
-    path = _model(tmp_path, [helper.make_node("LayerNormalization", ins, ["y"], name="ln", axis=-1,
-                                              epsilon=1e-3)], _norm_inits(), opset=17)
+    path = xy_model(tmp_path / "m.onnx", [helper.make_node("LayerNormalization", ins, ["y"], name="ln", axis=-1,
+                                              epsilon=1e-3)], _norm_inits(), opset=17, cols=D)
     assert _lifted(path)[0]["layer_norm"] == 1
-    _matches_onnxruntime(path, scale=3.0)
+    matches_onnxruntime(path, scale=3.0)
 
 
 @pytest.mark.parametrize(("attrs", "reason"), [
@@ -91,10 +62,10 @@ def test_layer_normalization(tmp_path: Path, bias: bool) -> None:
     ({"axis": 5}, "axis=5 is not supported (only the last axis, -1)"),  # was taken as 5 % rank: the last
     ({"stash_type": 0}, "stash_type=0 is not supported (only 1: float32 statistics)"),
     ({"epsilon": -1.0}, "epsilon=-1.0 must be non-negative")])
-def test_layer_normalization_refusals(tmp_path: Path, attrs: dict, reason: str) -> None:
+def test_layer_normalizationrefusals(tmp_path: Path, attrs: dict, reason: str) -> None:
     nodes = [helper.make_node("LayerNormalization", ["x", "w2", "b2"], ["y"], name="ln", **attrs)]
     inits = {"w2": np.ones((1, D), np.float32), "b2": np.zeros((1, D), np.float32)}
-    assert _refusals(_model(tmp_path, nodes, inits, opset=17)) == {"ln": reason}
+    assert refusals(xy_model(tmp_path / "m.onnx", nodes, inits, opset=17, cols=D)) == {"ln": reason}
 
 
 def _decomposed_norm(eps_node: str, div: str) -> tuple[list, dict[str, np.ndarray]]:
@@ -119,10 +90,10 @@ def _decomposed_norm(eps_node: str, div: str) -> tuple[list, dict[str, np.ndarra
 @pytest.mark.parametrize("div", ["Div", "Reciprocal"])
 def test_decomposed_layer_norm_is_one_op(tmp_path: Path, div: str) -> None:
     """The chain torch exports below opset 17 is lifted to one layer_norm by the IR rule."""
-    path = _model(tmp_path, *_decomposed_norm("e", div), opset=13)
+    path = xy_model(tmp_path / "m.onnx", *_decomposed_norm("e", div), opset=13, cols=D)
     ops, _ = _lifted(path)
     assert ops["layer_norm"] == 1 and ops["reduce_mean"] == 0 and ops["sqrt"] == 0
-    _matches_onnxruntime(path, scale=3.0)
+    matches_onnxruntime(path, scale=3.0)
 
 
 def test_decomposed_layer_norm_near_miss(tmp_path: Path) -> None:
@@ -130,11 +101,11 @@ def test_decomposed_layer_norm_near_miss(tmp_path: Path) -> None:
     nodes, inits = _decomposed_norm("e", "Div")
     nodes[4:6] = [helper.make_node("Sqrt", ["var"], ["sv"], name="sqrt"),
                   helper.make_node("Add", ["sv", "e"], ["s"], name="eps")]
-    path = _model(tmp_path, nodes, inits, opset=13)
+    path = xy_model(tmp_path / "m.onnx", nodes, inits, opset=13, cols=D)
     ops, notes = _lifted(path)
     assert ops["layer_norm"] == 0
     assert any(n.startswith("layer_norm: center:") and "added to eps" in n for n in notes), notes
-    _matches_onnxruntime(path, scale=3.0)
+    matches_onnxruntime(path, scale=3.0)
 
 
 # ---- GELU -----------------------------------------------------------------------------------------
@@ -142,16 +113,17 @@ def test_decomposed_layer_norm_near_miss(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("form", ["none", "tanh"])
 def test_gelu_20(tmp_path: Path, form: str) -> None:
-    path = _model(tmp_path, [helper.make_node("Gelu", ["x"], ["y"], name="gelu", approximate=form)], {})
+    gelu = helper.make_node("Gelu", ["x"], ["y"], name="gelu", approximate=form)
+    path = xy_model(tmp_path / "m.onnx", [gelu], {}, cols=D, opset=20)
     ops, _ = _lifted(path)
     assert ops["gelu"] == 1
-    _matches_onnxruntime(path, scale=2.0)
+    matches_onnxruntime(path, scale=2.0)
 
 
 def test_erf_alone(tmp_path: Path) -> None:
-    path = _model(tmp_path, [helper.make_node("Erf", ["x"], ["y"], name="erf")], {}, opset=13)
+    path = xy_model(tmp_path / "m.onnx", [helper.make_node("Erf", ["x"], ["y"], name="erf")], {}, opset=13, cols=D)
     assert _lifted(path)[0]["erf"] == 1
-    _matches_onnxruntime(path)
+    matches_onnxruntime(path)
 
 
 def _erf_gelu(half_first: bool, inv: float = 1 / math.sqrt(2)) -> tuple[list, dict[str, np.ndarray]]:
@@ -172,18 +144,18 @@ def _erf_gelu(half_first: bool, inv: float = 1 / math.sqrt(2)) -> tuple[list, di
 
 @pytest.mark.parametrize("half_first", [True, False])
 def test_erf_gelu_chain_is_gelu(tmp_path: Path, half_first: bool) -> None:
-    path = _model(tmp_path, *_erf_gelu(half_first), opset=13)
+    path = xy_model(tmp_path / "m.onnx", *_erf_gelu(half_first), opset=13, cols=D)
     ops, _ = _lifted(path)
     assert ops["gelu"] == 1 and ops["erf"] == 0
-    _matches_onnxruntime(path, scale=2.0)
+    matches_onnxruntime(path, scale=2.0)
 
 
 def test_erf_gelu_near_miss(tmp_path: Path) -> None:
-    path = _model(tmp_path, *_erf_gelu(False, inv=0.6), opset=13)
+    path = xy_model(tmp_path / "m.onnx", *_erf_gelu(False, inv=0.6), opset=13, cols=D)
     ops, notes = _lifted(path)
     assert ops["gelu"] == 0 and ops["erf"] == 1
     assert any(n.startswith("gelu: erf:") and "not x / sqrt(2)" in n for n in notes), notes
-    _matches_onnxruntime(path, scale=2.0)
+    matches_onnxruntime(path, scale=2.0)
 
 
 def _tanh_gelu(cubic: float = 0.044715, pow_node: bool = True) -> tuple[list, dict[str, np.ndarray]]:
@@ -206,21 +178,21 @@ def _tanh_gelu(cubic: float = 0.044715, pow_node: bool = True) -> tuple[list, di
 
 @pytest.mark.parametrize("pow_node", [True, False])
 def test_tanh_gelu_chain_is_gelu_tanh(tmp_path: Path, pow_node: bool) -> None:
-    path = _model(tmp_path, *_tanh_gelu(pow_node=pow_node), opset=13)
+    path = xy_model(tmp_path / "m.onnx", *_tanh_gelu(pow_node=pow_node), opset=13, cols=D)
     module, _ = import_onnx(path, max_seq=MAX_SEQ)
     run_pipeline(module, CompileOptions(max_seq=MAX_SEQ), until="lift-idioms")
     gelus = [op for op in module.ops if op.name == "gelu"]
     assert len(gelus) == 1 and gelus[0].attrs == {"approximate": "tanh", "layer": "embed"}
     assert not [op for op in module.ops if op.name in ("tanh", "mul")]
-    _matches_onnxruntime(path, scale=2.0)
+    matches_onnxruntime(path, scale=2.0)
 
 
 def test_tanh_gelu_near_miss(tmp_path: Path) -> None:
-    path = _model(tmp_path, *_tanh_gelu(cubic=0.05), opset=13)
+    path = xy_model(tmp_path / "m.onnx", *_tanh_gelu(cubic=0.05), opset=13, cols=D)
     ops, notes = _lifted(path)
     assert ops["gelu"] == 0 and ops["tanh"] == 1
     assert any(n.startswith("gelu_tanh: tanh:") and "0.044715" in n for n in notes), notes
-    _matches_onnxruntime(path, scale=2.0)
+    matches_onnxruntime(path, scale=2.0)
 
 
 @pytest.mark.parametrize(("op", "bias"), [("Gelu", False), ("FastGelu", False), ("FastGelu", True),
@@ -228,16 +200,17 @@ def test_tanh_gelu_near_miss(tmp_path: Path) -> None:
 def test_contrib_gelus(tmp_path: Path, op: str, bias: bool) -> None:
     inits = {"bias": _f32(D, scale=0.5)} if bias else {}
     node = helper.make_node(op, ["x", "bias"] if bias else ["x"], ["y"], name="g", domain="com.microsoft")
-    path = _model(tmp_path, [node], inits, contrib=True)
+    path = xy_model(tmp_path / "m.onnx", [node], inits, contrib=True, cols=D, opset=20)
     ops, _ = _lifted(path)
     assert ops["gelu"] == 1 and ops["add"] == int(bias)
-    _matches_onnxruntime(path, scale=2.0)
+    matches_onnxruntime(path, scale=2.0)
 
 
-def test_contrib_gelu_refusals(tmp_path: Path) -> None:
+def test_contrib_gelurefusals(tmp_path: Path) -> None:
     nodes = [helper.make_node("Neg", ["x"], ["nx"], name="neg"),
              helper.make_node("BiasGelu", ["x", "nx"], ["y"], name="g", domain="com.microsoft")]
-    assert _refusals(_model(tmp_path, nodes, {}, contrib=True)) == {"g": "bias 'nx' is not an initializer"}
+    path = xy_model(tmp_path / "m.onnx", nodes, {}, contrib=True, cols=D, opset=20)
+    assert refusals(path) == {"g": "bias 'nx' is not an initializer"}
 
 
 # ---- SkipLayerNormalization ------------------------------------------------------------------------
@@ -252,21 +225,22 @@ def test_skip_layer_normalization(tmp_path: Path, extra: list[str]) -> None:
              helper.make_node("SkipLayerNormalization", ["inp", "skip", "gamma", *extra], ["out", "", "", "sum"],
                               name="sln", domain="com.microsoft", epsilon=1e-4),
              helper.make_node("Add", ["out", "sum"], ["y"], name="y")]
-    path = _model(tmp_path, nodes, inits, contrib=True)
+    path = xy_model(tmp_path / "m.onnx", nodes, inits, contrib=True, cols=D, opset=20)
     assert _lifted(path)[0]["layer_norm"] == 1
-    _matches_onnxruntime(path)
+    matches_onnxruntime(path)
 
 
 @pytest.mark.parametrize(("gamma", "skip_of", "reason"), [
     (_f32(D - 1), "x", f"scale must be a constant vector of {D} values, got [{D - 1}]"),
     (_f32(D), "head_split", "skip is not a [tokens, features] activation")])
-def test_skip_layer_normalization_refusals(tmp_path: Path, gamma: np.ndarray, skip_of: str, reason: str) -> None:
+def test_skip_layer_normalizationrefusals(tmp_path: Path, gamma: np.ndarray, skip_of: str, reason: str) -> None:
     """A scale of the wrong width; a skip that is no whole activation (named as the skip, not the input)."""
     nodes = [helper.make_node("Reshape", ["x", "heads"], ["head_split"], name="split_heads"),
              helper.make_node("SkipLayerNormalization", ["x", skip_of, "gamma"], ["y"], name="sln",
                               domain="com.microsoft")]
-    path = _model(tmp_path, nodes, {"gamma": gamma, "heads": np.array([1, -1, 2, D // 2], np.int64)}, contrib=True)
-    assert _refusals(path)["sln"] == reason
+    inits = {"gamma": gamma, "heads": np.array([1, -1, 2, D // 2], np.int64)}
+    path = xy_model(tmp_path / "m.onnx", nodes, inits, contrib=True, cols=D, opset=20)
+    assert refusals(path)["sln"] == reason
 
 
 # ---- Split of a fused projection ---------------------------------------------------------------------
@@ -288,12 +262,12 @@ def test_split_of_a_fused_projection(tmp_path: Path, opset: int) -> None:
              helper.make_node("Add", ["xw", "b"], ["h"], name="proj_bias"), split,
              helper.make_node("Mul", ["q", "k"], ["qk"], name="qk"),
              helper.make_node("Add", ["qk", "v"], ["y"], name="y")]
-    path = _model(tmp_path, nodes, inits, opset=opset)
+    path = xy_model(tmp_path / "m.onnx", nodes, inits, opset=opset, cols=D)
     module, _ = import_onnx(path, max_seq=MAX_SEQ)
     run_pipeline(module, CompileOptions(max_seq=MAX_SEQ), until="lift-idioms")
     cols = sorted(op.attrs["cols"] for op in module.ops if op.name == "weight" and "cols" in op.attrs)
     assert cols == [[0, D, 3 * D], [D, 2 * D, 3 * D], [2 * D, 3 * D, 3 * D]]
-    _matches_onnxruntime(path)
+    matches_onnxruntime(path)
 
 
 def test_split_quantized_projection(tmp_path: Path) -> None:
@@ -309,7 +283,7 @@ def test_split_quantized_projection(tmp_path: Path) -> None:
     for name, nodes, inits in (("fused", fused, {"w": w}),
                                ("apart", apart + tail, {f"w{i}": w[:, i * D:(i + 1) * D] for i in range(3)})):
         (tmp_path / name).mkdir()
-        path = _model(tmp_path / name, nodes, inits, opset=18)
+        path = xy_model(tmp_path / name / "m.onnx", nodes, inits, opset=18, cols=D)
         program = compile_model(path, CompileOptions(max_seq=MAX_SEQ, weights="int4", group_size=16))
         outs.append(simulate(program, {"x": x}).outputs["y"])
     assert np.array_equal(outs[0], outs[1])
@@ -327,7 +301,7 @@ def _positions_model(tmp_path: Path, rows: int) -> Path:
              helper.make_node("Range", ["zero", "seq", "step"], ["pos"], name="pos"),
              helper.make_node("Gather", ["wpe", "pos"], ["pe"], name="wpe"),
              helper.make_node("Add", ["x", "pe"], ["y"], name="y")]
-    return _model(tmp_path, nodes, inits, opset=13)
+    return xy_model(tmp_path / "m.onnx", nodes, inits, opset=13, cols=D)
 
 
 def test_learned_positions_are_a_position_table(tmp_path: Path) -> None:
@@ -335,12 +309,12 @@ def test_learned_positions_are_a_position_table(tmp_path: Path) -> None:
     module, _ = import_onnx(path, max_seq=MAX_SEQ)
     consts = [op for op in module.ops if op.name == "const"]
     assert len(consts) == 1 and str(consts[0].result.type) == f"f32[ctx,{D}]"
-    _matches_onnxruntime(path)
+    matches_onnxruntime(path)
 
 
 def test_learned_positions_shorter_than_max_ctx(tmp_path: Path) -> None:
     path = _positions_model(tmp_path, 6)
-    assert _refusals(path) == {"wpe": "indices 0..7 run past the 6 rows of 'wpe' (at --max-ctx positions: "
+    assert refusals(path) == {"wpe": "indices 0..7 run past the 6 rows of 'wpe' (at --max-ctx positions: "
                                       "reduce it)"}
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
-from model_fixtures import REPO, max_err
+from graph_fixtures import matches_onnxruntime, refusals, xy_model
+from model_fixtures import REPO
 from onnx import TensorProto, helper, numpy_helper
 from zoo_fixtures import ZOO
 
@@ -23,9 +23,9 @@ from cimc.driver import CompileOptions, compile_model
 from cimc.frontend import import_onnx
 from cimc.frontend.model import CannotCompile
 from runtime.generate import generate
-from runtime.interpreter import Session, simulate
+from runtime.interpreter import Session
 
-D, HEADS, HD, SEQ, FF = 32, 2, 16, 5, 24
+D, HEADS, HD, FF = 32, 2, 16, 24
 RNG = np.random.default_rng(3)
 
 
@@ -35,27 +35,6 @@ def _init(name: str, arr: np.ndarray) -> onnx.TensorProto:
 
 def _floats(name: str, *shape: int, scale: float = 0.3) -> onnx.TensorProto:
     return _init(name, (scale * RNG.standard_normal(shape)).astype(np.float32))
-
-
-def _save(nodes: list, inits: list, tmp_path: Path, opset: int = 18, out_cols: int = D) -> Path:
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "seq", D])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "seq", out_cols])], inits)
-    path = tmp_path / "m.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8), str(path))
-    return path
-
-
-def _matches_onnxruntime(path: Path) -> None:
-    x = RNG.standard_normal((1, SEQ, D)).astype(np.float32)
-    got = simulate(compile_model(path, CompileOptions(max_seq=8)), {"x": x}).outputs["y"]
-    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["y"], {"x": x})[0]
-    assert max_err(got, want) <= 1e-5, f"max |y - onnxruntime| = {max_err(got, want):.3g}"
-
-
-def _refusals(path: Path) -> dict[str, str]:
-    with pytest.raises(CannotCompile) as err:
-        import_onnx(path, max_seq=8)
-    return {node.name: reason for node, reason in err.value.failures}
 
 
 # ---- per-head RMSNorm ---------------------------------------------------------------------------
@@ -85,15 +64,15 @@ def head_norm_model(square: str, inverse: str, mean_axis: int = -1) -> tuple[lis
 
 @pytest.mark.parametrize(("square", "inverse"), [("Pow", "Reciprocal"), ("Mul", "Div")])
 def test_per_head_rms_norm_matches_onnxruntime(square: str, inverse: str, tmp_path: Path) -> None:
-    path = _save(*head_norm_model(square, inverse), tmp_path)
+    path = xy_model(tmp_path / "m.onnx", *head_norm_model(square, inverse), cols=D)
     module, _ = import_onnx(path, max_seq=8)
     assert [(op.name, op.attrs["head_dim"]) for op in module.walk("rms_norm")] == [("rms_norm", HD)]
-    _matches_onnxruntime(path)
+    matches_onnxruntime(path)
 
 
 def test_per_head_rms_norm_over_the_heads_axis_is_refused(tmp_path: Path) -> None:
-    path = _save(*head_norm_model("Pow", "Reciprocal", mean_axis=2), tmp_path)
-    assert _refusals(path)["q_norm"] == "per-head RMSNorm idiom: the mean is not over the last (head_dim) axis"
+    path = xy_model(tmp_path / "m.onnx", *head_norm_model("Pow", "Reciprocal", mean_axis=2), cols=D)
+    assert refusals(path)["q_norm"] == "per-head RMSNorm idiom: the mean is not over the last (head_dim) axis"
 
 
 def test_flat_per_head_rms_norm_matches_onnxruntime(tmp_path: Path) -> None:
@@ -107,10 +86,10 @@ def test_flat_per_head_rms_norm_matches_onnxruntime(tmp_path: Path) -> None:
              helper.make_node("SimplifiedLayerNormalization", ["f", "w"], ["n"], name="q_norm", axis=-1,
                               epsilon=1e-6, stash_type=1),
              helper.make_node("Reshape", ["n", "back"], ["y"], name="back")]
-    path = _save(nodes, inits, tmp_path)
+    path = xy_model(tmp_path / "m.onnx", nodes, inits, cols=D)
     module, _ = import_onnx(path, max_seq=8)
     assert [op.attrs["head_dim"] for op in module.walk("rms_norm")] == [HD]
-    _matches_onnxruntime(path)
+    matches_onnxruntime(path)
 
 
 # ---- fused projections split on activations -------------------------------------------------------
@@ -133,11 +112,11 @@ def test_fused_gate_up_split_on_activations_matches_onnxruntime(split_by: str, t
              helper.make_node("Mul", ["g", "sg"], ["act"], name="act"),
              helper.make_node("Mul", ["act", "u"], ["h"], name="h"),
              helper.make_node("MatMul", ["h", "w_down"], ["y"], name="down")]
-    path = _save(nodes, inits, tmp_path)
+    path = xy_model(tmp_path / "m.onnx", nodes, inits, cols=D)
     module, _ = import_onnx(path, max_seq=8)
     widths = sorted(int(op.result.type.shape[1]) for op in module.walk("linear") if op.result.uses)
     assert widths == [FF, FF, D]
-    _matches_onnxruntime(path)
+    matches_onnxruntime(path)
 
 
 # ---- partial rotary ------------------------------------------------------------------------------
@@ -183,15 +162,15 @@ def partial_rope_model(rd: int, rest_of: str = "q") -> tuple[list, list]:
 
 
 def test_partial_rotary_matches_onnxruntime(tmp_path: Path) -> None:
-    path = _save(*partial_rope_model(HD // 2), tmp_path)
+    path = xy_model(tmp_path / "m.onnx", *partial_rope_model(HD // 2), cols=D)
     module, _ = import_onnx(path, max_seq=8)
     assert [(op.attrs["head_dim"], op.attrs["rotary_dim"]) for op in module.walk("rope")] == [(HD, HD // 2)]
-    _matches_onnxruntime(path)
+    matches_onnxruntime(path)
 
 
 def test_partial_rotary_joined_with_another_tensor_is_refused(tmp_path: Path) -> None:
-    path = _save(*partial_rope_model(HD // 2, rest_of="k"), tmp_path)
-    assert _refusals(path)["join"] == \
+    path = xy_model(tmp_path / "m.onnx", *partial_rope_model(HD // 2, rest_of="k"), cols=D)
+    assert refusals(path)["join"] == \
         "partial RoPE idiom: Concat does not join the rotated entries with the rest of the same heads"
 
 
