@@ -203,8 +203,8 @@ def compile_model(path: str | os.PathLike, opts: CompileOptions | None = None) -
 CHECK_MAX_SEQ = 8
 
 
-def _hint(domain: str, reason: str) -> str:
-    """What a user can do about a node `cimc check` reports, from its domain and reason."""
+def _hint(reason: str) -> str:
+    """What a user can do about a node `cimc check` reports, from its reason."""
     if reason == "operator not supported yet":
         return "a contrib op, not supported yet: export without it (a plain torch.onnx export, no " \
                "onnxruntime fusions) or ask for a converter"
@@ -227,7 +227,7 @@ def group_failures(failures: list) -> list[dict]:
         domain = "" if node.domain in ("", "ai.onnx") else node.domain
         groups.setdefault((domain, node.op_type, reason), []).append(node.name)
     return [{"domain": d, "op_type": op, "count": len(names), "nodes": names, "reason": reason,
-             "hint": _hint(d, reason)}
+             "hint": _hint(reason)}
             for (d, op, reason), names in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))]
 
 

@@ -126,8 +126,7 @@ def test_check_refuses_ir_dump(cli, tmp_path: Path) -> None:
 def test_check_hints() -> None:
     from cimc.driver import _hint
 
-    assert "not supported yet" in _hint("com.microsoft", "operator not supported yet")
-    assert "standard ONNX ops" in _hint("", "not a standard ONNX operator")
-    assert "re-export at one of the opsets" in _hint("", "Add at opset 6 is not supported (cimc converts it at "
-                                                      "opsets 7+)")
-    assert "did not match" in _hint("", "RoPE idiom: Add of products is not x*cos + rotate_half(x)*sin")
+    assert "not supported yet" in _hint("operator not supported yet")
+    assert "standard ONNX ops" in _hint("not a standard ONNX operator")
+    assert "re-export at one of the opsets" in _hint("Add at opset 6 is not supported (cimc converts it at opsets 7+)")
+    assert "did not match" in _hint("RoPE idiom: Add of products is not x*cos + rotate_half(x)*sin")
