@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
-from zoo_fixtures import ZOO, zoo_index
+from zoo_fixtures import ZOO, zoo_prompt
 
 from cimc.accuracy import measure_accuracy
 from cimc.driver import CompileOptions, compile_model, quantize_step, run_pipeline
@@ -28,17 +28,9 @@ TOL = 1e-4
 FAMILIES = ("llama", "smollm", "qwen2")
 
 
-def _prompt(name: str) -> list[int]:
-    """The family's prompt from zoo.json (its prefill tokens)."""
-    family = name.split("_")[0]
-    record = next(f for f in zoo_index()["families"] if f["family"] == family)
-    model = next(m for m in zoo_index()["models"] if m["file"] == f"{name}.onnx")
-    return list(record["prompt"][:model["prefill_shapes"]["input_ids"][1]])
-
-
 def _check_cell(name: str) -> None:
     path = ZOO / f"{name}.onnx"
-    prompt = _prompt(name)
+    prompt = zoo_prompt(name)[:-1]  # the generator's prefill
     program = compile_model(path, CompileOptions(max_seq=len(prompt), max_ctx=len(prompt) + NEW))
     acc = measure_accuracy(program, path, prompt, NEW)
     assert acc["top1_agreement"] == 1.0 and acc["max_abs_error"] <= TOL, acc
@@ -117,7 +109,7 @@ def _gqa_edited(tmp_path: Path, **attrs: object) -> Path:
 def test_gqa_window_and_softcap_match_onnxruntime(attrs: dict, tmp_path: Path) -> None:
     """A sliding window narrower than the 13 positions and a soft cap that changes the scores."""
     path = _gqa_edited(tmp_path, **attrs)
-    prompt = _prompt("llama_g_genai_fp32")
+    prompt = zoo_prompt("llama")[:-1]
     module, _ = import_onnx(path, max_seq=len(prompt), max_ctx=len(prompt) + NEW)
     softcap = attrs.get("softcap") and float(np.float32(attrs["softcap"]))
     assert [(op.attrs.get("window"), op.attrs.get("softcap")) for op in module.walk("attention")] == \

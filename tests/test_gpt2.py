@@ -19,7 +19,7 @@ import pytest
 from graph_fixtures import matches_onnxruntime, refusals, xy_model
 from model_fixtures import max_err
 from onnx import helper
-from zoo_fixtures import ZOO
+from zoo_fixtures import ZOO, zoo_prompt
 
 from cimc.accuracy import measure_accuracy
 from cimc.driver import CompileOptions, compile_model, run_pipeline
@@ -325,7 +325,7 @@ def test_learned_positions_shorter_than_max_ctx(tmp_path: Path) -> None:
 #: bias, then + the attention mask's), and MatMulNBits (only the LM head: the RTN quantizer takes
 #: MatMul, not Gemm) computed on the exact dequantized weights.
 FLOAT_CELLS = ["gpt2_a_dynamo", "gpt2_b_dynamo_kv", "gpt2_c_optimum_kv", "gpt2_e_int4_rtn", "gpt2_t_torchscript"]
-PROMPT = [87, 47, 24, 96, 81, 60, 8, 81]  # the zoo's gpt2 prompt
+PROMPT = zoo_prompt("gpt2")[:-1]  # the generator's prefill
 NEW = 8
 
 

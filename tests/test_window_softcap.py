@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from model_fixtures import REPO, max_err
+from model_fixtures import max_err
 from model_fixtures import ort_logits as ort_run
 from onnx import TensorProto, helper, numpy_helper
 from test_frontend import attention_parts, compile_error, error_lines, node_by_output, save, synth
+from zoo_fixtures import ZOO, zoo_prompt
 
 from cimc.accuracy import measure_accuracy
 from cimc.driver import CompileOptions, compile_model, load_module, run_pipeline
@@ -23,7 +24,6 @@ from cimc.ir.core import Module
 from runtime.generate import generate
 from runtime.interpreter import Session, simulate
 
-ZOO = REPO / "tests" / "zoo"
 PROMPT = [3, 41, 7, 99, 12, 250, 8, 77]
 NEW = 6
 OPTIONS = dict(max_seq=len(PROMPT), max_ctx=len(PROMPT) + NEW)
@@ -204,9 +204,7 @@ def test_zoo_attention_variants(name: str) -> None:
 def test_zoo_fp32_cells_match_onnxruntime(name: str) -> None:
     """The family's 9-token prompt and 8 new tokens: the window of 4 bites in prefill and in every
     decode step; Gemma2's final-logit soft-capping is plain elementwise ops."""
-    import json
-    zoo = json.loads((ZOO / "zoo.json").read_text(encoding="utf-8"))
-    prompt = next(f["prompt"] for f in zoo["families"] if f["family"] == name.split("_")[0])
+    prompt = zoo_prompt(name)
     path = ZOO / f"{name}.onnx"
     program = compile_model(path, CompileOptions(max_seq=16, max_ctx=32))
     acc = measure_accuracy(program, path, prompt, 8)

@@ -63,6 +63,13 @@ def zoo_index() -> dict[str, Any]:
     return json.loads((ZOO / "zoo.json").read_text())
 
 
+def zoo_prompt(name: str) -> list[int]:
+    """The prompt in zoo.json of the family of `name` (a family, or a zoo model such as
+    "gpt2_a_dynamo"); the generator prefills all of it but the last token, its decode step."""
+    family = name.split("_")[0]
+    return list(next(f["prompt"] for f in zoo_index()["families"] if f["family"] == family))
+
+
 def zoo_models() -> list[ZooModel]:
     """Every model the generator made, in zoo.json's order (family, then flavour)."""
     prompts = {f["family"]: tuple(f["prompt"]) for f in zoo_index()["families"]}
