@@ -122,7 +122,7 @@ class Flavour:
     exporter: str
     kv: bool
     how: str
-    fp32_of: str | None = None  # quantized: the fp32 flavour of the same exporter, which must be "ok" first
+    fp32_of: str | None = None  # derived flavours: the fp32 flavour the file is made from, which must be "ok" first
     fp32: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -149,6 +149,14 @@ FLAVOURS: dict[str, Flavour] = {
                 "MatMulNBitsQuantizer(bits=4, block_size=32, is_symmetric=True) on a_dynamo", "a_dynamo"),
         Flavour("q_int8_dynamic", "int8", "onnxruntime quantize_dynamic", False,
                 "quantize_dynamic(weight_type=QInt8, per_channel=True) on a_dynamo", "a_dynamo"),
+        Flavour("o_dynamo_opset23", "fp32", "torch.onnx dynamo opset 23", False,
+                "a_dynamo's export with opset_version=23 of the model with transformers' default sdpa attention "
+                "(the exporter's optimizer fuses opset-23 Attention, RotaryEmbedding and RMSNormalization)"),
+        Flavour("o_dynamo_opset23_kv", "fp32", "torch.onnx dynamo opset 23", True,
+                "b_dynamo_kv's export with opset_version=23 of the model with sdpa attention"),
+        Flavour("f_ort_fused", "fp32", "onnxscript ort_fusions", False,
+                "onnxscript.rewriter.ort_fusions.optimize_for_ort on a_dynamo (com.microsoft MultiHeadAttention, "
+                "SkipSimplifiedLayerNormalization, ...); not made when it fuses nothing", "a_dynamo"),
     ]
 }
 
@@ -317,7 +325,8 @@ def _fold(src: Path, dst: Path) -> None:
     onnx.save(model, str(dst), save_as_external_data=False)
 
 
-def export_a_dynamo(subj: Subject, work: Path, dst: Path) -> None:
+def export_a_dynamo(subj: Subject, work: Path, dst: Path, opset: dict[str, int] | None = None) -> None:
+    """`opset`: {"opset_version": N} to export at opset N rather than the exporter's default."""
     import torch
 
     ids = torch.from_numpy(subj.ids[:PROMPT_LEN])[None]
@@ -333,7 +342,8 @@ def export_a_dynamo(subj: Subject, work: Path, dst: Path) -> None:
 
     seq = torch.export.Dim("seq", min=1, max=family_max_pos(subj.family))
     prog = torch.onnx.export(Logits().eval(), (ids,), dynamo=True, input_names=["input_ids"],
-                             output_names=["logits"], dynamic_shapes={"input_ids": {1: seq}}, optimize=True)
+                             output_names=["logits"], dynamic_shapes={"input_ids": {1: seq}}, optimize=True,
+                             **(opset or {}))
     prog.save(str(work / "a.onnx"))
     _fold(work / "a.onnx", dst)
 
@@ -354,7 +364,8 @@ def n_layers(family: Family) -> int:
     return int(family.config.get("num_hidden_layers", family.config.get("n_layer", 0)))
 
 
-def export_b_dynamo_kv(subj: Subject, work: Path, dst: Path) -> None:
+def export_b_dynamo_kv(subj: Subject, work: Path, dst: Path, opset: dict[str, int] | None = None) -> None:
+    """`opset`: as for `export_a_dynamo`."""
     import torch
     from transformers import DynamicCache
 
@@ -391,9 +402,45 @@ def export_b_dynamo_kv(subj: Subject, work: Path, dst: Path) -> None:
         f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
     out_names = ["logits"] + [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
     prog = torch.onnx.export(WithCache().eval(), (ids, mask, pos, past), dynamo=True, input_names=in_names,
-                             output_names=out_names, dynamic_shapes=dyn, optimize=True)
+                             output_names=out_names, dynamic_shapes=dyn, optimize=True, **(opset or {}))
     prog.save(str(work / "b.onnx"))
     _fold(work / "b.onnx", dst)
+
+
+@contextlib.contextmanager
+def attention_implementation(model: Any, name: str) -> Iterator[None]:
+    """Temporarily switch the model's attention kernel (the zoo's models are built with eager)."""
+    saved = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(saved)
+
+
+def _opset23(export: Callable[..., None]) -> Callable[[Subject, Path, Path], None]:
+    """`export` at opset 23 with sdpa attention, what `from_pretrained` gives a user: torch 2.13's
+    optimizer (onnxscript's onnx_fusions) then fuses opset-23 Attention from sdpa, and
+    RotaryEmbedding and RMSNormalization from their decompositions (eager attention stays
+    MatMul/Softmax)."""
+    def run(subj: Subject, work: Path, dst: Path) -> None:
+        with attention_implementation(subj.model, "sdpa"):
+            export(subj, work, dst, {"opset_version": 23})
+
+    return run
+
+
+def export_f_ort_fused(subj: Subject, work: Path, dst: Path) -> None:
+    import onnx_ir as ir
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    model = ir.load(str(ZOO / f"{subj.family.name}_a_dynamo.onnx"))
+    model, counts = optimize_for_ort(model)
+    fused = {k: n for k, n in counts.items() if n}
+    if not fused:
+        raise Refused("onnxscript ort_fusions fuses nothing in a_dynamo")
+    ir.save(model, str(work / "f.onnx"))
+    _fold(work / "f.onnx", dst)
 
 
 def export_t_torchscript(subj: Subject, work: Path, dst: Path) -> None:
@@ -498,6 +545,9 @@ EXPORTERS: dict[str, Callable[[Subject, Path, Path], None]] = {
     "d_genai_int4": _genai("int4"),
     "e_int4_rtn": export_e_int4_rtn,
     "q_int8_dynamic": export_q_int8_dynamic,
+    "o_dynamo_opset23": _opset23(export_a_dynamo),
+    "o_dynamo_opset23_kv": _opset23(export_b_dynamo_kv),
+    "f_ort_fused": export_f_ort_fused,
 }
 assert EXPORTERS.keys() == FLAVOURS.keys()
 
