@@ -142,7 +142,7 @@ def find_roles(model: OnnxModel) -> Roles:
 #: Where an integer input is a position: RoPE's angles (Cos, Sin), or (op type, input index) of an
 #: op taking position ids (a Gather of learned positions is found by its data being an initializer).
 _POSITION_OPS = {"Cos", "Sin"}
-_POSITION_INPUTS = {("RotaryEmbedding", 1), ("GroupQueryAttention", 9)}
+_POSITION_INPUTS = {("RotaryEmbedding", 1), ("RotaryEmbedding", 3), ("GroupQueryAttention", 9)}
 
 
 def _feeds_positions(model: OnnxModel, name: str) -> bool:

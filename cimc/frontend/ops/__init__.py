@@ -2,6 +2,7 @@
 `cimc.frontend.converters` (and any idiom rules it owns in `cimc.ir.rules`) on import."""
 
 from cimc.frontend.ops import (  # noqa: F401
+    attention,
     contrib_activations,
     contrib_attention,
     contrib_embedding,
@@ -15,4 +16,5 @@ from cimc.frontend.ops import (  # noqa: F401
     qdq,
     quantized,
     reduce,
+    rotary,
 )

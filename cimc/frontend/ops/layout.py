@@ -264,16 +264,28 @@ def split_input(lifter: Lifter, node: Node, args: list) -> tuple[Term, ...]:
 def concat(lifter: Lifter, node: Node, args: list) -> Term:
     """Concat(past KV, new KV) along the position axis is a cache append; others wait (RoPE)."""
     past = args[0]
-    if isinstance(past, View) and past.base.owner is not None and past.base.owner.name == "kv_cache":
+    if is_cache(past):
         new = lifter.need_view(args[1], "new keys or values") if len(args) == 2 else None
-        rank = len(past.shape)
-        if new is None or node.attrs.get("axis", 0) % rank != 2 or new.r0 or new.c0 or \
-                new.axes[1:] != (past.axes[1], Axis(lifter.n, 1, 0), past.axes[3]) or \
-                new.base.type.shape[1] != past.base.type.shape[1]:
+        if new is None or node.attrs.get("axis", 0) % len(past.shape) != 2:
             raise Unsupported("only Concat(past, new) of a KV cache along its position axis is supported")
-        out = lifter.op("kv_append", [past.base, new.base], node.name)
-        return View(out, (Axis(1), past.axes[1], Axis(lifter.n + lifter.past, 1, 0), past.axes[3]))
+        return append_cache(lifter, past, new, node.name)
     return Expr(node, args)
+
+
+def is_cache(t: Term) -> bool:
+    """Whether `t` is a past KV cache input (a view of a `kv_cache`)."""
+    return isinstance(t, View) and t.base.owner is not None and t.base.owner.name == "kv_cache"
+
+
+def append_cache(lifter: Lifter, past: View, new: View, loc: str) -> View:
+    """`kv_append(past, new)` as the [1, kv_heads, ctx, head_dim] present: `new` must be the
+    [1, kv_heads, seq, head_dim] head split of one activation laid out as the cache."""
+    if new.r0 or new.c0 or new.axes[1:] != (past.axes[1], Axis(lifter.n, 1, 0), past.axes[3]) or \
+            new.base.type.shape[1] != past.base.type.shape[1]:
+        raise Unsupported("the new keys or values are not [1, kv_heads, seq, head_dim] of one activation laid out "
+                          "as the cache")
+    out = lifter.op("kv_append", [past.base, new.base], loc)
+    return View(out, (Axis(1), past.axes[1], Axis(lifter.n + lifter.past, 1, 0), past.axes[3]))
 
 
 standard("Identity", identity, weights=identity_weights)

@@ -47,25 +47,36 @@ def match(lifter: Lifter, mm: Expr) -> View | NoMatch | None:
         scale *= sa * sb
         if not (isinstance(a, View) and isinstance(b, View) and isinstance(v, View)):
             raise Unsupported("attention operands are not head-split views of q, k and v")
-        heads, hd, q = _operand(a, "q", seq_last=False)
-        kvh, hdk, k = _operand(b, "k", seq_last=True)
-        kvh_v, hdv, vv = _operand(v, "v", seq_last=False)
-        if hdk != hd or hdv != hd or kvh != kvh_v:
-            raise Unsupported("q, k and v disagree on head_dim or kv heads")
-        if mask is None:
-            raise Unsupported("attention has no causal mask (bidirectional attention is not supported)")
-        window = _window(mask)
+        return attend(lifter, node.name, a, b, v, mask, scale, softcap, k_transposed=True)
     except Unsupported as e:
         parts = (p, *(p.args if isinstance(p, Expr) else []))
         return NoMatch(str(e), tuple(part.node.name for part in parts if isinstance(part, Expr)))
+
+
+def attend(lifter: Lifter, loc: str, q: View, k: View, v: View, mask: Mask | None, scale: float | None,
+           softcap: float | None, k_transposed: bool = False) -> View:
+    """The `attention` op over head-split views q [.., heads, seq, hd], k [.., kv_heads, keys, hd]
+    (`k_transposed`: [.., kv_heads, hd, keys]) and v, as a [.., heads, seq, hd] view; `mask` must
+    be causal (with a sliding window, maybe: None is refused); `scale` None is 1/sqrt(hd)."""
+    heads, hd, qb = head_operand(q, "q", seq_last=False)
+    kvh, hdk, kb = head_operand(k, "k", seq_last=k_transposed)
+    kvh_v, hdv, vb = head_operand(v, "v", seq_last=False)
+    if hdk != hd or hdv != hd or kvh != kvh_v:
+        raise Unsupported("q, k and v disagree on head_dim or kv heads")
+    if heads % kvh:
+        raise Unsupported(f"{heads} query heads are not a multiple of {kvh} kv heads")
+    if mask is None:
+        raise Unsupported("attention has no causal mask (bidirectional attention is not supported)")
+    window = _window(mask)
+    scale = 1.0 / float(np.sqrt(hd)) if scale is None else scale
     attrs = {"heads": heads, "kv_heads": kvh, "head_dim": hd, "scale": float(np.float32(scale)), "causal": True} \
         | ({"window": window} if window else {}) | ({"softcap": float(np.float32(softcap))} if softcap else {})
-    out = lifter.op("attention", [q, k, vv], node.name, attrs)
+    out = lifter.op("attention", [qb, kb, vb], loc, attrs)
     head_axes = [Axis(heads, 0, hd), Axis(lifter.n, 1, 0), Axis(hd, 0, 1)]
-    return View(out, tuple([Axis(1)] * (len(a.shape) - 3) + head_axes))
+    return View(out, tuple([Axis(1)] * (len(q.shape) - 3) + head_axes))
 
 
-def _operand(x: View, what: str, seq_last: bool) -> tuple[int, int, Value]:
+def head_operand(x: View, what: str, seq_last: bool) -> tuple[int, int, Value]:
     """(heads, head_dim, base) of a [.., heads, seq, hd] (or [.., heads, hd, seq]) view."""
     if len(x.axes) < 3 or any(a.size != 1 for a in x.axes[:-3]) or x.r0 or x.c0:
         raise Unsupported(f"{what} is not a [batch, heads, seq, head_dim] view")
@@ -91,7 +102,7 @@ def _operand(x: View, what: str, seq_last: bool) -> tuple[int, int, Value]:
 
 
 @dataclass
-class _Mask:
+class Mask:
     """A folded mask as additive [.., seq, past + seq] arrays, with (seq, past) of each binding
     it is known at (main, one more token, the mask probe)."""
 
@@ -99,14 +110,30 @@ class _Mask:
     values: list[tuple[np.ndarray, int, int]]
 
 
-def _strip_mask(lifter: Lifter, z: Term) -> tuple[Term, _Mask | None]:
+def bindings(lifter: Lifter) -> list[tuple[int, int] | None]:
+    """(seq, past) of the main binding, of one more token, and of the mask probe (None: no probe)."""
+    probe = lifter.fmask.binding if lifter.fmask is not None else None
+    return [(lifter.n, lifter.past), (lifter.n + 1, lifter.past), (probe.seq, probe.past) if probe else None]
+
+
+def mask_of(lifter: Lifter, m: Static) -> Mask:
+    """A folded mask operand as additive arrays at each binding it is known at; a boolean mask
+    (True: the key is seen) is 0 where True and -inf elsewhere."""
+    values = []
+    for arr, bn in zip(_bound(m), bindings(lifter), strict=True):
+        if arr is not None and bn is not None:
+            a = np.asarray(arr)
+            values.append((np.where(a, 0.0, -np.inf) if a.dtype == bool else a.astype(np.float64), *bn))
+    return Mask(m.name, values)
+
+
+def _strip_mask(lifter: Lifter, z: Term) -> tuple[Term, Mask | None]:
     """Peel the masks around the scores: an Add of a constant, a Where(constant condition, scores,
     constant), float32 Casts between them (GPT-2: Where by its causal bias, then + the attention
     mask's), summed into one additive mask."""
-    probe = lifter.fmask.binding if lifter.fmask is not None else None
-    bindings = [(lifter.n, lifter.past), (lifter.n + 1, lifter.past), (probe.seq, probe.past) if probe else None]
+    bound_at = bindings(lifter)
     names: list[str] = []
-    total: list[np.ndarray | None] = [None] * len(bindings)
+    total: list[np.ndarray | None] = [None] * len(bound_at)
     while True:
         z = strip_float_casts(z)
         z, name, layer = _mask_layer(z)
@@ -117,7 +144,7 @@ def _strip_mask(lifter: Lifter, z: Term) -> tuple[Term, _Mask | None]:
                  for t, m in zip(total, layer, strict=True)]
     if not names:
         return z, None
-    return z, _Mask(" + ".join(names), [(arr, *bn) for arr, bn in zip(total, bindings, strict=True)
+    return z, Mask(" + ".join(names), [(arr, *bn) for arr, bn in zip(total, bound_at, strict=True)
                                          if arr is not None])
 
 
@@ -145,7 +172,7 @@ def _bound(s: Static) -> list[np.ndarray | None]:
     return [s.value, s.value2, s.probe]
 
 
-def _window(mask: _Mask) -> int:
+def _window(mask: Mask) -> int:
     """The keys each query sees in a causal mask with a sliding window (0: no window shows at any
     binding). A query at position p sees the keys at p-window+1 .. p (0 .. p without a window):
     0 there, very negative elsewhere."""
