@@ -15,6 +15,8 @@ ONNX's opset-23 RMSNormalization -> `rms_norm` / `layer_norm`, and `add` for the
 - `RMSNormalization(X, scale)` (ONNX, opset 23): the same over the axes from `axis` to the last;
   only the last (`axis = -1`, or rank - 1) is taken: `rms_norm(X, scale)`.
 
+Either over the last axis of a head-split [.., heads, seq, head_dim] view (Qwen3's per-head q/k
+norms as one node, at opset 23 or fused by onnxscript) is `rms_norm` with `head_dim`.
 A SimplifiedLayerNormalization of a tensor no view expresses (the genai builder's per-head q/k
 norms over [1, seq*heads, head_dim]) waits for the per-head RMSNorm rule (rules/norm.py).
 Only the last axis (`axis = -1`) and float32 statistics (`stash_type = 1`) are accepted; the
@@ -27,8 +29,9 @@ import onnx
 from onnx import helper
 
 from cimc.frontend.converters import Converter, Unsupported, register, standard
-from cimc.frontend.lift import Expr, Lifter, Term, unproduced
+from cimc.frontend.lift import Expr, Lifter, Term, View, unproduced
 from cimc.frontend.model import Node, OnnxModel
+from cimc.frontend.rules.terms import heads_base
 from cimc.ir.core import Value
 
 DEFAULT_EPS = 1e-5
@@ -86,6 +89,24 @@ def standin_skip(node: Node) -> tuple[list[onnx.NodeProto], list]:
     return _standin(node, total, [add])
 
 
+def _per_head(lifter: Lifter, node: Node, term: Term, scale: Term) -> View | None:
+    """A norm over the last axis of a head-split view [.., heads, seq, head_dim] (Qwen3's q/k
+    norms as one node: RMSNormalization at opset 23, onnxscript's fused SimplifiedLayerNormalization):
+    `rms_norm` with head_dim over the whole activation, else None."""
+    if not (isinstance(term, View) and len(term.shape) == 4) or lifter.is_plain(term):
+        return None
+    try:
+        base, hd = heads_base(lifter, term, "input X")
+    except Unsupported:
+        return None
+    if hd != term.shape[-1]:
+        return None
+    w = lifter.vector(scale, "scale", hd)
+    out = lifter.op("rms_norm", [base, w], node.name,
+                    {"eps": float(node.attrs.get("epsilon", DEFAULT_EPS)), "head_dim": hd})
+    return View(out, term.axes)
+
+
 def _norm(lifter: Lifter, node: Node, x: Value, scale: Term) -> Value:
     cols = int(x.type.shape[1])
     w = lifter.vector(scale, "scale", cols)
@@ -95,6 +116,9 @@ def _norm(lifter: Lifter, node: Node, x: Value, scale: Term) -> Value:
 def lift_simplified(lifter: Lifter, node: Node, args: list) -> Term | tuple[Term, ...]:
     if isinstance(args[0], Expr):  # a per-head norm over a deferred Reshape (rules/norm.py)
         return Expr(node, args)
+    head = _per_head(lifter, node, args[0], args[1])
+    if head is not None:
+        return head, unproduced(node, 1, "inv_std_var")
     x = lifter.activation(args[0], "input X")
     y = _norm(lifter, node, x.base, args[1])
     return lifter.view_of(y, lifter.shape(node.outputs[0])), unproduced(node, 1, "inv_std_var")
@@ -129,6 +153,9 @@ def lift_skip(lifter: Lifter, node: Node, args: list) -> tuple[Term, ...]:
 
 def lift_rms(lifter: Lifter, node: Node, args: list) -> Term:
     check_attrs(node, len(lifter.shape(node.inputs[0])))
+    head = _per_head(lifter, node, args[0], args[1])
+    if head is not None:
+        return head
     x = lifter.activation(args[0], "input X")
     return lifter.view_of(_norm(lifter, node, x.base, args[1]), lifter.shape(node.outputs[0]))
 
