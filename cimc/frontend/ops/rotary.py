@@ -25,7 +25,7 @@ import onnx
 from onnx import helper
 
 from cimc.frontend.converters import Converter, Unsupported, register
-from cimc.frontend.lift import Lifter, Static, Term, View
+from cimc.frontend.lift import Lazy, Lifter, Static, Term, View
 from cimc.frontend.model import Node, OnnxModel
 from cimc.frontend.rules.terms import heads_base
 from cimc.ir.core import Value
@@ -75,6 +75,8 @@ def _tables(lifter: Lifter, cos: Term, sin: Term, names: list[str], rd: int, by_
     """The [ctx, rd] rope tables [c, c] for each half-width cache c."""
     out = []
     for term, name in zip((cos, sin), names, strict=True):
+        if isinstance(term, Lazy):  # an initializer kept on disk
+            term = Static(name, np.asarray(lifter.weights(term.init), np.float32), None, True)
         if not isinstance(term, Static):
             raise Unsupported(f"rotary cache {name!r} must be constant (folded from the positions)")
         arr = np.asarray(term.value, np.float32)
