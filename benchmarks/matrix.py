@@ -53,6 +53,9 @@ FLAVOURS = {
     "d_genai_int4": "genai int4",
     "e_int4_rtn": "ORT MatMulNBits int4",
     "q_int8_dynamic": "ORT quantize_dynamic int8",
+    "o_dynamo_opset23": "torch dynamo opset 23",
+    "o_dynamo_opset23_kv": "torch dynamo opset 23 + KV cache",
+    "f_ort_fused": "onnxscript ORT fusions",
 }
 
 
