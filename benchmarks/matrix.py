@@ -147,8 +147,17 @@ def readme_section(results: dict[str, dict]) -> str:
         "tokens and compared with onnxruntime on the same file: ✓ greedy ids equal and teacher-forced logits "
         "within 1e-4 max abs (fp32) or mean cosine ≥ 0.999 (integer imports); ✗ fails (reasons in "
         "[docs/matrix.md](docs/matrix.md)); — the exporter cannot make it. "
-        f"{_totals(results)}.", "", *_grid(results), "",
+        f"{_totals(results)}; {_worst(results)}.", "", *_grid(results), "",
         f"ONNX ops in the passing exports: {_ops(results)}.", END])
+
+
+def _worst(results: dict[str, dict]) -> str:
+    """The largest fp32 logit error and the smallest integer-import cosine among passing cells."""
+    precision = {r["file"]: r["precision"] for r in zoo()["models"]}
+    passing = [(f, r) for f, r in results.items() if r["verdict"] == "pass"]
+    err = max((r["max_abs_error"] for f, r in passing if precision[f] == "fp32"), default=0.0)
+    cos = min((r["mean_cosine"] for f, r in passing if precision[f] != "fp32"), default=1.0)
+    return f"the passing fp32 cells are within {err:.1e} max abs logit error, the integer imports ≥ {cos:.6f} cosine"
 
 
 def doc(results: dict[str, dict]) -> str:
