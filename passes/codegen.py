@@ -564,6 +564,12 @@ class _Codegen:
                           src=src._replace(addr=src.addr + s0 * F32, stride=sstride), rows=self.dim(rows),
                           cols=1 if col is None else p.sizes[col])
 
+    def _op_matmul(self, op: Op) -> None:
+        a, b = op.operands
+        out = op.result
+        self._vec(op, "vmm", dst=self.mem(out), a=self.mem(a), b=self.mem(b), m=self.rows(out), k=self.cols(a),
+                  n=self.cols(out), tb=int(op.attrs.get("tb", False)), acc=0, alpha=op.attrs.get("alpha", 1.0))
+
     def _op_kv_append(self, op: Op) -> None:
         cache, x = op.operands
         self.emit("dma", sig=self.barrier[id(op)], wait=self.op_wait, dst=self.mem(cache)._replace(roff=PAST),

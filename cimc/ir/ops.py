@@ -281,6 +281,17 @@ def _relayout(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
     return [TensorType(ACT, (rows, cols))]
 
 
+def _matmul(ts: Sequence[TensorType], attrs: dict) -> list[TensorType]:
+    a, b = ts
+    _float(a, "a")
+    _float(b, "b")
+    m, k = _matrix(a, "a")
+    br, bc = _matrix(b, "b")
+    kb, n = (bc, br) if attrs.get("tb", False) else (br, bc)
+    _need(k == kb, f"a {a} and b {b} do not multiply (tb = {attrs.get('tb', False)})")
+    return [TensorType(ACT, (m, n))]
+
+
 #: `gelu`'s `approximate` (ONNX Gelu-20): the exact erf form or the tanh approximation.
 GELU_FORMS = ("none", "tanh")
 
@@ -353,6 +364,9 @@ _def("relayout", ("src...",), _relayout,
      "copy strided pieces of fixed-size operands into the row-major [prod(shape[:-1]), shape[-1]] matrix of "
      "the ONNX tensor `shape` (a materialising transpose, Concat, Gather by constant indices; see `Piece`)",
      {"shape": "list", "pieces": "list"})
+_def("matmul", ("a", "b"), _matmul,
+     "alpha * a @ b (b.T with `tb`): a small product of two activations on an SFU (the generic mode's "
+     "attention scores and P@V)", optional={"tb": "bool", "alpha": "float"})
 _def("swiglu", ("gate", "up"), _swiglu, "silu(gate) * up")
 for _name, _doc in (("add", "a + b"), ("sub", "a - b"), ("mul", "a * b"), ("div", "a / b"), ("max", "max(a, b)"),
                     ("pow", "a ** b")):
