@@ -41,6 +41,9 @@ BOUND_INPUTS = {
     ("LayerNormalization", 2): "the B of LayerNormalization",
     ("RMSNormalization", 1): "the scale of RMSNormalization",
     ("Where", 0): "the condition of Where (a mask)",
+    ("Attention", 3): "the attn_mask of Attention",
+    ("RotaryEmbedding", 1): "the cos_cache of RotaryEmbedding",
+    ("RotaryEmbedding", 2): "the sin_cache of RotaryEmbedding",
 }
 _INTEGERS = {TensorProto.INT8, TensorProto.INT16, TensorProto.INT32, TensorProto.INT64, TensorProto.UINT8,
              TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64}

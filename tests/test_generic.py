@@ -152,3 +152,65 @@ def test_relayout_type_rule_rejects_a_piece_outside_its_operand():
     bad = Piece(0, 0, 1, 0, (3, 2), (0, 1), (1, 0), (2, 1)).encode()  # one column too far
     with pytest.raises(TypeRuleError, match="reads outside operand 0"):
         OPS["relayout"].infer([t], {"shape": [3, 2], "pieces": [bad]})
+
+
+def test_attention_with_gqa_past_softcap_and_a_mask_matches_onnxruntime():
+    """3-D Q, K, V over 2 batches, 4 query heads on 2 KV heads, the op's own past_key/past_value (graph
+    inputs; the presents are outputs), a float mask over past + new keys, causal, scale and softcap:
+    per batch and head `matmul`s of two activations."""
+    rng = np.random.default_rng(8)
+    mask = rng.standard_normal((3, 5)).astype(np.float32)
+    mask[1, 0] = -np.inf
+    node = helper.make_node("Attention", ["q", "k", "v", "mask", "pk", "pv"], ["y", "presk", "presv"],
+                            q_num_heads=4, kv_num_heads=2, is_causal=1, scale=0.3, softcap=2.5)
+    model = _model([node], {"q": [2, 3, 16], "k": [2, 3, 8], "v": [2, 3, 6], "pk": [2, 2, 2, 4], "pv": [2, 2, 2, 3]},
+                   ["y", "presk", "presv"], {"mask": mask}, opset=23)
+    shapes = {"q": (2, 3, 16), "k": (2, 3, 8), "v": (2, 3, 6), "pk": (2, 2, 2, 4), "pv": (2, 2, 2, 3)}
+    _check(model, {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()})
+
+
+def test_attention_bidirectional_4d_with_its_softmax_scores_matches_onnxruntime():
+    rng = np.random.default_rng(9)
+    node = helper.make_node("Attention", ["q", "k", "v"], ["y", "", "", "qk"], qk_matmul_output_mode=3)
+    shapes = {"q": (2, 2, 3, 4), "k": (2, 2, 5, 4), "v": (2, 2, 5, 6)}
+    model = _model([node], {n: list(s) for n, s in shapes.items()}, ["y", "qk"], {}, opset=23)
+    _check(model, {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()})
+
+
+def test_attention_zeroes_a_query_that_sees_no_key():
+    """A row the mask hides every key from gives zeros (the ONNX spec), not the NaN of a softmax of -inf."""
+    rng = np.random.default_rng(10)
+    mask = np.zeros((2, 3), np.float32)
+    mask[0] = -np.inf
+    node = helper.make_node("Attention", ["q", "k", "v", "mask"], ["y"])
+    model = _model([node], {"q": [1, 1, 2, 4], "k": [1, 1, 3, 4], "v": [1, 1, 3, 4]}, ["y"], {"mask": mask}, opset=23)
+    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((1, 1, 2, 4), (1, 1, 3, 4), (1, 1, 3, 4)))
+    (y,) = CimcBackend.prepare(model).run([q, k, v])
+    s = q[0, 0, 1] @ k[0, 0].T / 2.0
+    p = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
+    np.testing.assert_array_equal(y[0, 0, 0], np.zeros(4, np.float32))
+    np.testing.assert_allclose(y[0, 0, 1], p @ v[0, 0], rtol=1e-5, atol=1e-6)
+
+
+def test_attention_refuses_a_qk_output_the_spec_and_its_reference_disagree_on():
+    node = helper.make_node("Attention", ["q", "k", "v"], ["y", "", "", "qk"], qk_matmul_output_mode=1, softcap=2.0)
+    model = _model([node], {"q": [1, 1, 2, 4], "k": [1, 1, 2, 4], "v": [1, 1, 2, 4]}, ["y", "qk"], {}, opset=23)
+    with pytest.raises(CannotCompile) as e:
+        CimcBackend.prepare(model)
+    assert [(n.op_type, why) for n, why in e.value.failures] == [
+        ("Attention", "qk_matmul_output_mode=1 with softcap=2.0 is not supported (the ONNX spec and its reference "
+                      "disagree on what it returns)")]
+
+
+@pytest.mark.parametrize("interleaved", [0, 1])
+def test_rotary_embedding_by_position_ids_matches_onnxruntime(interleaved):
+    """3-D input with num_heads, a partial rotary_embedding_dim, caches indexed by arbitrary position ids
+    (bound at the first run), interleaved pairs or halves."""
+    rng = np.random.default_rng(11)
+    node = helper.make_node("RotaryEmbedding", ["x", "cos", "sin", "pos"], ["y"], num_heads=2,
+                            rotary_embedding_dim=4, interleaved=interleaved)
+    model = _model([node], {"x": [2, 3, 12], "cos": [9, 2], "sin": [9, 2]}, ["y"], {}, opset=23)
+    model.graph.input.append(helper.make_tensor_value_info("pos", TensorProto.INT64, [2, 3]))
+    angle = rng.standard_normal((9, 2))
+    _check(model, {"x": rng.standard_normal((2, 3, 12)).astype(np.float32), "cos": np.cos(angle).astype(np.float32),
+                   "sin": np.sin(angle).astype(np.float32), "pos": np.array([[4, 0, 8], [1, 1, 2]], np.int64)})

@@ -8,7 +8,7 @@ from pathlib import Path
 from cimc.frontend import ops, rules  # noqa: F401  (their modules register converters and idiom rules)
 from cimc.frontend.converters import refusal
 from cimc.frontend.fold import Binding, analyze, find_roles, mask_probe, mask_values, position_tables, prepare
-from cimc.frontend.generic import GenericLifter
+from cimc.frontend.generic import GENERIC, GenericLifter
 from cimc.frontend.lift import Lifter
 from cimc.frontend.model import OnnxModel, WeightStore, cannot_compile, open_model
 from cimc.ir.core import Module
@@ -31,10 +31,10 @@ def import_onnx(path: str | os.PathLike, *, max_seq: int = 256, max_ctx: int | N
     if max_ctx < max_seq:
         raise CimcError(f"--max-ctx ({max_ctx}) must be at least --max-seq ({max_seq})")
     model, weights = open_model(path)
-    refused = [(n, why) for n in model.nodes if (why := refusal(model, n))]
+    roles = find_roles(model)
+    refused = [(n, why) for n in model.nodes if (why := refusal(model, n, GENERIC if roles.generic else None))]
     if refused:
         raise cannot_compile(model, refused)
-    roles = find_roles(model)
     dims = roles.dims | dict(dims or {})
     # The graph is lifted at small, distinct lengths (no axis of interest has size 1), compared
     # with one more token and, with a cache, more cached tokens; position tables (RoPE) are

@@ -144,13 +144,14 @@ def find(model: OnnxModel, node: Node, registry: dict[tuple[str, str], list[Conv
     return next((c for c in versions if version is not None and c.covers(version)), None)
 
 
-def refusal(model: OnnxModel, node: Node) -> str:
-    """Why `node` cannot be compiled, from its op, opset and attributes alone ("" if it may be)."""
+def refusal(model: OnnxModel, node: Node, first: dict[tuple[str, str], list[Converter]] | None = None) -> str:
+    """Why `node` cannot be compiled, from its op, opset and attributes alone ("" if it may be);
+    a converter in `first` (the generic mode's) is checked in place of the registry's."""
     domain, version = _key(node)[0], opset(model, node)
     if version is None:
         return f"the model imports no opset for its domain {node.domain or 'ai.onnx'!r} (opset_import)"
     versions = CONVERTERS.get(_key(node), [])
-    conv = find(model, node)
+    conv = (find(model, node, first) if first else None) or find(model, node)
     if versions and conv is None:
         spans = ", ".join(c.span() for c in versions)
         return f"{node.op_type} at opset {version} is not supported (cimc converts it at opsets {spans})"

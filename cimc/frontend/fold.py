@@ -98,9 +98,11 @@ def find_roles(model: OnnxModel) -> Roles:
                     roles.caches[name] = n.outputs[0]
                     params = [d.dim_param for d in vi.type.tensor_type.shape.dim[1:] if d.dim_param]
                     roles.past_param = params[-1] if params else roles.past_param
-    for n in model.nodes:  # attention ops that keep a cache (GroupQueryAttention)
+    fixed = all(vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")
+                and all(d.HasField("dim_value") for d in vi.type.tensor_type.shape.dim) for vi in model.inputs.values())
+    for n in model.nodes:  # attention ops that keep a cache (GroupQueryAttention); not without token ids
         conv = converters.find(model, n)
-        if conv is None or conv.roles is None:
+        if conv is None or conv.roles is None or (roles.tokens is None and fixed):
             continue
         found = conv.roles(model, n)
         roles.caches.update(found.caches)
@@ -130,9 +132,7 @@ def find_roles(model: OnnxModel) -> Roles:
             # a mask over the cache and the new tokens, its length a symbol of its own (dynamo's `total`)
             roles.ctx_params.add(dims[0].dim_param)
             roles.assumed[name] = "ones"
-    roles.generic = roles.tokens is None and not roles.caches and all(
-        vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")
-        and all(d.HasField("dim_value") for d in vi.type.tensor_type.shape.dim) for vi in model.inputs.values())
+    roles.generic = roles.tokens is None and not roles.caches and fixed
     if roles.generic:  # an empty input holds no data: a constant
         roles.assumed.update({name: "empty" for name, vi in model.inputs.items()
                               if any(d.dim_value == 0 for d in vi.type.tensor_type.shape.dim)})

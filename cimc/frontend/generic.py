@@ -11,7 +11,9 @@ activations with numpy broadcasting, Concat and Gather by constant indices (rela
 the reductions over any axes (a relayout moves them last), MatMul and Gemm with constant B (and
 Gemm's alpha, beta, transA, a matrix C; batched B one weight per matrix; a vector B as a row
 product), Pow of activations and stepped Slices, LayerNormalization and RMSNormalization over any
-trailing axes (with LayerNormalization's Mean and InvStdDev), and Where by a constant condition.
+trailing axes (with LayerNormalization's Mean and InvStdDev), Where by a constant condition,
+Attention per batch and head (`matmul` products of two activations, a constant mask, the op's own
+past concatenated) and RotaryEmbedding with constant caches (any position ids, interleaved or not).
 Every other op uses its decoder-path converter.
 The decoder path (cimc.frontend.lift.Lifter) is not changed by any of this.
 """
@@ -193,18 +195,24 @@ def binary(lifter: GenericLifter, node: Node, args: list) -> Term:
 # ---- layout ------------------------------------------------------------------------------------
 
 
-def concat(lifter: GenericLifter, node: Node, args: list) -> Term:
-    shape = lifter.shape(node.outputs[0])
-    axis = node.attrs.get("axis", 0) % len(shape)
-    strides = row_major(shape)
-    operands, pieces, at = [], [], 0
-    for t in args:
-        v = _view(lifter, t)
+def _stack(lifter: GenericLifter, views: list[View], axis: int, loc: str) -> View:
+    """The Concat of `views` along `axis` (a relayout)."""
+    shape = list(views[0].shape)
+    shape[axis] = sum(v.shape[axis] for v in views)
+    strides = row_major(tuple(shape))
+    operands: list[Value] = []
+    pieces, at = [], 0
+    for v in views:
         if v.base not in operands:
             operands.append(v.base)
         pieces.append(piece(v, operands.index(v.base), at * strides[axis], strides))
         at += v.shape[axis]
-    return lifter.relayout(operands, pieces, shape, node.name)
+    return lifter.relayout(operands, pieces, tuple(shape), loc)
+
+
+def concat(lifter: GenericLifter, node: Node, args: list) -> Term:
+    axis = node.attrs.get("axis", 0) % len(lifter.shape(node.outputs[0]))
+    return _stack(lifter, [_view(lifter, t) for t in args], axis, node.name)
 
 
 def gather(lifter: GenericLifter, node: Node, args: list) -> Term:
@@ -490,6 +498,183 @@ def _add(node: Node) -> Node:
     return Node(node.name, "Add", node.domain, node.inputs, node.outputs, {}, node.proto)
 
 
+# ---- Attention and RotaryEmbedding -------------------------------------------------------------
+
+
+def _heads(v: View, heads: int, what: str) -> View:
+    """A 4-D [batch, heads, seq, head_dim] operand, or a 3-D [batch, seq, heads*head_dim] one split."""
+    if len(v.shape) == 4:
+        return v
+    b, s, f = v.shape
+    if heads < 1 or f % heads:
+        raise Unsupported(f"{what} has {f} features, not a multiple of its {heads} heads")
+    return V.transpose(V.reshape(v, (b, s, heads, f // heads)), [0, 2, 1, 3])
+
+
+def _constant(lifter: GenericLifter, t: Term | None, name: str) -> np.ndarray | None:
+    """The value of an optional input that must be a constant (an initializer, or folded)."""
+    if isinstance(t, Lazy) and not t.transpose:
+        return np.asarray(lifter.weights(t.init))
+    if t is not None and not isinstance(t, Static):
+        raise Unsupported(f"input {name!r} must be a constant")
+    return None if t is None else np.asarray(t.value)
+
+
+def _attention_bias(mask: np.ndarray | None, shape: tuple[int, int, int, int], causal: bool, past: int,
+                    nonpad: np.ndarray | None, left: int, right: int) -> np.ndarray:
+    """The additive bias [batch, heads, q, kv] of ONNX Attention: the mask (bool: True attends;
+    float: added; shorter than kv: -inf beyond it), the causal and sliding-window masks aligned at
+    the query block's offset (the op's own past, else nonpad_kv_seqlen - q, else 0), and the
+    padding past nonpad_kv_seqlen."""
+    b, _, q, kv = shape
+    bias = np.zeros(shape, np.float32)
+    if mask is not None:
+        m = np.where(mask, 0.0, -np.inf) if mask.dtype == bool else np.asarray(mask, np.float32)
+        pad = kv - m.shape[-1]
+        m = np.pad(m, [(0, 0)] * (m.ndim - 1) + [(0, pad)], constant_values=-np.inf) if pad > 0 else m
+        bias = bias + m
+    offset = np.full(b, past) if past or nonpad is None else nonpad.reshape(-1) - q
+    diff = np.arange(q)[None, :, None] + offset[:, None, None] - np.arange(kv)[None, None, :]  # query - key
+    allowed = np.ones((b, q, kv), bool)
+    if causal:
+        allowed &= diff >= 0
+    if left >= 0:
+        allowed &= diff <= left
+    if right >= 0:
+        allowed &= -diff <= right
+    if nonpad is not None:
+        allowed &= np.arange(kv)[None, None, :] < nonpad.reshape(-1)[:, None, None]
+    return (bias + np.where(allowed, 0.0, -np.inf)[:, None]).astype(np.float32)
+
+
+#: qk_matmul_output_mode -> the scores it returns; modes 0 and 2 with a softcap, and mode 1, are
+#: refused: the ONNX spec (mask, then softcap) and its reference implementation (softcap, then
+#: mask; mode 1 without the mask) disagree there.
+QK_OUTPUTS = {0: "scores", 2: "biased", 3: "probs"}
+
+
+def attention(lifter: GenericLifter, node: Node, args: list) -> tuple[Term, ...]:
+    """ONNX Attention per batch and query head h (KV head h // (q_heads/kv_heads)): S = scale *
+    Q K^T (`matmul`), soft-capped (tanh), plus the constant bias (`_attention_bias`), softmax, and
+    P V (`matmul`); a query row every key is masked from gives zeros. The op's past_key/past_value
+    are concatenated in front of K and V (the presents)."""
+    at = node.attrs
+    mode, softcap = int(at.get("qk_matmul_output_mode", 0)), float(at.get("softcap", 0.0))
+    outs = [*node.outputs, "", "", ""][:4]
+    if outs[3] and (mode not in QK_OUTPUTS or (softcap and mode != 3)):
+        raise Unsupported(f"qk_matmul_output_mode={mode}{f' with softcap={softcap}' if softcap else ''} is not "
+                          "supported (the ONNX spec and its reference disagree on what it returns)")
+    if int(at.get("softmax_precision", TensorProto.FLOAT)) != TensorProto.FLOAT:
+        raise Unsupported(f"softmax_precision={int(at['softmax_precision'])} is not supported (only 1: float)")
+    if softcap < 0:
+        raise Unsupported(f"softcap={softcap} must be 0 (none) or positive")
+    q_in, k_in, v_in, mask_t, past_k, past_v, nonpad_t = (args + [None] * 7)[:7]
+    names = [*node.inputs, *[""] * 7]
+    mask, nonpad = _constant(lifter, mask_t, names[3]), _constant(lifter, nonpad_t, names[6])
+    if (past_k is None) != (past_v is None) or (past_k is not None and nonpad is not None):
+        raise Unsupported("past_key and past_value must be given together, and not with nonpad_kv_seqlen")
+    q = _heads(_view(lifter, q_in), int(at.get("q_num_heads", 0)), "Q")
+    k = _heads(_view(lifter, k_in), int(at.get("kv_num_heads", 0)), "K")
+    v = _heads(_view(lifter, v_in), int(at.get("kv_num_heads", 0)), "V")
+    presents: tuple[Term, ...] = ()
+    past = 0
+    if past_k is not None:
+        past = _view(lifter, past_k).shape[2]
+        k = _stack(lifter, [_view(lifter, past_k), k], 2, node.name)
+        v = _stack(lifter, [_view(lifter, past_v), v], 2, node.name)
+        presents = (k, v)
+    (b, h, nq, dk), hk, nk, dv = q.shape, k.shape[1], k.shape[2], v.shape[3]
+    if h % hk:
+        raise Unsupported(f"{h} query heads are not a multiple of {hk} KV heads")
+    bias = _attention_bias(mask, (b, h, nq, nk), bool(int(at.get("is_causal", 0))), past,
+                           None if nonpad is None else nonpad.astype(np.int64),
+                           int(at.get("left_window_size", -1)), int(at.get("right_window_size", -1)))
+    scale = float(at["scale"]) if "scale" in at else 1.0 / float(np.sqrt(dk))
+    ys, qks = [], []
+    for bi, hi in np.ndindex(b, h):
+        def head(x: View, i: int, b_: int = bi) -> Value:
+            p = lifter.plain(V.squeeze(V.slice_axis(V.slice_axis(x, 0, b_, 1), 1, i, 1), [0, 1]))
+            assert p is not None
+            return p.base
+
+        s = lifter.op("matmul", [head(q, hi), head(k, hi // (h // hk))], node.name, {"tb": True, "alpha": scale})
+        if softcap:
+            s = lifter.op("affine", [s], node.name, {"alpha": 1.0 / softcap, "beta": 0.0})
+            s = lifter.op("affine", [lifter.op("tanh", [s], node.name)], node.name, {"alpha": softcap, "beta": 0.0})
+        scores = s
+        dead = np.isneginf(bias[bi, hi].max(axis=-1, keepdims=True))  # rows that see no key
+        row_bias = np.where(dead, 0.0, bias[bi, hi]).astype(np.float32)
+        if row_bias.any():
+            s = lifter.op("add", [s, lifter.operand(Static(f"{node.name}:bias{bi},{hi}", row_bias, None, False),
+                                                    (nq, nk))], node.name)
+        biased = s
+        p = lifter.op("softmax", [s], node.name)
+        if dead.any():
+            keep = Static(f"{node.name}:rows{bi},{hi}", (~dead).astype(np.float32), None, False)
+            p = lifter.op("mul", [p, lifter.operand(keep, (nq, nk))], node.name)
+        ys.append(lifter.op("matmul", [p, head(v, hi // (h // hk))], node.name))
+        qks.append({"scores": scores, "biased": biased, "probs": p}[QK_OUTPUTS.get(mode, "scores")])
+
+    def gather_heads(results: list[Value], cols: int, name: str) -> View:
+        shape = lifter.shape(name)
+        heads_last = len(shape) == 3  # [batch, q, heads*cols]
+        pieces = [Piece(i, 0, 0, (bi * nq * h * cols + hi * cols) if heads_last else (bi * h + hi) * nq * cols,
+                        (nq, cols), (1, 0), (0, 1), (h * cols if heads_last else cols, 1))
+                  for i, (bi, hi) in enumerate(np.ndindex(b, h))]
+        return lifter.relayout(results, pieces, shape, node.name)
+
+    y = gather_heads(ys, dv, outs[0])
+    qk = (gather_heads(qks, nk, outs[3]),) if outs[3] else ()
+    return (y, *presents, *qk) if presents or not qk else (y, Bad(node), Bad(node), *qk)
+
+
+def rotary(lifter: GenericLifter, node: Node, args: list) -> Term:
+    """ONNX RotaryEmbedding with constant caches (and position ids): x * C + x' * S, where x' is
+    x with each rotated pair swapped (a relayout) and C, S the cos and signed sin of each element
+    (1 and 0 past rotary_embedding_dim), interleaved or in halves."""
+    x_in, cos, sin, pos = [*args, None][:4]
+    at = node.attrs
+    x = _view(lifter, x_in)
+    shape = x.shape
+    names = [*node.inputs, ""]
+    c, s, ids = (_constant(lifter, t, name) for t, name in zip((cos, sin, pos), names[1:4], strict=True))
+    if len(shape) == 4:
+        b, heads, n, hd = shape
+    else:
+        b, n, hidden = shape
+        heads = int(at.get("num_heads", 0))
+        if heads < 1 or hidden % heads:
+            raise Unsupported(f"num_heads={heads} must divide a 3-D input's {hidden} features")
+        hd = hidden // heads
+    rd = int(at.get("rotary_embedding_dim", 0)) or hd
+    if rd > hd or rd % 2:
+        raise Unsupported(f"rotary_embedding_dim={rd} must be even and at most head_dim {hd}")
+    assert c is not None and s is not None
+    if ids is not None:
+        c, s = c[ids.astype(np.int64)], s[ids.astype(np.int64)]
+    if c.shape != (b, n, rd // 2) or s.shape != c.shape:
+        raise Unsupported(f"the caches give {list(c.shape)} per token, not [batch, seq, rotary_embedding_dim/2]")
+    half = np.arange(rd // 2)
+    first, second = (2 * half, 2 * half + 1) if int(at.get("interleaved", 0)) else (half, half + rd // 2)
+    cmat, smat = np.ones((b, n, hd), np.float32), np.zeros((b, n, hd), np.float32)
+    cmat[..., first], cmat[..., second] = c, c
+    smat[..., first], smat[..., second] = -s, s
+    src = np.arange(hd)
+    src[first], src[second] = second, first
+    if len(shape) == 4:  # [b, n, hd] -> [b, 1, n, hd]
+        cmat, smat = cmat[:, None], smat[:, None]
+    else:  # [b, n, hd] -> [b, n, heads * hd]
+        cmat, smat = np.tile(cmat, heads), np.tile(smat, heads)
+        src = np.concatenate([src + i * hd for i in range(heads)])
+    last = len(shape) - 1
+    swapped = lifter.relayout([x.base], [piece(V.slice_axis(x, last, int(j), 1), 0, i, row_major(shape))
+                                         for i, j in enumerate(src)], shape, node.name)
+    terms = [lifter.op("mul", [lifter.operand(a, shape),
+                               lifter.operand(Static(f"{node.name}:{what}", m, None, False), shape)], node.name)
+             for a, m, what in ((x, cmat, "cos"), (swapped, smat, "sin"))]
+    return lifter.view_of(lifter.op("add", terms, node.name), shape)
+
+
 generic(("Add", "Sub", "Mul", "Div", "Pow"), binary, since=7)
 generic("Max", binary, since=8)
 generic(("Reshape", "Flatten"), reshape)
@@ -504,3 +689,5 @@ generic("Gemm", gemm, since=7)
 generic("LayerNormalization", norm, since=17)
 generic("RMSNormalization", norm, since=23)
 generic("Where", where, since=9)
+generic("Attention", attention, since=23)
+generic("RotaryEmbedding", rotary, since=23)
