@@ -40,10 +40,6 @@ from isa.diag import CimcError
 DOC = Path(__file__).resolve().parents[1] / "docs" / "conformance.md"
 #: Ops the frontend takes whose node cases test something a decoder compiler does not do, and why.
 EXCLUDED = {
-    "Attention": "taken only as a decoder's causal self-attention over its token sequence (Q, K, V computed from "
-                 "the tokens, batch 1, a mask that folds to a causal one); its cases attend over batch-2 Q, K, V "
-                 "graph inputs, bidirectionally, under a graph-input mask, over nonpad_kv_seqlen or with "
-                 "left/right windows or qk outputs (0 of its 73 float32 cases pass)",
     "Cast": "no case casts float32 to float32: each converts from or to another element type (float16, double, "
             "bfloat16, float8, float4, int4, int2, e8m0), which cimc's float32 datapath does not hold; cimc takes "
             "Cast on activations only as float to float32 (a no-op)",
@@ -63,9 +59,6 @@ EXCLUDED = {
     "MatMulInteger": "its case multiplies two uint8 graph inputs into int32: cimc's datapath is float32 "
                      "activations; it takes the op only inside quantize_dynamic's chain (integer weights, "
                      "rescaled by a Mul)",
-    "RotaryEmbedding": "taken only on the heads of an activation computed from the tokens, at the tokens' own "
-                       "positions; its cases rotate batch-2 graph inputs at arbitrary position ids or interleaved "
-                       "(0 of 8 pass)",
 }
 
 
