@@ -1,7 +1,7 @@
 """Opset-23 operators exporters emit (RMSNormalization, Attention, RotaryEmbedding) and the
 onnxruntime contrib ops onnxscript's fusions make of the same graphs (RotaryEmbedding,
-MultiHeadAttention): tiny graphs compiled, simulated and compared with onnxruntime on the same
-file; the forms cimc does not take are refused with the reason, naming the attribute and value."""
+MultiHeadAttention, FusedMatMul): tiny graphs compiled, simulated and compared with onnxruntime on
+the same file; the forms cimc does not take are refused with the reason, naming the attribute and value."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from cimc.accuracy import measure_accuracy
 from cimc.driver import CompileOptions, compile_model
 from cimc.frontend import import_onnx
 from cimc.frontend.model import CannotCompile
+from cimc.frontend.ops.linear import FUSED_REFUSED
 from runtime.generate import generate
 from runtime.interpreter import Session
 
@@ -332,3 +333,87 @@ def test_contrib_forms_not_taken_are_refused(form: str, tmp_path: Path) -> None:
     with pytest.raises(CannotCompile) as err:
         import_onnx(path, max_seq=8)
     assert any(needle in why for _, why in err.value.failures), err.value.failures
+
+
+# ---- com.microsoft FusedMatMul: alpha * A @ (transB ? B^T : B), on weights and as attention scores --------------
+FUSED_WEIGHT_FORMS = {"plain": {}, "alpha": {"alpha": 0.5}, "transB": {"transB": 1},
+                      "transB, alpha": {"transB": 1, "alpha": -1.5}}
+
+
+@pytest.mark.parametrize("form", FUSED_WEIGHT_FORMS)
+def test_fused_matmul_on_a_weight_matches_onnxruntime(form: str, tmp_path: Path) -> None:
+    """FusedMatMul(x, W) is one linear (of W^T with transB), then an affine by alpha if alpha != 1."""
+    attrs = FUSED_WEIGHT_FORMS[form]
+    w = np.random.default_rng(3).standard_normal((D, 24)).astype(np.float32)
+    w = np.ascontiguousarray(w.T) if attrs.get("transB") else w
+    node = helper.make_node("FusedMatMul", ["x", "w"], ["y"], name="fmm", domain="com.microsoft", **attrs)
+    path = xy_model(tmp_path / "m.onnx", [node], {"w": w}, cols=D, out_cols=24, opset=20, contrib=True)
+    module, _ = import_onnx(path, max_seq=8)
+    assert len(list(module.walk("linear"))) == 1
+    assert [op.attrs["alpha"] for op in module.walk("affine")] == ([attrs["alpha"]] if "alpha" in attrs else [])
+    matches_onnxruntime(path)
+
+
+def fused_scores_model(path: Path, *, alpha: float = 1.0, trans_b: int = 1, mul: float = 1.0,
+                       softcap: float | None = None, **attrs: object) -> Path:
+    """The tiny decoder with its scores as FusedMatMul(q, k, alpha, transB) (k given transposed when
+    not transB), maybe times `mul` and soft-capped (Gemma2's ORT-fused export), then an additive
+    causal mask, Softmax and MatMul with v."""
+    g = Graph()
+    g.heads("q3", HEADS, "qr")
+    g.inits += [_init("i2_1", np.array([2])), _init("rep_e", np.array([1, KVH, HEADS // KVH, 1, 1])),
+                _init("rep_s", np.array([1, HEADS, -1, HD]))]
+    for w in ("k", "v"):  # [1, KVH, s, HD] -> [1, HEADS, s, HD], each kv head repeated (as torch's export does)
+        g.heads(f"{w}3", KVH, f"{w}h")
+        g.add("Unsqueeze", [f"{w}h", "i2_1"], f"{w}h5")
+        g.add("Expand", [f"{w}h5", "rep_e"], f"{w}hx")
+        g.add("Reshape", [f"{w}hx", "rep_s"], f"{w}r")
+    k = "kr"
+    if not trans_b:
+        g.add("Transpose", ["kr"], "kt", perm=[0, 1, 3, 2])
+        k = "kt"
+    g.add("FusedMatMul", ["qr", k], "s", domain="com.microsoft", alpha=alpha, transB=trans_b, **attrs)
+    s = "s"
+    if mul != 1.0:
+        g.inits.append(_init("mul", np.array(mul, np.float32)))
+        g.add("Mul", [s, "mul"], "s_mul")
+        s = "s_mul"
+    if softcap:
+        g.inits.append(_init("cap", np.array(softcap, np.float32)))
+        g.add("Div", [s, "cap"], "s_div")
+        g.add("Tanh", ["s_div"], "s_tanh")
+        g.add("Mul", ["s_tanh", "cap"], "s_cap")
+        s = "s_cap"
+    g.add("Add", [s, g.causal_mask(0, "float")], "s_masked")
+    g.add("Softmax", ["s_masked"], "p", axis=-1)
+    g.add("MatMul", ["p", "vr"], "o")
+    g.merge("o", "o3")
+    return g.finish("o3", path, CONTRIB)
+
+
+FUSED_SCORE_FORMS = {
+    "transB, alpha": {"alpha": HD ** -0.5},
+    "k transposed, alpha": {"alpha": 0.3, "trans_b": 0},
+    "transB, then a scale and a softcap": {"mul": HD ** -0.5, "softcap": 2.0},
+}
+
+
+@pytest.mark.parametrize("form", FUSED_SCORE_FORMS)
+def test_fused_matmul_scores_are_attention(form: str, tmp_path: Path) -> None:
+    """FusedMatMul of q and k under a softmax is the attention rule's scores, alpha folded into the
+    scale; the decoder generates onnxruntime's tokens with its logits."""
+    attrs = FUSED_SCORE_FORMS[form]
+    path = fused_scores_model(tmp_path / "m.onnx", **attrs)
+    module, _ = import_onnx(path, max_seq=len(PROMPT), max_ctx=len(PROMPT) + NEW)
+    (att,) = module.walk("attention")
+    assert (att.attrs["heads"], att.attrs["kv_heads"]) == (HEADS, KVH)
+    assert att.attrs["scale"] == pytest.approx(attrs.get("alpha", 1.0) * attrs.get("mul", 1.0))
+    assert att.attrs.get("softcap") == attrs.get("softcap")
+    _matches_onnxruntime(path)
+
+
+@pytest.mark.parametrize("attr", ["transA", "transBatchA", "transBatchB"])
+def test_fused_matmul_forms_not_taken_are_refused(attr: str, tmp_path: Path) -> None:
+    """Each attribute cimc does not compute is refused at its node, named with its value."""
+    path = fused_scores_model(tmp_path / "m.onnx", alpha=0.3, **{attr: 1})
+    assert refusals(path) == {"s": f"{attr}=1 is not supported ({FUSED_REFUSED[attr]})"}

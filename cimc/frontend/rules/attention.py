@@ -1,10 +1,11 @@
-"""Attention: `MatMul(Softmax(cap(scale * MatMul(q, k^T)) + causal mask), v)` -> `attention(q, k,
-v)`, anchored at the last MatMul. Needs ONNX facts: q, k and v must be head-split views (with
-GQA/MQA head repetition), the mask a folded causal [seq, past + seq] matrix, maybe a sliding window
-(`window`: the keys a query sees, read off the folded masks, which exporters build from position
-comparisons); soft-capping `c * tanh(s / c)` sets `softcap` (Gemma2). Exporters' scalar scalings,
-`Where(mask, x, -inf)` masks, `Where(IsNaN(p), 0, p)` guards and casts of the probabilities to
-float32 are peeled.
+"""Attention: `MatMul(Softmax(cap(scale * MatMul(q, k^T)) + causal mask), v)` -> `attention(q, k, v)`,
+anchored at the last MatMul; the scores may be onnxruntime's `FusedMatMul(q, k, alpha, transB)`
+(alpha * q @ k^T with transB, else k given transposed; its converter refuses transA). Needs ONNX
+facts: q, k and v must be head-split views (with GQA/MQA head repetition), the mask a folded causal
+[seq, past + seq] matrix, maybe a sliding window (`window`: the keys a query sees, read off the
+folded masks, which exporters build from position comparisons); soft-capping `c * tanh(s / c)` sets
+`softcap` (Gemma2). Exporters' scalar scalings, `Where(mask, x, -inf)` masks, `Where(IsNaN(p), 0,
+p)` guards and casts of the probabilities to float32 are peeled.
 """
 
 from __future__ import annotations
@@ -40,14 +41,14 @@ def match(lifter: Lifter, mm: Expr) -> View | NoMatch | None:
             scale = inner * softcap
             if not softcap > 0:
                 raise Unsupported(f"soft-capping c * tanh(s / c) needs c > 0, got {softcap}")
-        if not (isinstance(y, Expr) and y.node.op_type == "MatMul"):
-            raise Unsupported("softmax input is not a (scaled) MatMul of queries and keys")
+        if not (isinstance(y, Expr) and y.node.op_type in ("MatMul", "FusedMatMul")):
+            raise Unsupported("softmax input is not a (scaled) MatMul or FusedMatMul of queries and keys")
         a, sa = strip_scalars(y.args[0])
         b, sb = strip_scalars(y.args[1])
-        scale *= sa * sb
+        scale *= sa * sb * float(y.node.attrs.get("alpha", 1.0))
         if not (isinstance(a, View) and isinstance(b, View) and isinstance(v, View)):
             raise Unsupported("attention operands are not head-split views of q, k and v")
-        return attend(lifter, node.name, a, b, v, mask, scale, softcap, k_transposed=True)
+        return attend(lifter, node.name, a, b, v, mask, scale, softcap, k_transposed=not y.node.attrs.get("transB", 0))
     except Unsupported as e:
         parts = (p, *(p.args if isinstance(p, Expr) else []))
         return NoMatch(str(e), tuple(part.node.name for part in parts if isinstance(part, Expr)))
