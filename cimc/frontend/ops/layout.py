@@ -28,7 +28,7 @@ from cimc.frontend import views as V
 from cimc.frontend.converters import Unsupported, no_weights, standard
 from cimc.frontend.lift import Expr, Lazy, Lifter, QLazy, Static, Term, transposed
 from cimc.frontend.model import FLOAT_TYPES, Node
-from cimc.frontend.ops.contrib_attention import split_columns
+from cimc.frontend.ops.columns import split_columns
 from cimc.frontend.views import Axis, View, ViewError
 
 
