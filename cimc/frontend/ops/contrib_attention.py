@@ -183,7 +183,7 @@ def standin(node: Node) -> tuple[list[onnx.NodeProto], list[onnx.ValueInfoProto]
     return nodes, extra
 
 
-def _table(lifter: Lifter, node: Node, name: str) -> Value:
+def _table(lifter: Lifter, name: str) -> Value:
     half = np.asarray(lifter.weights(name), np.float32)
     if half.shape[0] < lifter.max_ctx:
         raise Unsupported(f"{name!r} has {half.shape[0]} positions, fewer than --max-ctx {lifter.max_ctx}")
@@ -252,7 +252,7 @@ def lift(lifter: Lifter, node: Node, args: list) -> tuple[Term, ...]:
             raise Unsupported(f"past {name!r} has {term.base.type.shape[1]} columns, not kv_num_heads*head_dim "
                               f"= {kvh * hd}")
         caches.append(term.base)
-    cos, sin = (_table(lifter, node, name) for name in node.inputs[7:9])
+    cos, sin = (_table(lifter, name) for name in node.inputs[7:9])
     q = lifter.op("rope", [q, cos, sin], node.name, {"head_dim": hd})
     k = lifter.op("rope", [k, cos, sin], node.name, {"head_dim": hd})
     kc = lifter.op("kv_append", [caches[0], k], node.name)
