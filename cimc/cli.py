@@ -272,6 +272,15 @@ def cmd_hw(args: argparse.Namespace) -> None:
     print(render_text(load_hw(args.name, args.hw_set)))
 
 
+def cmd_dse(args: argparse.Namespace) -> None:
+    from cimc.dse.space import load_space, render_text
+
+    space = load_space(args.space)
+    if not args.dry_run:
+        raise CimcError("cimc dse: the search is not built yet; --dry-run checks the space and shows its grid")
+    print(render_text(space, args.first), end="")
+
+
 def _ids(text: str) -> list[int]:
     try:
         return [int(t) for t in text.replace(" ", "").split(",") if t != ""]
@@ -458,6 +467,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", default=None, help="preset name or TOML file (default edgecim-65nm)")
     p.add_argument("--set", dest="hw_set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_hw)
+
+    p = sub.add_parser("dse", help="design-space exploration: check a space file and show its grid", epilog=EPILOG)
+    p.add_argument("--space", required=True, metavar="FILE", help="design space TOML (see examples/spaces/)")
+    p.add_argument("--dry-run", action="store_true", help="check the space and print its size and first points")
+    p.add_argument("--first", type=int, default=10, metavar="N", help="points --dry-run shows (default 10)")
+    p.set_defaults(func=cmd_dse)
 
     p = sub.add_parser("demo", help="compile and run the bundled example model, check it against onnxruntime",
                        epilog=EPILOG)

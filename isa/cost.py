@@ -181,9 +181,7 @@ class CostModel:
         self.e_sfu = {"add": hw.sfu.e_add_fp32_pj, "mul": hw.sfu.e_mul_fp32_pj, "exp": hw.sfu.e_exp_pj,
                       "recip": hw.sfu.e_recip_rsqrt_pj}
         self.macro_rows, self.macro_cols = m.rows, m.cols
-        # the partial-sum adder next to the global buffer is one more vector unit
-        self.leakage_mw = (c.tiles * c.macros_per_tile * m.leak_mw + c.tiles * hw.tile_buf.leak_mw
-                           + hw.global_buf.leak_mw + ib.leak_mw + (c.tiles + 1) * hw.sfu.leak_mw)
+        self.leakage_mw = hw.leakage_mw
         self._build_units()
 
     # ---- units ---------------------------------------------------------------------------

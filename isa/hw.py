@@ -99,7 +99,7 @@ class FieldSpec:
             good = all(_is_int(v) and self._in_range(v) for v in items) and len(set(items)) == len(items)
             converted = items if good else None
         if converted is None:
-            raise ValueError(f"must be {self.allowed()}, got {_toml_repr(value)}")
+            raise ValueError(f"must be {self.allowed()}, got {toml_repr(value)}")
         return converted
 
     def _in_range(self, x: float) -> bool:
@@ -410,6 +410,13 @@ class HardwareConfig:
                 + self.global_buf.area_mm2 + self.instr_buf.area_mm2 + self.noc_area_mm2)
 
     @property
+    def leakage_mw(self) -> float:
+        """Static power of the chip: macros, buffers and SFUs (one per tile, plus the partial-sum adder's)."""
+        c = self.chip
+        return (self.total_macros * self.macro.leak_mw + c.tiles * self.tile_buf.leak_mw + self.global_buf.leak_mw
+                + self.instr_buf.leak_mw + (c.tiles + 1) * self.sfu.leak_mw)
+
+    @property
     def cycle_ns(self) -> float:
         """Clock period in ns."""
         return 1000.0 / self.chip.f_clk_mhz
@@ -439,9 +446,15 @@ class HardwareConfig:
     def from_dict(cls, d: Mapping[str, Any], origin: str) -> HardwareConfig:
         """Validate a complete description in `to_dict` form; `origin` names it in errors."""
         if not isinstance(d, Mapping):
-            raise CimcError(f"{origin}: hardware description must be a table, got {_toml_repr(d)}")
+            raise CimcError(f"{origin}: hardware description must be a table, got {toml_repr(d)}")
         layer = _parse_layer(d, origin, allow_extends=False)
         return _merge([layer], [], origin)
+
+    def with_values(self, values: Mapping[str, object], label: str) -> HardwareConfig:
+        """This description with the keys of `values` ('macro.rows' -> 256) replaced, validated as a file
+        layered over it would be; `label` names the change in errors and source notes."""
+        base = _Layer(self.origin, self.values(), dict(self.sources))
+        return _merge([base, _parse_layer(values, label, allow_extends=False)], [], self.origin)
 
     def fingerprint(self) -> str:
         """16 hex digits of sha256 over the structural fields; energies and clocks do not count."""
@@ -470,7 +483,7 @@ def load_hw(spec: str | Path | None = None, overrides: Sequence[str] = ()) -> Ha
 
 def render_text(hw: HardwareConfig) -> str:
     """Human-readable listing (`cimc hw show`): every key with value, unit and source note."""
-    shown = {key: _toml_repr(value) for key, value in hw.values().items()}
+    shown = {key: toml_repr(value) for key, value in hw.values().items()}
     kw = max(len(spec.name) for spec in SCHEMA)
     vw = max(len(text) for text in shown.values())
     uw = max(len(spec.unit) for spec in SCHEMA)
@@ -572,7 +585,7 @@ def _parse_layer(data: Mapping[str, Any], label: str, *, allow_extends: bool) ->
             if not isinstance(value, str) or not value:
                 raise CimcError(
                     f"{label}: key 'extends' must be a preset name or a path to a TOML file, "
-                    f"got {_toml_repr(value)}"
+                    f"got {toml_repr(value)}"
                 )
             layer.extends = value
         elif top == "sources":
@@ -581,7 +594,7 @@ def _parse_layer(data: Mapping[str, Any], label: str, *, allow_extends: bool) ->
             for key, note in _flatten_sources(value, label, ""):
                 if not isinstance(note, str):
                     raise CimcError(
-                        f"{label}: source note for '{key}' must be a string, got {_toml_repr(note)}"
+                        f"{label}: source note for '{key}' must be a string, got {toml_repr(note)}"
                     )
                 layer.sources[key] = note
         else:
@@ -596,7 +609,7 @@ def _parse_layer(data: Mapping[str, Any], label: str, *, allow_extends: bool) ->
 def _flatten_values(key: str, value: object, label: str) -> Iterator[tuple[str, object]]:
     if key in _TABLES:
         if not isinstance(value, Mapping):
-            raise CimcError(f"{label}: '{key}' must be a table ([{key}]), got {_toml_repr(value)}")
+            raise CimcError(f"{label}: '{key}' must be a table ([{key}]), got {toml_repr(value)}")
         for sub, subvalue in value.items():
             yield from _flatten_values(f"{key}.{sub}", subvalue, label)
     elif key in FIELDS:
@@ -604,7 +617,7 @@ def _flatten_values(key: str, value: object, label: str) -> Iterator[tuple[str, 
     elif isinstance(value, Mapping):
         raise CimcError(f"{label}: unknown table [{_printable(key)}]{_suggest_table(key)}")
     else:
-        raise CimcError(f"{label}: unknown key '{_printable(key)}'{_suggest(key)}")
+        raise CimcError(f"{label}: unknown key '{_printable(key)}'{suggest_key(key)}")
 
 
 def _flatten_sources(table: Mapping[str, Any], label: str, prefix: str) -> Iterator[tuple[str, object]]:
@@ -616,7 +629,7 @@ def _flatten_sources(table: Mapping[str, Any], label: str, prefix: str) -> Itera
         elif key in FIELDS:
             yield key, value
         else:
-            raise CimcError(f"{label}: source note for unknown key '{_printable(key)}'{_suggest(key)}")
+            raise CimcError(f"{label}: source note for unknown key '{_printable(key)}'{suggest_key(key)}")
 
 
 _BARE_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_.+-]*")
@@ -629,7 +642,7 @@ def _parse_override(text: str) -> tuple[str, object]:
     if not sep or not key:
         raise CimcError(f"--set '{_printable(text)}': expected KEY=VALUE, e.g. macro.rows=256")
     if key not in FIELDS:
-        raise CimcError(f"--set '{_printable(key)}': unknown key{_suggest(key)}")
+        raise CimcError(f"--set '{_printable(key)}': unknown key{suggest_key(key)}")
     try:
         doc = tomllib.loads(f"v = {raw}")
         value: object = doc["v"] if len(doc) == 1 else None
@@ -637,12 +650,21 @@ def _parse_override(text: str) -> tuple[str, object]:
         value = raw if _BARE_WORD.fullmatch(raw) else None
     if value is None:
         raise CimcError(
-            f"--set '{key}': {_toml_repr(raw)} is not a TOML value; write e.g. {key}=\"text\" or {key}=1.5"
+            f"--set '{key}': {toml_repr(raw)} is not a TOML value; write e.g. {key}=\"text\" or {key}=1.5"
         )
     try:
         return key, FIELDS[key].convert(value)
     except ValueError as e:
         raise CimcError(f"--set '{key}': {e}") from None
+
+
+#: The pairs of keys that `_merge`'s cross-field rules read together (every other rule reads one key):
+#: a design space (cimc.dse.space) checks the combinations of exactly these pairs.
+CROSS_FIELD_PAIRS: tuple[tuple[str, str], ...] = (
+    ("dram.interleave_bytes", "dram.burst_bytes"),
+    ("macro.cols", "macro.weight_bits"),
+    ("chip.tiles", "chip.macros_per_tile"),
+)
 
 
 def _merge(layers: list[_Layer], overrides: list[tuple[str, object]], origin: str) -> HardwareConfig:
@@ -672,10 +694,11 @@ def _merge(layers: list[_Layer], overrides: list[tuple[str, object]], origin: st
     def where(*keys: str) -> str:
         return labels[max(set_by[key] for key in keys)]
 
+    # A rule below that reads two keys lists them in CROSS_FIELD_PAIRS.
     for key, (value, why) in UNSUPPORTED.items():
         if values[key] == value:
-            raise CimcError(f"{where(key)}: key '{key}' = {_toml_repr(value)} is not modelled by this simulator "
-                            f"({why}); set it to {_toml_repr(not value)}")
+            raise CimcError(f"{where(key)}: key '{key}' = {toml_repr(value)} is not modelled by this simulator "
+                            f"({why}); set it to {toml_repr(not value)}")
     if hw.dram.interleave_bytes % hw.dram.burst_bytes:
         raise CimcError(
             f"{where('dram.interleave_bytes', 'dram.burst_bytes')}: keys 'dram.interleave_bytes' "
@@ -700,7 +723,7 @@ def _merge(layers: list[_Layer], overrides: list[tuple[str, object]], origin: st
     return hw
 
 
-def _suggest(key: str) -> str:
+def suggest_key(key: str) -> str:
     """' (did you mean ...?)', else the keys of the key's table, else the tables."""
     close = difflib.get_close_matches(key, list(FIELDS), n=1)
     if close:
@@ -746,14 +769,14 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
-def _toml_repr(value: object) -> str:
+def toml_repr(value: object) -> str:
     """A value as TOML would spell it (tables are named, not dumped)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
         return json.dumps(value, ensure_ascii=False)
     if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_repr(v) for v in value) + "]"
+        return "[" + ", ".join(toml_repr(v) for v in value) + "]"
     if isinstance(value, Mapping):
         return "a table"
     return repr(value) if isinstance(value, float) else str(value)
