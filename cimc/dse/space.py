@@ -175,6 +175,7 @@ class _Source:
         for n, line in enumerate(text.splitlines(), 1):
             if header := _HEADER.match(line):
                 table = _dotted(header.group(1))
+                self.lines.setdefault(table, (n, header.start(1)))
             elif key := _KEY.match(line):
                 path = _dotted(key.group(1))
                 self.lines.setdefault(f"{table}.{path}" if table else path, (n, key.start(1) + 1))
