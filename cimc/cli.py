@@ -275,6 +275,8 @@ def cmd_hw(args: argparse.Namespace) -> None:
 def cmd_dse(args: argparse.Namespace) -> None:
     from cimc.dse.space import load_space, render_text
 
+    if args.first < 0:
+        raise CimcError(f"--first {args.first}: must be >= 0")
     space = load_space(args.space)
     if not args.dry_run:
         raise CimcError("cimc dse: the search is not built yet; --dry-run checks the space and shows its grid")

@@ -210,8 +210,9 @@ def _dotted(key: str) -> str:
 
 def _base(spec: object, folder: Path, src: _Source) -> HardwareConfig:
     if not isinstance(spec, str) or not spec:
-        raise src.error("", "hw", f"must be a preset name ({', '.join(list_presets())}) or a path to a hardware "
-                              f"TOML, got {toml_repr(spec)}")
+        presets = ", ".join(list_presets())
+        raise src.error("", "hw", f"must be a preset name ({presets}) or a path to a hardware TOML, "
+                                  f"got {toml_repr(spec)}")
     try:
         return load_hw(spec if spec in list_presets() else folder / spec)
     except CimcError as e:
