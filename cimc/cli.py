@@ -347,7 +347,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_estimate(args: argparse.Namespace) -> None:
-    from cimc.driver import compile_model
+    from cimc.driver import compile_module, load_module
     from runtime.generate import generate, render_text
     from runtime.interpreter import Session
 
@@ -362,8 +362,10 @@ def cmd_estimate(args: argparse.Namespace) -> None:
     args.max_seq = args.max_seq or args.prompt
     args.max_ctx = args.max_ctx or max(args.max_seq, args.prompt + args.new_tokens - 1)
     opts = _options(args)
+    module, weights = load_module(path, opts, need_weights=True)  # a bad model fails here, before any progress
+    assert weights is not None
     _log(args, f"cimc: compiling {path} for {opts.hw.name} (max-seq {opts.max_seq}, max-ctx {opts.max_ctx}) ...")
-    session = Session(compile_model(path, opts), opts.hw, name=path)
+    session = Session(compile_module(module, weights, opts)[0], opts.hw, name=path)
     gen = generate(session, [0] * args.prompt, args.new_tokens, numerics=False)
     if args.report_json:
         _text_out(args.report_json, json.dumps(gen.report, indent=1) + "\n")
