@@ -357,6 +357,33 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print("\n".join(filter(None, [render_text(gen.report), render_accuracy(gen.report)])))
 
 
+def cmd_estimate(args: argparse.Namespace) -> None:
+    from cimc.driver import compile_module, load_module
+    from runtime.generate import generate, render_text
+    from runtime.interpreter import Session
+
+    if (args.model is None) == (args.hf_config is None):
+        raise CimcError("give a model .onnx or --hf-config CONFIG.json (one of them)")
+    path = args.hf_config or args.model
+    if args.hf_config is not None and not args.hf_config.endswith(".json"):
+        raise CimcError(f"--hf-config {args.hf_config}: expected a Hugging Face config.json")
+    for flag, n in (("--prompt", args.prompt), ("--new-tokens", args.new_tokens)):
+        if n < 1:
+            raise CimcError(f"{flag} {n}: expected a positive number of tokens")
+    args.max_seq = args.max_seq or args.prompt
+    args.max_ctx = args.max_ctx or max(args.max_seq, args.prompt + args.new_tokens - 1)
+    opts = _options(args)
+    module, weights = load_module(path, opts, need_weights=True)  # a bad model fails here, before any progress
+    assert weights is not None
+    _log(args, f"cimc: compiling {path} for {opts.hw.name} (max-seq {opts.max_seq}, max-ctx {opts.max_ctx}) ...")
+    session = Session(compile_module(module, weights, opts)[0], opts.hw, name=path)
+    gen = generate(session, [0] * args.prompt, args.new_tokens, numerics=False)
+    if args.report_json:
+        _text_out(args.report_json, json.dumps(gen.report, indent=1) + "\n")
+    if not args.quiet:
+        print(render_text(gen.report))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from cimc.demo import run_demo
 
@@ -367,6 +394,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cimc.hfconfig import FAMILIES
+
     ap = argparse.ArgumentParser(
         prog="cimc", epilog=EPILOG,
         description="Compile decoder-only language models (ONNX) to a compute-in-memory accelerator and "
@@ -440,6 +469,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_hw(p)
     p.add_argument("-q", "--quiet", action="store_true", help="print only the generated ids")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("estimate", help="price a prompt and its decode steps (time, energy, tokens/s, tokens/J) "
+                       "without computing values: of an ONNX model, or of a Hugging Face config.json without "
+                       "weights", epilog=EPILOG)
+    p.add_argument("model", nargs="?", help="model .onnx (or give --hf-config)")
+    p.add_argument("--hf-config", metavar="CONFIG.json",
+                   help=f"a Hugging Face config.json (model_type {', '.join(FAMILIES)}): the architecture is built "
+                        "without weights, as its ONNX export would lift, and priced")
+    p.add_argument("--prompt", type=int, default=128, metavar="N", help="prompt tokens (default 128)")
+    p.add_argument("--new-tokens", type=int, default=128, metavar="M",
+                   help="generated tokens: the prefill's first one, then M-1 decode steps (default 128)")
+    p.add_argument("--report-json", metavar="FILE",
+                   help="write the report as JSON (the keys of `cimc generate --no-numerics --report-json`)")
+    _add_frontend(p, {
+        "max-seq": "most prompt tokens the program takes (default: --prompt)",
+        "max-ctx": "KV cache positions (default: prompt + new tokens - 1)",
+        "dim": "bind a named dynamic input dimension of an .onnx other than batch and sequence",
+    })
+    _add_hw(p)
+    p.add_argument("-q", "--quiet", action="store_true", help="no report on stdout (with --report-json)")
+    p.set_defaults(func=cmd_estimate)
 
     p = sub.add_parser("ir", help="print the IR of a model (optionally after a pass), or re-print a dump",
                        epilog=EPILOG)

@@ -17,6 +17,7 @@ import passes  # noqa: F401  (registers the passes)
 from cimc.family import recognise
 from cimc.frontend import import_onnx, open_model
 from cimc.frontend.model import CannotCompile
+from cimc.hfconfig import NoWeights, build_module, read_config
 from cimc.ir.core import Module
 from cimc.ir.parser import parse_module
 from cimc.ir.printer import print_module
@@ -62,8 +63,9 @@ class CompileOptions:
 
 def load_module(path: str | os.PathLike, opts: CompileOptions, need_weights: bool = False
                 ) -> tuple[Module, Callable[[str], np.ndarray] | None]:
-    """Read a model (.onnx) or an IR dump (.cimir); returns the module and its weight source
-    (None for a dump whose model is not next to it, an error with `need_weights`)."""
+    """Read a model (.onnx), an IR dump (.cimir) or a Hugging Face config.json (weight-free,
+    `cimc.hfconfig`); returns the module and its weight source (None for a dump whose model is
+    not next to it, an error with `need_weights`; for a config, one that refuses every read)."""
     p = Path(path)
     if p.suffix == ".cimir":
         try:
@@ -92,6 +94,11 @@ def load_module(path: str | os.PathLike, opts: CompileOptions, need_weights: boo
     max_seq = opts.max_seq
     if max_seq is None:
         max_seq = min(DEFAULT_MAX_SEQ, opts.max_ctx or DEFAULT_MAX_SEQ)
+    if p.suffix == ".json":
+        if opts.dims:
+            raise CimcError(f"{p}: --dim applies when lifting an .onnx; a config.json's dimensions are its own")
+        module = build_module(read_config(p), max_seq, opts.max_ctx, source=p.name)
+        return module, NoWeights(str(p))
     module, store = import_onnx(p, max_seq=max_seq, max_ctx=opts.max_ctx, dims=opts.dims)
     return module, store.get
 

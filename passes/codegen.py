@@ -729,4 +729,6 @@ def emit_program(modules: dict[str, Module], weight: WeightSource, hw: HardwareC
             "weight_count": sum(int(op.attrs["tiling"]["k"]) * int(op.attrs["tiling"]["n"]) for op in linears),
             "max_ctx": module.max_ctx,
             "rw_base": rw_base, "rw_bytes": rw_bytes}
+    if module.attrs.get("weight_free"):
+        meta["weight_free"] = True  # built from a config.json (cimc.hfconfig): timing and energy only
     return Program(entries, first, hw.to_dict(), hw.fingerprint(), meta)

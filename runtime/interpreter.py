@@ -185,6 +185,9 @@ class Session:
         `past` is the number of tokens already in the KV cache (given past KV inputs set it)."""
         entry = self.entry(entry_name)
         if numerics:
+            if self.program.meta.get("weight_free"):
+                raise CimcError(f"{self.name} was built from a config.json without weights: it can be priced "
+                                "(timing and energy, numerics=False / --no-numerics), not run with numerics")
             if inputs is None:
                 raise CimcError("numerics need inputs (or run timing-only)")
             bound = bind_inputs(entry, inputs)
