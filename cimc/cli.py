@@ -273,14 +273,77 @@ def cmd_hw(args: argparse.Namespace) -> None:
 
 
 def cmd_dse(args: argparse.Namespace) -> None:
+    from cimc.dse.search import (
+        DEFAULT_OBJECTIVES,
+        OBJECTIVES,
+        Sweep,
+        Task,
+        default_workers,
+        pareto,
+        parse_objectives,
+        render_front,
+    )
     from cimc.dse.space import load_space, render_text
+    from cimc.dse.store import Store
 
     if args.first < 0:
         raise CimcError(f"--first {args.first}: must be >= 0")
     space = load_space(args.space)
-    if not args.dry_run:
-        raise CimcError("cimc dse: the search is not built yet; --dry-run checks the space and shows its grid")
-    print(render_text(space, args.first), end="")
+    if args.dry_run:
+        print(render_text(space, args.first), end="")
+        return
+    missing = [what for what, value in (("a model (.onnx or config.json)", args.model), ("--budget N", args.budget),
+                                        ("--out RUN_FOLDER", args.out)) if value is None]
+    if missing:
+        raise CimcError(f"cimc dse: give {', '.join(missing)} (or --dry-run to check the space)")
+    for flag, n, least in (("--budget", args.budget, 1), ("--prompt", args.prompt, 1),
+                           ("--new-tokens", args.new_tokens, 2), ("--workers", args.workers, 1)):
+        if n is not None and n < least:
+            raise CimcError(f"{flag} {n}: must be >= {least}"
+                            + (" (the first comes from the prefill; decode steps give tokens/s)"
+                               if flag == "--new-tokens" else ""))
+    if not Path(args.model).is_file():
+        raise CimcError(f"{args.model}: no such model file")
+    objectives = parse_objectives(args.objectives or ",".join(DEFAULT_OBJECTIVES))
+    args.hw, args.hw_set = None, []
+    args.max_seq = args.max_seq or args.prompt
+    args.max_ctx = args.max_ctx or max(args.max_seq, args.prompt + args.new_tokens - 1)
+    opts = _options(args)
+    task = Task(args.model, opts, args.prompt, args.new_tokens)
+    meta = {"model": args.model, "space": Path(args.space).read_text(), "objectives": list(objectives),
+            "seed": args.seed, "prompt": args.prompt, "new_tokens": args.new_tokens, "weights": args.weights,
+            "group_size": opts.group_size, "act": opts.act, "max_seq": opts.max_seq, "max_ctx": opts.max_ctx,
+            "dims": opts.dims, "pipeline": opts.pipeline}
+    store = Store(Path(args.out), meta, resume=args.resume)
+    bar = sys.stderr.isatty() and not args.quiet
+    start = time.perf_counter()
+
+    def progress(row) -> None:
+        n = sweep.evaluated
+        rate = n / (time.perf_counter() - start)
+        print(f"\rcimc: {len(store.done)} point(s) stored, {n} evaluated now, {rate:.2f}/s", end="",
+              file=sys.stderr, flush=True)
+
+    try:
+        sweep = Sweep(space, task, objectives, store, _version(), args.workers or default_workers(),
+                      progress if bar else None)
+        mode = "grid" if space.size <= args.budget else f"NSGA-II (seed {args.seed})"
+        _log(args, f"cimc: {space.size:,} points in {args.space}; searching {min(space.size, args.budget):,} by "
+                   f"{mode} on {sweep.workers} worker(s); {len(store.done)} already stored in {args.out}")
+        sweep.run(args.budget, args.seed)
+        if bar:
+            print(file=sys.stderr)
+        rows = store.rows()
+        front = pareto(rows, objectives)
+        keys = [axis.key for axis in space.axes]
+        csv_path = store.write_csv(keys, list(OBJECTIVES), {r.seq for r in front})
+    finally:
+        store.close()
+    counts = {s: sum(r.status == s for r in rows) for s in ("ok", "infeasible", "error")}
+    _log(args, f"cimc: {len(rows)} point(s) stored ({', '.join(f'{n} {s}' for s, n in counts.items())}), "
+               f"{sweep.evaluated} evaluated by this run; {csv_path}")
+    print(f"Pareto front ({len(front)} of {counts['ok']} evaluated point(s)):")
+    print(render_front(front, keys, objectives), end="")
 
 
 def _ids(text: str) -> list[int]:
@@ -520,10 +583,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="hw_set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_hw)
 
-    p = sub.add_parser("dse", help="design-space exploration: check a space file and show its grid", epilog=EPILOG)
+    p = sub.add_parser("dse", help="design-space exploration: search a space of hardware for a model's Pareto front "
+                       "(grid or NSGA-II), stored in RUN/evals.sqlite and RUN/points.csv", epilog=EPILOG)
+    p.add_argument("model", nargs="?", help="model .onnx or Hugging Face config.json (weight-free)")
     p.add_argument("--space", required=True, metavar="FILE", help="design space TOML (see examples/spaces/)")
     p.add_argument("--dry-run", action="store_true", help="check the space and print its size and first points")
     p.add_argument("--first", type=int, default=10, metavar="N", help="points --dry-run shows (default 10)")
+    p.add_argument("--objectives", metavar="A,B,...", help="what to optimise (default "
+                   "tokens_per_s,tokens_per_j,area_mm2; also ttft_s, leakage_mw)")
+    p.add_argument("--budget", type=int, metavar="N", help="most distinct points to evaluate: the whole grid if it "
+                   "has no more, else NSGA-II")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="NSGA-II seed (default 0)")
+    p.add_argument("--workers", type=int, default=None, metavar="W", help="local worker processes (default: one per "
+                   "core); the results do not depend on it")
+    p.add_argument("--out", metavar="RUN", help="run folder to create (evals.sqlite, points.csv)")
+    p.add_argument("--resume", action="store_true", help="continue the sweep stored in --out: stored points are "
+                   "not evaluated again")
+    p.add_argument("--prompt", type=int, default=128, metavar="N", help="prompt tokens priced (default 128)")
+    p.add_argument("--new-tokens", type=int, default=128, metavar="M",
+                   help="generated tokens: the prefill's first one, then M-1 decode steps (default 128)")
+    _add_frontend(p, {
+        "max-seq": "most prompt tokens the program takes (default: --prompt)",
+        "max-ctx": "KV cache positions (default: prompt + new tokens - 1)",
+    })
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     p.set_defaults(func=cmd_dse)
 
     p = sub.add_parser("demo", help="compile and run the bundled example model, check it against onnxruntime",

@@ -1,0 +1,244 @@
+"""The search of `cimc dse`: evaluate design points of a space on one model and keep the Pareto front.
+
+A space no larger than the budget is swept whole, in grid order. A larger one is searched by pymoo's
+NSGA-II over the axes' value indices (integer-coded), seeded, so the same seed, space and objectives
+ask for the same points in the same order; a point the store holds is not evaluated again, so a
+resumed sweep replays the search up to where it stopped and goes on. The budget counts distinct
+points. Evaluations run on local worker processes; results are stored in the order the search asked
+for them, so any worker count gives the same store.
+
+Evaluating a point compiles the model for that hardware and prices a prompt and its decode steps
+without computing values, as `cimc estimate` does. A point outside the space's constraints is
+stored as infeasible without being compiled; one the compiler refuses is stored with its error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from cimc.dse.space import METRICS, Point, Space
+from cimc.dse.store import Row, Store, canonical, fingerprint
+from isa.diag import CimcError
+from isa.hw import HardwareConfig
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A figure of an evaluation the search can optimise; `sense` is +1 to maximise, -1 to minimise."""
+
+    sense: int
+    unit: str
+    doc: str
+
+
+#: What `--objectives` can name. Every evaluation records all of them.
+OBJECTIVES: dict[str, Objective] = {
+    "tokens_per_s": Objective(+1, "tokens/s", "decode rate"),
+    "tokens_per_j": Objective(+1, "tokens/J", "decode tokens per joule"),
+    "ttft_s": Objective(-1, "s", "time to first token (the prefill)"),
+    **{name: Objective(-1, m.unit, m.doc) for name, m in METRICS.items()},
+}
+#: The default `--objectives`.
+DEFAULT_OBJECTIVES = ("tokens_per_s", "tokens_per_j", "area_mm2")
+#: NSGA-II's population; smaller when the budget is.
+POPULATION = 20
+#: Generations in a row that propose no new point before the search stops short of its budget.
+STALE_GENERATIONS = 20
+
+
+def parse_objectives(text: str) -> tuple[str, ...]:
+    """`tokens_per_s,area_mm2` -> its names, checked against OBJECTIVES."""
+    names = tuple(n.strip() for n in text.split(","))
+    known = ", ".join(f"{n} ({'max' if o.sense > 0 else 'min'}imised, {o.unit})" for n, o in OBJECTIVES.items())
+    for name in names:
+        if name not in OBJECTIVES:
+            raise CimcError(f"--objectives: unknown objective '{name}'; the objectives are {known}")
+    if len(set(names)) != len(names):
+        raise CimcError(f"--objectives {text}: an objective is listed twice")
+    if len(names) < 2:
+        raise CimcError(f"--objectives {text}: give at least two objectives to trade off")
+    return names
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a worker needs to evaluate one point."""
+
+    model: str
+    options: object  # cimc.driver.CompileOptions; its hw is replaced by each point's
+    prompt: int
+    new_tokens: int
+
+
+def evaluate(task: Task, hw: HardwareConfig) -> tuple[str, str | None, dict[str, float]]:
+    """Compile and price `task` on `hw`: (status, error, metrics). Runs in a worker process."""
+    from cimc.driver import compile_module, load_module
+    from runtime.generate import generate
+    from runtime.interpreter import Session
+
+    opts = replace(task.options, hw=hw)
+    try:
+        module, weights = load_module(task.model, opts, need_weights=True)
+        assert weights is not None
+        session = Session(compile_module(module, weights, opts)[0], hw, name=task.model)
+    except CimcError as e:
+        return "error", e.message, {}
+    report = generate(session, [0] * task.prompt, task.new_tokens, numerics=False).report
+    metrics = {"tokens_per_s": report["decode"]["tokens_per_s"], "tokens_per_j": report["decode"]["tokens_per_j"],
+               "ttft_s": report["ttft_s"], **{name: m.of(hw) for name, m in METRICS.items()}}
+    assert set(metrics) == set(OBJECTIVES)
+    return "ok", None, metrics
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a model file, read in chunks."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    except OSError as e:
+        raise CimcError(f"{path}: cannot read ({e.strerror})") from None
+    return h.hexdigest()
+
+
+@dataclass
+class Sweep:
+    """One sweep: its space, objectives, store and the workers evaluating its points."""
+
+    space: Space
+    task: Task
+    objectives: tuple[str, ...]
+    store: Store
+    version: str
+    workers: int = 1
+    on_evaluated: Callable[[Row], None] | None = None  # after each stored evaluation (progress, tests)
+
+    def __post_init__(self) -> None:
+        self.model_sha256 = file_sha256(self.task.model)
+        self.evaluated = 0  # points evaluated (not read from the store) by this sweep
+
+    def run(self, budget: int, seed: int) -> list[Row]:
+        """Evaluate up to `budget` distinct points (grid or NSGA-II, as the module says); returns the
+        rows of the points asked for, in order."""
+        pool: Executor | None = ProcessPoolExecutor(self.workers) if self.workers > 1 else None
+        try:
+            if self.space.size <= budget:
+                return self._batch(list(self.space.points()), pool)
+            return self._nsga2(budget, seed, pool)
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+
+    def _batch(self, points: Sequence[Point], pool: Executor | None) -> list[Row]:
+        """The rows of `points`: stored ones read, the others evaluated and stored in order."""
+        points = [_normal(p) for p in points]
+        todo: dict[str, tuple[Point, HardwareConfig]] = {}
+        for point in points:
+            fp = fingerprint(point)
+            if fp not in self.store.done and fp not in todo:
+                hw = self.space.config(point)
+                if self.space.feasible(hw):
+                    todo[fp] = (point, hw)
+                else:
+                    self._add(point, ("infeasible", None, {}))
+        if pool is None:
+            for point, hw in todo.values():
+                self._add(point, evaluate(self.task, hw))
+        else:
+            futures = [(point, pool.submit(evaluate, self.task, hw)) for point, hw in todo.values()]
+            for point, future in futures:  # stored in the order asked, whichever finishes first
+                self._add(point, future.result())
+        return [self.store.done[fingerprint(p)] for p in points]
+
+    def _add(self, point: Point, result: tuple[str, str | None, dict[str, float]]) -> None:
+        row = self.store.add(point, len(self.store.done), self.task.model, self.model_sha256, self.version, *result)
+        self.evaluated += 1
+        if self.on_evaluated is not None:
+            self.on_evaluated(row)
+
+    def _nsga2(self, budget: int, seed: int, pool: Executor | None) -> list[Row]:
+        from pymoo.algorithms.moo.nsga2 import NSGA2
+        from pymoo.core.problem import Problem
+        from pymoo.operators.crossover.sbx import SBX
+        from pymoo.operators.mutation.pm import PM
+        from pymoo.operators.repair.rounding import RoundingRepair
+        from pymoo.operators.sampling.rnd import IntegerRandomSampling
+
+        axes = self.space.axes
+        problem = Problem(n_var=len(axes), n_obj=len(self.objectives), n_ieq_constr=1, xl=0,
+                          xu=np.array([len(a.values) - 1 for a in axes]), vtype=int)
+        algorithm = NSGA2(pop_size=min(POPULATION, budget), sampling=IntegerRandomSampling(),
+                          crossover=SBX(prob=0.9, eta=15, vtype=float, repair=RoundingRepair()),
+                          mutation=PM(eta=20, vtype=float, repair=RoundingRepair()), eliminate_duplicates=True)
+        algorithm.setup(problem, seed=seed, verbose=False)
+        asked: list[Row] = []
+        known: set[str] = set()
+        stale = 0
+        while len(known) < budget and stale < STALE_GENERATIONS:
+            population = algorithm.ask()
+            points = [_normal({a.key: a.values[int(v)] for a, v in zip(axes, x, strict=True)})
+                      for x in population.get("X")]
+            fresh = [p for p in dict.fromkeys(map(canonical, points)) if p not in known]
+            allowed = set(fresh[:budget - len(known)])
+            stale = 0 if fresh else stale + 1
+            run = [p for p in points if canonical(p) in known or canonical(p) in allowed]
+            rows = {canonical(p): r for p, r in zip(run, self._batch(run, pool), strict=True)}
+            known |= allowed
+            asked += [rows[c] for c in dict.fromkeys(allowed) if c in rows]
+            if len(run) < len(points):  # the budget cut this generation short: nothing more to tell
+                break
+            f, g = zip(*(self._fitness(rows[canonical(p)]) for p in points), strict=True)
+            population.set("F", np.array(f, dtype=float), "G", np.array(g, dtype=float)[:, None])
+            algorithm.tell(infills=population)
+        return sorted(asked, key=lambda r: r.seq)
+
+    def _fitness(self, row: Row) -> tuple[list[float], float]:
+        """pymoo minimises F subject to G <= 0: a failed or infeasible point violates G."""
+        if row.status != "ok":
+            return [0.0] * len(self.objectives), 1.0
+        return [-OBJECTIVES[o].sense * row.metrics[o] for o in self.objectives], 0.0
+
+
+def pareto(rows: Sequence[Row], objectives: Sequence[str]) -> list[Row]:
+    """The rows of status ok that no other ok row dominates (ties kept), in `seq` order."""
+    ok = [r for r in rows if r.status == "ok"]
+    scores = [[OBJECTIVES[o].sense * r.metrics[o] for o in objectives] for r in ok]
+
+    def dominated(i: int) -> bool:
+        return any(all(a >= b for a, b in zip(other, scores[i], strict=True)) and other != scores[i]
+                   for other in scores)
+
+    return sorted((r for i, r in enumerate(ok) if not dominated(i)), key=lambda r: r.seq)
+
+
+def render_front(front: Sequence[Row], keys: Sequence[str], objectives: Sequence[str]) -> str:
+    """The Pareto points as a text table: the varied keys, then the objectives."""
+    header = ["seq", *keys, *(f"{o} ({OBJECTIVES[o].unit})" for o in objectives)]
+    body = [[str(r.seq), *(_show(r.point[k]) for k in keys), *(f"{r.metrics[o]:.6g}" for o in objectives)]
+            for r in front]
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                     for row in [header, *body]) + "\n"
+
+
+def default_workers() -> int:
+    """One worker per core this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _normal(point: Point) -> Point:
+    """A point as the store reads it back (tuples as lists), so that both compare equal."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in point.items()}
+
+
+def _show(value: object) -> str:
+    return str(value) if not isinstance(value, float) or not math.isfinite(value) else f"{value:g}"
+
