@@ -1,1 +1,1 @@
-"""Design-space exploration: which hardware to search (`space`), and later the search itself."""
+"""Design-space exploration: which hardware to search (`space`), the search (`search`) and its store (`store`)."""

@@ -144,18 +144,16 @@ class Sweep:
         for point in points:
             fp = fingerprint(point)
             if fp not in self.store.done and fp not in todo:
-                hw = self.space.config(point)
-                if self.space.feasible(hw):
-                    todo[fp] = (point, hw)
-                else:
-                    self._add(point, ("infeasible", None, {}))
+                todo[fp] = (point, self.space.config(point))
+        infeasible = ("infeasible", None, {})
         if pool is None:
             for point, hw in todo.values():
-                self._add(point, evaluate(self.task, hw))
+                self._add(point, evaluate(self.task, hw) if self.space.feasible(hw) else infeasible)
         else:
-            futures = [(point, pool.submit(evaluate, self.task, hw)) for point, hw in todo.values()]
+            futures = [(point, pool.submit(evaluate, self.task, hw) if self.space.feasible(hw) else None)
+                       for point, hw in todo.values()]
             for point, future in futures:  # stored in the order asked, whichever finishes first
-                self._add(point, future.result())
+                self._add(point, future.result() if future is not None else infeasible)
         return [self.store.done[fingerprint(p)] for p in points]
 
     def _add(self, point: Point, result: tuple[str, str | None, dict[str, float]]) -> None:
