@@ -185,18 +185,18 @@ class Sweep:
             points = [_normal({a.key: a.values[int(v)] for a, v in zip(axes, x, strict=True)})
                       for x in population.get("X")]
             fresh = [p for p in dict.fromkeys(map(canonical, points)) if p not in known]
-            allowed = set(fresh[:budget - len(known)])
+            allowed = fresh[:budget - len(known)]
             stale = 0 if fresh else stale + 1
-            run = [p for p in points if canonical(p) in known or canonical(p) in allowed]
+            run = [p for p in points if canonical(p) in known or canonical(p) in set(allowed)]
             rows = {canonical(p): r for p, r in zip(run, self._batch(run, pool), strict=True)}
-            known |= allowed
-            asked += [rows[c] for c in dict.fromkeys(allowed) if c in rows]
+            known.update(allowed)
+            asked += [rows[c] for c in allowed]
             if len(run) < len(points):  # the budget cut this generation short: nothing more to tell
                 break
             f, g = zip(*(self._fitness(rows[canonical(p)]) for p in points), strict=True)
             population.set("F", np.array(f, dtype=float), "G", np.array(g, dtype=float)[:, None])
             algorithm.tell(infills=population)
-        return sorted(asked, key=lambda r: r.seq)
+        return asked
 
     def _fitness(self, row: Row) -> tuple[list[float], float]:
         """pymoo minimises F subject to G <= 0: a failed or infeasible point violates G."""
