@@ -279,6 +279,7 @@ def cmd_dse(args: argparse.Namespace) -> None:
         Sweep,
         Task,
         default_workers,
+        file_sha256,
         pareto,
         parse_objectives,
         render_front,
@@ -310,7 +311,8 @@ def cmd_dse(args: argparse.Namespace) -> None:
     args.max_ctx = args.max_ctx or max(args.max_seq, args.prompt + args.new_tokens - 1)
     opts = _options(args)
     task = Task(args.model, opts, args.prompt, args.new_tokens)
-    meta = {"model": args.model, "space": Path(args.space).read_text(), "objectives": list(objectives),
+    meta = {"model": args.model, "model_sha256": file_sha256(args.model), "space": Path(args.space).read_text(),
+            "objectives": list(objectives),
             "seed": args.seed, "prompt": args.prompt, "new_tokens": args.new_tokens, "weights": args.weights,
             "group_size": opts.group_size, "act": opts.act, "max_seq": opts.max_seq, "max_ctx": opts.max_ctx,
             "dims": opts.dims, "pipeline": opts.pipeline}

@@ -159,3 +159,15 @@ def test_cli_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert "seed was 0, now 9" in capsys.readouterr().err
     assert main([*base, "--resume"]) == 0
     assert "0 evaluated by this run" in capsys.readouterr().err
+
+
+def test_cli_resume_refuses_a_changed_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    space, model = tmp_path / "space.toml", tmp_path / "config.json"
+    space.write_text(GRID)
+    model.write_text(Path(MODEL).read_text())
+    base = ["dse", str(model), "--space", str(space), "--budget", "8", "--out", str(tmp_path / "r"), *FAST]
+    assert main(base) == 0
+    model.write_text(Path(MODEL).read_text().replace('"num_hidden_layers": 2', '"num_hidden_layers": 1'))
+    capsys.readouterr()
+    assert main([*base, "--resume"]) == 2
+    assert "model_sha256 was" in capsys.readouterr().err

@@ -4,7 +4,7 @@ its own transaction as it completes, so a killed sweep loses nothing and `--resu
 A row holds the point's overrides as canonical JSON and their fingerprint (the key), the order the
 search first asked for it (`seq`), the model (path and sha256), the cimc version, the status
 (`ok`, `infeasible`: outside the space's constraints, not run; `error`: the compiler refused it,
-with its message) and the metrics as JSON. The run's settings (model, options, space, objectives,
+with its message) and the metrics as JSON. The run's settings (model and its sha256, options, space, objectives,
 seed) are stored once in `meta`; resuming with different settings is refused.
 """
 
