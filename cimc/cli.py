@@ -11,7 +11,8 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -272,12 +273,44 @@ def cmd_hw(args: argparse.Namespace) -> None:
     print(render_text(load_hw(args.name, args.hw_set)))
 
 
+@contextmanager
+def _progress(sweep, budget: int, objective: str, disable: bool) -> Iterator[None]:
+    """A tqdm bar on stderr while `sweep` runs: compiled points of the budget, evaluations/s, ETA and the best
+    `objective` so far; nothing when disabled."""
+    from tqdm import tqdm
+
+    from cimc.dse.search import OBJECTIVES
+
+    sense, unit = OBJECTIVES[objective].sense, OBJECTIVES[objective].unit
+    done = [r for r in sweep.store.done.values() if r.status != "infeasible"]
+    grid = list(sweep.space.points()) if sweep.space.size <= budget else None
+    total = sum(map(sweep.feasible, grid)) if grid is not None else budget
+    best = max((sense * r.metrics[objective] for r in done if r.status == "ok"), default=None)
+    infeasible = 0
+    with tqdm(total=max(total - len(done), 0), unit="eval", desc="cimc dse", disable=disable, file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        def update(row) -> None:
+            nonlocal best, infeasible
+            if row.status == "infeasible":
+                infeasible += 1
+            else:
+                bar.update()
+            if row.status == "ok" and (best is None or sense * row.metrics[objective] > best):
+                best = sense * row.metrics[objective]
+            if best is not None:
+                bar.set_postfix_str(f"best {objective} {sense * best:.4g} {unit}, {infeasible} infeasible skipped")
+
+        sweep.on_evaluated = None if disable else update
+        yield
+
+
 def cmd_dse(args: argparse.Namespace) -> None:
     from cimc.dse.search import (
         DEFAULT_OBJECTIVES,
         OBJECTIVES,
         Sweep,
         Task,
+        check_backend,
         default_workers,
         file_sha256,
         pareto,
@@ -306,6 +339,7 @@ def cmd_dse(args: argparse.Namespace) -> None:
     if not Path(args.model).is_file():
         raise CimcError(f"{args.model}: no such model file")
     objectives = parse_objectives(args.objectives or ",".join(DEFAULT_OBJECTIVES))
+    check_backend(args.backend, args.address)
     args.hw, args.hw_set = None, []
     args.max_seq = args.max_seq or args.prompt
     args.max_ctx = args.max_ctx or max(args.max_seq, args.prompt + args.new_tokens - 1)
@@ -317,24 +351,15 @@ def cmd_dse(args: argparse.Namespace) -> None:
             "group_size": opts.group_size, "act": opts.act, "max_seq": opts.max_seq, "max_ctx": opts.max_ctx,
             "dims": opts.dims, "pipeline": opts.pipeline}
     store = Store(Path(args.out), meta, resume=args.resume)
-    bar = sys.stderr.isatty() and not args.quiet
-    start = time.perf_counter()
-
-    def progress(row) -> None:
-        n = sweep.evaluated
-        rate = n / (time.perf_counter() - start)
-        print(f"\rcimc: {len(store.done)} point(s) stored, {n} evaluated now, {rate:.2f}/s", end="",
-              file=sys.stderr, flush=True)
-
     try:
         sweep = Sweep(space, task, objectives, store, _version(), args.workers or default_workers(),
-                      progress if bar else None)
+                      backend=args.backend, address=args.address)
         mode = "grid" if space.size <= args.budget else f"NSGA-II (seed {args.seed})"
+        where = f"dask scheduler {args.address}" if args.address else f"{sweep.workers} {args.backend} worker(s)"
         _log(args, f"cimc: {space.size:,} points in {args.space}; searching {min(space.size, args.budget):,} by "
-                   f"{mode} on {sweep.workers} worker(s); {len(store.done)} already stored in {args.out}")
-        sweep.run(args.budget, args.seed)
-        if bar:
-            print(file=sys.stderr)
+                   f"{mode} on {where}; {len(store.done)} already stored in {args.out}")
+        with _progress(sweep, args.budget, objectives[0], disable=args.quiet or not sys.stderr.isatty()):
+            sweep.run(args.budget, args.seed)
         rows = store.rows()
         front = pareto(rows, objectives)
         keys = [axis.key for axis in space.axes]
@@ -459,6 +484,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cimc.dse.search import BACKENDS, INFEASIBLE_CAP
     from cimc.hfconfig import FAMILIES
 
     ap = argparse.ArgumentParser(
@@ -593,11 +619,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--first", type=int, default=10, metavar="N", help="points --dry-run shows (default 10)")
     p.add_argument("--objectives", metavar="A,B,...", help="what to optimise (default "
                    "tokens_per_s,tokens_per_j,area_mm2; also ttft_s, leakage_mw)")
-    p.add_argument("--budget", type=int, metavar="N", help="most distinct points to evaluate: the whole grid if it "
-                   "has no more, else NSGA-II")
+    p.add_argument("--budget", type=int, metavar="N", help="most distinct points to compile: the whole grid if it "
+                   "has no more points, else NSGA-II. Points outside the space's constraints are stored as infeasible "
+                   "without compiling and do not count, but NSGA-II visits at most "
+                   f"{INFEASIBLE_CAP}*N points in all, so a space with almost no feasible point ends")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="NSGA-II seed (default 0)")
-    p.add_argument("--workers", type=int, default=None, metavar="W", help="local worker processes (default: one per "
-                   "core); the results do not depend on it")
+    p.add_argument("--workers", type=int, default=None, metavar="W", help="worker processes, local or of dask's "
+                   "LocalCluster (default: one per core); the results do not depend on it")
+    p.add_argument("--backend", choices=list(BACKENDS), default="local", help="where points are evaluated: local "
+                   "worker processes (default) or dask.distributed (pip install 'cimc[dask]'); same results")
+    p.add_argument("--address", metavar="HOST:PORT", help="with --backend dask: an existing scheduler's address "
+                   "(default: start a LocalCluster of --workers processes)")
     p.add_argument("--out", metavar="RUN", help="run folder to create (evals.sqlite, points.csv)")
     p.add_argument("--resume", action="store_true", help="continue the sweep stored in --out: stored points are "
                    "not evaluated again")

@@ -1,16 +1,19 @@
-"""`cimc dse`: the grid and NSGA-II searches, the SQLite store and resume, worker-count determinism,
-and its option errors, on the tiny llama config (each point compiles and prices in well under 0.1 s)."""
+"""`cimc dse`: the grid and NSGA-II searches, the budget of compiled points, the SQLite store and resume,
+worker-count and backend determinism (dask on a LocalCluster), and its option errors, on the tiny llama config
+(each point compiles and prices in well under 0.1 s)."""
 
 from __future__ import annotations
 
 import csv
 import sqlite3
+import sys
 from pathlib import Path
 
 import pytest
 
-from cimc.cli import main
+from cimc.cli import _progress, main
 from cimc.driver import CompileOptions
+from cimc.dse import search
 from cimc.dse.search import OBJECTIVES, Sweep, Task, pareto
 from cimc.dse.space import load_space
 from cimc.dse.store import CSV_NAME, DB_NAME, Row, Store, fingerprint
@@ -171,3 +174,55 @@ def test_cli_resume_refuses_a_changed_model(tmp_path: Path, capsys: pytest.Captu
     capsys.readouterr()
     assert main([*base, "--resume"]) == 2
     assert "model_sha256 was" in capsys.readouterr().err
+
+
+def test_budget_counts_compiled_points_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 12 of the 36 points fit 60 mm2: infeasible points are stored but leave the budget to compiled ones
+    s = sweep(tmp_path, LARGE + "[constraints]\narea_mm2 = { max = 60.0 }\n", "some")
+    rows = s.run(budget=6, seed=3)
+    status = [r.status for r in rows]
+    assert status.count("ok") == 6 and status.count("infeasible") > 0 and len(rows) == 6 + status.count("infeasible")
+    assert [s.feasible(r.point) for r in rows] == [st == "ok" for st in status]
+    # no point fits 1 mm2: the search stops at the cap of points visited (lowered to 2x so that NSGA-II, which
+    # would go on to 24 of the 36 points, reaches it)
+    monkeypatch.setattr(search, "INFEASIBLE_CAP", 2)
+    s = sweep(tmp_path, LARGE + "[constraints]\narea_mm2 = { max = 1.0 }\n", "none")
+    rows = s.run(budget=6, seed=3)
+    assert len(rows) == 2 * 6 == s.evaluated and {r.status for r in rows} == {"infeasible"}
+
+
+def test_cli_dask_backend_matches_local(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "space.toml").write_text(LARGE)
+    tables = []
+    for backend, workers in (("local", "1"), ("dask", "2")):
+        out = tmp_path / backend
+        assert main(["dse", MODEL, "--space", str(tmp_path / "space.toml"), "--budget", "6", "--seed", "3",
+                     "--backend", backend, "--workers", workers, "--out", str(out), "--weights", "int4", *FAST]) == 0
+        tables.append((out / CSV_NAME).read_text())
+    err = capsys.readouterr().err
+    assert "2 dask worker(s)" in err and "eval/s" not in err  # no progress bar when stderr is not a terminal
+    assert tables[0] == tables[1] and len(tables[0].splitlines()) == 7
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--backend", "dask"], "--backend dask needs dask.distributed: pip install 'cimc[dask]'"),
+    (["--backend", "ray"], "--backend ray: not built yet; use local or dask"),
+    (["--address", "tcp://127.0.0.1:8786"], "give it with --backend dask"),
+])
+def test_cli_backend_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                            args: list[str], message: str) -> None:
+    monkeypatch.setitem(sys.modules, "distributed", None)  # as if dask were not installed: importing it fails
+    (tmp_path / "space.toml").write_text(GRID)
+    assert main(["dse", MODEL, "--space", str(tmp_path / "space.toml"), "--budget", "8", "--out",
+                 str(tmp_path / "r"), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and not (tmp_path / "r").exists()
+
+
+def test_progress_bar(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    s = sweep(tmp_path, GRID)
+    with _progress(s, 8, "tokens_per_s", disable=False):  # as on a terminal
+        rows = s.run(budget=8, seed=0)
+    best = max(r.metrics["tokens_per_s"] for r in rows if r.status == "ok")
+    bar = capsys.readouterr().err.split("\r")[-1]
+    assert "6/6 [" in bar and "eval/s" in bar and f"best tokens_per_s {best:.4g} tokens/s, 2 infeasible" in bar

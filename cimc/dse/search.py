@@ -4,8 +4,11 @@ A space no larger than the budget is swept whole, in grid order. A larger one is
 NSGA-II over the axes' value indices (integer-coded), seeded, so the same seed, space and objectives
 ask for the same points in the same order; a point the store holds is not evaluated again, so a
 resumed sweep replays the search up to where it stopped and goes on. The budget counts distinct
-points. Evaluations run on local worker processes; results are stored in the order the search asked
-for them, so any worker count gives the same store.
+compiled points (ok or error): infeasible ones cost nothing to store, so they do not use it up, but a
+search visits at most INFEASIBLE_CAP times the budget in all, so a space with almost no feasible
+point ends. Evaluations run on local worker processes or on a dask.distributed cluster (BACKENDS);
+results are stored in the order the search asked for them, so any backend and worker count gives the
+same store.
 
 Evaluating a point compiles the model for that hardware and prices a prompt and its decode steps
 without computing values, as `cimc estimate` does. A point outside the space's constraints is
@@ -15,10 +18,12 @@ stored as infeasible without being compiled; one the compiler refuses is stored 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -51,6 +56,8 @@ DEFAULT_OBJECTIVES = ("tokens_per_s", "tokens_per_j", "area_mm2")
 POPULATION = 20
 #: Generations in a row that propose no new point before the search stops short of its budget.
 STALE_GENERATIONS = 20
+#: Most points (feasible or not) a search visits, as a multiple of its budget of compiled points.
+INFEASIBLE_CAP = 10
 
 
 def parse_objectives(text: str) -> tuple[str, ...]:
@@ -109,6 +116,58 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
+@contextmanager
+def _local(workers: int, address: str | None) -> Iterator[Executor | None]:
+    """Worker processes on this machine (none: evaluate in this process when there is one worker)."""
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    try:
+        yield pool
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
+@contextmanager
+def _dask(workers: int, address: str | None) -> Iterator[Executor | None]:
+    """A dask.distributed client of the scheduler at `address`, else of a LocalCluster of `workers` processes."""
+    from distributed import Client, LocalCluster
+
+    cluster = None
+    try:
+        if address is None:
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                                   silence_logs=logging.ERROR)
+        client = Client(cluster if cluster is not None else address, timeout=10)
+    except (OSError, TimeoutError) as e:
+        if cluster is not None:
+            cluster.close()
+        raise CimcError(f"--backend dask: cannot reach the scheduler {address or 'LocalCluster'} ({e})") from None
+    try:
+        yield client.get_executor()
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+#: What `--backend` can name: each opens the executor a sweep submits its evaluations to (None: not built yet).
+BACKENDS: dict[str, Callable[[int, str | None], AbstractContextManager[Executor | None]] | None] = {
+    "local": _local, "dask": _dask, "ray": None}
+
+
+def check_backend(backend: str, address: str | None) -> None:
+    """Raise CimcError if `backend` cannot run here (called before a run folder is made)."""
+    if BACKENDS[backend] is None:
+        raise CimcError(f"--backend {backend}: not built yet; use " + " or ".join(n for n, b in BACKENDS.items() if b))
+    if address is not None and backend != "dask":
+        raise CimcError(f"--address {address} names a dask scheduler: give it with --backend dask")
+    if backend == "dask":
+        try:
+            import distributed  # noqa: F401
+        except ImportError:
+            raise CimcError("--backend dask needs dask.distributed: pip install 'cimc[dask]'") from None
+
+
 @dataclass
 class Sweep:
     """One sweep: its space, objectives, store and the workers evaluating its points."""
@@ -120,22 +179,27 @@ class Sweep:
     version: str
     workers: int = 1
     on_evaluated: Callable[[Row], None] | None = None  # after each stored evaluation (progress, tests)
+    backend: str = "local"
+    address: str | None = None  # a dask scheduler's; None starts a LocalCluster
 
     def __post_init__(self) -> None:
         self.model_sha256 = file_sha256(self.task.model)
         self.evaluated = 0  # points evaluated (not read from the store) by this sweep
 
     def run(self, budget: int, seed: int) -> list[Row]:
-        """Evaluate up to `budget` distinct points (grid or NSGA-II, as the module says); returns the
+        """Compile up to `budget` distinct points (grid or NSGA-II, as the module says); returns the
         rows of the points asked for, in order."""
-        pool: Executor | None = ProcessPoolExecutor(self.workers) if self.workers > 1 else None
-        try:
+        check_backend(self.backend, self.address)
+        opened = BACKENDS[self.backend]
+        assert opened is not None
+        with opened(self.workers, self.address) as pool:
             if self.space.size <= budget:
                 return self._batch(list(self.space.points()), pool)
             return self._nsga2(budget, seed, pool)
-        finally:
-            if pool is not None:
-                pool.shutdown(cancel_futures=True)
+
+    def feasible(self, point: Point) -> bool:
+        """Whether `point` meets the space's constraints (and so is compiled)."""
+        return self.space.feasible(self.space.config(point))
 
     def _batch(self, points: Sequence[Point], pool: Executor | None) -> list[Row]:
         """The rows of `points`: stored ones read, the others evaluated and stored in order."""
@@ -179,13 +243,19 @@ class Sweep:
         algorithm.setup(problem, seed=seed, verbose=False)
         asked: list[Row] = []
         known: set[str] = set()
-        stale = 0
-        while len(known) < budget and stale < STALE_GENERATIONS:
+        compiled = stale = 0
+        while compiled < budget and len(known) < INFEASIBLE_CAP * budget and stale < STALE_GENERATIONS:
             population = algorithm.ask()
             points = [_normal({a.key: a.values[int(v)] for a, v in zip(axes, x, strict=True)})
                       for x in population.get("X")]
-            fresh = [p for p in dict.fromkeys(map(canonical, points)) if p not in known]
-            allowed = fresh[:budget - len(known)]
+            by_key = {canonical(p): p for p in points}
+            fresh = [c for c in by_key if c not in known]
+            allowed = []
+            for c in fresh:  # in order, until the budget or the cap is reached
+                if compiled == budget or len(known) + len(allowed) == INFEASIBLE_CAP * budget:
+                    break
+                allowed.append(c)
+                compiled += self.feasible(by_key[c])
             stale = 0 if fresh else stale + 1
             run = [p for p in points if canonical(p) in known or canonical(p) in set(allowed)]
             rows = {canonical(p): r for p, r in zip(run, self._batch(run, pool), strict=True)}
