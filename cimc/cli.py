@@ -14,11 +14,16 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from isa.atomic import atomic_file
 from isa.diag import CimcError
+
+if TYPE_CHECKING:
+    from cimc.dse.search import Sweep
+    from cimc.dse.store import Row
 
 EPILOG = "Docs: README.md (CLI reference, architecture), docs/isa.md (instruction set), docs/ir.md (IR)."
 
@@ -274,7 +279,7 @@ def cmd_hw(args: argparse.Namespace) -> None:
 
 
 @contextmanager
-def _progress(sweep, budget: int, objective: str, disable: bool) -> Iterator[None]:
+def _progress(sweep: Sweep, budget: int, objective: str, disable: bool) -> Iterator[None]:
     """A tqdm bar on stderr while `sweep` runs: compiled points of the budget, evaluations/s, ETA and the best
     `objective` so far; nothing when disabled."""
     from tqdm import tqdm
@@ -289,7 +294,7 @@ def _progress(sweep, budget: int, objective: str, disable: bool) -> Iterator[Non
     infeasible = 0
     with tqdm(total=max(total - len(done), 0), unit="eval", desc="cimc dse", disable=disable, file=sys.stderr,
               dynamic_ncols=True) as bar:
-        def update(row) -> None:
+        def update(row: Row) -> None:
             nonlocal best, infeasible
             if row.status == "infeasible":
                 infeasible += 1
