@@ -17,6 +17,7 @@ A cell the exporter could not make is listed as such.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from collections import Counter
@@ -25,7 +26,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cimc.accuracy import compare_logits, measure_accuracy, reference_logits, simulated_logits  # noqa: E402
+from cimc.accuracy import (  # noqa: E402
+    compare_logits,
+    measure_accuracy,
+    reference_logits,
+    simulated_logits,
+    whole_input_quantized,
+)
 from cimc.driver import CompileOptions, compile_model, group_failures  # noqa: E402
 from cimc.frontend.model import CannotCompile  # noqa: E402
 from isa.atomic import atomic_file  # noqa: E402
@@ -59,8 +66,10 @@ FLAVOURS = {
 }
 
 
+@functools.cache
 def zoo() -> dict:
-    """The zoo's manifest: `models` (one record per file) and `families` (prompt per family)."""
+    """The zoo's manifest: `models` (one record per file) and `families` (prompt per family); read
+    once (the renderers each consult it). Not to be mutated."""
     return json.loads((ZOO / "zoo.json").read_text(encoding="utf-8"))
 
 
@@ -82,12 +91,13 @@ def run_cell(record: dict, prompt: list[int]) -> dict:
     path = ZOO / record["file"]
     try:
         program = compile_model(path, CompileOptions(**OPTIONS))
-        acc = measure_accuracy(program, path, prompt, NEW_TOKENS)
-        greedy = generate(Session(program), prompt, NEW_TOKENS).tokens
-        if "note" in acc:  # uint8 inputs quantized over the whole input: compare one full-sequence run
+        if whole_input_quantized(program):  # compare one full-sequence run, the like-for-like one
             tokens, want = reference_logits(path, prompt, NEW_TOKENS)
             whole = simulated_logits(Session(program), prompt + tokens[:-1], tokens[-1:])
-            acc.update(compare_logits(whole, want))
+            acc = {**compare_logits(whole, want), "reference_tokens": tokens}
+        else:
+            acc = measure_accuracy(program, path, prompt, NEW_TOKENS)
+        greedy = generate(Session(program), prompt, NEW_TOKENS).tokens
     except CimcError as e:
         return {"verdict": "fail", "reason": _why(e, record["file"])}
     figures = {k: acc[k] for k in ("max_abs_error", "mean_cosine", "top1_agreement")}

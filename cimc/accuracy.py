@@ -178,11 +178,18 @@ def measure_accuracy(session: Session | Program, reference: str | os.PathLike, p
     got = simulated_logits(session, prompt, tokens, progress)
     out = {"reference": Path(reference).name, "teacher_forced": True, **compare_logits(got, want),
            "prompt_positions": len(prompt), "reference_tokens": tokens, "weights": program.meta.get("weights")}
-    if "u8 inputs" in str(out["weights"]):
+    if whole_input_quantized(program):
         out["note"] = (f"{Path(reference).name}'s logits come from one run over the whole sequence, which quantizes "
                        "its uint8 inputs (DynamicQuantizeLinear) over every position at once; the simulator quantizes "
                        "the prompt, then each token, as a generation does: the two are not like for like")
     return out
+
+
+def whole_input_quantized(program: Program) -> bool:
+    """Whether the program quantizes linears' inputs to uint8 over the whole input at once
+    (onnxruntime's DynamicQuantizeLinear), so per-token runs are not like for like with one run
+    over the whole sequence."""
+    return "u8 inputs" in str(program.meta.get("weights"))
 
 
 def find_reference(model: str | os.PathLike, program: Program, reference: str | os.PathLike | None = None) -> Path:
