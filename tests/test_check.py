@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from model_fixtures import EXAMPLE, REPO, shared_model
 from test_cli import _unsupported_model, assert_user_error
+from zoo_fixtures import ZooModel, zoo_models
 
 import cimc
 
-ZOO_MODELS = json.loads((REPO / "tests" / "zoo" / "zoo.json").read_text(encoding="utf-8"))["models"]
 MATRIX = json.loads((REPO / "tests" / "zoo" / "matrix.json").read_text(encoding="utf-8"))
 
 # the shared zoo's known config (MANIFEST.md): 2 layers, 4 heads, 2 KV heads, head_dim 16, hidden 64
@@ -69,11 +69,11 @@ FAMILY = {"llama": "Llama", "smollm": "Llama", "mistral": "Mistral", "qwen2": "Q
 COMPUTES = {"mistral_g_genai_fp32.onnx": "Llama", "mistral_d_genai_int4.onnx": "Llama"}
 
 
-@pytest.mark.parametrize("record", [r for r in ZOO_MODELS if MATRIX[r["file"]]["verdict"] == "pass"],
-                         ids=lambda r: r["file"].removesuffix(".onnx"))
-def test_check_recognises_the_family_of_every_passing_zoo_cell(record: dict) -> None:
-    info = cimc.check_model(REPO / "tests" / "zoo" / record["file"])
-    assert info["family"] == COMPUTES.get(record["file"], FAMILY[record["family"]]), info["features"]
+@pytest.mark.parametrize("model", [m for m in zoo_models() if MATRIX[m.path.name]["verdict"] == "pass"],
+                         ids=lambda m: m.path.stem)
+def test_check_recognises_the_family_of_every_passing_zoo_cell(model: ZooModel) -> None:
+    info = cimc.check_model(model.path)
+    assert info["family"] == COMPUTES.get(model.path.name, FAMILY[model.family]), info["features"]
 
 
 UNSUPPORTED = ["Sin", "Sin", "LpNormalization"]
